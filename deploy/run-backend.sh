@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Runs the whole backend in the foreground: NATS with JetStream plus the four
+# services on their default ports (intake 50051, routing 50052, dispatch
+# 50053, feedback 50054), data under .lineguard/. Ctrl-C stops everything.
+#
+# A NATS already listening at NATS_URL (default nats://127.0.0.1:4222) is
+# reused if it is 2.10 or newer; otherwise our own is started, with
+# deploy/nats-server.conf (fsync before ack).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NATS_BIN=$(bash deploy/setup.sh)
+export PATH="$HOME/.cargo/bin:$PATH"
+
+echo "building the services (release)..." >&2
+cargo build --release --bins -q
+BIN_DIR="${CARGO_TARGET_DIR:-target}/release"
+
+DATA=.lineguard
+mkdir -p "$DATA"
+NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
+hostport=${NATS_URL#nats://}; host=${hostport%:*}; port=${hostport##*:}
+
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  echo "stopping..." >&2
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup INT TERM EXIT
+
+running_nats_version() {
+  # The first line a NATS server sends is INFO {json}.
+  timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port; head -c 4096 <&3 | head -1" 2>/dev/null \
+    | sed -n 's/.*"version":"\([0-9]*\.[0-9]*\)[^"]*".*/\1/p'
+}
+version=$(running_nats_version || true)
+if [ -n "$version" ] && [ "$(printf '%s\n2.10\n' "$version" | sort -V | head -1)" = "2.10" ]; then
+  echo "reusing NATS $version at $NATS_URL" >&2
+else
+  if [ -n "$version" ]; then
+    port=4223
+    echo "NATS $version at $NATS_URL is older than 2.10; starting our own on port $port" >&2
+  fi
+  NATS_URL="nats://127.0.0.1:$port"
+  "$NATS_BIN" -c deploy/nats-server.conf -a 127.0.0.1 -p "$port" -sd "$DATA/nats" &
+  pids+=($!)
+  for _ in $(seq 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  echo "started NATS on $NATS_URL (store $DATA/nats)" >&2
+fi
+
+for service in intake routing dispatch feedback; do
+  "$BIN_DIR/lineguard-$service" --data-dir "$DATA/$service" --nats-url "$NATS_URL" &
+  pids+=($!)
+done
+echo "Lineguard is running: intake :50051, routing :50052, dispatch :50053, feedback :50054. Ctrl-C stops all." >&2
+wait -n "${pids[@]}" || true
+echo "a process exited; stopping the rest" >&2

@@ -1,0 +1,76 @@
+//! Outbox relay throughput: events committed to the log, then published to a
+//! private nats-server and acknowledged by JetStream, per second. Run once
+//! with JetStream's default fsync interval and once with
+//! `sync_interval: always` (deploy/nats-server.conf), to show what durable
+//! acks cost.
+//!
+//! Run: `cargo bench -p lineguard-bus --bench relay`
+//! Scale with `LINEGUARD_BENCH_SCALE` (default 1: 20,000 events per run).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use lineguard_bus::{OutboxRelay, RelayConfig};
+use lineguard_eventlog::{
+    ActorKind, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent, Transaction, actor,
+};
+use lineguard_harness::NatsServer;
+
+const EVENT_TYPE: &str = "lineguard.bench.v1.Happened";
+
+fn event(stream: &str) -> NewEvent {
+    NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: EVENT_TYPE.into(),
+        schema_version: 1,
+        payload: Bytes::from(vec![b'x'; 300]),
+        correlation_id: stream.into(),
+        causation_id: String::new(),
+        actor: actor(ActorKind::System, "bench"),
+    }
+}
+
+async fn run(label: &str, config: &str, events: u64) {
+    let nats = NatsServer::start_with_config(config).expect("nats");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EventLog::open(
+        LogConfig::new(dir.path().join("log"), "bench")
+            .with_event_types(EventTypes::new().with_name(EVENT_TYPE, 1)),
+    )
+    .expect("log");
+    for i in 0..events / 100 {
+        let stream = format!("incident-{i}");
+        let batch = (0..100).map(|_| event(&stream)).collect();
+        log.commit(Transaction::append(&stream, ExpectedVersion::Any, batch))
+            .await
+            .expect("commit");
+    }
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = jetstream::new(client);
+    let start = Instant::now();
+    let relay = OutboxRelay::spawn(log.clone(), js, RelayConfig::default());
+    assert!(relay.flush(Duration::from_secs(600)).await, "relay drained");
+    let secs = start.elapsed().as_secs_f64();
+    relay.stop().await;
+    println!(
+        "relay, {label:<36} {events:>8} events  {:>9.0} ev/s published and acked",
+        events as f64 / secs
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let scale: u64 = std::env::var("LINEGUARD_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let events = 20_000 * scale;
+    run("JetStream default sync (2 min)", "", events).await;
+    run(
+        "JetStream sync_interval: always",
+        "jetstream { sync_interval: always }",
+        events,
+    )
+    .await;
+}

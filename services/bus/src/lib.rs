@@ -1,0 +1,35 @@
+//! The bus between Lineguard services: NATS JetStream.
+//!
+//! Services never publish directly. A commit puts its events in the log's
+//! outbox in the same write as the events; the [`relay`] publishes them and
+//! clears them on JetStream's ack. Services never consume directly either: a
+//! [`consumer`] commits the handler's writes together with an inbox mark, and
+//! acks after that. Together: nothing committed is lost, nothing consumed is
+//! applied twice.
+//!
+//! # Layout
+//!
+//! - [`subjects`]: the subject and stream naming scheme.
+//! - [`streams`]: stream creation and limits ([`StreamSettings`]).
+//! - [`relay`]: [`OutboxRelay`], log → JetStream.
+//! - [`consumer`]: durable pull consumers, [`Handler`], effectively once.
+
+pub mod consumer;
+pub mod relay;
+pub mod streams;
+pub mod subjects;
+
+pub use consumer::{
+    Applied, ConsumerConfig, ConsumerHandle, Handled, Handler, HandlerError, apply_event,
+    spawn_consumer,
+};
+pub use relay::{OutboxRelay, RelayConfig};
+pub use streams::{StreamSettings, ensure_stream};
+
+/// A bus failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A stream could not be created or updated.
+    #[error("stream {stream}: {reason}")]
+    Stream { stream: String, reason: String },
+}

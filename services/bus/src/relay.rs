@@ -1,0 +1,188 @@
+//! The outbox relay: publishes committed events to JetStream in log order and
+//! clears each outbox entry only after JetStream has acknowledged it.
+//!
+//! Every message carries `Nats-Msg-Id` = event id, so a re-publish after a
+//! crash (the entry was published but not yet cleared) is dropped by
+//! JetStream within its duplicate window, and recognised by the consumers'
+//! inbox after it. While NATS is down, the relay retries with capped
+//! exponential backoff; commits keep landing in the log's outbox meanwhile
+//! (up to [`Limits::max_outbox_backlog`](lineguard_eventlog::Limits)).
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use lineguard_eventlog::EventLog;
+use prost::Message;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::streams::{StreamSettings, ensure_stream};
+use crate::subjects::event_subject;
+
+/// How the relay paces itself.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Events published before their acks are awaited.
+    pub batch: usize,
+    /// First wait after a failure; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub stream: StreamSettings,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch: 256,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            stream: StreamSettings::default(),
+        }
+    }
+}
+
+/// A running relay. Dropping it does not stop it; call [`OutboxRelay::stop`].
+pub struct OutboxRelay {
+    log: EventLog,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl OutboxRelay {
+    /// Starts relaying `log`'s outbox to `jetstream`.
+    pub fn spawn(log: EventLog, jetstream: jetstream::Context, config: RelayConfig) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(relay(log.clone(), jetstream, config, stopped));
+        OutboxRelay { log, stop, task }
+    }
+
+    /// Waits until the outbox is empty, or `timeout` passes. Returns whether it emptied.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.log.outbox_backlog() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// Stops the relay after its current batch.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn relay(
+    log: EventLog,
+    jetstream: jetstream::Context,
+    config: RelayConfig,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut head = log.watch_head();
+    let mut backoff = config.initial_backoff;
+    let mut stream_ready = false;
+    loop {
+        if *stopped.borrow() {
+            return;
+        }
+        let step = async {
+            if stream_ready {
+                publish_batch(&log, &jetstream, config.batch).await
+            } else {
+                ensure_stream(&jetstream, log.service(), &config.stream)
+                    .await
+                    .map(|()| {
+                        stream_ready = true;
+                        Published::Some
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        };
+        // Stopping mid-step is safe: what was published but not yet cleared
+        // is published again and de-duplicated by its message id.
+        let outcome = tokio::select! {
+            outcome = step => outcome,
+            _ = stopped.changed() => return,
+        };
+        match outcome {
+            Ok(Published::Some) => backoff = config.initial_backoff,
+            Ok(Published::Nothing) => {
+                backoff = config.initial_backoff;
+                tokio::select! {
+                    changed = head.changed() => if changed.is_err() { return },
+                    _ = stopped.changed() => {},
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(service = log.service(), backlog = log.outbox_backlog(),
+                    retry_in_ms = backoff.as_millis() as u64, %reason, "outbox relay cannot publish");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {},
+                    _ = stopped.changed() => {},
+                }
+                backoff = (backoff * 2).min(config.max_backoff);
+            }
+        }
+    }
+}
+
+enum Published {
+    Some,
+    Nothing,
+}
+
+/// Publishes up to `batch` outbox events and clears those acknowledged.
+async fn publish_batch(
+    log: &EventLog,
+    jetstream: &jetstream::Context,
+    batch: usize,
+) -> Result<Published, String> {
+    let reader = log.clone();
+    let events = tokio::task::spawn_blocking(move || reader.outbox_peek(batch))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if events.is_empty() {
+        return Ok(Published::Nothing);
+    }
+    let mut pending = Vec::with_capacity(events.len());
+    let mut failure = None;
+    for event in &events {
+        let publish = PublishMessage::build()
+            .payload(event.encode_to_vec().into())
+            .message_id(&event.event_id);
+        match jetstream.send_publish(event_subject(event), publish).await {
+            Ok(ack) => pending.push((event.global_position, ack)),
+            Err(e) => {
+                failure = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    // Clear only the acknowledged prefix: what follows a failure is published
+    // again (and de-duplicated by its message id) so nothing is skipped.
+    let mut acked = Vec::with_capacity(pending.len());
+    for (position, ack) in pending {
+        match ack.await {
+            Ok(_) => acked.push(position),
+            Err(e) => {
+                failure = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    if !acked.is_empty() {
+        let clearer = log.clone();
+        tokio::task::spawn_blocking(move || clearer.outbox_clear(&acked))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    match failure {
+        Some(reason) => Err(reason),
+        None => Ok(Published::Some),
+    }
+}

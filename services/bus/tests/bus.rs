@@ -1,0 +1,277 @@
+//! The bus against a real nats-server of the test's own: the outbox survives
+//! NATS outages and relay crashes; consumers apply each event once.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, message::PublishMessage};
+use bytes::Bytes;
+use futures::StreamExt;
+use lineguard_bus::{
+    Applied, ConsumerConfig, Handled, Handler, HandlerError, OutboxRelay, RelayConfig, apply_event,
+    spawn_consumer, subjects,
+};
+use lineguard_eventlog::{
+    ActorKind, EventEnvelope, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent,
+    Transaction, actor,
+};
+use lineguard_harness::NatsServer;
+use prost::Message;
+
+const REPORTED: &str = "lineguard.test.v1.Reported";
+const ROUTED: &str = "lineguard.test.v1.Routed";
+
+fn event(event_type: &str, correlation: &str) -> NewEvent {
+    NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: event_type.into(),
+        schema_version: 1,
+        payload: Bytes::from_static(b"payload"),
+        correlation_id: correlation.into(),
+        causation_id: String::new(),
+        actor: actor(ActorKind::System, "test"),
+    }
+}
+
+fn open_log(dir: &std::path::Path, service: &str) -> EventLog {
+    EventLog::open(
+        LogConfig::new(dir.join(service), service).with_event_types(
+            EventTypes::new()
+                .with_name(REPORTED, 1)
+                .with_name(ROUTED, 1),
+        ),
+    )
+    .expect("open log")
+}
+
+async fn connect(server: &NatsServer) -> jetstream::Context {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(server.url())
+        .await
+        .expect("connect");
+    jetstream::new(client)
+}
+
+async fn report(log: &EventLog, n: usize, offset: usize) {
+    for i in offset..offset + n {
+        let ticket = format!("ticket-{i}");
+        log.commit(Transaction::append(
+            &ticket,
+            ExpectedVersion::NoStream,
+            vec![event(REPORTED, &ticket)],
+        ))
+        .await
+        .expect("commit");
+    }
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every message in the service's stream, decoded.
+async fn stream_contents(js: &jetstream::Context, service: &str) -> Vec<EventEnvelope> {
+    let stream = js
+        .get_stream(subjects::stream_name(service))
+        .await
+        .expect("stream");
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let total = stream.get_info().await.expect("info").state.messages as usize;
+    let mut messages = consumer.messages().await.expect("messages").take(total);
+    let mut out = Vec::with_capacity(total);
+    while let Some(message) = messages.next().await {
+        let message = message.expect("message");
+        out.push(EventEnvelope::decode(message.payload.as_ref()).expect("envelope"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_outbox_delivers_everything_across_a_nats_restart_and_a_relay_crash() {
+    let mut nats = NatsServer::start().expect("nats");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let js = connect(&nats).await;
+    let log = open_log(dir.path(), "intake");
+    let relay = OutboxRelay::spawn(log.clone(), js.clone(), RelayConfig::default());
+
+    report(&log, 100, 0).await;
+    wait_until("the first 100 published", Duration::from_secs(20), || {
+        log.outbox_backlog() == 0
+    })
+    .await;
+
+    // NATS goes away: commits keep landing, the outbox holds them.
+    nats.stop().expect("stop nats");
+    report(&log, 200, 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        log.outbox_backlog(),
+        200,
+        "nothing can be acknowledged while NATS is down"
+    );
+
+    // NATS comes back: the relay catches up by itself.
+    nats.restart().expect("restart nats");
+    wait_until(
+        "the backlog drained after the restart",
+        Duration::from_secs(30),
+        || log.outbox_backlog() == 0,
+    )
+    .await;
+
+    // The relay crashes with a backlog; the next one resumes from the outbox.
+    nats.stop().expect("stop nats");
+    report(&log, 50, 300).await;
+    relay.stop().await;
+    log.close().await.expect("close");
+    drop(log);
+    let log = open_log(dir.path(), "intake");
+    assert_eq!(log.outbox_backlog(), 50, "the backlog survived the restart");
+    nats.restart().expect("restart nats");
+    let relay = OutboxRelay::spawn(log.clone(), js.clone(), RelayConfig::default());
+    assert!(
+        relay.flush(Duration::from_secs(30)).await,
+        "resumed relay drained the outbox"
+    );
+
+    let published = stream_contents(&js, "intake").await;
+    let logged = log.read_all(0, 1000).expect("read");
+    assert_eq!(logged.len(), 350);
+    assert_eq!(
+        published.len(),
+        350,
+        "every event once: none lost, none duplicated"
+    );
+    let published_ids: HashSet<_> = published.iter().map(|e| e.event_id.clone()).collect();
+    let logged_ids: HashSet<_> = logged.iter().map(|e| e.event_id.clone()).collect();
+    assert_eq!(published_ids, logged_ids);
+    relay.stop().await;
+}
+
+/// Records one `Routed` event per `Reported` event it is handed.
+struct RouteEverything;
+
+impl Handler for RouteEverything {
+    async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
+        if event.event_type != REPORTED {
+            return Ok(Handled::Ignore);
+        }
+        let stream = format!("route-{}", event.correlation_id);
+        Ok(Handled::Commit(Transaction::append(
+            stream,
+            ExpectedVersion::Any,
+            vec![event_caused_by(event)],
+        )))
+    }
+}
+
+fn event_caused_by(cause: &EventEnvelope) -> NewEvent {
+    let mut e = event(ROUTED, &cause.correlation_id);
+    e.causation_id = cause.event_id.clone();
+    e
+}
+
+#[tokio::test]
+async fn a_redelivered_message_is_not_applied_twice() {
+    let nats = NatsServer::start().expect("nats");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let js = connect(&nats).await;
+    let intake = open_log(dir.path(), "intake");
+    let routing = open_log(dir.path(), "routing");
+    let relay = OutboxRelay::spawn(intake.clone(), js.clone(), RelayConfig::default());
+    report(&intake, 20, 0).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+
+    // A previous incarnation of the consumer applied three events and died
+    // before acknowledging them: JetStream will deliver them again.
+    let reported = intake.read_all(0, 100).expect("read");
+    for event in &reported[..3] {
+        let applied = apply_event(&routing, "routing-intake", &RouteEverything, event, 3)
+            .await
+            .expect("apply");
+        assert_eq!(applied, Applied::Committed);
+    }
+    assert_eq!(
+        apply_event(
+            &routing,
+            "routing-intake",
+            &RouteEverything,
+            &reported[0],
+            3
+        )
+        .await
+        .expect("again"),
+        Applied::AlreadyProcessed
+    );
+
+    // And three events are published a second time, past JetStream's
+    // duplicate window (a new message id), as after a long outage.
+    for event in &reported[5..8] {
+        let publish = PublishMessage::build()
+            .payload(event.encode_to_vec().into())
+            .message_id(format!("{}-again", event.event_id));
+        js.send_publish(subjects::event_subject(event), publish)
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        ConsumerConfig::new("routing-intake", "intake")
+            .filtered(vec![subjects::event_type_filter("intake", REPORTED)]),
+        RouteEverything,
+    );
+    wait_until("20 routes", Duration::from_secs(30), || {
+        routing.head() >= 20
+    })
+    .await;
+    // Let every delivery, duplicates included, be acknowledged.
+    let stream = js
+        .get_stream(subjects::stream_name("intake"))
+        .await
+        .expect("stream");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut c: jetstream::consumer::PullConsumer = stream
+            .get_consumer("routing-intake")
+            .await
+            .expect("consumer");
+        let info = c.info().await.expect("info");
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            assert_eq!(
+                info.delivered.stream_sequence, 23,
+                "all 23 messages were delivered"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumer never caught up: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.stop().await;
+    assert_eq!(
+        routing.head(),
+        20,
+        "23 deliveries, 20 distinct events, 20 routes"
+    );
+    let routes = routing.read_all(0, 100).expect("read");
+    let causes: HashSet<_> = routes.iter().map(|e| e.causation_id.clone()).collect();
+    assert_eq!(causes.len(), 20);
+    relay.stop().await;
+}

@@ -1,0 +1,244 @@
+//! Event log throughput beside raw RocksDB doing the same writes and reads
+//! with the same durability (every write fsynced) and the same options.
+//!
+//! Run: `cargo bench -p lineguard-eventlog --bench eventlog`
+//! Scale with `LINEGUARD_BENCH_SCALE` (default 1). Prints events/s and the
+//! ratio log/raw per case. Targets: append >= 0.7x raw, read >= 0.5x raw.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use lineguard_eventlog::codec::{CF_EVENTS, position_key};
+use lineguard_eventlog::{
+    ActorKind, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent, Transaction, actor,
+    open_raw_store,
+};
+use rocksdb::{WriteBatch, WriteOptions};
+
+const EVENT_TYPE: &str = "lineguard.bench.v1.Happened";
+const PAYLOAD_BYTES: usize = 300;
+
+fn event(stream: &str) -> NewEvent {
+    NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: EVENT_TYPE.into(),
+        schema_version: 1,
+        payload: Bytes::from(vec![b'x'; PAYLOAD_BYTES]),
+        correlation_id: stream.into(),
+        causation_id: String::new(),
+        actor: actor(ActorKind::System, "bench"),
+    }
+}
+
+fn open_log(dir: &std::path::Path) -> EventLog {
+    let mut limits = lineguard_eventlog::Limits::default();
+    limits.max_outbox_backlog = u64::MAX / 2;
+    EventLog::open(
+        LogConfig::new(dir.join("log"), "bench")
+            .with_event_types(EventTypes::new().with_name(EVENT_TYPE, 1))
+            .with_limits(limits),
+    )
+    .expect("open log")
+}
+
+/// A raw store with the log's options, written like the log writes events.
+struct Raw {
+    db: rocksdb::DB,
+    value: Vec<u8>,
+}
+
+impl Raw {
+    fn open(dir: &std::path::Path) -> Raw {
+        // Same size as a stored envelope of one bench event.
+        Raw {
+            db: open_raw_store(&dir.join("raw")).expect("raw"),
+            value: vec![b'x'; PAYLOAD_BYTES + 150],
+        }
+    }
+    fn write(&self, first: u64, count: u64) {
+        let cf = self.db.cf_handle(CF_EVENTS).expect("cf");
+        let mut batch = WriteBatch::default();
+        for p in first..first + count {
+            batch.put_cf(cf, position_key(p), &self.value);
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch, &options).expect("raw write");
+    }
+}
+
+struct Case {
+    name: &'static str,
+    events: u64,
+    log_secs: f64,
+    raw_secs: f64,
+    target: f64,
+}
+
+fn report(case: &Case) {
+    let log_rate = case.events as f64 / case.log_secs;
+    let raw_rate = case.events as f64 / case.raw_secs;
+    let ratio = log_rate / raw_rate;
+    println!(
+        "{:<32} {:>9} events  log {:>10.0} ev/s  raw {:>10.0} ev/s  ratio {:>5.2}x  (target {:.1}x: {})",
+        case.name,
+        case.events,
+        log_rate,
+        raw_rate,
+        ratio,
+        case.target,
+        if ratio >= case.target {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+}
+
+fn timed(work: impl FnOnce()) -> f64 {
+    let start = Instant::now();
+    work();
+    start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let scale: u64 = std::env::var("LINEGUARD_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open_log(dir.path());
+    let raw = Raw::open(dir.path());
+    let mut next_raw = 1;
+    println!(
+        "event log vs raw RocksDB, every write fsynced, {PAYLOAD_BYTES}-byte payloads, scale {scale}"
+    );
+
+    // 1. One event per commit, one writer.
+    let n = 2_000 * scale;
+    let log_secs = timed(|| {
+        for i in 0..n {
+            let stream = format!("ticket-s{}", i % 1000);
+            log.commit_blocking(Transaction::append(
+                &stream,
+                ExpectedVersion::Any,
+                vec![event(&stream)],
+            ))
+            .expect("commit");
+        }
+    });
+    let raw_secs = timed(|| {
+        for _ in 0..n {
+            raw.write(next_raw, 1);
+            next_raw += 1;
+        }
+    });
+    report(&Case {
+        name: "append, single",
+        events: n,
+        log_secs,
+        raw_secs,
+        target: 0.7,
+    });
+
+    // 2. 100 events per commit, one writer.
+    let batches = 200 * scale;
+    let log_secs = timed(|| {
+        for i in 0..batches {
+            let stream = format!("incident-b{i}");
+            let events = (0..100).map(|_| event(&stream)).collect();
+            log.commit_blocking(Transaction::append(&stream, ExpectedVersion::Any, events))
+                .expect("commit");
+        }
+    });
+    let raw_secs = timed(|| {
+        for _ in 0..batches {
+            raw.write(next_raw, 100);
+            next_raw += 100;
+        }
+    });
+    report(&Case {
+        name: "append, batches of 100",
+        events: batches * 100,
+        log_secs,
+        raw_secs,
+        target: 0.7,
+    });
+
+    // 3. 64 concurrent writers, one event per commit each.
+    let writers = 64;
+    let per_writer = 200 * scale;
+    let log_secs = timed(|| {
+        let threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let stream = format!("crew-{w}");
+                    for _ in 0..per_writer {
+                        log.commit_blocking(Transaction::append(
+                            &stream,
+                            ExpectedVersion::Any,
+                            vec![event(&stream)],
+                        ))
+                        .expect("commit");
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().expect("writer"));
+    });
+    let raw = Arc::new(raw);
+    let base = next_raw;
+    let raw_secs = timed(|| {
+        let threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let raw = raw.clone();
+                std::thread::spawn(move || {
+                    for i in 0..per_writer {
+                        raw.write(base + w * per_writer + i, 1);
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().expect("writer"));
+    });
+    report(&Case {
+        name: "append, 64 concurrent writers",
+        events: writers * per_writer,
+        log_secs,
+        raw_secs,
+        target: 0.7,
+    });
+
+    // 4. Full read of what was written, in pages, checksums and decoding included.
+    let head = log.head();
+    let log_secs = timed(|| {
+        let mut next = 1;
+        let mut seen = 0u64;
+        while next <= head {
+            let page = log.read_all(next, 1000).expect("read");
+            seen += page.len() as u64;
+            next = page.last().map_or(head + 1, |e| e.global_position + 1);
+        }
+        assert_eq!(seen, head);
+    });
+    let raw_secs = timed(|| {
+        let cf = raw.db.cf_handle(CF_EVENTS).expect("cf");
+        let mut bytes = 0usize;
+        let mut seen = 0u64;
+        for item in raw.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (_, value) = item.expect("raw read");
+            bytes += value.len();
+            seen += 1;
+        }
+        assert!(bytes > 0 && seen >= head);
+    });
+    report(&Case {
+        name: "read, full log",
+        events: head,
+        log_secs,
+        raw_secs,
+        target: 0.5,
+    });
+}

@@ -1,0 +1,156 @@
+//! On-disk layout: column families, key encodings, and the checksummed frame
+//! every stored value is wrapped in.
+//!
+//! A value is `crc32c(key ‖ body)` (4 bytes, little endian) followed by the body.
+//! Covering the key too means a record copied to the wrong key fails its check.
+
+use crate::error::{Error, Result};
+
+/// Event records, keyed by global position (8 bytes, big endian).
+pub const CF_EVENTS: &str = "events";
+/// Stream index: `stream_id ‖ 0x00 ‖ version (8 bytes BE)` → global position.
+pub const CF_STREAMS: &str = "streams";
+/// Idempotency key → `IdempotencyRecord`.
+pub const CF_IDEMPOTENCY: &str = "idempotency";
+/// Processed marks of consumed messages: `consumer ‖ 0x00 ‖ message id`.
+pub const CF_INBOX: &str = "inbox";
+/// Positions of events the bus has not yet acknowledged.
+pub const CF_OUTBOX: &str = "outbox";
+/// The projector's key/value state.
+pub const CF_PROJECTIONS: &str = "projections";
+/// Bookkeeping: the projection state.
+pub const CF_META: &str = "meta";
+
+/// Every column family, in the order they are opened.
+pub const ALL_COLUMN_FAMILIES: [&str; 7] = [
+    CF_EVENTS,
+    CF_STREAMS,
+    CF_IDEMPOTENCY,
+    CF_INBOX,
+    CF_OUTBOX,
+    CF_PROJECTIONS,
+    CF_META,
+];
+
+/// Meta key of the `ProjectionState` record.
+pub const META_PROJECTION_STATE: &[u8] = b"projection_state";
+
+const CRC_LEN: usize = 4;
+
+/// Wraps `body` in a frame whose checksum also covers `key`.
+pub fn seal(key: &[u8], body: &[u8]) -> Vec<u8> {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(key), body);
+    let mut out = Vec::with_capacity(CRC_LEN + body.len());
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Checks a frame read from `column` under `key` and returns its body.
+pub fn unseal<'a>(
+    column: &'static str,
+    key: &[u8],
+    value: &'a [u8],
+    location: impl FnOnce() -> String,
+) -> Result<&'a [u8]> {
+    let Some((crc_bytes, body)) = value.split_first_chunk::<CRC_LEN>() else {
+        return Err(Error::Corrupted {
+            column,
+            location: location(),
+            reason: format!(
+                "record of {} bytes is shorter than its checksum",
+                value.len()
+            ),
+        });
+    };
+    let stored = u32::from_le_bytes(*crc_bytes);
+    let actual = crc32c::crc32c_append(crc32c::crc32c(key), body);
+    if stored != actual {
+        return Err(Error::Corrupted {
+            column,
+            location: location(),
+            reason: format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"),
+        });
+    }
+    Ok(body)
+}
+
+/// Key of the event at a global position.
+pub fn position_key(position: u64) -> [u8; 8] {
+    position.to_be_bytes()
+}
+
+/// Decodes a key of [`CF_EVENTS`] or [`CF_OUTBOX`].
+pub fn decode_position_key(column: &'static str, key: &[u8]) -> Result<u64> {
+    let bytes: [u8; 8] = key.try_into().map_err(|_| Error::Corrupted {
+        column,
+        location: format!("key {key:02x?}"),
+        reason: "position key is not 8 bytes".into(),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Key of a stream's event at `version` in the stream index.
+pub fn stream_key(stream_id: &str, version: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(stream_id.len() + 9);
+    key.extend_from_slice(stream_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+/// The version in a stream index key, if the key belongs to `stream_id`.
+pub fn stream_key_version(stream_id: &str, key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(stream_id.as_bytes())?.strip_prefix(&[0])?;
+    let bytes: [u8; 8] = rest.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+/// Key of a consumer's processed mark for one message.
+pub fn inbox_key(consumer: &str, message_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(consumer.len() + message_id.len() + 1);
+    key.extend_from_slice(consumer.as_bytes());
+    key.push(0);
+    key.extend_from_slice(message_id.as_bytes());
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn sealed_frames_round_trip(key in proptest::collection::vec(any::<u8>(), 0..64),
+                                    body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let frame = seal(&key, &body);
+            prop_assert_eq!(unseal("t", &key, &frame, String::new).expect("valid"), &body[..]);
+        }
+
+        #[test]
+        fn any_flipped_bit_is_detected(body in proptest::collection::vec(any::<u8>(), 1..256),
+                                       bit in 0usize..2048) {
+            let key = b"k";
+            let mut frame = seal(key, &body);
+            let bit = bit % (frame.len() * 8);
+            frame[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(unseal("t", key, &frame, || "here".into()).is_err());
+        }
+    }
+
+    #[test]
+    fn a_frame_under_another_key_is_rejected() {
+        let frame = seal(b"a", b"body");
+        let err = unseal("events", b"b", &frame, || "position 7".into()).expect_err("moved");
+        assert!(err.to_string().contains("position 7"), "{err}");
+    }
+
+    #[test]
+    fn stream_keys_sort_by_stream_then_version() {
+        assert!(stream_key("a", u64::MAX) < stream_key("a-b", 0));
+        assert!(stream_key("a", 1) < stream_key("a", 2));
+        assert_eq!(stream_key_version("a", &stream_key("a", 9)), Some(9));
+        assert_eq!(stream_key_version("a", &stream_key("a-b", 9)), None);
+    }
+}

@@ -1,0 +1,117 @@
+//! The `lineguard.eventlog.v1.EventLog` gRPC service over one [`EventLog`].
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use lineguard_protos::eventlog::v1::{
+    self as pb, GetLogInfoRequest, GetLogInfoResponse, ReadAllRequest, ReadAllResponse,
+    ReadStreamRequest, ReadStreamResponse, SubscribeRequest, SubscribeResponse,
+    event_log_server::{EventLog as EventLogApi, EventLogServer},
+};
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::log::{EventLog, ReadDirection};
+
+/// Serves reads of one log.
+#[derive(Debug, Clone)]
+pub struct EventLogService {
+    log: EventLog,
+}
+
+impl EventLogService {
+    /// The tonic server for `log`.
+    pub fn server(log: EventLog) -> EventLogServer<EventLogService> {
+        EventLogServer::new(EventLogService { log })
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Status::internal(format!("read task failed: {e}")))?
+        .map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl EventLogApi for EventLogService {
+    async fn read_stream(
+        &self,
+        request: Request<ReadStreamRequest>,
+    ) -> Result<Response<ReadStreamResponse>, Status> {
+        let req = request.into_inner();
+        let direction = match pb::ReadDirection::try_from(req.direction) {
+            Ok(pb::ReadDirection::Unspecified | pb::ReadDirection::Forward) => {
+                ReadDirection::Forward
+            }
+            Ok(pb::ReadDirection::Backward) => ReadDirection::Backward,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid direction: unknown value {}",
+                    req.direction
+                )));
+            }
+        };
+        let log = self.log.clone();
+        let slice = blocking(move || {
+            log.read_stream(
+                &req.stream_id,
+                req.from_version,
+                direction,
+                req.max_count as usize,
+            )
+        })
+        .await?;
+        Ok(Response::new(ReadStreamResponse {
+            events: slice.events,
+            stream_version: slice.stream_version,
+            next_version: slice.next_version.unwrap_or(0),
+        }))
+    }
+
+    async fn read_all(
+        &self,
+        request: Request<ReadAllRequest>,
+    ) -> Result<Response<ReadAllResponse>, Status> {
+        let req = request.into_inner();
+        let log = self.log.clone();
+        let head = log.head();
+        let events =
+            blocking(move || log.read_all(req.from_position, req.max_count as usize)).await?;
+        let next_position = events
+            .last()
+            .map_or(req.from_position.max(1), |e| e.global_position + 1);
+        Ok(Response::new(ReadAllResponse {
+            events,
+            next_position,
+            head_position: head,
+        }))
+    }
+
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let subscription = self.log.subscribe(request.into_inner().from_position)?;
+        let stream = subscription.map(|item| {
+            item.map(|event| SubscribeResponse { event: Some(event) })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_log_info(
+        &self,
+        _: Request<GetLogInfoRequest>,
+    ) -> Result<Response<GetLogInfoResponse>, Status> {
+        Ok(Response::new(GetLogInfoResponse {
+            service: self.log.service().to_owned(),
+            head_position: self.log.head(),
+            outbox_backlog: self.log.outbox_backlog(),
+        }))
+    }
+}

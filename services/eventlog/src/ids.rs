@@ -1,0 +1,74 @@
+//! Validation of the ids the log stores and publishes.
+//!
+//! Ids become RocksDB key prefixes and NATS subject tokens, so they are kept to
+//! `[A-Za-z0-9_-]`: no separator (`.`, NUL), no wildcard (`*`, `>`), no space.
+
+use crate::error::{Error, Result};
+
+/// Checks that `value` is a non-empty id of at most `max_len` safe characters.
+pub fn validate_id(field: &str, value: &str, max_len: usize) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > max_len {
+        return Err(Error::limit(
+            format!("{field} length"),
+            value.len(),
+            max_len,
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("character {bad:?} not allowed (only A-Z, a-z, 0-9, '-' and '_')"),
+        ));
+    }
+    Ok(())
+}
+
+/// Like [`validate_id`], but an empty value is allowed.
+pub fn validate_optional_id(field: &str, value: &str, max_len: usize) -> Result<()> {
+    if value.is_empty() {
+        Ok(())
+    } else {
+        validate_id(field, value, max_len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_typical_ids() {
+        validate_id(
+            "stream_id",
+            "ticket-0192f3c4-7d1e-7abc-8def-0123456789ab",
+            128,
+        )
+        .expect("valid");
+        validate_id("actor.id", "mgr_017", 128).expect("valid");
+    }
+
+    #[test]
+    fn rejects_separators_wildcards_and_length() {
+        for bad in ["a.b", "a*", "a>", "a b", "a\0b", "日本"] {
+            let err = validate_id("stream_id", bad, 128).expect_err(bad);
+            assert!(err.to_string().contains("stream_id"), "{err}");
+        }
+        let err = validate_id("stream_id", &"a".repeat(129), 128).expect_err("too long");
+        assert!(matches!(
+            err,
+            Error::LimitExceeded {
+                limit: 128,
+                actual: 129,
+                ..
+            }
+        ));
+        assert!(validate_id("stream_id", "", 128).is_err());
+        validate_optional_id("causation_id", "", 128).expect("empty allowed");
+    }
+}

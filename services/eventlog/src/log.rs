@@ -1,0 +1,665 @@
+//! [`EventLog`]: open a log, commit to it, read it back.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use lineguard_protos::eventlog::v1::{EventEnvelope, ProjectionState};
+use prost::Message;
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::codec::{
+    ALL_COLUMN_FAMILIES, CF_EVENTS, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS, CF_STREAMS,
+    META_PROJECTION_STATE, decode_position_key, inbox_key, position_key, stream_key,
+    stream_key_version, unseal,
+};
+use crate::error::{Error, Result};
+use crate::ids::validate_id;
+use crate::limits::Limits;
+use crate::projection::{NoProjections, Projector, read_projection};
+use crate::subscribe::Subscription;
+use crate::txn::{CommitOutcome, EventTypes, Transaction};
+use crate::writer::{Writer, WriterRequest};
+
+/// How to open a log.
+#[derive(Clone)]
+pub struct LogConfig {
+    /// Directory of the RocksDB files; created if missing.
+    pub path: PathBuf,
+    /// The owning service's name, stamped on every event as its `source`.
+    pub service: String,
+    pub limits: Limits,
+    /// The event types this log accepts.
+    pub event_types: EventTypes,
+    /// Derives the projections; [`NoProjections`] keeps none.
+    pub projector: Arc<dyn Projector>,
+}
+
+impl LogConfig {
+    /// A log at `path` for `service`, default limits, no types, no projections.
+    pub fn new(path: impl Into<PathBuf>, service: impl Into<String>) -> Self {
+        LogConfig {
+            path: path.into(),
+            service: service.into(),
+            limits: Limits::default(),
+            event_types: EventTypes::new(),
+            projector: Arc::new(NoProjections),
+        }
+    }
+
+    /// Sets the accepted event types.
+    pub fn with_event_types(mut self, event_types: EventTypes) -> Self {
+        self.event_types = event_types;
+        self
+    }
+
+    /// Sets the projector.
+    pub fn with_projector(mut self, projector: Arc<dyn Projector>) -> Self {
+        self.projector = projector;
+        self
+    }
+
+    /// Sets the limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+}
+
+/// A page of one stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamSlice {
+    pub events: Vec<EventEnvelope>,
+    /// The stream's last version.
+    pub stream_version: u64,
+    /// Where the next page in the same direction starts; `None` at the end.
+    pub next_version: Option<u64>,
+}
+
+/// Which way a stream read goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadDirection {
+    Forward,
+    Backward,
+}
+
+/// One service's event log: the ground truth of everything the service did.
+/// Cheap to clone; all clones share one store and one writer.
+#[derive(Clone)]
+pub struct EventLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    path: PathBuf,
+    service: String,
+    limits: Limits,
+    event_types: EventTypes,
+    commits: mpsc::Sender<WriterRequest>,
+    head: watch::Receiver<u64>,
+    outbox_backlog: Arc<AtomicU64>,
+    subscribers: Arc<Semaphore>,
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("service", &self.inner.service)
+            .field("path", &self.inner.path)
+            .field("head", &self.head())
+            .finish()
+    }
+}
+
+impl Drop for Inner {
+    /// Stops the writer and waits for it, so that RocksDB is closed by the
+    /// time the last handle is gone. Left to the writer thread, the close
+    /// could race the process's exit and RocksDB's static destructors.
+    fn drop(&mut self) {
+        // Replacing the only sender closes the channel: the writer finishes
+        // what is queued and returns.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.commits, closed));
+        let handle = self.writer.get_mut().ok().and_then(Option::take);
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Looks up a column family the log opened.
+pub(crate) fn cf<'a>(db: &'a DB, name: &'static str) -> Result<&'a ColumnFamily> {
+    db.cf_handle(name).ok_or(Error::Corrupted {
+        column: name,
+        location: "column family".into(),
+        reason: "missing from the store".into(),
+    })
+}
+
+fn db_options() -> Options {
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    options.increase_parallelism(2);
+    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    options.set_max_total_wal_size(256 * 1024 * 1024);
+    options
+}
+
+/// Opens a raw RocksDB with the log's column families (for tools and tests
+/// that must look under the log, e.g. to damage a record on purpose).
+pub fn open_raw_store(path: &Path) -> Result<DB> {
+    let descriptors = ALL_COLUMN_FAMILIES
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, db_options()));
+    Ok(DB::open_cf_descriptors(&db_options(), path, descriptors)?)
+}
+
+impl EventLog {
+    /// Opens (or creates) the log and starts its writer thread. If the
+    /// projector's name or version differs from the one that built the stored
+    /// projections, they are rebuilt from the log before this returns.
+    pub fn open(config: LogConfig) -> Result<EventLog> {
+        validate_id("service", &config.service, config.limits.max_id_len)?;
+        let db = Arc::new(open_raw_store(&config.path)?);
+        let head = last_position(&db)?;
+        let outbox_backlog = Arc::new(AtomicU64::new(count_keys(&db, CF_OUTBOX)?));
+        let (head_tx, head_rx) = watch::channel(head);
+        let mut writer = Writer {
+            db: db.clone(),
+            service: config.service.clone(),
+            limits: config.limits.clone(),
+            projector: config.projector.clone(),
+            head,
+            head_tx,
+            outbox_backlog: outbox_backlog.clone(),
+        };
+        let stored = load_projection_state(&db)?;
+        let projector = &config.projector;
+        match stored {
+            Some(s) if s.projector == projector.name() && s.version == projector.version() => {
+                if s.applied_through < head {
+                    writer.replay_projections_from(s.applied_through + 1)?;
+                }
+            }
+            None if head == 0 => {}
+            _ => {
+                tracing::info!(service = %config.service, projector = projector.name(),
+                    "projector changed; rebuilding projections from the log");
+                writer.rebuild_projections()?;
+            }
+        }
+        let (commits, requests) = mpsc::channel(config.limits.max_pending_commits);
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-eventlog-writer", config.service))
+            .spawn(move || writer.run(requests))
+            .map_err(|e| Error::invalid("writer thread", e.to_string()))?;
+        tracing::info!(service = %config.service, path = %config.path.display(), head, "event log opened");
+        Ok(EventLog {
+            inner: Arc::new(Inner {
+                db,
+                path: config.path,
+                service: config.service,
+                subscribers: Arc::new(Semaphore::new(config.limits.max_subscribers)),
+                limits: config.limits,
+                event_types: config.event_types,
+                commits,
+                head: head_rx,
+                outbox_backlog,
+                writer: std::sync::Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// The owning service's name.
+    pub fn service(&self) -> &str {
+        &self.inner.service
+    }
+
+    /// The limits the log enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The last committed global position (0 for an empty log).
+    pub fn head(&self) -> u64 {
+        *self.inner.head.borrow()
+    }
+
+    /// A receiver that sees the head change after every commit.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.inner.head.clone()
+    }
+
+    /// Commits a transaction. When this returns `Committed`, the events are
+    /// fsynced, indexed, in the outbox, and projected: a crash after this
+    /// loses none of it.
+    pub async fn commit(&self, txn: Transaction) -> Result<CommitOutcome> {
+        txn.validate(&self.inner.limits, &self.inner.event_types)?;
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .commits
+            .send(WriterRequest::Commit { txn, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// [`commit`](Self::commit) for a thread outside the async runtime.
+    pub fn commit_blocking(&self, txn: Transaction) -> Result<CommitOutcome> {
+        txn.validate(&self.inner.limits, &self.inner.event_types)?;
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .commits
+            .blocking_send(WriterRequest::Commit { txn, reply })
+            .map_err(|_| Error::Closed)?;
+        answer.blocking_recv().map_err(|_| Error::Closed)?
+    }
+
+    /// Reads up to `max_count` events of one stream.
+    pub fn read_stream(
+        &self,
+        stream_id: &str,
+        from_version: u64,
+        direction: ReadDirection,
+        max_count: usize,
+    ) -> Result<StreamSlice> {
+        validate_id("stream_id", stream_id, self.inner.limits.max_id_len)?;
+        let max_count = self.page_size(max_count)?;
+        let db = &self.inner.db;
+        let last = load_stream_head(db, stream_id)?;
+        if last == 0 {
+            return Err(Error::StreamNotFound {
+                stream: stream_id.to_owned(),
+            });
+        }
+        let (start, mode) = match direction {
+            ReadDirection::Forward => {
+                let start = from_version.max(1);
+                if start > last + 1 {
+                    return Err(Error::OutOfRange {
+                        field: "from_version".into(),
+                        requested: from_version,
+                        last,
+                    });
+                }
+                (start, Direction::Forward)
+            }
+            ReadDirection::Backward => {
+                let start = if from_version == 0 {
+                    last
+                } else {
+                    from_version
+                };
+                if start > last {
+                    return Err(Error::OutOfRange {
+                        field: "from_version".into(),
+                        requested: from_version,
+                        last,
+                    });
+                }
+                (start, Direction::Reverse)
+            }
+        };
+        let index = cf(db, CF_STREAMS)?;
+        let events_cf = cf(db, CF_EVENTS)?;
+        let from_key = stream_key(stream_id, start);
+        let mut events = Vec::with_capacity(max_count.min(64));
+        for item in db.iterator_cf(index, IteratorMode::From(&from_key, mode)) {
+            let (key, value) = item?;
+            let Some(version) = stream_key_version(stream_id, &key) else {
+                break;
+            };
+            let body = unseal(CF_STREAMS, &key, &value, || {
+                format!("{stream_id} v{version}")
+            })?;
+            let position = decode_position_key(CF_STREAMS, body)?;
+            let Some(record) = db.get_pinned_cf(events_cf, position_key(position))? else {
+                return Err(Error::Corrupted {
+                    column: CF_EVENTS,
+                    location: format!("position {position}"),
+                    reason: format!("indexed as {stream_id} v{version} but missing"),
+                });
+            };
+            events.push(decode_event(position, &record)?);
+            if events.len() == max_count {
+                break;
+            }
+        }
+        let next_version = match (direction, events.last()) {
+            (ReadDirection::Forward, Some(e)) if e.stream_version < last => {
+                Some(e.stream_version + 1)
+            }
+            (ReadDirection::Backward, Some(e)) if e.stream_version > 1 => {
+                Some(e.stream_version - 1)
+            }
+            _ => None,
+        };
+        Ok(StreamSlice {
+            events,
+            stream_version: last,
+            next_version,
+        })
+    }
+
+    /// Reads up to `max_count` events of the whole log from `from_position`.
+    /// Reading at `head + 1` returns nothing; further is an error.
+    pub fn read_all(&self, from_position: u64, max_count: usize) -> Result<Vec<EventEnvelope>> {
+        let max_count = self.page_size(max_count)?;
+        let from = from_position.max(1);
+        let head = self.head();
+        if from > head + 1 {
+            return Err(Error::OutOfRange {
+                field: "from_position".into(),
+                requested: from_position,
+                last: head,
+            });
+        }
+        read_events_from(&self.inner.db, from, max_count)
+    }
+
+    /// The event at one position.
+    pub fn get_event(&self, position: u64) -> Result<Option<EventEnvelope>> {
+        let db = &self.inner.db;
+        match db.get_pinned_cf(cf(db, CF_EVENTS)?, position_key(position))? {
+            Some(record) => decode_event(position, &record).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A live subscription from `from_position`: every stored event, then each
+    /// new one as it is committed, in order, with no gap and no duplicate. The
+    /// reader waits while the subscriber's buffer is full.
+    pub fn subscribe(&self, from_position: u64) -> Result<Subscription> {
+        let head = self.head();
+        let from = from_position.max(1);
+        if from > head + 1 {
+            return Err(Error::OutOfRange {
+                field: "from_position".into(),
+                requested: from_position,
+                last: head,
+            });
+        }
+        let permit = self
+            .inner
+            .subscribers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::TooManySubscribers {
+                limit: self.inner.limits.max_subscribers,
+            })?;
+        Ok(Subscription::start(self.clone(), from, permit))
+    }
+
+    fn page_size(&self, requested: usize) -> Result<usize> {
+        let limit = self.inner.limits.max_read_page;
+        match requested {
+            0 => Ok(limit),
+            n if n > limit => Err(Error::limit("max_count", n, limit)),
+            n => Ok(n),
+        }
+    }
+
+    /// Up to `max` events waiting in the outbox, oldest first.
+    pub fn outbox_peek(&self, max: usize) -> Result<Vec<EventEnvelope>> {
+        let db = &self.inner.db;
+        let events_cf = cf(db, CF_EVENTS)?;
+        let mut out = Vec::with_capacity(max.min(1024));
+        for item in db
+            .iterator_cf(cf(db, CF_OUTBOX)?, IteratorMode::Start)
+            .take(max)
+        {
+            let (key, value) = item?;
+            let position = decode_position_key(CF_OUTBOX, &key)?;
+            unseal(CF_OUTBOX, &key, &value, || format!("position {position}"))?;
+            let Some(record) = db.get_pinned_cf(events_cf, &key)? else {
+                return Err(Error::Corrupted {
+                    column: CF_OUTBOX,
+                    location: format!("position {position}"),
+                    reason: "outbox entry without its event".into(),
+                });
+            };
+            out.push(decode_event(position, &record)?);
+        }
+        Ok(out)
+    }
+
+    /// Removes outbox entries the bus has acknowledged. Not fsynced: after a
+    /// crash an entry may come back and be published again, which the bus's
+    /// de-duplication and the consumers' inbox absorb.
+    pub fn outbox_clear(&self, positions: &[u64]) -> Result<()> {
+        let db = &self.inner.db;
+        let outbox = cf(db, CF_OUTBOX)?;
+        let mut batch = WriteBatch::default();
+        for position in positions {
+            batch.delete_cf(outbox, position_key(*position));
+        }
+        db.write(batch)?;
+        self.inner
+            .outbox_backlog
+            .fetch_sub(positions.len() as u64, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Events committed but not yet acknowledged by the bus.
+    pub fn outbox_backlog(&self) -> u64 {
+        self.inner.outbox_backlog.load(Ordering::Acquire)
+    }
+
+    /// Whether `consumer` has processed `message_id`.
+    pub fn inbox_contains(&self, consumer: &str, message_id: &str) -> Result<bool> {
+        let db = &self.inner.db;
+        Ok(db
+            .get_pinned_cf(cf(db, CF_INBOX)?, inbox_key(consumer, message_id))?
+            .is_some())
+    }
+
+    /// One projection value.
+    pub fn projection_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        read_projection(&self.inner.db, key)
+    }
+
+    /// Up to `limit` projection entries whose keys start with `prefix`, after
+    /// `start_after` if given, in key order.
+    pub fn projection_scan(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let db = &self.inner.db;
+        let from = start_after.unwrap_or(prefix);
+        let mut out = Vec::new();
+        for item in db.iterator_cf(
+            cf(db, CF_PROJECTIONS)?,
+            IteratorMode::From(from, Direction::Forward),
+        ) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            if start_after.is_some_and(|after| *after == *key) {
+                continue;
+            }
+            let body = unseal(CF_PROJECTIONS, &key, &value, || format!("key {key:02x?}"))?;
+            out.push((key.to_vec(), body.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// SHA-256 over every projection entry in key order: equal digests mean
+    /// equal projections.
+    pub fn projection_digest(&self) -> Result<String> {
+        let db = &self.inner.db;
+        let mut hasher = Sha256::new();
+        for item in db.iterator_cf(cf(db, CF_PROJECTIONS)?, IteratorMode::Start) {
+            let (key, value) = item?;
+            let body = unseal(CF_PROJECTIONS, &key, &value, || format!("key {key:02x?}"))?;
+            hasher.update((key.len() as u64).to_be_bytes());
+            hasher.update(&key);
+            hasher.update((body.len() as u64).to_be_bytes());
+            hasher.update(body);
+        }
+        Ok(hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
+    /// Drops every projection and rebuilds it from the log, between commits.
+    /// Returns the number of events replayed.
+    pub async fn rebuild_projections(&self) -> Result<u64> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .commits
+            .send(WriterRequest::RebuildProjections { reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Checks every stored event: checksum, decoding, contiguous positions, and
+    /// that the stream index points at it. Returns the number of events checked.
+    pub fn verify(&self) -> Result<u64> {
+        let db = &self.inner.db;
+        let index = cf(db, CF_STREAMS)?;
+        let mut expected = 1;
+        for item in db.iterator_cf(cf(db, CF_EVENTS)?, IteratorMode::Start) {
+            let (key, value) = item?;
+            let position = decode_position_key(CF_EVENTS, &key)?;
+            let event = decode_event(position, &value)?;
+            if position != expected {
+                return Err(Error::Corrupted {
+                    column: CF_EVENTS,
+                    location: format!("position {position}"),
+                    reason: format!("gap: expected position {expected}"),
+                });
+            }
+            let index_key = stream_key(&event.stream_id, event.stream_version);
+            let indexed = db.get_pinned_cf(index, &index_key)?;
+            let points_here = match &indexed {
+                Some(v) => unseal(CF_STREAMS, &index_key, v, String::new)? == key.as_ref(),
+                None => false,
+            };
+            if !points_here {
+                return Err(Error::Corrupted {
+                    column: CF_STREAMS,
+                    location: format!("{} v{}", event.stream_id, event.stream_version),
+                    reason: format!("index does not point at position {position}"),
+                });
+            }
+            expected += 1;
+        }
+        Ok(expected - 1)
+    }
+
+    /// Stops the writer after the commits already queued, then returns. Later
+    /// commits fail with [`Error::Closed`].
+    pub async fn close(&self) -> Result<()> {
+        // The writer may already be gone; either way it is stopped after this.
+        let _ = self.inner.commits.send(WriterRequest::Shutdown).await;
+        let handle = self.inner.writer.lock().map_err(|_| Error::Closed)?.take();
+        if let Some(handle) = handle {
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|_| Error::Closed)?
+                .map_err(|_| Error::Closed)?;
+        }
+        Ok(())
+    }
+}
+
+/// Decodes and checks one stored event record.
+pub(crate) fn decode_event(position: u64, record: &[u8]) -> Result<EventEnvelope> {
+    let key = position_key(position);
+    let body = unseal(CF_EVENTS, &key, record, || format!("position {position}"))?;
+    let event = EventEnvelope::decode(body).map_err(|e| Error::Corrupted {
+        column: CF_EVENTS,
+        location: format!("position {position}"),
+        reason: format!("undecodable envelope: {e}"),
+    })?;
+    if event.global_position != position {
+        return Err(Error::Corrupted {
+            column: CF_EVENTS,
+            location: format!("position {position}"),
+            reason: format!("envelope says position {}", event.global_position),
+        });
+    }
+    Ok(event)
+}
+
+/// Up to `max` events from `from` on.
+pub(crate) fn read_events_from(db: &DB, from: u64, max: usize) -> Result<Vec<EventEnvelope>> {
+    let start = position_key(from);
+    let mut events = Vec::with_capacity(max.min(1024));
+    for item in db
+        .iterator_cf(
+            cf(db, CF_EVENTS)?,
+            IteratorMode::From(&start, Direction::Forward),
+        )
+        .take(max)
+    {
+        let (key, value) = item?;
+        let position = decode_position_key(CF_EVENTS, &key)?;
+        events.push(decode_event(position, &value)?);
+    }
+    Ok(events)
+}
+
+/// A stream's last version, 0 if it has no events.
+pub(crate) fn load_stream_head(db: &DB, stream_id: &str) -> Result<u64> {
+    let mut iter = db.raw_iterator_cf(cf(db, CF_STREAMS)?);
+    iter.seek_for_prev(stream_key(stream_id, u64::MAX));
+    let version = iter
+        .key()
+        .and_then(|key| stream_key_version(stream_id, key))
+        .unwrap_or(0);
+    iter.status()?;
+    Ok(version)
+}
+
+fn last_position(db: &DB) -> Result<u64> {
+    let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
+    iter.seek_to_last();
+    let position = match iter.key() {
+        Some(key) => decode_position_key(CF_EVENTS, key)?,
+        None => 0,
+    };
+    iter.status()?;
+    Ok(position)
+}
+
+fn count_keys(db: &DB, column: &'static str) -> Result<u64> {
+    let mut iter = db.raw_iterator_cf(cf(db, column)?);
+    iter.seek_to_first();
+    let mut count = 0;
+    while iter.valid() {
+        count += 1;
+        iter.next();
+    }
+    iter.status()?;
+    Ok(count)
+}
+
+fn load_projection_state(db: &DB) -> Result<Option<ProjectionState>> {
+    let Some(value) = db.get_pinned_cf(cf(db, CF_META)?, META_PROJECTION_STATE)? else {
+        return Ok(None);
+    };
+    let body = unseal(CF_META, META_PROJECTION_STATE, &value, || {
+        "projection state".into()
+    })?;
+    ProjectionState::decode(body)
+        .map(Some)
+        .map_err(|e| Error::Corrupted {
+            column: CF_META,
+            location: "projection state".into(),
+            reason: e.to_string(),
+        })
+}

@@ -1,0 +1,399 @@
+//! What a caller asks the log to commit, and what it gets back.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use bytes::Bytes;
+use lineguard_protos::eventlog::v1::{Actor, CommitReceipt, actor};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::ids::{validate_id, validate_optional_id};
+use crate::limits::Limits;
+
+/// The version a stream must be at for an append to it to go through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Append whatever the stream's version.
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream must exist, at any version.
+    StreamExists,
+    /// The stream's last version must be exactly this (0 is the same as `NoStream`).
+    Exact(u64),
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::StreamExists => f.write_str("an existing stream"),
+            ExpectedVersion::Exact(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl ExpectedVersion {
+    /// Whether a stream whose last version is `current` (0: absent) satisfies this.
+    pub fn admits(self, current: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => current == 0,
+            ExpectedVersion::StreamExists => current > 0,
+            ExpectedVersion::Exact(v) => v == current,
+        }
+    }
+}
+
+/// An event to append: everything in its envelope but what the log assigns
+/// (stream, versions, position, time, source).
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// UUIDv7, made by [`NewEvent::new`]; callers may set their own to make a
+    /// command's events deterministic.
+    pub event_id: Uuid,
+    /// Fully qualified protobuf message name of the payload.
+    pub event_type: String,
+    /// Schema version of the payload message.
+    pub schema_version: u32,
+    /// The encoded payload message.
+    pub payload: Bytes,
+    /// The ticket or incident the event is about.
+    pub correlation_id: String,
+    /// The event or command that caused this one; may be empty.
+    pub causation_id: String,
+    /// Who caused it.
+    pub actor: Actor,
+}
+
+impl NewEvent {
+    /// An event carrying `message`, typed by its protobuf full name, schema version 1.
+    pub fn new<M: prost::Message + prost::Name>(
+        message: &M,
+        correlation_id: impl Into<String>,
+        actor: Actor,
+    ) -> Self {
+        NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: M::full_name(),
+            schema_version: 1,
+            payload: Bytes::from(message.encode_to_vec()),
+            correlation_id: correlation_id.into(),
+            causation_id: String::new(),
+            actor,
+        }
+    }
+
+    /// Records what caused this event.
+    pub fn caused_by(mut self, causation_id: impl Into<String>) -> Self {
+        self.causation_id = causation_id.into();
+        self
+    }
+
+    /// Sets the payload's schema version.
+    pub fn with_schema_version(mut self, schema_version: u32) -> Self {
+        self.schema_version = schema_version;
+        self
+    }
+}
+
+/// Builds an [`Actor`].
+pub fn actor(kind: actor::Kind, id: impl Into<String>) -> Actor {
+    Actor {
+        kind: kind as i32,
+        id: id.into(),
+    }
+}
+
+/// Events for one stream, with the version the stream must be at.
+#[derive(Debug, Clone)]
+pub struct StreamAppend {
+    pub stream_id: String,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+}
+
+/// Makes a command idempotent: the first commit under `key` is kept forever,
+/// and a later commit with the same key returns it instead of appending.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    pub key: String,
+    /// Digest of the command; a retry must carry the same one.
+    pub fingerprint: [u8; 32],
+    /// The caller's answer to the command, returned verbatim to retries.
+    pub response: Bytes,
+}
+
+impl Idempotency {
+    /// An idempotency record whose fingerprint is the SHA-256 of `request`
+    /// (the command's canonical encoding).
+    pub fn new(key: impl Into<String>, request: &[u8], response: Bytes) -> Self {
+        Idempotency {
+            key: key.into(),
+            fingerprint: Sha256::digest(request).into(),
+            response,
+        }
+    }
+}
+
+/// Marks a consumed message as processed by a consumer, in the same write as
+/// the events it caused, so a redelivery is recognised.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InboxMark {
+    pub consumer: String,
+    pub message_id: String,
+}
+
+/// One atomic write: appends to one or more streams, each with its expected
+/// version, plus optionally an idempotency record and an inbox mark. The
+/// outbox entries and projection updates are derived by the log and go in
+/// the same RocksDB write batch: all of it lands, or none of it.
+#[derive(Debug, Clone, Default)]
+pub struct Transaction {
+    pub appends: Vec<StreamAppend>,
+    pub idempotency: Option<Idempotency>,
+    pub inbox: Option<InboxMark>,
+}
+
+impl Transaction {
+    /// A transaction appending `events` to one stream.
+    pub fn append(
+        stream_id: impl Into<String>,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Self {
+        Transaction {
+            appends: vec![StreamAppend {
+                stream_id: stream_id.into(),
+                expected,
+                events,
+            }],
+            ..Transaction::default()
+        }
+    }
+
+    /// Adds appends to another stream.
+    pub fn and_append(
+        mut self,
+        stream_id: impl Into<String>,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Self {
+        self.appends.push(StreamAppend {
+            stream_id: stream_id.into(),
+            expected,
+            events,
+        });
+        self
+    }
+
+    /// Makes the transaction idempotent under `idempotency.key`.
+    pub fn idempotent(mut self, idempotency: Idempotency) -> Self {
+        self.idempotency = Some(idempotency);
+        self
+    }
+
+    /// Records that `consumer` processed `message_id`.
+    pub fn consuming(mut self, consumer: impl Into<String>, message_id: impl Into<String>) -> Self {
+        self.inbox = Some(InboxMark {
+            consumer: consumer.into(),
+            message_id: message_id.into(),
+        });
+        self
+    }
+
+    /// Number of events the transaction appends.
+    pub fn event_count(&self) -> usize {
+        self.appends.iter().map(|a| a.events.len()).sum()
+    }
+
+    /// Checks everything that can be checked without the store: ids, sizes,
+    /// event types. A transaction that passes can fail only on state
+    /// (versions, keys) or storage.
+    pub fn validate(&self, limits: &Limits, types: &EventTypes) -> Result<()> {
+        if self.appends.is_empty() && self.idempotency.is_none() && self.inbox.is_none() {
+            return Err(Error::invalid(
+                "appends",
+                "a transaction must write something",
+            ));
+        }
+        if self.appends.len() > limits.max_streams_per_commit {
+            return Err(Error::limit(
+                "appends (streams per commit)",
+                self.appends.len(),
+                limits.max_streams_per_commit,
+            ));
+        }
+        let count = self.event_count();
+        if count > limits.max_events_per_commit {
+            return Err(Error::limit(
+                "events per commit",
+                count,
+                limits.max_events_per_commit,
+            ));
+        }
+        let mut streams = HashSet::with_capacity(self.appends.len());
+        let mut event_ids = HashSet::with_capacity(count);
+        let mut bytes = 0usize;
+        for (i, append) in self.appends.iter().enumerate() {
+            validate_id(
+                &format!("appends[{i}].stream_id"),
+                &append.stream_id,
+                limits.max_id_len,
+            )?;
+            if !streams.insert(append.stream_id.as_str()) {
+                return Err(Error::invalid(
+                    format!("appends[{i}].stream_id"),
+                    format!(
+                        "stream {} appears twice in one transaction",
+                        append.stream_id
+                    ),
+                ));
+            }
+            if append.events.is_empty() {
+                return Err(Error::invalid(
+                    format!("appends[{i}].events"),
+                    "must not be empty",
+                ));
+            }
+            for (j, event) in append.events.iter().enumerate() {
+                let field = |name: &str| format!("appends[{i}].events[{j}].{name}");
+                if event.event_id.get_version_num() != 7 {
+                    return Err(Error::invalid(field("event_id"), "must be a UUIDv7"));
+                }
+                if !event_ids.insert(event.event_id) {
+                    return Err(Error::invalid(field("event_id"), "appears twice"));
+                }
+                if event.payload.len() > limits.max_payload_bytes {
+                    return Err(Error::limit(
+                        field("payload bytes"),
+                        event.payload.len(),
+                        limits.max_payload_bytes,
+                    ));
+                }
+                bytes += event.payload.len();
+                if event.event_type.len() > limits.max_event_type_len {
+                    return Err(Error::limit(
+                        field("event_type length"),
+                        event.event_type.len(),
+                        limits.max_event_type_len,
+                    ));
+                }
+                types.check(&event.event_type, event.schema_version)?;
+                validate_id(
+                    &field("correlation_id"),
+                    &event.correlation_id,
+                    limits.max_id_len,
+                )?;
+                validate_optional_id(
+                    &field("causation_id"),
+                    &event.causation_id,
+                    limits.max_id_len,
+                )?;
+                if event.actor.kind == actor::Kind::Unspecified as i32
+                    || actor::Kind::try_from(event.actor.kind).is_err()
+                {
+                    return Err(Error::invalid(
+                        field("actor.kind"),
+                        "must be a known actor kind",
+                    ));
+                }
+                validate_id(&field("actor.id"), &event.actor.id, limits.max_id_len)?;
+            }
+        }
+        if bytes > limits.max_commit_bytes {
+            return Err(Error::limit(
+                "payload bytes per commit",
+                bytes,
+                limits.max_commit_bytes,
+            ));
+        }
+        if let Some(idem) = &self.idempotency {
+            if idem.key.is_empty() {
+                return Err(Error::invalid("idempotency_key", "must not be empty"));
+            }
+            if idem.key.len() > limits.max_idempotency_key_len {
+                return Err(Error::limit(
+                    "idempotency_key length",
+                    idem.key.len(),
+                    limits.max_idempotency_key_len,
+                ));
+            }
+            if idem.response.len() > limits.max_idempotent_response_bytes {
+                return Err(Error::limit(
+                    "idempotent response bytes",
+                    idem.response.len(),
+                    limits.max_idempotent_response_bytes,
+                ));
+            }
+        }
+        if let Some(mark) = &self.inbox {
+            validate_id("inbox.consumer", &mark.consumer, limits.max_id_len)?;
+            validate_id("inbox.message_id", &mark.message_id, limits.max_id_len)?;
+        }
+        Ok(())
+    }
+}
+
+/// The event types a log accepts, each with the newest schema version it knows.
+#[derive(Debug, Clone, Default)]
+pub struct EventTypes {
+    newest: HashMap<String, u32>,
+}
+
+impl EventTypes {
+    /// No types yet.
+    pub fn new() -> Self {
+        EventTypes::default()
+    }
+
+    /// Accepts `M` up to schema version `newest`.
+    pub fn with<M: prost::Name>(self, newest: u32) -> Self {
+        self.with_name(M::full_name(), newest)
+    }
+
+    /// Accepts the type named `name` up to schema version `newest`.
+    pub fn with_name(mut self, name: impl Into<String>, newest: u32) -> Self {
+        self.newest.insert(name.into(), newest);
+        self
+    }
+
+    /// Whether `event_type` at `schema_version` is accepted.
+    pub fn check(&self, event_type: &str, schema_version: u32) -> Result<()> {
+        match self.newest.get(event_type) {
+            Some(&newest) if (1..=newest).contains(&schema_version) => Ok(()),
+            _ => Err(Error::UnknownEventType {
+                event_type: event_type.to_owned(),
+                schema_version,
+            }),
+        }
+    }
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommitOutcome {
+    /// The events were appended (durably, fsynced) as the receipt says.
+    Committed(CommitReceipt),
+    /// The idempotency key was seen before with the same request: nothing was
+    /// appended, and this is the original commit's receipt and response.
+    Duplicate {
+        receipt: CommitReceipt,
+        response: Bytes,
+    },
+    /// The inbox mark was seen before: the message was already processed.
+    AlreadyProcessed,
+}
+
+impl CommitOutcome {
+    /// The receipt of the commit that holds the events, new or original.
+    pub fn receipt(&self) -> Option<&CommitReceipt> {
+        match self {
+            CommitOutcome::Committed(r) | CommitOutcome::Duplicate { receipt: r, .. } => Some(r),
+            CommitOutcome::AlreadyProcessed => None,
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The single writer thread: validates commits against the log's state,
+//! assigns versions and positions, and group-commits them.
+//!
+//! Commits queue on a bounded channel. The writer takes the first waiting
+//! commit and every other one already queued (up to
+//! [`Limits::max_group_commits`]), stages each on top of the ones before it,
+//! and writes them all in one RocksDB batch with one fsync. Only then does it
+//! answer the callers and advance its in-memory state, so a failed write
+//! leaves both the store and the writer as they were.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use lineguard_protos::eventlog::v1::{
+    CommitReceipt, EventEnvelope, IdempotencyRecord, ProjectionState, StreamCommit,
+};
+use prost::Message;
+use rocksdb::{DB, WriteBatch, WriteOptions};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::codec::{
+    CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS, META_PROJECTION_STATE,
+    inbox_key, position_key, seal, stream_key, unseal,
+};
+use crate::error::{Error, Result};
+use crate::limits::Limits;
+use crate::log::{cf, load_stream_head, read_events_from};
+use crate::projection::{self, Overlay, ProjectionView, Projector, write_overlay};
+use crate::txn::{CommitOutcome, Transaction};
+
+/// Work for the writer thread.
+pub(crate) enum WriterRequest {
+    Commit {
+        txn: Transaction,
+        reply: oneshot::Sender<Result<CommitOutcome>>,
+    },
+    RebuildProjections {
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Shutdown,
+}
+
+pub(crate) struct Writer {
+    pub db: Arc<DB>,
+    pub service: String,
+    pub limits: Limits,
+    pub projector: Arc<dyn Projector>,
+    pub head: u64,
+    pub head_tx: watch::Sender<u64>,
+    pub outbox_backlog: Arc<AtomicU64>,
+}
+
+/// State of the group being staged: what earlier commits in it have written.
+struct Group {
+    next_position: u64,
+    stream_heads: HashMap<String, u64>,
+    idempotency: HashMap<String, IdempotencyRecord>,
+    inbox: HashSet<Vec<u8>>,
+    projections: Overlay,
+    batch: WriteBatch,
+    outbox_added: u64,
+}
+
+type Reply = oneshot::Sender<Result<CommitOutcome>>;
+
+impl Writer {
+    pub(crate) fn run(mut self, mut requests: mpsc::Receiver<WriterRequest>) {
+        let mut commits: Vec<(Transaction, Reply)> =
+            Vec::with_capacity(self.limits.max_group_commits);
+        while let Some(first) = requests.blocking_recv() {
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
+                match request {
+                    WriterRequest::Commit { txn, reply } => commits.push((txn, reply)),
+                    WriterRequest::RebuildProjections { reply } => {
+                        self.commit_group(&mut commits);
+                        let _ = reply.send(self.rebuild_projections());
+                    }
+                    WriterRequest::Shutdown => {
+                        self.commit_group(&mut commits);
+                        tracing::info!(service = %self.service, head = self.head, "event log writer stopped");
+                        return;
+                    }
+                }
+                if commits.len() < self.limits.max_group_commits {
+                    next = requests.try_recv().ok();
+                }
+            }
+            self.commit_group(&mut commits);
+        }
+    }
+
+    /// Stages, writes and answers every queued commit.
+    fn commit_group(&mut self, commits: &mut Vec<(Transaction, Reply)>) {
+        if commits.is_empty() {
+            return;
+        }
+        let mut group = Group {
+            next_position: self.head + 1,
+            stream_heads: HashMap::new(),
+            idempotency: HashMap::new(),
+            inbox: HashSet::new(),
+            projections: Overlay::new(),
+            batch: WriteBatch::default(),
+            outbox_added: 0,
+        };
+        let mut results: Vec<(Result<CommitOutcome>, Reply)> = commits
+            .drain(..)
+            .map(|(txn, reply)| (self.stage(&txn, &mut group), reply))
+            .collect();
+
+        if !group.batch.is_empty() {
+            if let Err(err) = self.write_group(&mut group) {
+                tracing::error!(service = %self.service, error = %err, "group commit failed; nothing written");
+                for (result, _) in &mut results {
+                    *result = Err(err.duplicate());
+                }
+            } else {
+                self.head = group.next_position - 1;
+                self.outbox_backlog
+                    .fetch_add(group.outbox_added, Ordering::Release);
+                self.head_tx.send_replace(self.head);
+            }
+        }
+        for (result, reply) in results {
+            // The caller may have given up waiting; the commit stands regardless.
+            let _ = reply.send(result);
+        }
+    }
+
+    fn write_group(&self, group: &mut Group) -> Result<()> {
+        fail::fail_point!("eventlog::before_write", |_| Err(Error::Injected(
+            "before_write"
+        )));
+        write_overlay(&self.db, &mut group.batch, &group.projections)?;
+        let state = ProjectionState {
+            projector: self.projector.name().to_owned(),
+            version: self.projector.version(),
+            applied_through: group.next_position - 1,
+        };
+        group.batch.put_cf(
+            cf(&self.db, CF_META)?,
+            META_PROJECTION_STATE,
+            seal(META_PROJECTION_STATE, &state.encode_to_vec()),
+        );
+        self.write_batch(std::mem::take(&mut group.batch))
+    }
+
+    fn write_batch(&self, batch: WriteBatch) -> Result<()> {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db.write_opt(batch, &options)?;
+        Ok(())
+    }
+
+    /// Checks one commit against the log as the earlier commits of the group
+    /// leave it and, if it holds, adds its writes to the group. On error the
+    /// group is untouched.
+    fn stage(&self, txn: &Transaction, group: &mut Group) -> Result<CommitOutcome> {
+        let inbox = match &txn.inbox {
+            Some(mark) => {
+                let key = inbox_key(&mark.consumer, &mark.message_id);
+                if group.inbox.contains(&key)
+                    || self
+                        .db
+                        .get_pinned_cf(cf(&self.db, CF_INBOX)?, &key)?
+                        .is_some()
+                {
+                    return Ok(CommitOutcome::AlreadyProcessed);
+                }
+                Some(key)
+            }
+            None => None,
+        };
+        if let Some(idem) = &txn.idempotency {
+            let earlier = match group.idempotency.get(&idem.key) {
+                Some(record) => Some(record.clone()),
+                None => self.load_idempotency(&idem.key)?,
+            };
+            if let Some(record) = earlier {
+                if record.request_fingerprint.as_ref() != idem.fingerprint.as_slice() {
+                    return Err(Error::IdempotencyConflict {
+                        key: idem.key.clone(),
+                    });
+                }
+                return Ok(CommitOutcome::Duplicate {
+                    receipt: record.receipt.unwrap_or_default(),
+                    response: record.response,
+                });
+            }
+        }
+
+        let count = txn.event_count() as u64;
+        let backlog = self.outbox_backlog.load(Ordering::Acquire) + group.outbox_added;
+        if backlog + count > self.limits.max_outbox_backlog {
+            return Err(Error::OutboxFull {
+                backlog,
+                limit: self.limits.max_outbox_backlog,
+            });
+        }
+
+        let mut ops: Vec<(&'static str, Vec<u8>, Vec<u8>)> =
+            Vec::with_capacity(3 * count as usize + 2);
+        let mut envelopes = Vec::with_capacity(count as usize);
+        let mut streams = Vec::with_capacity(txn.appends.len());
+        let mut position = group.next_position;
+        let recorded_at = prost_types::Timestamp::from(SystemTime::now());
+        for append in &txn.appends {
+            let current = match group.stream_heads.get(&append.stream_id) {
+                Some(&v) => v,
+                None => load_stream_head(&self.db, &append.stream_id)?,
+            };
+            if !append.expected.admits(current) {
+                return Err(Error::WrongExpectedVersion {
+                    stream: append.stream_id.clone(),
+                    expected: append.expected,
+                    current,
+                });
+            }
+            for (offset, event) in append.events.iter().enumerate() {
+                let version = current + 1 + offset as u64;
+                let envelope = EventEnvelope {
+                    event_id: event.event_id.to_string(),
+                    stream_id: append.stream_id.clone(),
+                    stream_version: version,
+                    global_position: position,
+                    recorded_at: Some(recorded_at),
+                    causation_id: event.causation_id.clone(),
+                    correlation_id: event.correlation_id.clone(),
+                    actor: Some(event.actor.clone()),
+                    event_type: event.event_type.clone(),
+                    schema_version: event.schema_version,
+                    payload: event.payload.clone(),
+                    source: self.service.clone(),
+                };
+                let pos_key = position_key(position);
+                ops.push((
+                    CF_EVENTS,
+                    pos_key.to_vec(),
+                    seal(&pos_key, &envelope.encode_to_vec()),
+                ));
+                let index_key = stream_key(&append.stream_id, version);
+                let index_value = seal(&index_key, &pos_key);
+                ops.push((crate::codec::CF_STREAMS, index_key, index_value));
+                ops.push((CF_OUTBOX, pos_key.to_vec(), seal(&pos_key, &[])));
+                envelopes.push(envelope);
+                position += 1;
+            }
+            streams.push(StreamCommit {
+                stream_id: append.stream_id.clone(),
+                first_version: current + 1,
+                last_version: current + append.events.len() as u64,
+            });
+        }
+        fail::fail_point!("eventlog::after_events", |_| Err(Error::Injected(
+            "after_events"
+        )));
+
+        let mut view = ProjectionView::new(&self.db, &group.projections);
+        for envelope in &envelopes {
+            projection::apply(self.projector.as_ref(), envelope, &mut view)?;
+        }
+        let projection_writes = view.writes;
+        fail::fail_point!("eventlog::after_projections", |_| Err(Error::Injected(
+            "after_projections"
+        )));
+
+        let receipt = CommitReceipt {
+            streams,
+            first_position: if count > 0 { group.next_position } else { 0 },
+            last_position: if count > 0 { position - 1 } else { 0 },
+        };
+        if let Some(key) = &inbox {
+            let value = seal(key, &receipt.last_position.to_be_bytes());
+            ops.push((CF_INBOX, key.clone(), value));
+        }
+        let idempotency_record = txn.idempotency.as_ref().map(|idem| {
+            let record = IdempotencyRecord {
+                request_fingerprint: idem.fingerprint.to_vec().into(),
+                receipt: Some(receipt.clone()),
+                response: idem.response.clone(),
+            };
+            let key = idem.key.as_bytes().to_vec();
+            let value = seal(&key, &record.encode_to_vec());
+            ops.push((CF_IDEMPOTENCY, key, value));
+            (idem.key.clone(), record)
+        });
+        fail::fail_point!("eventlog::after_marks", |_| Err(Error::Injected(
+            "after_marks"
+        )));
+
+        // Everything checked: from here on nothing fails, so the group only
+        // ever holds whole commits.
+        for (column, key, value) in ops {
+            group.batch.put_cf(cf(&self.db, column)?, key, value);
+        }
+        group.projections.extend(projection_writes);
+        for append in &txn.appends {
+            let last = receipt
+                .streams
+                .iter()
+                .find(|s| s.stream_id == append.stream_id)
+                .map_or(0, |s| s.last_version);
+            group.stream_heads.insert(append.stream_id.clone(), last);
+        }
+        if let Some(key) = inbox {
+            group.inbox.insert(key);
+        }
+        if let Some((key, record)) = idempotency_record {
+            group.idempotency.insert(key, record);
+        }
+        group.next_position = position;
+        group.outbox_added += count;
+        Ok(CommitOutcome::Committed(receipt))
+    }
+
+    fn load_idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
+        let Some(value) = self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_IDEMPOTENCY)?, key.as_bytes())?
+        else {
+            return Ok(None);
+        };
+        let body = unseal(CF_IDEMPOTENCY, key.as_bytes(), &value, || {
+            format!("key {key:?}")
+        })?;
+        IdempotencyRecord::decode(body)
+            .map(Some)
+            .map_err(|e| Error::Corrupted {
+                column: CF_IDEMPOTENCY,
+                location: format!("key {key:?}"),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Drops every projection and replays the whole log through the projector.
+    /// Runs on the writer thread, so no commit interleaves. Returns the number
+    /// of events replayed.
+    pub(crate) fn rebuild_projections(&mut self) -> Result<u64> {
+        let projections = cf(&self.db, CF_PROJECTIONS)?;
+        loop {
+            let keys: Vec<Box<[u8]>> = self
+                .db
+                .iterator_cf(projections, rocksdb::IteratorMode::Start)
+                .take(10_000)
+                .map(|item| item.map(|(key, _)| key))
+                .collect::<std::result::Result<_, _>>()?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut batch = WriteBatch::default();
+            for key in keys {
+                batch.delete_cf(projections, key);
+            }
+            self.db.write(batch)?;
+        }
+        self.replay_projections_from(1)
+    }
+
+    /// Applies the projector to every event from `from` to the head.
+    pub(crate) fn replay_projections_from(&mut self, from: u64) -> Result<u64> {
+        let mut next = from;
+        let mut replayed = 0;
+        while next <= self.head {
+            let page = read_events_from(&self.db, next, self.limits.max_read_page)?;
+            let Some(last) = page.last().map(|e| e.global_position) else {
+                break;
+            };
+            let empty = Overlay::new();
+            let mut view = ProjectionView::new(&self.db, &empty);
+            for event in &page {
+                projection::apply(self.projector.as_ref(), event, &mut view)?;
+            }
+            let mut batch = WriteBatch::default();
+            write_overlay(&self.db, &mut batch, &view.writes)?;
+            self.db.write(batch)?;
+            replayed += page.len() as u64;
+            next = last + 1;
+        }
+        let state = ProjectionState {
+            projector: self.projector.name().to_owned(),
+            version: self.projector.version(),
+            applied_through: self.head,
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            cf(&self.db, CF_META)?,
+            META_PROJECTION_STATE,
+            seal(META_PROJECTION_STATE, &state.encode_to_vec()),
+        );
+        self.write_batch(batch)?;
+        Ok(replayed)
+    }
+}

@@ -1,0 +1,164 @@
+//! A failure between the parts of a commit leaves nothing half-written:
+//! fail points inside the writer, and a real SIGKILL of a writing process.
+//!
+//! Fail points are process-wide, so this file holds one test per scenario
+//! family and each scenario sets up and tears down its own fail point.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use lineguard_eventlog::{CommitOutcome, ExpectedVersion, Idempotency, Transaction};
+
+const CHILD_ENV: &str = "LINEGUARD_ATOMICITY_CHILD_DIR";
+
+fn full_commit(i: usize) -> Transaction {
+    let stream = format!("ticket-{i}");
+    Transaction::append(
+        &stream,
+        ExpectedVersion::NoStream,
+        vec![noted(&stream, "a"), noted(&stream, "b")],
+    )
+    .and_append(
+        "incident-1",
+        ExpectedVersion::Any,
+        vec![noted("incident-1", "joined")],
+    )
+    .idempotent(Idempotency::new(
+        format!("key-{i}"),
+        format!("req-{i}").as_bytes(),
+        Bytes::from_static(b"ok"),
+    ))
+    .consuming("routing-intake", format!("msg-{i}"))
+}
+
+#[tokio::test]
+async fn each_fail_point_on_a_fresh_log_leaves_nothing_behind() {
+    let scenario = fail::FailScenario::setup();
+    for point in [
+        "eventlog::after_events",
+        "eventlog::after_projections",
+        "eventlog::after_marks",
+        "eventlog::before_write",
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(dir.path());
+        log.commit(full_commit(0)).await.expect("baseline");
+        let digest = log.projection_digest().expect("digest");
+        fail::cfg(point, "return").expect("configure fail point");
+        assert!(log.commit(full_commit(1)).await.is_err(), "{point}");
+        fail::remove(point);
+        assert_eq!(log.head(), 3, "{point}");
+        assert_eq!(log.projection_digest().expect("digest"), digest, "{point}");
+        assert!(
+            !log.inbox_contains("routing-intake", "msg-1")
+                .expect("inbox"),
+            "{point}"
+        );
+        // The idempotency key was not taken by the failed commit.
+        let outcome = log.commit(full_commit(1)).await.expect("retry");
+        assert!(matches!(outcome, CommitOutcome::Committed(_)), "{point}");
+        assert_eq!(log.head(), 6, "{point}");
+        log.close().await.expect("close");
+        drop(log);
+        // And after a restart everything is as the successful commits left it.
+        let log = open(dir.path());
+        assert_eq!(log.verify().expect("verify"), 6, "{point}");
+        assert_eq!(count(&log, "incident-1"), 2, "{point}");
+    }
+    scenario.teardown();
+}
+
+/// Runs only as the child of `a_killed_writer_leaves_only_whole_commits`:
+/// commits forever until it is killed.
+#[tokio::test]
+async fn child_writer_commits_until_killed() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return; // Not the child: nothing to do.
+    };
+    let log = open(std::path::Path::new(&dir));
+    let start = log.head() as usize;
+    let mut i = start;
+    loop {
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let log = log.clone();
+            let txn = full_commit(i);
+            i += 1;
+            tasks.push(tokio::spawn(async move { log.commit(txn).await }));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        if i == start + 16 {
+            std::fs::write(std::path::Path::new(&dir).join("started"), b"1").expect("marker");
+        }
+    }
+}
+
+#[test]
+fn a_killed_writer_leaves_only_whole_commits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("test binary");
+    for round in 0..3 {
+        let _ = std::fs::remove_file(dir.path().join("started"));
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "child_writer_commits_until_killed",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .spawn()
+            .expect("spawn child writer");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !dir.path().join("started").exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child never started writing"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(150 + 100 * round));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let log = open(dir.path());
+            let head = log.head();
+            assert!(head > 0, "round {round}: the child wrote something");
+            // Every commit is 3 events: a torn commit would leave a remainder.
+            assert_eq!(
+                head % 3,
+                0,
+                "round {round}: head {head} is not a whole number of commits"
+            );
+            assert_eq!(log.verify().expect("verify"), head);
+            let commits = head / 3;
+            assert_eq!(
+                count(&log, "incident-1"),
+                commits,
+                "round {round}: projection matches the log"
+            );
+            let mut marks = 0;
+            for i in 0..(head as usize + 64) {
+                if log
+                    .inbox_contains("routing-intake", &format!("msg-{i}"))
+                    .expect("inbox")
+                {
+                    marks += 1;
+                }
+            }
+            assert_eq!(
+                marks, commits,
+                "round {round}: one inbox mark per whole commit"
+            );
+            log.close().await.expect("close");
+        });
+    }
+}

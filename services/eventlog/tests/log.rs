@@ -1,0 +1,873 @@
+//! The event log's behaviour: concurrency, idempotency, inbox, reads, limits,
+//! bad input, corruption, subscriptions, projections.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use futures::StreamExt;
+use lineguard_eventlog::codec::{CF_EVENTS, position_key};
+use lineguard_eventlog::{
+    CommitOutcome, Error, ExpectedVersion, Idempotency, Limits, ReadDirection, Transaction,
+    open_raw_store,
+};
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+#[tokio::test]
+async fn appends_are_versioned_positioned_and_read_back_both_ways() {
+    let dir = tmp();
+    let log = open(dir.path());
+    let receipt = log
+        .commit(Transaction::append(
+            "ticket-a",
+            ExpectedVersion::NoStream,
+            vec![noted("ticket-a", "one"), noted("ticket-a", "two")],
+        ))
+        .await
+        .expect("commit");
+    let receipt = receipt.receipt().expect("committed").clone();
+    assert_eq!((receipt.first_position, receipt.last_position), (1, 2));
+    log.commit(Transaction::append(
+        "ticket-b",
+        ExpectedVersion::Any,
+        vec![noted("ticket-b", "x")],
+    ))
+    .await
+    .expect("commit");
+    log.commit(Transaction::append(
+        "ticket-a",
+        ExpectedVersion::Exact(2),
+        vec![noted("ticket-a", "three")],
+    ))
+    .await
+    .expect("commit");
+
+    let forward = log
+        .read_stream("ticket-a", 0, ReadDirection::Forward, 2)
+        .expect("read");
+    assert_eq!(forward.stream_version, 3);
+    assert_eq!(
+        forward
+            .events
+            .iter()
+            .map(|e| e.stream_version)
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(forward.next_version, Some(3));
+    let rest = log
+        .read_stream("ticket-a", 3, ReadDirection::Forward, 10)
+        .expect("read");
+    assert_eq!(rest.events.len(), 1);
+    assert_eq!(rest.events[0].global_position, 4);
+    assert_eq!(rest.events[0].payload, Bytes::from_static(b"three"));
+    assert_eq!(rest.next_version, None);
+
+    let backward = log
+        .read_stream("ticket-a", 0, ReadDirection::Backward, 10)
+        .expect("read");
+    assert_eq!(
+        backward
+            .events
+            .iter()
+            .map(|e| e.stream_version)
+            .collect::<Vec<_>>(),
+        [3, 2, 1]
+    );
+
+    let all = log.read_all(0, 0).expect("read all");
+    assert_eq!(
+        all.iter().map(|e| e.global_position).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert!(
+        all.iter()
+            .all(|e| e.source == "test" && e.recorded_at.is_some())
+    );
+    assert_eq!(log.read_all(5, 10).expect("at the end").len(), 0);
+    assert_eq!(count(&log, "ticket-a"), 3);
+    assert_eq!(log.verify().expect("verify"), 4);
+}
+
+#[tokio::test]
+async fn optimistic_concurrency_conflict_states_current_and_expected() {
+    let dir = tmp();
+    let log = open(dir.path());
+    log.commit(Transaction::append(
+        "ticket-c",
+        ExpectedVersion::NoStream,
+        vec![noted("ticket-c", "1"), noted("ticket-c", "2")],
+    ))
+    .await
+    .expect("commit");
+
+    let stale = log
+        .commit(Transaction::append(
+            "ticket-c",
+            ExpectedVersion::Exact(1),
+            vec![noted("ticket-c", "3")],
+        ))
+        .await
+        .expect_err("stale writer must lose");
+    match &stale {
+        Error::WrongExpectedVersion {
+            stream,
+            expected,
+            current,
+        } => {
+            assert_eq!(
+                (stream.as_str(), *expected, *current),
+                ("ticket-c", ExpectedVersion::Exact(1), 2)
+            );
+        }
+        other => panic!("unexpected {other}"),
+    }
+    assert!(
+        stale.to_string().contains("expected 1, current 2"),
+        "{stale}"
+    );
+    let status = tonic::Status::from(stale);
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+
+    let ahead = log
+        .commit(Transaction::append(
+            "ticket-c",
+            ExpectedVersion::Exact(7),
+            vec![noted("ticket-c", "x")],
+        ))
+        .await
+        .expect_err("expected version ahead of the stream");
+    assert!(
+        ahead.to_string().contains("expected 7, current 2"),
+        "{ahead}"
+    );
+
+    let exists = log
+        .commit(Transaction::append(
+            "ticket-c",
+            ExpectedVersion::NoStream,
+            vec![noted("ticket-c", "x")],
+        ))
+        .await
+        .expect_err("stream exists");
+    assert!(matches!(
+        exists,
+        Error::WrongExpectedVersion { current: 2, .. }
+    ));
+    let missing = log
+        .commit(Transaction::append(
+            "ticket-new",
+            ExpectedVersion::StreamExists,
+            vec![noted("ticket-new", "x")],
+        ))
+        .await
+        .expect_err("stream missing");
+    assert!(matches!(
+        missing,
+        Error::WrongExpectedVersion { current: 0, .. }
+    ));
+
+    // A multi-stream commit with one stale stream writes nothing at all.
+    let mixed = Transaction::append(
+        "ticket-d",
+        ExpectedVersion::NoStream,
+        vec![noted("ticket-d", "x")],
+    )
+    .and_append(
+        "ticket-c",
+        ExpectedVersion::Exact(1),
+        vec![noted("ticket-c", "y")],
+    );
+    assert!(log.commit(mixed).await.is_err());
+    assert!(matches!(
+        log.read_stream("ticket-d", 0, ReadDirection::Forward, 0),
+        Err(Error::StreamNotFound { .. })
+    ));
+    assert_eq!(log.head(), 2);
+    assert_eq!(count(&log, "ticket-d"), 0);
+}
+
+#[tokio::test]
+async fn concurrent_writers_on_one_stream_exactly_one_wins_each_version() {
+    let dir = tmp();
+    let log = open(dir.path());
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            log.commit(Transaction::append(
+                "ticket-race",
+                ExpectedVersion::NoStream,
+                vec![noted("ticket-race", &i.to_string())],
+            ))
+            .await
+        }));
+    }
+    let mut wins = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => wins += 1,
+            Err(Error::WrongExpectedVersion { current: 1, .. }) => {}
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(log.head(), 1);
+}
+
+#[tokio::test]
+async fn idempotent_retry_after_restart_returns_the_original_and_appends_nothing() {
+    let dir = tmp();
+    let request = b"ReportTicket{account:1234,kind:fault}";
+    let original = {
+        let log = open(dir.path());
+        let outcome = log
+            .commit(
+                Transaction::append(
+                    "ticket-i",
+                    ExpectedVersion::NoStream,
+                    vec![noted("ticket-i", "reported")],
+                )
+                .idempotent(Idempotency::new(
+                    "callcentre:req-77",
+                    request,
+                    Bytes::from_static(b"answer-1"),
+                )),
+            )
+            .await
+            .expect("first commit");
+        log.close().await.expect("close");
+        outcome.receipt().expect("committed").clone()
+    };
+
+    let log = open(dir.path());
+    let retry = log
+        .commit(
+            // A retry builds new events (new ids) and even another stream: it must not land.
+            Transaction::append(
+                "ticket-other",
+                ExpectedVersion::NoStream,
+                vec![noted("ticket-other", "reported")],
+            )
+            .idempotent(Idempotency::new(
+                "callcentre:req-77",
+                request,
+                Bytes::from_static(b"answer-2"),
+            )),
+        )
+        .await
+        .expect("retry");
+    assert_eq!(
+        retry,
+        CommitOutcome::Duplicate {
+            receipt: original.clone(),
+            response: Bytes::from_static(b"answer-1")
+        }
+    );
+    assert_eq!(log.head(), 1);
+    assert!(
+        log.read_stream("ticket-other", 0, ReadDirection::Forward, 0)
+            .is_err()
+    );
+
+    let conflict = log
+        .commit(
+            Transaction::append(
+                "ticket-x",
+                ExpectedVersion::NoStream,
+                vec![noted("ticket-x", "other")],
+            )
+            .idempotent(Idempotency::new(
+                "callcentre:req-77",
+                b"a different request",
+                Bytes::new(),
+            )),
+        )
+        .await
+        .expect_err("same key, different request");
+    assert!(matches!(conflict, Error::IdempotencyConflict { .. }));
+    assert_eq!(
+        tonic::Status::from(conflict).code(),
+        tonic::Code::AlreadyExists
+    );
+    assert_eq!(log.head(), 1);
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_retries_commit_once() {
+    let dir = tmp();
+    let log = open(dir.path());
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            // Each retry races with its own fresh ticket id, as a service would make.
+            let stream = format!("ticket-{i}");
+            log.commit(
+                Transaction::append(
+                    &stream,
+                    ExpectedVersion::NoStream,
+                    vec![noted(&stream, "r")],
+                )
+                .idempotent(Idempotency::new(
+                    "app:same-key",
+                    b"same request",
+                    Bytes::from(stream.clone()),
+                )),
+            )
+            .await
+        }));
+    }
+    let mut committed = 0;
+    let mut responses = HashSet::new();
+    for task in tasks {
+        match task.await.expect("task").expect("commit") {
+            CommitOutcome::Committed(_) => committed += 1,
+            CommitOutcome::Duplicate { response, .. } => {
+                responses.insert(response);
+            }
+            CommitOutcome::AlreadyProcessed => panic!("no inbox here"),
+        }
+    }
+    assert_eq!(committed, 1);
+    assert_eq!(
+        responses.len(),
+        1,
+        "every retry sees the one original answer"
+    );
+    assert_eq!(log.head(), 1);
+}
+
+#[tokio::test]
+async fn an_inbox_mark_makes_a_redelivery_a_no_op() {
+    let dir = tmp();
+    let log = open(dir.path());
+    let txn = || {
+        Transaction::append(
+            "ticket-r",
+            ExpectedVersion::Any,
+            vec![noted("ticket-r", "routed")],
+        )
+        .consuming("routing-intake", "evt-1")
+    };
+    assert!(matches!(
+        log.commit(txn()).await.expect("first"),
+        CommitOutcome::Committed(_)
+    ));
+    assert_eq!(
+        log.commit(txn()).await.expect("redelivery"),
+        CommitOutcome::AlreadyProcessed
+    );
+    assert!(
+        log.inbox_contains("routing-intake", "evt-1")
+            .expect("inbox")
+    );
+    assert!(
+        !log.inbox_contains("feedback-intake", "evt-1")
+            .expect("inbox")
+    );
+    assert_eq!(log.head(), 1);
+    assert_eq!(count(&log, "ticket-r"), 1);
+    // A mark alone (the handler had nothing to write) is recorded too.
+    let mark_only = Transaction::default().consuming("routing-intake", "evt-2");
+    log.commit(mark_only.clone()).await.expect("mark only");
+    assert_eq!(
+        log.commit(mark_only).await.expect("again"),
+        CommitOutcome::AlreadyProcessed
+    );
+}
+
+#[tokio::test]
+async fn reads_past_the_end_and_of_missing_streams_are_clear_errors() {
+    let dir = tmp();
+    let log = open(dir.path());
+    log.commit(Transaction::append(
+        "ticket-e",
+        ExpectedVersion::Any,
+        vec![noted("ticket-e", "1")],
+    ))
+    .await
+    .expect("commit");
+    let err = log.read_all(3, 10).expect_err("past the end");
+    assert!(
+        matches!(
+            err,
+            Error::OutOfRange {
+                requested: 3,
+                last: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::OutOfRange);
+    let err = log
+        .read_stream("ticket-e", 3, ReadDirection::Forward, 0)
+        .expect_err("past the end");
+    assert!(
+        err.to_string().contains("from_version 3 is past the end"),
+        "{err}"
+    );
+    assert!(
+        log.read_stream("ticket-e", 2, ReadDirection::Backward, 0)
+            .is_err()
+    );
+    let err = log
+        .read_stream("ticket-none", 0, ReadDirection::Forward, 0)
+        .expect_err("missing");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::NotFound);
+    assert!(log.subscribe(5).is_err());
+}
+
+#[tokio::test]
+async fn bad_input_is_rejected_with_the_field_named_and_nothing_written() {
+    let dir = tmp();
+    let log = open(dir.path());
+    let cases: Vec<(Transaction, &str)> = vec![
+        (Transaction::default(), "appends"),
+        (
+            Transaction::append("", ExpectedVersion::Any, vec![noted("c", "x")]),
+            "appends[0].stream_id",
+        ),
+        (
+            Transaction::append("ticket.1", ExpectedVersion::Any, vec![noted("c", "x")]),
+            "appends[0].stream_id",
+        ),
+        (
+            Transaction::append("ticket-1", ExpectedVersion::Any, vec![]),
+            "appends[0].events",
+        ),
+        (
+            Transaction::append("ticket-1", ExpectedVersion::Any, vec![noted("", "x")]),
+            "correlation_id",
+        ),
+        (
+            Transaction::append("ticket-1", ExpectedVersion::Any, vec![noted("a b", "x")]),
+            "correlation_id",
+        ),
+        (
+            Transaction::append("ticket-1", ExpectedVersion::Any, vec![noted("c", "x")])
+                .and_append("ticket-1", ExpectedVersion::Any, vec![noted("c", "y")]),
+            "appears twice",
+        ),
+        (
+            Transaction::append(
+                "ticket-1",
+                ExpectedVersion::Any,
+                vec![{
+                    let mut e = noted("c", "x");
+                    e.event_type = "lineguard.test.v1.Unheard".into();
+                    e
+                }],
+            ),
+            "unknown event type",
+        ),
+        (
+            Transaction::append(
+                "ticket-1",
+                ExpectedVersion::Any,
+                vec![noted("c", "x").with_schema_version(3)],
+            ),
+            "unknown event type",
+        ),
+        (
+            Transaction::append(
+                "ticket-1",
+                ExpectedVersion::Any,
+                vec![{
+                    let mut e = noted("c", "x");
+                    e.actor.kind = 0;
+                    e
+                }],
+            ),
+            "actor.kind",
+        ),
+        (
+            Transaction::append(
+                "ticket-1",
+                ExpectedVersion::Any,
+                vec![{
+                    let mut e = noted("c", "x");
+                    e.event_id = uuid::Uuid::from_u128(0x67e5_5044_10b1_426f_9247_bb68_0e5f_e0c8); // a v4
+                    e
+                }],
+            ),
+            "UUIDv7",
+        ),
+        (
+            Transaction::append("ticket-1", ExpectedVersion::Any, vec![noted("c", "x")])
+                .idempotent(Idempotency::new("", b"r", Bytes::new())),
+            "idempotency_key",
+        ),
+        (
+            Transaction::default().consuming("routing", "bad id!"),
+            "inbox.message_id",
+        ),
+    ];
+    for (txn, expected) in cases {
+        let err = log.commit(txn).await.expect_err(expected);
+        assert!(
+            err.to_string().contains(expected),
+            "{err} should mention {expected}"
+        );
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+    assert_eq!(log.head(), 0);
+    assert_eq!(log.read_all(0, 0).expect("read").len(), 0);
+}
+
+#[tokio::test]
+async fn every_limit_is_enforced_with_its_error() {
+    let dir = tmp();
+    let limits = Limits {
+        max_payload_bytes: 16,
+        max_events_per_commit: 3,
+        max_commit_bytes: 40,
+        max_streams_per_commit: 2,
+        max_id_len: 20,
+        max_event_type_len: 30,
+        max_idempotency_key_len: 8,
+        max_idempotent_response_bytes: 4,
+        max_read_page: 5,
+        subscriber_buffer: 2,
+        max_subscribers: 1,
+        max_outbox_backlog: 6,
+        ..Limits::default()
+    };
+    let log = open_with_limits(dir.path(), limits);
+    let limited = |txn: Transaction, field: &'static str| {
+        let log = log.clone();
+        async move {
+            let err = log.commit(txn).await.expect_err(field);
+            assert!(matches!(err, Error::LimitExceeded { .. }), "{err}");
+            assert!(
+                err.to_string().contains(field),
+                "{err} should mention {field}"
+            );
+            assert_eq!(
+                tonic::Status::from(err).code(),
+                tonic::Code::InvalidArgument
+            );
+        }
+    };
+    limited(
+        Transaction::append(
+            "t-1",
+            ExpectedVersion::Any,
+            vec![noted("c", &"x".repeat(17))],
+        ),
+        "payload bytes",
+    )
+    .await;
+    limited(
+        Transaction::append(
+            "t-1",
+            ExpectedVersion::Any,
+            (0..4).map(|_| noted("c", "x")).collect(),
+        ),
+        "events per commit",
+    )
+    .await;
+    limited(
+        Transaction::append(
+            "t-1",
+            ExpectedVersion::Any,
+            vec![noted("c", &"x".repeat(16)), noted("c", &"y".repeat(16))],
+        )
+        .and_append(
+            "t-2",
+            ExpectedVersion::Any,
+            vec![noted("c", &"z".repeat(16))],
+        ),
+        "payload bytes per commit",
+    )
+    .await;
+    limited(
+        Transaction::append("t-1", ExpectedVersion::Any, vec![noted("c", "x")])
+            .and_append("t-2", ExpectedVersion::Any, vec![noted("c", "x")])
+            .and_append("t-3", ExpectedVersion::Any, vec![noted("c", "x")]),
+        "streams per commit",
+    )
+    .await;
+    limited(
+        Transaction::append("t".repeat(21), ExpectedVersion::Any, vec![noted("c", "x")]),
+        "stream_id length",
+    )
+    .await;
+    limited(
+        Transaction::append("t-1", ExpectedVersion::Any, vec![noted("c", "x")])
+            .idempotent(Idempotency::new("123456789", b"r", Bytes::new())),
+        "idempotency_key length",
+    )
+    .await;
+    limited(
+        Transaction::append("t-1", ExpectedVersion::Any, vec![noted("c", "x")])
+            .idempotent(Idempotency::new("k", b"r", Bytes::from_static(b"12345"))),
+        "idempotent response bytes",
+    )
+    .await;
+    // NOTED's name is 23 bytes, under 30; a longer registered name is refused by length first.
+    let mut long_type = noted("c", "x");
+    long_type.event_type = "lineguard.test.v1.".to_string() + &"N".repeat(20);
+    limited(
+        Transaction::append("t-1", ExpectedVersion::Any, vec![long_type]),
+        "event_type length",
+    )
+    .await;
+
+    let err = log.read_all(0, 6).expect_err("page over the limit");
+    assert!(err.to_string().contains("max_count"), "{err}");
+
+    // Outbox backlog: nothing drains it here, so the 7th event is refused.
+    for i in 0..2 {
+        log.commit(Transaction::append(
+            "t-1",
+            ExpectedVersion::Any,
+            (0..3).map(|_| noted("c", &i.to_string())).collect(),
+        ))
+        .await
+        .expect("within the backlog");
+    }
+    let err = log
+        .commit(Transaction::append(
+            "t-1",
+            ExpectedVersion::Any,
+            vec![noted("c", "x")],
+        ))
+        .await
+        .expect_err("backlog full");
+    assert!(
+        matches!(
+            err,
+            Error::OutboxFull {
+                backlog: 6,
+                limit: 6
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::ResourceExhausted
+    );
+    let drained = log.outbox_peek(10).expect("peek");
+    assert_eq!(drained.len(), 6);
+    log.outbox_clear(
+        &drained
+            .iter()
+            .map(|e| e.global_position)
+            .collect::<Vec<_>>(),
+    )
+    .expect("clear");
+    log.commit(Transaction::append(
+        "t-1",
+        ExpectedVersion::Any,
+        vec![noted("c", "x")],
+    ))
+    .await
+    .expect("room again");
+
+    // Subscribers: one allowed; a second is refused until the first is gone.
+    let first = log.subscribe(0).expect("first subscriber");
+    let err = log.subscribe(0).err().expect("second subscriber");
+    assert!(
+        matches!(err, Error::TooManySubscribers { limit: 1 }),
+        "{err}"
+    );
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match log.subscribe(0) {
+            Ok(_) => break,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("slot never freed: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_corrupted_record_is_an_error_naming_its_position() {
+    let dir = tmp();
+    {
+        let log = open(dir.path());
+        for i in 0..5 {
+            log.commit(Transaction::append(
+                "ticket-z",
+                ExpectedVersion::Any,
+                vec![noted("ticket-z", &format!("event {i}"))],
+            ))
+            .await
+            .expect("commit");
+        }
+        log.close().await.expect("close");
+    }
+    {
+        let db = open_raw_store(&dir.path().join("log")).expect("raw");
+        let cf = db.cf_handle(CF_EVENTS).expect("cf");
+        let key = position_key(3);
+        let mut value = db.get_cf(cf, key).expect("get").expect("present");
+        let last = value.len() - 1;
+        value[last] ^= 0x40;
+        db.put_cf(cf, key, value).expect("damage");
+    }
+    let log = open(dir.path());
+    let err = log.read_all(0, 0).expect_err("corrupted");
+    assert!(matches!(err, Error::Corrupted { .. }), "{err}");
+    assert!(err.to_string().contains("position 3"), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::DataLoss);
+    assert!(
+        log.read_stream("ticket-z", 0, ReadDirection::Forward, 0)
+            .is_err()
+    );
+    assert!(log.verify().is_err());
+    // What is intact is still served.
+    assert_eq!(log.read_all(1, 2).expect("before the damage").len(), 2);
+    assert_eq!(log.read_all(4, 2).expect("after the damage").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscription_racing_appends_sees_every_event_once_in_order() {
+    let dir = tmp();
+    let log = open_with_limits(
+        dir.path(),
+        Limits {
+            subscriber_buffer: 8,
+            ..Limits::default()
+        },
+    );
+    const WRITERS: usize = 8;
+    const COMMITS: usize = 150;
+    // Some history first, so the subscriber starts in catch-up mode.
+    for i in 0..200 {
+        log.commit(Transaction::append(
+            format!("ticket-h{i}"),
+            ExpectedVersion::Any,
+            vec![noted("h", "x")],
+        ))
+        .await
+        .expect("history");
+    }
+    let mut subscription = log.subscribe(0).expect("subscribe");
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let log = log.clone();
+        writers.push(tokio::spawn(async move {
+            for c in 0..COMMITS {
+                let stream = format!("ticket-w{w}");
+                let events = (0..(1 + c % 3)).map(|_| noted(&stream, "live")).collect();
+                log.commit(Transaction::append(&stream, ExpectedVersion::Any, events))
+                    .await
+                    .expect("live commit");
+            }
+        }));
+    }
+    let total = 200 + WRITERS * (0..COMMITS).map(|c| 1 + c % 3).sum::<usize>();
+    let mut expected = 1u64;
+    while expected <= total as u64 {
+        let event = tokio::time::timeout(Duration::from_secs(20), subscription.next())
+            .await
+            .expect("no stall")
+            .expect("open")
+            .expect("event");
+        assert_eq!(event.global_position, expected, "gap or duplicate");
+        expected += 1;
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    assert_eq!(log.head(), total as u64);
+    // Nothing more than what was committed.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), subscription.next())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_share_fsyncs_and_stay_contiguous() {
+    let dir = tmp();
+    let log = open(dir.path());
+    let mut tasks = Vec::new();
+    for w in 0..64 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                let stream = format!("crew-{w}");
+                log.commit(Transaction::append(
+                    &stream,
+                    ExpectedVersion::Any,
+                    vec![noted(&stream, "x")],
+                ))
+                .await
+                .expect("commit");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(log.head(), 64 * 20);
+    assert_eq!(log.verify().expect("verify"), 64 * 20);
+    for w in 0..64 {
+        let slice = log
+            .read_stream(&format!("crew-{w}"), 0, ReadDirection::Forward, 0)
+            .expect("read");
+        assert_eq!(slice.stream_version, 20);
+        assert_eq!(count(&log, &format!("crew-{w}")), 20);
+    }
+}
+
+#[tokio::test]
+async fn a_failing_projection_rolls_back_the_whole_commit_and_rebuild_reproduces_state() {
+    let dir = tmp();
+    let log = open(dir.path());
+    for i in 0..50 {
+        let stream = format!("ticket-{}", i % 7);
+        log.commit(Transaction::append(
+            &stream,
+            ExpectedVersion::Any,
+            vec![noted(&stream, "x"), noted(&stream, "y")],
+        ))
+        .await
+        .expect("commit");
+    }
+    let head = log.head();
+    let mut rejected = noted("ticket-1", "bad");
+    rejected.event_type = REJECTED.into();
+    let err = log
+        .commit(
+            Transaction::append(
+                "ticket-1",
+                ExpectedVersion::Any,
+                vec![noted("ticket-1", "ok"), rejected],
+            )
+            .consuming("c", "m1"),
+        )
+        .await
+        .expect_err("projector refuses");
+    assert!(matches!(err, Error::Projection { .. }), "{err}");
+    assert_eq!(log.head(), head, "no event of the failed commit landed");
+    assert!(
+        !log.inbox_contains("c", "m1").expect("inbox"),
+        "nor its inbox mark"
+    );
+    assert_eq!(log.outbox_backlog(), head, "nor its outbox entries");
+
+    let before = log.projection_digest().expect("digest");
+    let replayed = log.rebuild_projections().await.expect("rebuild");
+    assert_eq!(replayed, head);
+    assert_eq!(log.projection_digest().expect("digest"), before);
+    assert_eq!(count(&log, "ticket-0"), 16);
+}

@@ -1,0 +1,21 @@
+//! Generated protobuf messages and gRPC stubs for every Lineguard API.
+//!
+//! One module per proto package, named as the package is: `lineguard.eventlog.v1`
+//! is [`eventlog::v1`]. The sources are in the workspace's `proto/` directory;
+//! they are compiled at build time by protox, so no `protoc` is needed.
+//!
+//! Every message implements [`prost::Name`], whose full name is the event type
+//! recorded in an [`eventlog::v1::EventEnvelope`].
+
+/// The encoded `FileDescriptorSet` of every Lineguard proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/lineguard_descriptor.bin"));
+
+/// `lineguard.eventlog.*`: the event envelope and the log read API.
+pub mod eventlog {
+    /// `lineguard.eventlog.v1`.
+    pub mod v1 {
+        #![allow(missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/lineguard.eventlog.v1.rs"));
+    }
+}

