@@ -32,8 +32,11 @@ fn event(stream: &str) -> NewEvent {
 }
 
 fn open_log(dir: &std::path::Path) -> EventLog {
-    let mut limits = lineguard_eventlog::Limits::default();
-    limits.max_outbox_backlog = u64::MAX / 2;
+    // Nothing drains the outbox here; let it grow.
+    let limits = lineguard_eventlog::Limits {
+        max_outbox_backlog: u64::MAX / 2,
+        ..lineguard_eventlog::Limits::default()
+    };
     EventLog::open(
         LogConfig::new(dir.join("log"), "bench")
             .with_event_types(EventTypes::new().with_name(EVENT_TYPE, 1))

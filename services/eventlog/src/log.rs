@@ -441,9 +441,13 @@ impl EventLog {
             batch.delete_cf(outbox, position_key(*position));
         }
         db.write(batch)?;
-        self.inner
-            .outbox_backlog
-            .fetch_sub(positions.len() as u64, Ordering::AcqRel);
+        let cleared = positions.len() as u64;
+        // Saturating: clearing a position twice must not wrap the counter.
+        let _ = self.inner.outbox_backlog.fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |backlog| Some(backlog.saturating_sub(cleared)),
+        );
         Ok(())
     }
 

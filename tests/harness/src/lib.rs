@@ -142,11 +142,12 @@ impl NatsServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(text) = std::fs::read_to_string(&ports_file) {
-                if let Some(port) = parse_client_port(&text) {
-                    self.port = port;
-                    return Ok(());
-                }
+            if let Some(port) = std::fs::read_to_string(&ports_file)
+                .ok()
+                .and_then(|text| parse_client_port(&text))
+            {
+                self.port = port;
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(HarnessError::Failed(format!(
@@ -335,18 +336,15 @@ impl ServiceProcess {
         };
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(channel) = self.channel().await {
-                let mut client = HealthClient::new(channel);
-                if let Ok(response) = client
+            if let Ok(channel) = self.channel().await
+                && let Ok(response) = HealthClient::new(channel)
                     .check(HealthCheckRequest {
                         service: String::new(),
                     })
                     .await
-                {
-                    if response.into_inner().status == ServingStatus::Serving as i32 {
-                        return Ok(());
-                    }
-                }
+                && response.into_inner().status == ServingStatus::Serving as i32
+            {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(HarnessError::Failed(format!(

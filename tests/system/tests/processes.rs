@@ -186,8 +186,7 @@ async fn every_service_serves_health_reflection_and_its_event_log() {
         let err = log
             .subscribe(SubscribeRequest { from_position: 5 })
             .await
-            .err()
-            .expect("past the end");
+            .expect_err("past the end");
         assert_eq!(err.code(), tonic::Code::OutOfRange);
     }
     for (service, mut process) in SERVICES.iter().zip(processes) {
