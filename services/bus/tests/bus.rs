@@ -45,6 +45,10 @@ fn open_log(dir: &std::path::Path, service: &str) -> EventLog {
 }
 
 async fn connect(server: &NatsServer) -> jetstream::Context {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let client = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connect(server.url())

@@ -441,13 +441,11 @@ impl EventLog {
             batch.delete_cf(outbox, position_key(*position));
         }
         db.write(batch)?;
-        let cleared = positions.len() as u64;
-        // Saturating: clearing a position twice must not wrap the counter.
-        let _ = self.inner.outbox_backlog.fetch_update(
-            Ordering::AcqRel,
-            Ordering::Acquire,
-            |backlog| Some(backlog.saturating_sub(cleared)),
-        );
+        // The writer counts entries before they are visible, so this never
+        // takes the counter below the number of entries stored.
+        self.inner
+            .outbox_backlog
+            .fetch_sub(positions.len() as u64, Ordering::AcqRel);
         Ok(())
     }
 

@@ -112,15 +112,19 @@ impl Writer {
             .collect();
 
         if !group.batch.is_empty() {
+            // Counted before the entries become visible: the relay may clear
+            // them the moment the write lands, and must never count below zero.
+            self.outbox_backlog
+                .fetch_add(group.outbox_added, Ordering::AcqRel);
             if let Err(err) = self.write_group(&mut group) {
+                self.outbox_backlog
+                    .fetch_sub(group.outbox_added, Ordering::AcqRel);
                 tracing::error!(service = %self.service, error = %err, "group commit failed; nothing written");
                 for (result, _) in &mut results {
                     *result = Err(err.duplicate());
                 }
             } else {
                 self.head = group.next_position - 1;
-                self.outbox_backlog
-                    .fetch_add(group.outbox_added, Ordering::Release);
                 self.head_tx.send_replace(self.head);
             }
         }

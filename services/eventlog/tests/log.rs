@@ -871,3 +871,55 @@ async fn a_failing_projection_rolls_back_the_whole_commit_and_rebuild_reproduces
     assert_eq!(log.projection_digest().expect("digest"), before);
     assert_eq!(count(&log, "ticket-0"), 16);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_outbox_backlog_counts_exactly_while_a_relay_clears_concurrently() {
+    let dir = tmp();
+    let log = open(dir.path());
+    let clearer = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut cleared = 0usize;
+            while cleared < 2_000 {
+                let log2 = log.clone();
+                let page = tokio::task::spawn_blocking(move || log2.outbox_peek(64))
+                    .await
+                    .expect("join")
+                    .expect("peek");
+                let positions: Vec<u64> = page.iter().map(|e| e.global_position).collect();
+                log.outbox_clear(&positions).expect("clear");
+                cleared += positions.len();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let log = log.clone();
+        writers.push(tokio::spawn(async move {
+            for _ in 0..250 {
+                let stream = format!("ticket-{w}");
+                log.commit(Transaction::append(
+                    &stream,
+                    ExpectedVersion::Any,
+                    vec![noted(&stream, "x")],
+                ))
+                .await
+                .expect("commit");
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    tokio::time::timeout(Duration::from_secs(20), clearer)
+        .await
+        .expect("clearer finished")
+        .expect("clearer");
+    assert_eq!(log.outbox_peek(10).expect("peek").len(), 0);
+    assert_eq!(
+        log.outbox_backlog(),
+        0,
+        "counter agrees with the stored entries"
+    );
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use lineguard_eventlog::{EventTypes, NoProjections};
-use lineguard_runtime::{CommonArgs, Host, ServiceSpec};
+use lineguard_runtime::{CommonArgs, ServiceSpec};
 use tonic::service::RoutesBuilder;
 
 /// The Lineguard intake service.
@@ -29,17 +29,5 @@ async fn main() -> ExitCode {
         projector: Arc::new(NoProjections),
         api_services: Vec::new(),
     };
-    let result = async {
-        let host = Host::start(spec, args.common).await?;
-        host.serve(RoutesBuilder::default()).await
-    }
-    .await;
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(error = %err, "lineguard-intake failed");
-            eprintln!("lineguard-intake: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    lineguard_runtime::run(spec, args.common, |_host| RoutesBuilder::default()).await
 }

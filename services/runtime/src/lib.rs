@@ -1,8 +1,8 @@
 //! What every Lineguard service process does the same way.
 //!
-//! A service's `main` parses its flags (with [`CommonArgs`] flattened in),
-//! calls [`Host::start`] with its [`ServiceSpec`], registers its consumers,
-//! and hands its gRPC services to [`Host::serve`]. The host then:
+//! A service's `main` parses its flags (with [`CommonArgs`] flattened in)
+//! and calls [`run`] with its [`ServiceSpec`] and a set-up closure that
+//! registers its consumers and returns its gRPC services. The host then:
 //!
 //! - opens the service's own event log under `--data-dir`;
 //! - connects to NATS (retrying in the background: a service starts, and
@@ -15,6 +15,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -270,6 +271,32 @@ impl Host {
         }
         tracing::info!(service = self.name, "stopped");
         Ok(())
+    }
+}
+
+/// Runs a service process to its end: starts the [`Host`], lets `setup`
+/// register consumers and return the service's gRPC routes, serves until
+/// SIGTERM or Ctrl-C, shuts down. A failure is logged and printed, and the
+/// exit code says whether the process ended cleanly.
+pub async fn run(
+    spec: ServiceSpec,
+    args: CommonArgs,
+    setup: impl FnOnce(&mut Host) -> RoutesBuilder,
+) -> ExitCode {
+    let name = spec.name;
+    let result = async {
+        let mut host = Host::start(spec, args).await?;
+        let routes = setup(&mut host);
+        host.serve(routes).await
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(service = name, error = %err, "service failed");
+            eprintln!("lineguard-{name}: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -34,62 +34,39 @@ async fn channel(endpoint: String) -> tonic::transport::Channel {
         .expect("connect")
 }
 
-async fn reflection_v1_services(endpoint: String) -> Vec<String> {
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut client = ServerReflectionClient::new(channel(endpoint).await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .expect("reflection v1")
-        .into_inner();
-    match responses
-        .next()
-        .await
-        .expect("a response")
-        .expect("ok")
-        .message_response
-    {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
+/// The services a reflection endpoint lists; `$version` is `v1` or `v1alpha`,
+/// whose generated clients have the same shape in different modules.
+macro_rules! reflection_services {
+    ($version:ident, $endpoint:expr) => {{
+        use tonic_reflection::pb::$version::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut client = ServerReflectionClient::new(channel($endpoint).await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .expect(concat!("reflection ", stringify!($version)))
+            .into_inner();
+        match responses
+            .next()
+            .await
+            .expect("a response")
+            .expect("ok")
+            .message_response
+        {
+            Some(MessageResponse::ListServicesResponse(list)) => list
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("unexpected reflection answer {other:?}"),
         }
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
-}
-
-async fn reflection_v1alpha_services(endpoint: String) -> Vec<String> {
-    use tonic_reflection::pb::v1alpha::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut client = ServerReflectionClient::new(channel(endpoint).await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .expect("reflection v1alpha")
-        .into_inner();
-    match responses
-        .next()
-        .await
-        .expect("a response")
-        .expect("ok")
-        .message_response
-    {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
-        }
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
+    }};
 }
 
 #[tokio::test]
@@ -119,8 +96,8 @@ async fn every_service_serves_health_reflection_and_its_event_log() {
         assert_eq!(status, ServingStatus::Serving as i32, "{service}");
 
         for listed in [
-            reflection_v1_services(endpoint.clone()).await,
-            reflection_v1alpha_services(endpoint.clone()).await,
+            reflection_services!(v1, endpoint.clone()),
+            reflection_services!(v1alpha, endpoint.clone()),
         ] {
             for wanted in ["lineguard.eventlog.v1.EventLog", "grpc.health.v1.Health"] {
                 assert!(
