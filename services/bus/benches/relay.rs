@@ -4,7 +4,7 @@
 //! `sync_interval: always` (deploy/nats-server.conf), to show what durable
 //! acks cost.
 //!
-//! Run: `cargo bench -p lineguard-bus --bench relay`
+//! Run: `cargo bench --workspace --bench relay`
 //! Scale with `LINEGUARD_BENCH_SCALE` (default 1: 20,000 events per run).
 
 use std::time::{Duration, Instant};

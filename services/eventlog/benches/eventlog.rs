@@ -1,7 +1,7 @@
 //! Event log throughput beside raw RocksDB doing the same writes and reads
 //! with the same durability (every write fsynced) and the same options.
 //!
-//! Run: `cargo bench -p lineguard-eventlog --bench eventlog`
+//! Run: `cargo bench --workspace --bench eventlog`
 //! Scale with `LINEGUARD_BENCH_SCALE` (default 1). Prints events/s and the
 //! ratio log/raw per case. Targets: append >= 0.7x raw, read >= 0.5x raw.
 
