@@ -7,8 +7,12 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    println!("cargo:rerun-if-changed={}", proto_root.display());
+    // Both resolved when the script runs, not when it is compiled: clones of
+    // the workspace sharing one target dir share this script's build, and an
+    // absolute path would watch (and compile) the protos of whichever clone
+    // built it first. A relative rerun-if-changed is resolved per package.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
+    println!("cargo:rerun-if-changed=../../proto");
 
     let mut files = Vec::new();
     collect_protos(&proto_root, &mut files)?;

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lineguard_protos::eventlog::v1::{EventEnvelope, ProjectionState};
+use bytes::Bytes;
+use lineguard_protos::eventlog::v1::{EventEnvelope, IdempotencyRecord, ProjectionState};
 use prost::Message;
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch,
@@ -13,8 +14,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::codec::{
-    ALL_COLUMN_FAMILIES, CF_EVENTS, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS, CF_STREAMS,
-    META_PROJECTION_STATE, decode_position_key, inbox_key, position_key, stream_key,
+    ALL_COLUMN_FAMILIES, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS,
+    CF_STREAMS, META_PROJECTION_STATE, decode_position_key, inbox_key, position_key, stream_key,
     stream_key_version, unseal,
 };
 use crate::error::{Error, Result};
@@ -22,7 +23,7 @@ use crate::ids::validate_id;
 use crate::limits::Limits;
 use crate::projection::{NoProjections, Projector, read_projection};
 use crate::subscribe::Subscription;
-use crate::txn::{CommitOutcome, EventTypes, Transaction};
+use crate::txn::{CommitOutcome, EventTypes, Idempotency, Transaction};
 use crate::writer::{Writer, WriterRequest};
 
 /// How to open a log.
@@ -454,6 +455,24 @@ impl EventLog {
         self.inner.outbox_backlog.load(Ordering::Acquire)
     }
 
+    /// The answer kept for an idempotent command, if its key was used before:
+    /// `Some(response)` for the same request, [`Error::IdempotencyConflict`]
+    /// for a different one, `None` if the key is new. A fast path for
+    /// retries; the commit itself re-checks, so a race still appends once.
+    pub fn idempotent_response(&self, idempotency: &Idempotency) -> Result<Option<Bytes>> {
+        match load_idempotency(&self.inner.db, &idempotency.key)? {
+            None => Ok(None),
+            Some(record)
+                if record.request_fingerprint.as_ref() == idempotency.fingerprint.as_slice() =>
+            {
+                Ok(Some(record.response))
+            }
+            Some(_) => Err(Error::IdempotencyConflict {
+                key: idempotency.key.clone(),
+            }),
+        }
+    }
+
     /// Whether `consumer` has processed `message_id`.
     pub fn inbox_contains(&self, consumer: &str, message_id: &str) -> Result<bool> {
         let db = &self.inner.db;
@@ -576,6 +595,23 @@ impl EventLog {
         }
         Ok(())
     }
+}
+
+/// The idempotency record under `key`, if any.
+pub(crate) fn load_idempotency(db: &DB, key: &str) -> Result<Option<IdempotencyRecord>> {
+    let Some(value) = db.get_pinned_cf(cf(db, CF_IDEMPOTENCY)?, key.as_bytes())? else {
+        return Ok(None);
+    };
+    let body = unseal(CF_IDEMPOTENCY, key.as_bytes(), &value, || {
+        format!("key {key:?}")
+    })?;
+    IdempotencyRecord::decode(body)
+        .map(Some)
+        .map_err(|e| Error::Corrupted {
+            column: CF_IDEMPOTENCY,
+            location: format!("key {key:?}"),
+            reason: e.to_string(),
+        })
 }
 
 /// Decodes and checks one stored event record.

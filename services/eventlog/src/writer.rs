@@ -22,11 +22,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codec::{
     CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS, META_PROJECTION_STATE,
-    inbox_key, position_key, seal, stream_key, unseal,
+    inbox_key, position_key, seal, stream_key,
 };
 use crate::error::{Error, Result};
 use crate::limits::Limits;
-use crate::log::{cf, load_stream_head, read_events_from};
+use crate::log::{cf, load_idempotency, load_stream_head, read_events_from};
 use crate::projection::{self, Overlay, ProjectionView, Projector, write_overlay};
 use crate::txn::{CommitOutcome, Transaction};
 
@@ -181,7 +181,7 @@ impl Writer {
         if let Some(idem) = &txn.idempotency {
             let earlier = match group.idempotency.get(&idem.key) {
                 Some(record) => Some(record.clone()),
-                None => self.load_idempotency(&idem.key)?,
+                None => load_idempotency(&self.db, &idem.key)?,
             };
             if let Some(record) = earlier {
                 if record.request_fingerprint.as_ref() != idem.fingerprint.as_slice() {
@@ -318,25 +318,6 @@ impl Writer {
         group.next_position = position;
         group.outbox_added += count;
         Ok(CommitOutcome::Committed(receipt))
-    }
-
-    fn load_idempotency(&self, key: &str) -> Result<Option<IdempotencyRecord>> {
-        let Some(value) = self
-            .db
-            .get_pinned_cf(cf(&self.db, CF_IDEMPOTENCY)?, key.as_bytes())?
-        else {
-            return Ok(None);
-        };
-        let body = unseal(CF_IDEMPOTENCY, key.as_bytes(), &value, || {
-            format!("key {key:?}")
-        })?;
-        IdempotencyRecord::decode(body)
-            .map(Some)
-            .map_err(|e| Error::Corrupted {
-                column: CF_IDEMPOTENCY,
-                location: format!("key {key:?}"),
-                reason: e.to_string(),
-            })
     }
 
     /// Drops every projection and replays the whole log through the projector.

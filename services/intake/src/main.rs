@@ -1,33 +1,48 @@
-//! Intake: where a ticket enters Lineguard, from any door (95598, station, district manager, app, WeChat, web).
-//!
-//! The process: its own RocksDB event log, the outbox relay to JetStream, and
-//! gRPC on port 50051 by default (health, reflection, `EventLog`).
+//! The intake process: `lineguard-intake --help` lists its flags.
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
-use lineguard_eventlog::{EventTypes, NoProjections};
-use lineguard_runtime::{CommonArgs, ServiceSpec};
+use lineguard_intake::api::{IntakeConfig, IntakeService};
+use lineguard_intake::projection::IntakeProjector;
+use lineguard_runtime::{CommonArgs, ServiceSpec, parse_duration};
 use tonic::service::RoutesBuilder;
 
-/// The Lineguard intake service.
+/// The Lineguard intake service: tickets in from any door.
 #[derive(Debug, Parser)]
 #[command(name = "lineguard-intake", version, about)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+    /// Fault calls from one district within this time of an incident's last
+    /// call join the incident.
+    #[arg(long, env = "LINEGUARD_CORRELATION_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    correlation_window: Duration,
+    /// Calls in one incident that mark it a probable outage.
+    #[arg(long, env = "LINEGUARD_OUTAGE_THRESHOLD", default_value_t = 3)]
+    outage_threshold: u32,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     let spec = ServiceSpec {
-        name: "intake",
+        name: lineguard_intake::SERVICE,
         default_grpc_port: 50051,
-        event_types: EventTypes::new(),
-        projector: Arc::new(NoProjections),
-        api_services: Vec::new(),
+        event_types: lineguard_intake::event_types(),
+        projector: Arc::new(IntakeProjector),
+        api_services: vec!["lineguard.intake.v1.Intake"],
     };
-    lineguard_runtime::run(spec, args.common, |_host| RoutesBuilder::default()).await
+    let config = IntakeConfig {
+        correlation_window: args.correlation_window,
+        outage_threshold: args.outage_threshold,
+    };
+    lineguard_runtime::run(spec, args.common, move |host| {
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(IntakeService::new(host.log.clone(), config).server());
+        routes
+    })
+    .await
 }

@@ -11,6 +11,15 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/lineguard_descriptor.bin"));
 
+/// `lineguard.intake.*`: tickets entering from any door, and their view.
+pub mod intake {
+    /// `lineguard.intake.v1`.
+    pub mod v1 {
+        #![allow(missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/lineguard.intake.v1.rs"));
+    }
+}
+
 /// `lineguard.eventlog.*`: the event envelope and the log read API.
 pub mod eventlog {
     /// `lineguard.eventlog.v1`.

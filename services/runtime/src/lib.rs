@@ -60,7 +60,8 @@ pub enum LogFormat {
     Json,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Parses `250ms`, `10s` (or a bare number of seconds) and `2m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit())
             .unwrap_or(text.len()),

@@ -99,7 +99,11 @@ async fn every_service_serves_health_reflection_and_its_event_log() {
             reflection_services!(v1, endpoint.clone()),
             reflection_services!(v1alpha, endpoint.clone()),
         ] {
-            for wanted in ["lineguard.eventlog.v1.EventLog", "grpc.health.v1.Health"] {
+            let mut wanted = vec!["lineguard.eventlog.v1.EventLog", "grpc.health.v1.Health"];
+            if *service == "intake" {
+                wanted.push("lineguard.intake.v1.Intake");
+            }
+            for wanted in wanted {
                 assert!(
                     listed.iter().any(|s| s == wanted),
                     "{service}: {wanted} not in {listed:?}"

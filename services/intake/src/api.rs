@@ -1,0 +1,486 @@
+//! The `lineguard.intake.v1.Intake` gRPC service.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use lineguard_eventlog::{
+    ActorKind, CommitOutcome, Error as LogError, EventLog, ExpectedVersion, Idempotency, NewEvent,
+    Transaction, actor,
+};
+use lineguard_protos::intake::v1::{
+    CancelTicketRequest, CancelTicketResponse, Channel, Disposition, GetTicketRequest,
+    GetTicketResponse, IncidentMarkedProbableOutage, IncidentOpened, IncidentView,
+    ListTicketsRequest, ListTicketsResponse, ReportTicketRequest, ReportTicketResponse,
+    TicketCancelled, TicketJoinedIncident, TicketKind, TicketReported, TicketStatus, TicketUrged,
+    TicketView,
+    intake_server::{Intake, IntakeServer},
+};
+use prost::Message;
+use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::locks::StripedLocks;
+use crate::projection::{
+    BY_TIME_PREFIX, customer_key, district_incident_key, incident_key, is_open, nanos, open_key,
+    ticket_id_of_by_time_key, ticket_key,
+};
+use crate::validate;
+
+/// Intake's policy knobs.
+#[derive(Debug, Clone)]
+pub struct IntakeConfig {
+    /// Fault calls from one district within this time of the incident's last
+    /// call join it.
+    pub correlation_window: Duration,
+    /// Calls in one incident that make it a probable outage.
+    pub outage_threshold: u32,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        IntakeConfig {
+            correlation_window: Duration::from_secs(10 * 60),
+            outage_threshold: 3,
+        }
+    }
+}
+
+/// Default and largest page of `ListTickets`.
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1_000;
+/// Index entries one `ListTickets` call examines at most, so that a filter
+/// matching little costs a bounded amount per call (the token resumes).
+pub const MAX_SCANNED_PER_LIST: usize = 20_000;
+
+/// Serves intake over one [`EventLog`].
+pub struct IntakeService {
+    log: EventLog,
+    config: IntakeConfig,
+    locks: Arc<StripedLocks>,
+}
+
+impl IntakeService {
+    /// A service over `log`.
+    pub fn new(log: EventLog, config: IntakeConfig) -> Self {
+        IntakeService {
+            log,
+            config,
+            locks: Arc::new(StripedLocks::new(1024)),
+        }
+    }
+
+    /// The tonic server.
+    pub fn server(self) -> IntakeServer<IntakeService> {
+        IntakeServer::new(self)
+    }
+
+    fn view<M: Message + Default>(&self, key: &[u8]) -> Result<Option<M>, Status> {
+        match self.log.projection_get(key).map_err(Status::from)? {
+            Some(bytes) => M::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|e| Status::data_loss(format!("undecodable view: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Decides what a validated report becomes; returns the writes and the answer.
+    fn decide_report(
+        &self,
+        req: &ReportTicketRequest,
+        channel: Channel,
+        kind: TicketKind,
+        customer: Option<&str>,
+        now: Timestamp,
+    ) -> Result<(Transaction, ReportTicketResponse), Status> {
+        let who = actor(ActorKind::Channel, channel_actor(channel));
+        if let Some(customer) = customer
+            && let Some(open) = self.log.projection_get(&open_key(customer, kind as i32))?
+        {
+            let ticket_id = String::from_utf8_lossy(&open).into_owned();
+            if let Some(ticket) = self.view::<TicketView>(&ticket_key(&ticket_id))?
+                && is_open(ticket.status())
+            {
+                let urge_count = ticket.urge_count + 1;
+                let urged = TicketUrged {
+                    ticket_id: ticket_id.clone(),
+                    channel: channel as i32,
+                    urge_count,
+                    urged_at: Some(now),
+                };
+                let txn = Transaction::append(
+                    &ticket_id,
+                    ExpectedVersion::StreamExists,
+                    vec![NewEvent::new(&urged, &ticket_id, who)],
+                );
+                let response = ReportTicketResponse {
+                    ticket_id,
+                    status: ticket.status,
+                    disposition: Disposition::UrgedOpenTicket as i32,
+                    incident_id: ticket.incident_id,
+                    urge_count,
+                };
+                return Ok((txn, response));
+            }
+        }
+
+        let ticket_id = format!("ticket-{}", Uuid::now_v7());
+        let reported = TicketReported {
+            ticket_id: ticket_id.clone(),
+            channel: channel as i32,
+            kind: kind as i32,
+            service_request_type: req.service_request_type,
+            urgency: req.urgency,
+            account_number: req.account_number.clone(),
+            district_id: req.district_id.clone(),
+            address: req.address.clone(),
+            caller: req.caller.clone(),
+            description: req.description.clone(),
+            reported_at: Some(now),
+            idempotency_key: req.idempotency_key.clone(),
+        };
+        let reported_event = NewEvent::new(&reported, &ticket_id, who.clone());
+        let cause = reported_event.event_id.to_string();
+        let mut ticket_events = vec![reported_event];
+        let mut response = ReportTicketResponse {
+            ticket_id: ticket_id.clone(),
+            status: TicketStatus::Received as i32,
+            disposition: Disposition::NewTicket as i32,
+            incident_id: String::new(),
+            urge_count: 0,
+        };
+        let mut incident_append = None;
+
+        if kind == TicketKind::FaultRepair && !req.district_id.is_empty() {
+            let open_incident = match self
+                .log
+                .projection_get(&district_incident_key(&req.district_id, kind as i32))?
+            {
+                Some(id) => {
+                    self.view::<IncidentView>(&incident_key(&String::from_utf8_lossy(&id)))?
+                }
+                None => None,
+            }
+            .filter(|incident| within_window(incident, &now));
+            let threshold = self.config.outage_threshold.max(1);
+            match open_incident {
+                Some(incident) => {
+                    let ticket_count = incident.ticket_count + 1;
+                    ticket_events.push(
+                        NewEvent::new(
+                            &TicketJoinedIncident {
+                                ticket_id: ticket_id.clone(),
+                                incident_id: incident.incident_id.clone(),
+                                ticket_count,
+                            },
+                            &ticket_id,
+                            who.clone(),
+                        )
+                        .caused_by(&cause),
+                    );
+                    if ticket_count >= threshold && !incident.probable_outage {
+                        let marked = IncidentMarkedProbableOutage {
+                            incident_id: incident.incident_id.clone(),
+                            ticket_count,
+                            threshold,
+                        };
+                        incident_append = Some((
+                            incident.incident_id.clone(),
+                            ExpectedVersion::StreamExists,
+                            vec![
+                                NewEvent::new(&marked, &incident.incident_id, system())
+                                    .caused_by(&cause),
+                            ],
+                        ));
+                    }
+                    response.status = TicketStatus::Attached as i32;
+                    response.disposition = Disposition::JoinedIncident as i32;
+                    response.incident_id = incident.incident_id;
+                }
+                None => {
+                    let incident_id = format!("incident-{}", Uuid::now_v7());
+                    let opened = IncidentOpened {
+                        incident_id: incident_id.clone(),
+                        district_id: req.district_id.clone(),
+                        kind: kind as i32,
+                        lead_ticket_id: ticket_id.clone(),
+                        opened_at: Some(now),
+                        window_seconds: self.config.correlation_window.as_secs() as u32,
+                    };
+                    let mut events =
+                        vec![NewEvent::new(&opened, &incident_id, system()).caused_by(&cause)];
+                    if threshold == 1 {
+                        let marked = IncidentMarkedProbableOutage {
+                            incident_id: incident_id.clone(),
+                            ticket_count: 1,
+                            threshold,
+                        };
+                        events
+                            .push(NewEvent::new(&marked, &incident_id, system()).caused_by(&cause));
+                    }
+                    incident_append =
+                        Some((incident_id.clone(), ExpectedVersion::NoStream, events));
+                    response.incident_id = incident_id;
+                }
+            }
+        }
+        let mut txn = Transaction::append(&ticket_id, ExpectedVersion::NoStream, ticket_events);
+        if let Some((stream, expected, events)) = incident_append {
+            txn = txn.and_append(stream, expected, events);
+        }
+        Ok((txn, response))
+    }
+}
+
+fn within_window(incident: &IncidentView, now: &Timestamp) -> bool {
+    let last = incident.last_call_at.unwrap_or_default();
+    let window = i128::from(incident.window_seconds) * 1_000_000_000;
+    nanos(now) - nanos(&last) <= window
+}
+
+/// The actor id of a channel: which door, never who called.
+fn channel_actor(channel: Channel) -> String {
+    channel.as_str_name().to_ascii_lowercase().replace('_', "-")
+}
+
+fn system() -> lineguard_eventlog::Actor {
+    actor(ActorKind::System, "intake")
+}
+
+fn now() -> Timestamp {
+    Timestamp::from(SystemTime::now())
+}
+
+/// Maps a commit failure to the status a caller should see.
+fn commit_status(err: LogError) -> Status {
+    match err {
+        LogError::IdempotencyConflict { .. } => {
+            Status::already_exists("idempotency_key was already used for a different request")
+        }
+        other => Status::from(other),
+    }
+}
+
+/// Commits an idempotent command and returns its answer, or the original
+/// answer if the command was already carried out.
+async fn commit_idempotent<R: Message + Default>(
+    log: &EventLog,
+    txn: Transaction,
+    idempotency: Idempotency,
+) -> Result<R, Status> {
+    let response = idempotency.response.clone();
+    match log.commit(txn.idempotent(idempotency)).await {
+        Ok(CommitOutcome::Committed(_)) => R::decode(response.as_ref()),
+        Ok(CommitOutcome::Duplicate { response, .. }) => R::decode(response.as_ref()),
+        Ok(CommitOutcome::AlreadyProcessed) => {
+            return Err(Status::internal("unexpected inbox outcome"));
+        }
+        Err(err) => return Err(commit_status(err)),
+    }
+    .map_err(|e| Status::data_loss(format!("undecodable stored answer: {e}")))
+}
+
+/// The stored answer to an earlier identical command, if there was one.
+fn earlier_answer<R: Message + Default>(
+    log: &EventLog,
+    idempotency: &Idempotency,
+) -> Result<Option<R>, Status> {
+    match log.idempotent_response(idempotency) {
+        Ok(Some(bytes)) => R::decode(bytes.as_ref())
+            .map(Some)
+            .map_err(|e| Status::data_loss(format!("undecodable stored answer: {e}"))),
+        Ok(None) => Ok(None),
+        Err(err) => Err(commit_status(err)),
+    }
+}
+
+#[tonic::async_trait]
+impl Intake for IntakeService {
+    async fn report_ticket(
+        &self,
+        request: Request<ReportTicketRequest>,
+    ) -> Result<Response<ReportTicketResponse>, Status> {
+        let req = request.into_inner();
+        let (channel, kind) = validate::report(&req)?;
+        let fingerprint = req.encode_to_vec();
+        let key = format!("report:{}", req.idempotency_key);
+        let probe = Idempotency::new(key.clone(), &fingerprint, Bytes::new());
+        if let Some(answer) = earlier_answer::<ReportTicketResponse>(&self.log, &probe)? {
+            return Ok(Response::new(answer));
+        }
+        let phone = req.caller.as_ref().map_or("", |c| c.phone.as_str());
+        let customer = customer_key(&req.account_number, phone);
+        let mut lock_keys = Vec::with_capacity(2);
+        if let Some(customer) = &customer {
+            lock_keys.push(format!("customer/{customer}"));
+        }
+        if kind == TicketKind::FaultRepair && !req.district_id.is_empty() {
+            lock_keys.push(format!("district/{}", req.district_id));
+        }
+        let _guards = self.locks.lock(&lock_keys).await;
+        let (txn, response) =
+            self.decide_report(&req, channel, kind, customer.as_deref(), now())?;
+        let idempotency =
+            Idempotency::new(key, &fingerprint, Bytes::from(response.encode_to_vec()));
+        let answer: ReportTicketResponse = commit_idempotent(&self.log, txn, idempotency).await?;
+        tracing::info!(ticket_id = %answer.ticket_id, incident_id = %answer.incident_id,
+            disposition = ?answer.disposition(), channel = ?channel, kind = ?kind, "report taken");
+        Ok(Response::new(answer))
+    }
+
+    async fn get_ticket(
+        &self,
+        request: Request<GetTicketRequest>,
+    ) -> Result<Response<GetTicketResponse>, Status> {
+        let ticket_id = request.into_inner().ticket_id;
+        validate::id("ticket_id", &ticket_id)?;
+        let ticket = self
+            .view::<TicketView>(&ticket_key(&ticket_id))?
+            .ok_or_else(|| Status::not_found(format!("ticket {ticket_id} not found")))?;
+        Ok(Response::new(GetTicketResponse {
+            ticket: Some(ticket),
+        }))
+    }
+
+    async fn list_tickets(
+        &self,
+        request: Request<ListTicketsRequest>,
+    ) -> Result<Response<ListTicketsResponse>, Status> {
+        let req = request.into_inner();
+        let page_size = match req.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => {
+                return Err(validate::invalid(
+                    "page_size",
+                    format!("{n} is over the limit of {MAX_PAGE}"),
+                ));
+            }
+            n => n,
+        };
+        let mut cursor = if req.page_token.is_empty() {
+            None
+        } else if req.page_token.as_bytes().starts_with(BY_TIME_PREFIX)
+            && req.page_token.len() <= 256
+        {
+            Some(req.page_token.clone().into_bytes())
+        } else {
+            return Err(validate::invalid(
+                "page_token",
+                "not a token this service issued",
+            ));
+        };
+        let from = req.reported_from.map(|t| nanos(&t));
+        let to = req.reported_to.map(|t| nanos(&t));
+        let mut tickets = Vec::with_capacity(page_size.min(64));
+        let mut scanned = 0;
+        let mut exhausted = false;
+        while tickets.len() < page_size && scanned < MAX_SCANNED_PER_LIST {
+            let batch = self
+                .log
+                .projection_scan(BY_TIME_PREFIX, cursor.as_deref(), 256)
+                .map_err(Status::from)?;
+            if batch.is_empty() {
+                exhausted = true;
+                break;
+            }
+            for (key, _) in batch {
+                scanned += 1;
+                cursor = Some(key.clone());
+                let Some(ticket_id) = ticket_id_of_by_time_key(&key) else {
+                    continue;
+                };
+                let Some(ticket) = self.view::<TicketView>(&ticket_key(ticket_id))? else {
+                    continue;
+                };
+                if matches(&req, &ticket, from, to) {
+                    tickets.push(ticket);
+                    if tickets.len() == page_size {
+                        break;
+                    }
+                }
+            }
+        }
+        let more = !exhausted
+            && cursor.as_deref().is_some_and(|c| {
+                self.log
+                    .projection_scan(BY_TIME_PREFIX, Some(c), 1)
+                    .is_ok_and(|next| !next.is_empty())
+            });
+        let next_page_token = match (more, cursor) {
+            (true, Some(c)) => String::from_utf8_lossy(&c).into_owned(),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListTicketsResponse {
+            tickets,
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_ticket(
+        &self,
+        request: Request<CancelTicketRequest>,
+    ) -> Result<Response<CancelTicketResponse>, Status> {
+        let req = request.into_inner();
+        validate::id("ticket_id", &req.ticket_id)?;
+        validate::reason(&req.reason)?;
+        validate::idempotency_key(&req.idempotency_key)?;
+        let fingerprint = req.encode_to_vec();
+        let key = format!("cancel:{}", req.idempotency_key);
+        let probe = Idempotency::new(key.clone(), &fingerprint, Bytes::new());
+        if let Some(answer) = earlier_answer::<CancelTicketResponse>(&self.log, &probe)? {
+            return Ok(Response::new(answer));
+        }
+        let _guard = self
+            .locks
+            .lock(&[format!("ticket/{}", req.ticket_id)])
+            .await;
+        let mut ticket = self
+            .view::<TicketView>(&ticket_key(&req.ticket_id))?
+            .ok_or_else(|| Status::not_found(format!("ticket {} not found", req.ticket_id)))?;
+        if !is_open(ticket.status()) {
+            return Err(Status::failed_precondition(format!(
+                "ticket {} is {} and can no longer be cancelled",
+                req.ticket_id,
+                ticket.status().as_str_name()
+            )));
+        }
+        let at = now();
+        let cancelled = TicketCancelled {
+            ticket_id: req.ticket_id.clone(),
+            reason: req.reason.clone(),
+            cancelled_at: Some(at),
+        };
+        let txn = Transaction::append(
+            &req.ticket_id,
+            ExpectedVersion::StreamExists,
+            vec![NewEvent::new(
+                &cancelled,
+                &req.ticket_id,
+                actor(ActorKind::Channel, "customer"),
+            )],
+        );
+        ticket.status = TicketStatus::Cancelled as i32;
+        ticket.updated_at = Some(at);
+        let response = CancelTicketResponse {
+            ticket: Some(ticket),
+        };
+        let idempotency =
+            Idempotency::new(key, &fingerprint, Bytes::from(response.encode_to_vec()));
+        let answer: CancelTicketResponse = commit_idempotent(&self.log, txn, idempotency).await?;
+        tracing::info!(ticket_id = %req.ticket_id, "ticket cancelled");
+        Ok(Response::new(answer))
+    }
+}
+
+fn matches(req: &ListTicketsRequest, t: &TicketView, from: Option<i128>, to: Option<i128>) -> bool {
+    let reported = t.reported_at.as_ref().map_or(0, nanos);
+    (req.status == 0 || req.status == t.status)
+        && (req.kind == 0 || req.kind == t.kind)
+        && (req.channel == 0 || req.channel == t.channel)
+        && (req.district_id.is_empty() || req.district_id == t.district_id)
+        && (req.station_id.is_empty() || req.station_id == t.station_id)
+        && (req.incident_id.is_empty() || req.incident_id == t.incident_id)
+        && from.is_none_or(|f| reported >= f)
+        && to.is_none_or(|t| reported < t)
+}

@@ -1,0 +1,41 @@
+//! Intake: where a ticket enters Lineguard, from any door (the 95598
+//! hotline, a station's phone or counter, a district manager's phone, the
+//! app, WeChat, the web), and the customer-facing view of every ticket.
+//!
+//! A report becomes one of three things, decided under a lock on the
+//! customer and the district and committed atomically with its idempotency
+//! record: a new ticket; a new ticket joining an open incident (calls of the
+//! same fault kind in the same district within the correlation window); or
+//! an urge on the customer's open ticket of the same kind.
+//!
+//! # Layout
+//!
+//! - [`api`]: the `lineguard.intake.v1.Intake` gRPC service.
+//! - [`validate`]: field-level checks; every error names its field.
+//! - [`projection`]: [`IntakeProjector`](projection::IntakeProjector), the views.
+//! - [`locks`]: striped locks serialising decisions per customer and district.
+
+pub mod api;
+pub mod locks;
+pub mod projection;
+pub mod validate;
+
+use lineguard_eventlog::EventTypes;
+use lineguard_protos::intake::v1::{
+    IncidentMarkedProbableOutage, IncidentOpened, TicketCancelled, TicketJoinedIncident,
+    TicketReported, TicketUrged,
+};
+
+/// The service's name: its log's `source`, its stream `LINEGUARD_INTAKE`.
+pub const SERVICE: &str = "intake";
+
+/// The events intake writes.
+pub fn event_types() -> EventTypes {
+    EventTypes::new()
+        .with::<TicketReported>(1)
+        .with::<TicketUrged>(1)
+        .with::<IncidentOpened>(1)
+        .with::<TicketJoinedIncident>(1)
+        .with::<IncidentMarkedProbableOutage>(1)
+        .with::<TicketCancelled>(1)
+}

@@ -1,0 +1,43 @@
+//! Striped async locks: decisions about one customer (is this a repeat
+//! call?) or one district (does this call join an incident?) are made one at
+//! a time, while unrelated reports proceed in parallel. A fixed number of
+//! stripes bounds the memory whatever the number of customers.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+
+use tokio::sync::{Mutex, MutexGuard};
+
+/// A fixed set of mutexes, picked by hashing a key.
+pub struct StripedLocks {
+    stripes: Vec<Mutex<()>>,
+}
+
+impl StripedLocks {
+    /// `count` stripes (at least one).
+    pub fn new(count: usize) -> Self {
+        StripedLocks {
+            stripes: (0..count.max(1)).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Locks the stripes of every key, in stripe order so that two callers
+    /// can never wait on each other.
+    pub async fn lock(&self, keys: &[String]) -> Vec<MutexGuard<'_, ()>> {
+        let mut indexes: Vec<usize> = keys
+            .iter()
+            .map(|key| {
+                let mut hasher = DefaultHasher::new();
+                key.hash(&mut hasher);
+                (hasher.finish() % self.stripes.len() as u64) as usize
+            })
+            .collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        let mut guards = Vec::with_capacity(indexes.len());
+        for index in indexes {
+            guards.push(self.stripes[index].lock().await);
+        }
+        guards
+    }
+}
