@@ -35,7 +35,8 @@ pub const ALL_COLUMN_FAMILIES: [&str; 7] = [
 /// Meta key of the `ProjectionState` record.
 pub const META_PROJECTION_STATE: &[u8] = b"projection_state";
 
-const CRC_LEN: usize = 4;
+/// Bytes of a frame before its body: the crc32c.
+pub const CRC_LEN: usize = 4;
 
 /// Wraps `body` in a frame whose checksum also covers `key`.
 pub fn seal(key: &[u8], body: &[u8]) -> Vec<u8> {

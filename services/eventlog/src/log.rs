@@ -633,6 +633,27 @@ pub(crate) fn decode_event(position: u64, record: &[u8]) -> Result<EventEnvelope
     Ok(event)
 }
 
+/// [`decode_event`] for a record the caller owns: the payload becomes a
+/// slice of it instead of a copy.
+pub(crate) fn decode_owned_event(position: u64, record: Vec<u8>) -> Result<EventEnvelope> {
+    let key = position_key(position);
+    unseal(CF_EVENTS, &key, &record, || format!("position {position}"))?;
+    let body = Bytes::from(record).slice(crate::codec::CRC_LEN..);
+    let event = EventEnvelope::decode(body).map_err(|e| Error::Corrupted {
+        column: CF_EVENTS,
+        location: format!("position {position}"),
+        reason: format!("undecodable envelope: {e}"),
+    })?;
+    if event.global_position != position {
+        return Err(Error::Corrupted {
+            column: CF_EVENTS,
+            location: format!("position {position}"),
+            reason: format!("envelope says position {}", event.global_position),
+        });
+    }
+    Ok(event)
+}
+
 /// Up to `max` events from `from` on.
 pub(crate) fn read_events_from(db: &DB, from: u64, max: usize) -> Result<Vec<EventEnvelope>> {
     let start = position_key(from);
@@ -646,7 +667,7 @@ pub(crate) fn read_events_from(db: &DB, from: u64, max: usize) -> Result<Vec<Eve
     {
         let (key, value) = item?;
         let position = decode_position_key(CF_EVENTS, &key)?;
-        events.push(decode_event(position, &value)?);
+        events.push(decode_owned_event(position, value.into_vec())?);
     }
     Ok(events)
 }
