@@ -31,7 +31,7 @@ trap cleanup INT TERM EXIT
 
 running_nats_version() {
   # The first line a NATS server sends is INFO {json}.
-  timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port; head -c 4096 <&3 | head -1" 2>/dev/null \
+  timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port; head -n 1 <&3" 2>/dev/null \
     | sed -n 's/.*"version":"\([0-9]*\.[0-9]*\)[^"]*".*/\1/p'
 }
 version=$(running_nats_version || true)
@@ -44,11 +44,17 @@ else
   fi
   NATS_URL="nats://127.0.0.1:$port"
   "$NATS_BIN" -c deploy/nats-server.conf -a 127.0.0.1 -p "$port" -sd "$DATA/nats" &
-  pids+=($!)
-  for _ in $(seq 50); do
+  nats_pid=$!
+  pids+=("$nats_pid")
+  for _ in $(seq 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    kill -0 "$nats_pid" 2>/dev/null || break
     sleep 0.1
   done
+  if ! kill -0 "$nats_pid" 2>/dev/null; then
+    echo "nats-server failed to start on port $port (see above)" >&2
+    exit 1
+  fi
   echo "started NATS on $NATS_URL (store $DATA/nats)" >&2
 fi
 

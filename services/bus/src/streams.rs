@@ -23,7 +23,9 @@ pub struct StreamSettings {
 impl Default for StreamSettings {
     fn default() -> Self {
         StreamSettings {
-            max_bytes: 8 * 1024 * 1024 * 1024,
+            // JetStream reserves this up front against the server's max_file_store
+            // (20 GB in deploy/nats-server.conf): four services at 2 GiB fit.
+            max_bytes: 2 * 1024 * 1024 * 1024,
             max_age: Duration::from_secs(14 * 24 * 3600),
             duplicate_window: Duration::from_secs(15 * 60),
         }
