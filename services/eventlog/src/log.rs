@@ -618,19 +618,7 @@ pub(crate) fn load_idempotency(db: &DB, key: &str) -> Result<Option<IdempotencyR
 pub(crate) fn decode_event(position: u64, record: &[u8]) -> Result<EventEnvelope> {
     let key = position_key(position);
     let body = unseal(CF_EVENTS, &key, record, || format!("position {position}"))?;
-    let event = EventEnvelope::decode(body).map_err(|e| Error::Corrupted {
-        column: CF_EVENTS,
-        location: format!("position {position}"),
-        reason: format!("undecodable envelope: {e}"),
-    })?;
-    if event.global_position != position {
-        return Err(Error::Corrupted {
-            column: CF_EVENTS,
-            location: format!("position {position}"),
-            reason: format!("envelope says position {}", event.global_position),
-        });
-    }
-    Ok(event)
+    checked_envelope(position, EventEnvelope::decode(body))
 }
 
 /// [`decode_event`] for a record the caller owns: the payload becomes a
@@ -639,7 +627,15 @@ pub(crate) fn decode_owned_event(position: u64, record: Vec<u8>) -> Result<Event
     let key = position_key(position);
     unseal(CF_EVENTS, &key, &record, || format!("position {position}"))?;
     let body = Bytes::from(record).slice(crate::codec::CRC_LEN..);
-    let event = EventEnvelope::decode(body).map_err(|e| Error::Corrupted {
+    checked_envelope(position, EventEnvelope::decode(body))
+}
+
+/// A decoded envelope, if it decoded and says it is at `position`.
+fn checked_envelope(
+    position: u64,
+    decoded: std::result::Result<EventEnvelope, prost::DecodeError>,
+) -> Result<EventEnvelope> {
+    let event = decoded.map_err(|e| Error::Corrupted {
         column: CF_EVENTS,
         location: format!("position {position}"),
         reason: format!("undecodable envelope: {e}"),
