@@ -8,7 +8,9 @@ use crate::error::{Error, Result};
 
 /// Event records, keyed by global position (8 bytes, big endian).
 pub const CF_EVENTS: &str = "events";
-/// Stream index: `stream_id ‖ 0x00 ‖ version (8 bytes BE)` → global position.
+/// Stream index, one entry per append: `stream_id ‖ 0x00 ‖ first version (8
+/// bytes BE)` → an [`IndexRun`] (the append's events have consecutive
+/// versions and consecutive positions, so one entry locates them all).
 pub const CF_STREAMS: &str = "streams";
 /// Idempotency key → `IdempotencyRecord`.
 pub const CF_IDEMPOTENCY: &str = "idempotency";
@@ -105,6 +107,65 @@ pub fn stream_key_version(stream_id: &str, key: &[u8]) -> Option<u64> {
     let rest = key.strip_prefix(stream_id.as_bytes())?.strip_prefix(&[0])?;
     let bytes: [u8; 8] = rest.try_into().ok()?;
     Some(u64::from_be_bytes(bytes))
+}
+
+/// The versions one append gave a stream, and where they are in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexRun {
+    pub first_version: u64,
+    pub first_position: u64,
+    pub count: u64,
+}
+
+impl IndexRun {
+    /// The stored value: first position and count, 8 bytes BE each.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.first_position.to_be_bytes());
+        out[8..].copy_from_slice(&self.count.to_be_bytes());
+        out
+    }
+
+    /// Reads an entry of `stream_id`'s index; `None` if the key belongs to
+    /// another stream.
+    pub fn decode(stream_id: &str, key: &[u8], value: &[u8]) -> Result<Option<IndexRun>> {
+        let Some(first_version) = stream_key_version(stream_id, key) else {
+            return Ok(None);
+        };
+        let location = || format!("{stream_id} v{first_version}");
+        let body = unseal(CF_STREAMS, key, value, location)?;
+        let bytes: [u8; 16] = body.try_into().map_err(|_| Error::Corrupted {
+            column: CF_STREAMS,
+            location: location(),
+            reason: format!("index entry of {} bytes, not 16", body.len()),
+        })?;
+        let (position, count) = bytes.split_at(8);
+        let run = IndexRun {
+            first_version,
+            first_position: u64::from_be_bytes(position.try_into().unwrap_or_default()),
+            count: u64::from_be_bytes(count.try_into().unwrap_or_default()),
+        };
+        if run.count == 0 {
+            return Err(Error::Corrupted {
+                column: CF_STREAMS,
+                location: location(),
+                reason: "empty index entry".into(),
+            });
+        }
+        Ok(Some(run))
+    }
+
+    /// The run's last version.
+    pub fn last_version(&self) -> u64 {
+        self.first_version + self.count - 1
+    }
+
+    /// Where `version` is in the log, if the run holds it.
+    pub fn position_of(&self, version: u64) -> Option<u64> {
+        (self.first_version..=self.last_version())
+            .contains(&version)
+            .then(|| self.first_position + (version - self.first_version))
+    }
 }
 
 /// Key of a consumer's processed mark for one message.

@@ -15,8 +15,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::codec::{
     ALL_COLUMN_FAMILIES, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS,
-    CF_STREAMS, META_PROJECTION_STATE, decode_position_key, inbox_key, position_key, stream_key,
-    stream_key_version, unseal,
+    CF_STREAMS, IndexRun, META_PROJECTION_STATE, decode_position_key, inbox_key, position_key,
+    stream_key, unseal,
 };
 use crate::error::{Error, Result};
 use crate::ids::validate_id;
@@ -280,7 +280,7 @@ impl EventLog {
                 stream: stream_id.to_owned(),
             });
         }
-        let (start, mode) = match direction {
+        let start = match direction {
             ReadDirection::Forward => {
                 let start = from_version.max(1);
                 if start > last + 1 {
@@ -290,7 +290,7 @@ impl EventLog {
                         last,
                     });
                 }
-                (start, Direction::Forward)
+                start
             }
             ReadDirection::Backward => {
                 let start = if from_version == 0 {
@@ -305,34 +305,47 @@ impl EventLog {
                         last,
                     });
                 }
-                (start, Direction::Reverse)
+                start
             }
         };
-        let index = cf(db, CF_STREAMS)?;
         let events_cf = cf(db, CF_EVENTS)?;
-        let from_key = stream_key(stream_id, start);
         let mut events = Vec::with_capacity(max_count.min(64));
-        for item in db.iterator_cf(index, IteratorMode::From(&from_key, mode)) {
-            let (key, value) = item?;
-            let Some(version) = stream_key_version(stream_id, &key) else {
+        // The run holding `start` is the last entry at or before it: every
+        // stream's first run starts at version 1.
+        let mut runs = db.raw_iterator_cf(cf(db, CF_STREAMS)?);
+        runs.seek_for_prev(stream_key(stream_id, start));
+        'runs: while let (Some(key), Some(value)) = (runs.key(), runs.value()) {
+            let Some(run) = IndexRun::decode(stream_id, key, value)? else {
                 break;
             };
-            let body = unseal(CF_STREAMS, &key, &value, || {
-                format!("{stream_id} v{version}")
-            })?;
-            let position = decode_position_key(CF_STREAMS, body)?;
-            let Some(record) = db.get_pinned_cf(events_cf, position_key(position))? else {
-                return Err(Error::Corrupted {
-                    column: CF_EVENTS,
-                    location: format!("position {position}"),
-                    reason: format!("indexed as {stream_id} v{version} but missing"),
-                });
+            let versions: Box<dyn Iterator<Item = u64>> = match direction {
+                ReadDirection::Forward => {
+                    Box::new(run.first_version.max(start)..=run.last_version())
+                }
+                ReadDirection::Backward => {
+                    Box::new((run.first_version..=run.last_version().min(start)).rev())
+                }
             };
-            events.push(decode_event(position, &record)?);
-            if events.len() == max_count {
-                break;
+            for version in versions {
+                let position = run.first_position + (version - run.first_version);
+                let Some(record) = db.get_pinned_cf(events_cf, position_key(position))? else {
+                    return Err(Error::Corrupted {
+                        column: CF_EVENTS,
+                        location: format!("position {position}"),
+                        reason: format!("indexed as {stream_id} v{version} but missing"),
+                    });
+                };
+                events.push(decode_event(position, &record)?);
+                if events.len() == max_count {
+                    break 'runs;
+                }
+            }
+            match direction {
+                ReadDirection::Forward => runs.next(),
+                ReadDirection::Backward => runs.prev(),
             }
         }
+        runs.status()?;
         let next_version = match (direction, events.last()) {
             (ReadDirection::Forward, Some(e)) if e.stream_version < last => {
                 Some(e.stream_version + 1)
@@ -550,7 +563,6 @@ impl EventLog {
     /// that the stream index points at it. Returns the number of events checked.
     pub fn verify(&self) -> Result<u64> {
         let db = &self.inner.db;
-        let index = cf(db, CF_STREAMS)?;
         let mut expected = 1;
         for item in db.iterator_cf(cf(db, CF_EVENTS)?, IteratorMode::Start) {
             let (key, value) = item?;
@@ -563,12 +575,9 @@ impl EventLog {
                     reason: format!("gap: expected position {expected}"),
                 });
             }
-            let index_key = stream_key(&event.stream_id, event.stream_version);
-            let indexed = db.get_pinned_cf(index, &index_key)?;
-            let points_here = match &indexed {
-                Some(v) => unseal(CF_STREAMS, &index_key, v, String::new)? == key.as_ref(),
-                None => false,
-            };
+            let points_here = index_run_at_or_before(db, &event.stream_id, event.stream_version)?
+                .and_then(|run| run.position_of(event.stream_version))
+                == Some(position);
             if !points_here {
                 return Err(Error::Corrupted {
                     column: CF_STREAMS,
@@ -668,16 +677,22 @@ pub(crate) fn read_events_from(db: &DB, from: u64, max: usize) -> Result<Vec<Eve
     Ok(events)
 }
 
+/// The index entry of `stream_id` with the highest first version at or
+/// before `version`.
+fn index_run_at_or_before(db: &DB, stream_id: &str, version: u64) -> Result<Option<IndexRun>> {
+    let mut iter = db.raw_iterator_cf(cf(db, CF_STREAMS)?);
+    iter.seek_for_prev(stream_key(stream_id, version));
+    let run = match (iter.key(), iter.value()) {
+        (Some(key), Some(value)) => IndexRun::decode(stream_id, key, value)?,
+        _ => None,
+    };
+    iter.status()?;
+    Ok(run)
+}
+
 /// A stream's last version, 0 if it has no events.
 pub(crate) fn load_stream_head(db: &DB, stream_id: &str) -> Result<u64> {
-    let mut iter = db.raw_iterator_cf(cf(db, CF_STREAMS)?);
-    iter.seek_for_prev(stream_key(stream_id, u64::MAX));
-    let version = iter
-        .key()
-        .and_then(|key| stream_key_version(stream_id, key))
-        .unwrap_or(0);
-    iter.status()?;
-    Ok(version)
+    Ok(index_run_at_or_before(db, stream_id, u64::MAX)?.map_or(0, |run| run.last_version()))
 }
 
 fn last_position(db: &DB) -> Result<u64> {

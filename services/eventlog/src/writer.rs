@@ -21,8 +21,8 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codec::{
-    CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS, META_PROJECTION_STATE,
-    inbox_key, position_key, seal, stream_key,
+    CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS, CF_STREAMS, IndexRun,
+    META_PROJECTION_STATE, inbox_key, position_key, seal, stream_key,
 };
 use crate::error::{Error, Result};
 use crate::limits::Limits;
@@ -223,6 +223,14 @@ impl Writer {
                     current,
                 });
             }
+            let run = IndexRun {
+                first_version: current + 1,
+                first_position: position,
+                count: append.events.len() as u64,
+            };
+            let index_key = stream_key(&append.stream_id, run.first_version);
+            let index_value = seal(&index_key, &run.encode());
+            ops.push((CF_STREAMS, index_key, index_value));
             for (offset, event) in append.events.iter().enumerate() {
                 let version = current + 1 + offset as u64;
                 let envelope = EventEnvelope {
@@ -245,9 +253,6 @@ impl Writer {
                     pos_key.to_vec(),
                     seal(&pos_key, &envelope.encode_to_vec()),
                 ));
-                let index_key = stream_key(&append.stream_id, version);
-                let index_value = seal(&index_key, &pos_key);
-                ops.push((crate::codec::CF_STREAMS, index_key, index_value));
                 ops.push((CF_OUTBOX, pos_key.to_vec(), seal(&pos_key, &[])));
                 envelopes.push(envelope);
                 position += 1;

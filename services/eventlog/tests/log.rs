@@ -923,3 +923,44 @@ async fn the_outbox_backlog_counts_exactly_while_a_relay_clears_concurrently() {
         "counter agrees with the stored entries"
     );
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// A stream written in appends of any sizes (interleaved with another
+    /// stream) reads back, from any version, either way, in any page size,
+    /// as the plain list of its versions would.
+    #[test]
+    fn stream_reads_agree_with_a_plain_model(
+        sizes in proptest::collection::vec(1usize..6, 1..8),
+        page in 1usize..7,
+    ) {
+        let dir = tmp();
+        let log = open(dir.path());
+        let mut positions = Vec::new(); // positions[v - 1] is version v's position
+        for (i, size) in sizes.iter().enumerate() {
+            let txn = Transaction::append("ticket-p", ExpectedVersion::Any, (0..*size).map(|_| noted("ticket-p", "x")).collect())
+                .and_append(format!("other-{i}"), ExpectedVersion::NoStream, vec![noted("o", "y")]);
+            let receipt = log.commit_blocking(txn).expect("commit").receipt().expect("committed").clone();
+            positions.extend(receipt.first_position..receipt.first_position + *size as u64);
+        }
+        let last = positions.len() as u64;
+        for from in 1..=last {
+            for direction in [ReadDirection::Forward, ReadDirection::Backward] {
+                let slice = log.read_stream("ticket-p", from, direction, page).expect("read");
+                let expected: Vec<u64> = match direction {
+                    ReadDirection::Forward => (from..=last).take(page).collect(),
+                    ReadDirection::Backward => (1..=from).rev().take(page).collect(),
+                };
+                let versions: Vec<u64> = slice.events.iter().map(|e| e.stream_version).collect();
+                proptest::prop_assert_eq!(&versions, &expected);
+                for e in &slice.events {
+                    proptest::prop_assert_eq!(e.global_position, positions[(e.stream_version - 1) as usize]);
+                    proptest::prop_assert_eq!(e.stream_id.as_str(), "ticket-p");
+                }
+                proptest::prop_assert_eq!(slice.stream_version, last);
+            }
+        }
+        proptest::prop_assert_eq!(log.verify().expect("verify"), log.head());
+    }
+}
