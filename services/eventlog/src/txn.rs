@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::ids::{validate_id, validate_optional_id};
+use crate::ids::{validate_id, validate_id_at, validate_optional_id};
 use crate::limits::Limits;
 
 /// The version a stream must be at for an append to it to go through.
@@ -283,13 +283,13 @@ impl Transaction {
                     ));
                 }
                 types.check(&event.event_type, event.schema_version)?;
-                validate_id(
-                    &field("correlation_id"),
+                validate_id_at(
+                    || field("correlation_id"),
                     &event.correlation_id,
                     limits.max_id_len,
                 )?;
                 validate_optional_id(
-                    &field("causation_id"),
+                    || field("causation_id"),
                     &event.causation_id,
                     limits.max_id_len,
                 )?;
@@ -301,7 +301,7 @@ impl Transaction {
                         "must be a known actor kind",
                     ));
                 }
-                validate_id(&field("actor.id"), &event.actor.id, limits.max_id_len)?;
+                validate_id_at(|| field("actor.id"), &event.actor.id, limits.max_id_len)?;
             }
         }
         if bytes > limits.max_commit_bytes {

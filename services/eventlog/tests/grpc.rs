@@ -15,21 +15,12 @@ use lineguard_protos::eventlog::v1::{
 use tonic::transport::Channel;
 
 async fn serve(log: lineguard_eventlog::EventLog) -> EventLogClient<Channel> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(EventLogService::server(log))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    EventLogClient::new(channel)
+    let routes = tonic::service::Routes::new(EventLogService::server(log));
+    EventLogClient::new(
+        lineguard_harness::serve_in_process(routes)
+            .await
+            .expect("serve"),
+    )
 }
 
 #[tokio::test]

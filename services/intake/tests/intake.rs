@@ -32,20 +32,10 @@ fn open_log(path: &std::path::Path) -> EventLog {
 async fn start(config: IntakeConfig) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open_log(dir.path());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let routes = tonic::service::Routes::new(IntakeService::new(log.clone(), config).server());
+    let channel = lineguard_harness::serve_in_process(routes)
         .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(IntakeService::new(log.clone(), config).server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+        .expect("serve");
     Fixture {
         _dir: dir,
         log,

@@ -217,13 +217,12 @@ impl Host {
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let health_on_stop = health.clone();
-        let names_on_stop: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let names_on_stop = names.clone();
         let service = self.name;
         tokio::spawn(async move {
             shutdown_signal().await;
             tracing::info!(service, "shutdown requested");
-            let names: Vec<&str> = names_on_stop.iter().map(String::as_str).collect();
-            set_status(&health_on_stop, &names, ServingStatus::NotServing).await;
+            set_status(&health_on_stop, &names_on_stop, ServingStatus::NotServing).await;
             let _ = stop_tx.send(true);
         });
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

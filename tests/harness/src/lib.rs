@@ -240,6 +240,24 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<ExitStatus>
     }
 }
 
+/// Serves `routes` on a free loopback port inside the test process and
+/// returns a channel to it: for testing a gRPC service without its binary.
+pub async fn serve_in_process(routes: tonic::service::Routes) -> Result<tonic::transport::Channel> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming(incoming),
+    );
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| HarnessError::Failed(e.to_string()))?
+        .connect()
+        .await
+        .map_err(|e| HarnessError::Failed(format!("connect to {addr}: {e}")))
+}
+
 /// Path of a workspace binary, built beside the running test executable.
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
