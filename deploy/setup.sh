@@ -8,7 +8,9 @@
 set -euo pipefail
 
 need_apt=()
-[ -e /usr/lib/llvm-14/lib/libclang.so.1 ] || [ -n "$(ls /usr/lib/llvm-*/lib/libclang*.so* 2>/dev/null)" ] || need_apt+=(libclang1-14)
+# libclang itself, not libclang-cpp (which some machines have alone and
+# bindgen cannot use).
+[ -n "$(ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so* 2>/dev/null)" ] || need_apt+=(libclang1-14)
 [ -d /usr/lib/llvm-14/lib/clang ] || need_apt+=(libclang-common-14-dev)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 command -v cc >/dev/null || need_apt+=(build-essential)
