@@ -30,6 +30,7 @@ fn event(event_type: &str, correlation: &str) -> NewEvent {
         correlation_id: correlation.into(),
         causation_id: String::new(),
         actor: actor(ActorKind::System, "test"),
+        publish: true,
     }
 }
 

@@ -28,6 +28,7 @@ fn event(stream: &str) -> NewEvent {
         correlation_id: stream.into(),
         causation_id: String::new(),
         actor: actor(ActorKind::System, "bench"),
+        publish: true,
     }
 }
 

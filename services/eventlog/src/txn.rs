@@ -67,6 +67,10 @@ pub struct NewEvent {
     pub causation_id: String,
     /// Who caused it.
     pub actor: Actor,
+    /// Whether the outbox relay publishes it on the bus. `false` for what a
+    /// service records only for itself, e.g. its copy of another service's
+    /// event, which that service already published.
+    pub publish: bool,
 }
 
 impl NewEvent {
@@ -84,7 +88,14 @@ impl NewEvent {
             correlation_id: correlation_id.into(),
             causation_id: String::new(),
             actor,
+            publish: true,
         }
+    }
+
+    /// Keeps the event out of the outbox: it is in the log, never on the bus.
+    pub fn unpublished(mut self) -> Self {
+        self.publish = false;
+        self
     }
 
     /// Records what caused this event.
@@ -188,6 +199,15 @@ impl Transaction {
             events,
         });
         self
+    }
+
+    /// Events of the transaction the relay will publish.
+    pub fn published_count(&self) -> usize {
+        self.appends
+            .iter()
+            .flat_map(|a| &a.events)
+            .filter(|e| e.publish)
+            .count()
     }
 
     /// Makes the transaction idempotent under `idempotency.key`.

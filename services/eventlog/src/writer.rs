@@ -197,8 +197,9 @@ impl Writer {
         }
 
         let count = txn.event_count() as u64;
+        let published = txn.published_count() as u64;
         let backlog = self.outbox_backlog.load(Ordering::Acquire) + group.outbox_added;
-        if backlog + count > self.limits.max_outbox_backlog {
+        if backlog + published > self.limits.max_outbox_backlog {
             return Err(Error::OutboxFull {
                 backlog,
                 limit: self.limits.max_outbox_backlog,
@@ -253,7 +254,9 @@ impl Writer {
                     pos_key.to_vec(),
                     seal(&pos_key, &envelope.encode_to_vec()),
                 ));
-                ops.push((CF_OUTBOX, pos_key.to_vec(), seal(&pos_key, &[])));
+                if event.publish {
+                    ops.push((CF_OUTBOX, pos_key.to_vec(), seal(&pos_key, &[])));
+                }
                 envelopes.push(envelope);
                 position += 1;
             }
@@ -321,7 +324,7 @@ impl Writer {
             group.idempotency.insert(key, record);
         }
         group.next_position = position;
-        group.outbox_added += count;
+        group.outbox_added += published;
         Ok(CommitOutcome::Committed(receipt))
     }
 

@@ -924,6 +924,38 @@ async fn the_outbox_backlog_counts_exactly_while_a_relay_clears_concurrently() {
     );
 }
 
+#[tokio::test]
+async fn unpublished_events_are_logged_and_projected_but_never_reach_the_outbox() {
+    let dir = tmp();
+    let log = open(dir.path());
+    log.commit(
+        Transaction::append(
+            "ticket-a",
+            ExpectedVersion::NoStream,
+            vec![noted("ticket-a", "mine")],
+        )
+        .and_append(
+            "observed-routing",
+            ExpectedVersion::Any,
+            vec![
+                noted("ticket-a", "a copy").unpublished(),
+                noted("ticket-a", "another copy").unpublished(),
+            ],
+        ),
+    )
+    .await
+    .expect("commit");
+    assert_eq!(log.head(), 3, "all three are in the log");
+    let outbox = log.outbox_peek(10).expect("peek");
+    assert_eq!(
+        outbox.iter().map(|e| e.global_position).collect::<Vec<_>>(),
+        [1],
+        "only the published event is waiting for the bus"
+    );
+    assert_eq!(log.outbox_backlog(), 1);
+    assert_eq!(count(&log, "ticket-a"), 3, "and all three are projected");
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
 

@@ -27,6 +27,7 @@ pub fn noted(correlation: &str, text: &str) -> NewEvent {
         correlation_id: correlation.into(),
         causation_id: String::new(),
         actor: actor(ActorKind::System, "test"),
+        publish: true,
     }
 }
 
