@@ -58,8 +58,14 @@ else
   echo "started NATS on $NATS_URL (store $DATA/nats)" >&2
 fi
 
+# Routing adopts the time-limit policy and loads the demo directory (only
+# differences from what its log holds are recorded).
+declare -A extra=(
+  [routing]="--policy deploy/policy.toml --directory deploy/directory.toml"
+)
 for service in intake routing dispatch feedback; do
-  "$BIN_DIR/lineguard-$service" --data-dir "$DATA/$service" --nats-url "$NATS_URL" &
+  # shellcheck disable=SC2086 # the extra flags are words
+  "$BIN_DIR/lineguard-$service" --data-dir "$DATA/$service" --nats-url "$NATS_URL" ${extra[$service]:-} &
   pids+=($!)
 done
 echo "Lineguard is running: intake :50051, routing :50052, dispatch :50053, feedback :50054. Ctrl-C stops all." >&2

@@ -29,5 +29,10 @@ async fn main() -> ExitCode {
         projector: Arc::new(NoProjections),
         api_services: Vec::new(),
     };
-    lineguard_runtime::run(spec, args.common, |_host| RoutesBuilder::default()).await
+    lineguard_runtime::run(
+        spec,
+        args.common,
+        async |_host| Ok(RoutesBuilder::default()),
+    )
+    .await
 }

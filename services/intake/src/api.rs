@@ -23,8 +23,8 @@ use uuid::Uuid;
 
 use crate::locks::StripedLocks;
 use crate::projection::{
-    BY_TIME_PREFIX, customer_key, district_incident_key, incident_key, is_open, nanos, open_key,
-    ticket_id_of_by_time_key, ticket_key,
+    BY_TIME_PREFIX, account_key, customer_key, district_incident_key, follow_incident,
+    incident_key, is_open, nanos, open_key, ticket_id_of_by_time_key, ticket_key,
 };
 use crate::validate;
 
@@ -85,6 +85,30 @@ impl IntakeService {
         }
     }
 
+    /// A ticket's customer-facing view; a child of an incident shows its
+    /// incident's progress (it is not routed on its own).
+    fn ticket(&self, ticket_id: &str) -> Result<Option<TicketView>, Status> {
+        let Some(mut ticket) = self.view::<TicketView>(&ticket_key(ticket_id))? else {
+            return Ok(None);
+        };
+        if !ticket.incident_lead
+            && !ticket.incident_id.is_empty()
+            && let Some(incident) = self.view::<IncidentView>(&incident_key(&ticket.incident_id))?
+            && let Some(lead) = self.view::<TicketView>(&ticket_key(&incident.lead_ticket_id))?
+        {
+            follow_incident(&mut ticket, &lead);
+        }
+        // Not yet with an owner: the customer has been waiting since the call.
+        if ticket.routed_at.is_none()
+            && is_open(ticket.status())
+            && let Some(reported) = &ticket.reported_at
+        {
+            let waited = nanos(&now()) - nanos(reported);
+            ticket.waiting_seconds = u64::try_from(waited / 1_000_000_000).unwrap_or(0);
+        }
+        Ok(Some(ticket))
+    }
+
     /// Decides what a validated report becomes; returns the writes and the answer.
     fn decide_report(
         &self,
@@ -125,24 +149,35 @@ impl IntakeService {
             }
         }
 
+        let (district_id, district_source) = if !req.district_id.is_empty() {
+            (req.district_id.clone(), "caller")
+        } else {
+            match self.log.projection_get(&account_key(&req.account_number))? {
+                Some(d) if !req.account_number.is_empty() => {
+                    (String::from_utf8_lossy(&d).into_owned(), "account")
+                }
+                _ => (String::new(), ""),
+            }
+        };
         let ticket_id = format!("ticket-{}", Uuid::now_v7());
-        let reported = TicketReported {
+        let mut reported = TicketReported {
             ticket_id: ticket_id.clone(),
             channel: channel as i32,
             kind: kind as i32,
             service_request_type: req.service_request_type,
             urgency: req.urgency,
             account_number: req.account_number.clone(),
-            district_id: req.district_id.clone(),
+            district_id: district_id.clone(),
             address: req.address.clone(),
             caller: req.caller.clone(),
             description: req.description.clone(),
             reported_at: Some(now),
             idempotency_key: req.idempotency_key.clone(),
+            incident_id: String::new(),
+            incident_lead: false,
+            district_source: district_source.to_string(),
         };
-        let reported_event = NewEvent::new(&reported, &ticket_id, who.clone());
-        let cause = reported_event.event_id.to_string();
-        let mut ticket_events = vec![reported_event];
+        let mut ticket_events = Vec::with_capacity(2);
         let mut response = ReportTicketResponse {
             ticket_id: ticket_id.clone(),
             status: TicketStatus::Received as i32,
@@ -152,10 +187,13 @@ impl IntakeService {
         };
         let mut incident_append = None;
 
-        if kind == TicketKind::FaultRepair && !req.district_id.is_empty() {
+        // The report's own event id, so later events of the commit can name it.
+        let reported_event_id = Uuid::now_v7();
+        let cause = reported_event_id.to_string();
+        if kind == TicketKind::FaultRepair && !district_id.is_empty() {
             let open_incident = match self
                 .log
-                .projection_get(&district_incident_key(&req.district_id, kind as i32))?
+                .projection_get(&district_incident_key(&district_id, kind as i32))?
             {
                 Some(id) => {
                     self.view::<IncidentView>(&incident_key(&String::from_utf8_lossy(&id)))?
@@ -202,7 +240,7 @@ impl IntakeService {
                     let incident_id = format!("incident-{}", Uuid::now_v7());
                     let opened = IncidentOpened {
                         incident_id: incident_id.clone(),
-                        district_id: req.district_id.clone(),
+                        district_id: district_id.clone(),
                         kind: kind as i32,
                         lead_ticket_id: ticket_id.clone(),
                         opened_at: Some(now),
@@ -225,6 +263,12 @@ impl IntakeService {
                 }
             }
         }
+        reported.incident_id = response.incident_id.clone();
+        reported.incident_lead = !reported.incident_id.is_empty()
+            && response.disposition == Disposition::NewTicket as i32;
+        let mut reported_event = NewEvent::new(&reported, &ticket_id, who);
+        reported_event.event_id = reported_event_id;
+        ticket_events.insert(0, reported_event);
         let mut txn = Transaction::append(&ticket_id, ExpectedVersion::NoStream, ticket_events);
         if let Some((stream, expected, events)) = incident_append {
             txn = txn.and_append(stream, expected, events);
@@ -315,8 +359,19 @@ impl Intake for IntakeService {
         if let Some(customer) = &customer {
             lock_keys.push(format!("customer/{customer}"));
         }
-        if kind == TicketKind::FaultRepair && !req.district_id.is_empty() {
-            lock_keys.push(format!("district/{}", req.district_id));
+        if kind == TicketKind::FaultRepair {
+            // The district may come from the account: lock on what it resolves to.
+            let district = if req.district_id.is_empty() {
+                self.log
+                    .projection_get(&account_key(&req.account_number))?
+                    .map(|d| String::from_utf8_lossy(&d).into_owned())
+                    .unwrap_or_default()
+            } else {
+                req.district_id.clone()
+            };
+            if !district.is_empty() {
+                lock_keys.push(format!("district/{district}"));
+            }
         }
         let _guards = self.locks.lock(&lock_keys).await;
         let (txn, response) =
@@ -336,7 +391,7 @@ impl Intake for IntakeService {
         let ticket_id = request.into_inner().ticket_id;
         validate::id("ticket_id", &ticket_id)?;
         let ticket = self
-            .view::<TicketView>(&ticket_key(&ticket_id))?
+            .ticket(&ticket_id)?
             .ok_or_else(|| Status::not_found(format!("ticket {ticket_id} not found")))?;
         Ok(Response::new(GetTicketResponse {
             ticket: Some(ticket),
@@ -390,7 +445,7 @@ impl Intake for IntakeService {
                 let Some(ticket_id) = ticket_id_of_by_time_key(&key) else {
                     continue;
                 };
-                let Some(ticket) = self.view::<TicketView>(&ticket_key(ticket_id))? else {
+                let Some(ticket) = self.ticket(ticket_id)? else {
                     continue;
                 };
                 if matches(&req, &ticket, from, to) {
@@ -436,7 +491,7 @@ impl Intake for IntakeService {
             .lock(&[format!("ticket/{}", req.ticket_id)])
             .await;
         let mut ticket = self
-            .view::<TicketView>(&ticket_key(&req.ticket_id))?
+            .ticket(&req.ticket_id)?
             .ok_or_else(|| Status::not_found(format!("ticket {} not found", req.ticket_id)))?;
         if !is_open(ticket.status()) {
             return Err(Status::failed_precondition(format!(

@@ -14,16 +14,18 @@
 //! - [`validate`]: field-level checks; every error names its field.
 //! - [`projection`]: [`IntakeProjector`](projection::IntakeProjector), the views.
 //! - [`locks`]: striped locks serialising decisions per customer and district.
+//! - [`observe`]: the consumer recording other services' events for the views.
 
 pub mod api;
 pub mod locks;
+pub mod observe;
 pub mod projection;
 pub mod validate;
 
 use lineguard_eventlog::EventTypes;
 use lineguard_protos::intake::v1::{
-    IncidentMarkedProbableOutage, IncidentOpened, TicketCancelled, TicketJoinedIncident,
-    TicketReported, TicketUrged,
+    EventObserved, IncidentMarkedProbableOutage, IncidentOpened, TicketCancelled,
+    TicketJoinedIncident, TicketReported, TicketUrged,
 };
 
 /// The service's name: its log's `source`, its stream `LINEGUARD_INTAKE`.
@@ -38,4 +40,5 @@ pub fn event_types() -> EventTypes {
         .with::<TicketJoinedIncident>(1)
         .with::<IncidentMarkedProbableOutage>(1)
         .with::<TicketCancelled>(1)
+        .with::<EventObserved>(1)
 }

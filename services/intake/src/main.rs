@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use lineguard_bus::ConsumerConfig;
 use lineguard_intake::api::{IntakeConfig, IntakeService};
+use lineguard_intake::observe;
 use lineguard_intake::projection::IntakeProjector;
 use lineguard_runtime::{CommonArgs, ServiceSpec, parse_duration};
 use tonic::service::RoutesBuilder;
@@ -39,10 +41,14 @@ async fn main() -> ExitCode {
         correlation_window: args.correlation_window,
         outage_threshold: args.outage_threshold,
     };
-    lineguard_runtime::run(spec, args.common, move |host| {
+    lineguard_runtime::run(spec, args.common, async move |host| {
+        host.add_consumer(
+            ConsumerConfig::new(observe::CONSUMER, "routing").filtered(observe::routing_subjects()),
+            observe::Observer,
+        );
         let mut routes = RoutesBuilder::default();
         routes.add_service(IntakeService::new(host.log.clone(), config).server());
-        routes
+        Ok(routes)
     })
     .await
 }

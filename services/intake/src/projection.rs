@@ -7,14 +7,24 @@
 //! | `incident/<incident id>` | [`IncidentView`] |
 //! | `district-incident/<district>/<kind>` | the district's latest incident of that kind |
 //! | `by-time/<reported at, ns, 20 digits>/<ticket id>` | empty: the listing order |
+//! | `account/<account number>` | its district: intake's copy of routing's directory |
+//!
+//! Other services' events reach these views through `EventObserved`: intake
+//! records its copy of each event it consumes in its own log, so the views
+//! are rebuilt from intake's log alone.
 //!
 //! The customer key is the account number, or a digest of the phone number
 //! when there is no account (a phone number never appears in a key).
 
 use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, decode_payload};
 use lineguard_protos::intake::v1::{
-    IncidentMarkedProbableOutage, IncidentOpened, IncidentView, TicketCancelled,
-    TicketJoinedIncident, TicketReported, TicketStatus, TicketUrged, TicketView,
+    ClockAlert, Deadline, EventObserved, IncidentMarkedProbableOutage, IncidentOpened,
+    IncidentView, TicketCancelled, TicketJoinedIncident, TicketReported, TicketStatus, TicketUrged,
+    TicketView,
+};
+use lineguard_protos::routing::v1::{
+    AccountsAssigned, ClockBreached, ClockWarned, TicketAccepted, TicketAnswered, TicketRouted,
+    TicketRoutingClosed,
 };
 use prost::{Message, Name};
 use sha2::{Digest, Sha256};
@@ -37,6 +47,10 @@ pub fn incident_key(incident_id: &str) -> Vec<u8> {
 
 pub fn district_incident_key(district_id: &str, kind: i32) -> Vec<u8> {
     format!("district-incident/{district_id}/{kind}").into_bytes()
+}
+
+pub fn account_key(account: &str) -> Vec<u8> {
+    format!("account/{account}").into_bytes()
 }
 
 /// Prefix of the listing index.
@@ -84,6 +98,35 @@ pub fn is_open(status: TicketStatus) -> bool {
             | TicketStatus::Closed
             | TicketStatus::Cancelled
     )
+}
+
+/// Shows an incident's progress on one of its child tickets: the child is
+/// not routed on its own, it follows its incident's lead.
+pub fn follow_incident(child: &mut TicketView, lead: &TicketView) {
+    if child.status() != TicketStatus::Attached {
+        return; // cancelled by its own customer, or not yet joined
+    }
+    if lead.status() != TicketStatus::Received {
+        child.status = lead.status;
+    }
+    child.station_id.clone_from(&lead.station_id);
+    child.company_id.clone_from(&lead.company_id);
+    child.current_line = lead.current_line;
+    child.assignee_id.clone_from(&lead.assignee_id);
+    child.crew_id.clone_from(&lead.crew_id);
+    child.hops = lead.hops;
+    child.deadlines.clone_from(&lead.deadlines);
+    child.estimated_restoration = lead.estimated_restoration;
+    child.alerts.clone_from(&lead.alerts);
+    child.policy_version.clone_from(&lead.policy_version);
+    child.closed_reason.clone_from(&lead.closed_reason);
+    child.routed_at = lead.routed_at;
+    // The child's customer waited from their own call until the incident
+    // had an owner (nothing, if it already had one).
+    if let (Some(routed), Some(reported)) = (&lead.routed_at, &child.reported_at) {
+        child.waiting_seconds =
+            u64::try_from((nanos(routed) - nanos(reported)) / 1_000_000_000).unwrap_or(0);
+    }
 }
 
 fn load<M: Message + Default>(view: &ProjectionView<'_>, key: &[u8]) -> Result<Option<M>, String> {
@@ -211,8 +254,155 @@ impl Projector for IntakeProjector {
                 }
                 store(view, ticket_key(&e.ticket_id), &ticket);
             }
+            t if t == EventObserved::full_name() => {
+                let e: EventObserved = decode_payload(event)?;
+                let observed = e
+                    .event
+                    .ok_or_else(|| "EventObserved without its event".to_string())?;
+                observe(&observed, view)?;
+            }
             other => return Err(format!("intake does not project {other}")),
         }
         Ok(())
+    }
+}
+
+/// The ticket a routing case is about: the ticket itself, or an incident's lead.
+fn lead_of(view: &ProjectionView<'_>, case: &str) -> Result<Option<String>, String> {
+    if case.starts_with("incident-") {
+        Ok(load::<IncidentView>(view, &incident_key(case))?.map(|i| i.lead_ticket_id))
+    } else {
+        Ok(Some(case.to_string()))
+    }
+}
+
+/// What an observed event does to its ticket's view.
+type ViewChange = Box<dyn FnOnce(&mut TicketView)>;
+
+/// Applies another service's event to intake's views.
+fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
+    let t = event.event_type.as_str();
+    if t == AccountsAssigned::full_name() {
+        let e: AccountsAssigned = decode_payload(event)?;
+        for a in e.accounts {
+            view.put(account_key(&a.account_number), a.district_id.into_bytes());
+        }
+        return Ok(());
+    }
+    let (case, change): (String, ViewChange) = if t == TicketRouted::full_name() {
+        let e: TicketRouted = decode_payload(event)?;
+        (
+            e.case_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                if matches!(
+                    ticket.status(),
+                    TicketStatus::Received | TicketStatus::Routed | TicketStatus::Accepted
+                ) {
+                    ticket.status = TicketStatus::Routed as i32;
+                }
+                if ticket.routed_at.is_none() {
+                    ticket.routed_at = e.routed_at;
+                    ticket.waiting_seconds = e.waiting_seconds;
+                }
+                ticket.district_id = e.district_id;
+                ticket.station_id = e.station_id;
+                ticket.company_id = e.company_id;
+                ticket.current_line = e.line;
+                ticket.assignee_id = e.assignee_id;
+                ticket.crew_id = e.crew_id;
+                ticket.hops = e.hop;
+                ticket.policy_version = e.policy_version;
+                ticket.deadlines = e
+                    .deadlines
+                    .into_iter()
+                    .map(|d| Deadline {
+                        clock: d.clock,
+                        due_at: d.due_at,
+                        stopped_at: None,
+                    })
+                    .collect();
+            }),
+        )
+    } else if t == TicketAccepted::full_name() {
+        let e: TicketAccepted = decode_payload(event)?;
+        (
+            e.case_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                if ticket.status() == TicketStatus::Routed {
+                    ticket.status = TicketStatus::Accepted as i32;
+                }
+                stop_clock(ticket, "acceptance", e.accepted_at);
+            }),
+        )
+    } else if t == TicketAnswered::full_name() {
+        let e: TicketAnswered = decode_payload(event)?;
+        (
+            e.case_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                if is_open(ticket.status()) {
+                    ticket.status = TicketStatus::Answered as i32;
+                }
+                stop_clock(ticket, "acceptance", e.answered_at);
+                stop_clock(ticket, "contact", e.answered_at);
+                stop_clock(ticket, "answer", e.answered_at);
+            }),
+        )
+    } else if t == TicketRoutingClosed::full_name() {
+        let e: TicketRoutingClosed = decode_payload(event)?;
+        (
+            e.case_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                if is_open(ticket.status()) {
+                    ticket.status = TicketStatus::Closed as i32;
+                    ticket.closed_reason = e.reason;
+                }
+            }),
+        )
+    } else if t == ClockWarned::full_name() {
+        let e: ClockWarned = decode_payload(event)?;
+        (
+            e.case_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                ticket.alerts.push(ClockAlert {
+                    clock: e.clock,
+                    breached: false,
+                    percent: e.percent,
+                    at: e.warned_at,
+                });
+            }),
+        )
+    } else if t == ClockBreached::full_name() {
+        let e: ClockBreached = decode_payload(event)?;
+        (
+            e.case_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                ticket.alerts.push(ClockAlert {
+                    clock: e.clock,
+                    breached: true,
+                    percent: 100,
+                    at: e.breached_at,
+                });
+            }),
+        )
+    } else {
+        // Consumed for completeness, shown nowhere yet.
+        return Ok(());
+    };
+    let Some(ticket_id) = lead_of(view, &case)? else {
+        return Ok(());
+    };
+    let Some(mut ticket) = load::<TicketView>(view, &ticket_key(&ticket_id))? else {
+        // Routing knows a ticket intake does not: nothing to show it on.
+        return Ok(());
+    };
+    change(&mut ticket);
+    ticket.updated_at = event.recorded_at;
+    store(view, ticket_key(&ticket_id), &ticket);
+    Ok(())
+}
+
+fn stop_clock(ticket: &mut TicketView, clock: &str, at: Option<prost_types::Timestamp>) {
+    for d in ticket.deadlines.iter_mut().filter(|d| d.clock == clock) {
+        d.stopped_at = d.stopped_at.or(at);
     }
 }

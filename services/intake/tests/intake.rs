@@ -557,3 +557,201 @@ async fn listing_pages_through_filters_and_views_survive_a_rebuild() {
     f.log.rebuild_projections().await.expect("rebuild");
     assert_eq!(f.log.projection_digest().expect("digest"), before);
 }
+
+/// Delivers a routing event to intake's observer, as the bus would.
+async fn observe_routing<M: prost::Message + prost::Name>(
+    log: &EventLog,
+    message: &M,
+    correlation: &str,
+) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let event = lineguard_eventlog::EventEnvelope {
+        event_id: format!("routing-evt-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+        stream_id: correlation.into(),
+        stream_version: 1,
+        global_position: 1,
+        recorded_at: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+        correlation_id: correlation.into(),
+        event_type: M::full_name(),
+        schema_version: 1,
+        payload: bytes::Bytes::from(message.encode_to_vec()),
+        source: "routing".into(),
+        ..Default::default()
+    };
+    let applied = lineguard_bus::apply_event(
+        log,
+        lineguard_intake::observe::CONSUMER,
+        &lineguard_intake::observe::Observer,
+        &event,
+        3,
+    )
+    .await
+    .expect("observed");
+    assert_eq!(applied, lineguard_bus::Applied::Committed);
+    // Delivered twice (a redelivery): applied once.
+    let again = lineguard_bus::apply_event(
+        log,
+        lineguard_intake::observe::CONSUMER,
+        &lineguard_intake::observe::Observer,
+        &event,
+        3,
+    )
+    .await
+    .expect("redelivered");
+    assert_eq!(again, lineguard_bus::Applied::AlreadyProcessed);
+}
+
+#[tokio::test]
+async fn routings_events_keep_the_view_current_and_children_follow_their_incident() {
+    use lineguard_protos::routing::v1::{
+        AccountAssignment, AccountsAssigned, ClockWarned, Deadline, TicketAccepted, TicketRouted,
+    };
+    let mut f = start(IntakeConfig::default()).await;
+    // Intake's copy of routing's directory places an account in its district.
+    observe_routing(
+        &f.log,
+        &AccountsAssigned {
+            accounts: (0..3)
+                .map(|i| AccountAssignment {
+                    account_number: format!("880{i}"),
+                    district_id: "D-77".into(),
+                })
+                .collect(),
+            source: "file".into(),
+        },
+        "directory",
+    )
+    .await;
+    let mut tickets = Vec::new();
+    for (i, channel) in [Channel::App, Channel::Wechat, Channel::Hotline95598]
+        .iter()
+        .enumerate()
+    {
+        let answer = f
+            .client
+            .report_ticket(fault(
+                &format!("acct-{i}"),
+                &format!("880{i}"),
+                "",
+                *channel,
+            ))
+            .await
+            .expect("report")
+            .into_inner();
+        tickets.push(answer);
+    }
+    let incident = tickets[0].incident_id.clone();
+    assert!(!incident.is_empty(), "the district came from the account");
+    assert!(
+        tickets.iter().all(|t| t.incident_id == incident),
+        "one incident"
+    );
+    assert_eq!(tickets[2].disposition(), Disposition::JoinedIncident);
+    assert!(f.log.outbox_backlog() > 0);
+    let published_before = f.log.outbox_backlog();
+
+    let now = prost_types::Timestamp::from(std::time::SystemTime::now());
+    let due = prost_types::Timestamp {
+        seconds: now.seconds + 300,
+        nanos: 0,
+    };
+    observe_routing(
+        &f.log,
+        &TicketRouted {
+            case_id: incident.clone(),
+            lead_ticket_id: tickets[0].ticket_id.clone(),
+            incident_id: incident.clone(),
+            district_id: "D-77".into(),
+            station_id: "ST-7".into(),
+            company_id: "CO-1".into(),
+            policy_version: "2026.1".into(),
+            line: 1,
+            assignee_id: "m-77".into(),
+            crew_id: "crew-7".into(),
+            hop: 1,
+            routed_at: Some(now),
+            waiting_seconds: 2,
+            deadlines: vec![Deadline {
+                clock: "acceptance".into(),
+                due_at: Some(due),
+            }],
+            ..TicketRouted::default()
+        },
+        &incident,
+    )
+    .await;
+    observe_routing(
+        &f.log,
+        &ClockWarned {
+            case_id: incident.clone(),
+            clock: "acceptance".into(),
+            percent: 50,
+            due_at: Some(due),
+            warned_at: Some(now),
+            assignee_id: "m-77".into(),
+        },
+        &incident,
+    )
+    .await;
+    observe_routing(
+        &f.log,
+        &TicketAccepted {
+            case_id: incident.clone(),
+            assignee_id: "m-77".into(),
+            line: 1,
+            hop: 1,
+            accepted_at: Some(now),
+            on_time: true,
+        },
+        &incident,
+    )
+    .await;
+    assert_eq!(
+        f.log.outbox_backlog(),
+        published_before,
+        "copies of routing's events are never published again"
+    );
+    for t in &tickets {
+        let view = f
+            .client
+            .get_ticket(GetTicketRequest {
+                ticket_id: t.ticket_id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .ticket
+            .expect("view");
+        assert_eq!(view.status(), TicketStatus::Accepted, "{}", t.ticket_id);
+        assert_eq!((view.hops, view.current_line), (1, 1));
+        assert_eq!(view.assignee_id, "m-77");
+        assert_eq!(view.crew_id, "crew-7");
+        assert_eq!(view.station_id, "ST-7");
+        assert_eq!(view.policy_version, "2026.1");
+        assert_eq!(view.alerts.len(), 1);
+        assert!(
+            view.deadlines[0].stopped_at.is_some(),
+            "acceptance clock stopped"
+        );
+    }
+    let listed = f
+        .client
+        .list_tickets(ListTicketsRequest {
+            status: TicketStatus::Accepted as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .tickets;
+    assert_eq!(
+        listed.len(),
+        3,
+        "children are listed as their incident stands"
+    );
+
+    let before = f.log.projection_digest().expect("digest");
+    f.log.rebuild_projections().await.expect("rebuild");
+    assert_eq!(f.log.projection_digest().expect("digest"), before);
+}

@@ -28,3 +28,13 @@ pub mod eventlog {
         include!(concat!(env!("OUT_DIR"), "/lineguard.eventlog.v1.rs"));
     }
 }
+
+/// `lineguard.routing.*`: the directory, availability, the time-limit policy,
+/// routes and escalations.
+pub mod routing {
+    /// `lineguard.routing.v1`.
+    pub mod v1 {
+        #![allow(missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/lineguard.routing.v1.rs"));
+    }
+}

@@ -1,33 +1,81 @@
-//! Routing: sends each ticket in one hop to the owner of the customer's district, and escalates up the three lines when a line fails to pick up.
-//!
-//! The process: its own RocksDB event log, the outbox relay to JetStream, and
-//! gRPC on port 50052 by default (health, reflection, `EventLog`).
+//! The routing process: `lineguard-routing --help` lists its flags.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
-use lineguard_eventlog::{EventTypes, NoProjections};
-use lineguard_runtime::{CommonArgs, ServiceSpec};
+use lineguard_bus::ConsumerConfig;
+use lineguard_routing::api::RoutingService;
+use lineguard_routing::intake_events::{self, IntakeEvents};
+use lineguard_routing::projection::RoutingProjector;
+use lineguard_routing::router::{Router, RoutingConfig};
+use lineguard_routing::startup::{adopt_policy_file, load_directory_file};
+use lineguard_routing::timers::TimerTask;
+use lineguard_runtime::{CommonArgs, HostError, ServiceSpec, parse_duration};
 use tonic::service::RoutesBuilder;
 
-/// The Lineguard routing service.
+/// The Lineguard routing service: one hop to the district's owner,
+/// escalation up the three lines.
 #[derive(Debug, Parser)]
 #[command(name = "lineguard-routing", version, about)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+    /// Directory file (TOML) to bring the stored directory in line with at
+    /// start-up; without it the stored directory is used as it is.
+    #[arg(long, env = "LINEGUARD_DIRECTORY")]
+    directory: Option<PathBuf>,
+    /// Time-limit policy file (TOML) to adopt at start-up; without it the
+    /// newest adopted version stays in force.
+    #[arg(long, env = "LINEGUARD_POLICY")]
+    policy: Option<PathBuf>,
+    /// An assignee with more open tickets than this is passed over.
+    #[arg(long, env = "LINEGUARD_OVERLOAD_THRESHOLD", default_value_t = 50)]
+    overload_threshold: u32,
+    /// How often due timers are looked for (escalations, warnings, breaches).
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    timer_tick: Duration,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     let spec = ServiceSpec {
-        name: "routing",
+        name: lineguard_routing::SERVICE,
         default_grpc_port: 50052,
-        event_types: EventTypes::new(),
-        projector: Arc::new(NoProjections),
-        api_services: Vec::new(),
+        event_types: lineguard_routing::event_types(),
+        projector: Arc::new(RoutingProjector),
+        api_services: vec!["lineguard.routing.v1.Routing"],
     };
-    lineguard_runtime::run(spec, args.common, |_host| RoutesBuilder::default()).await
+    let config = RoutingConfig {
+        overload_threshold: args.overload_threshold,
+    };
+    lineguard_runtime::run(spec, args.common, async move |host| {
+        let router = Router::new(host.log.clone(), config);
+        let setup = |e: lineguard_routing::router::RouterError| HostError::Setup(e.to_string());
+        if let Some(path) = &args.policy {
+            adopt_policy_file(&router, path).await.map_err(setup)?;
+        }
+        if router.current_policy_version().map_err(setup)?.is_none() {
+            return Err(HostError::Setup(
+                "no time-limit policy: give --policy (e.g. deploy/policy.toml)".into(),
+            ));
+        }
+        if let Some(path) = &args.directory {
+            load_directory_file(&router, path).await.map_err(setup)?;
+        }
+        host.add_consumer(
+            ConsumerConfig::new(intake_events::CONSUMER, "intake")
+                .filtered(intake_events::subjects()),
+            IntakeEvents::new(router.clone()),
+        );
+        let timers = TimerTask::spawn(router.clone(), args.timer_tick);
+        host.on_shutdown(timers.stop());
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(RoutingService::new(router).server());
+        Ok(routes)
+    })
+    .await
 }

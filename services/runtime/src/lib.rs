@@ -104,7 +104,12 @@ pub enum HostError {
     Grpc(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("set-up: {0}")]
+    Setup(String),
 }
+
+/// Work a service asks to have done at shutdown, before its consumers stop.
+type ShutdownStep = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// A running service process: its log, its bus connections, its tasks.
 pub struct Host {
@@ -120,6 +125,7 @@ pub struct Host {
     api_services: Vec<&'static str>,
     relay: OutboxRelay,
     consumers: Vec<ConsumerHandle>,
+    shutdown_steps: Vec<ShutdownStep>,
 }
 
 /// Sets up `tracing` once for the process. Customer names and phone numbers
@@ -175,6 +181,7 @@ impl Host {
             api_services: spec.api_services,
             relay,
             consumers: Vec::new(),
+            shutdown_steps: Vec::new(),
         })
     }
 
@@ -186,6 +193,12 @@ impl Host {
             config,
             handler,
         ));
+    }
+
+    /// Runs `step` at shutdown, after gRPC has stopped and before the
+    /// consumers stop (e.g. stopping a service's own background task).
+    pub fn on_shutdown(&mut self, step: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.shutdown_steps.push(Box::pin(step));
     }
 
     /// Serves gRPC until SIGTERM or Ctrl-C, then shuts down in order.
@@ -249,6 +262,9 @@ impl Host {
 
     /// Stops consumers, flushes the outbox, closes the log.
     pub async fn shutdown(self) -> Result<(), HostError> {
+        for step in self.shutdown_steps {
+            step.await;
+        }
         for consumer in self.consumers {
             consumer.stop().await;
         }
@@ -275,18 +291,24 @@ impl Host {
 }
 
 /// Runs a service process to its end: starts the [`Host`], lets `setup`
-/// register consumers and return the service's gRPC routes, serves until
-/// SIGTERM or Ctrl-C, shuts down. A failure is logged and printed, and the
-/// exit code says whether the process ended cleanly.
+/// do the service's start-up work, register consumers and return its gRPC
+/// routes, serves until SIGTERM or Ctrl-C, shuts down. A failure is logged
+/// and printed, and the exit code says whether the process ended cleanly.
 pub async fn run(
     spec: ServiceSpec,
     args: CommonArgs,
-    setup: impl FnOnce(&mut Host) -> RoutesBuilder,
+    setup: impl AsyncFnOnce(&mut Host) -> Result<RoutesBuilder, HostError>,
 ) -> ExitCode {
     let name = spec.name;
     let result = async {
         let mut host = Host::start(spec, args).await?;
-        let routes = setup(&mut host);
+        let routes = match setup(&mut host).await {
+            Ok(routes) => routes,
+            Err(e) => {
+                host.shutdown().await?;
+                return Err(e);
+            }
+        };
         host.serve(routes).await
     }
     .await;

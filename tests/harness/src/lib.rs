@@ -284,9 +284,19 @@ impl ServiceProcess {
     /// Starts `binary` (e.g. [`workspace_binary`]`("lineguard-intake")`) on a
     /// free port, with its data under `data_dir`, talking to `nats_url`.
     pub fn start(binary: PathBuf, data_dir: &Path, nats_url: &str) -> Result<ServiceProcess> {
+        Self::start_with_args(binary, data_dir, nats_url, &[])
+    }
+
+    /// As [`ServiceProcess::start`], with extra flags for the service.
+    pub fn start_with_args(
+        binary: PathBuf,
+        data_dir: &Path,
+        nats_url: &str,
+        extra: &[String],
+    ) -> Result<ServiceProcess> {
         let grpc_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         std::fs::create_dir_all(data_dir)?;
-        let args = vec![
+        let mut args = vec![
             "--grpc-addr".to_string(),
             grpc_addr.to_string(),
             "--data-dir".to_string(),
@@ -294,6 +304,7 @@ impl ServiceProcess {
             "--nats-url".to_string(),
             nats_url.to_string(),
         ];
+        args.extend(extra.iter().cloned());
         let mut process = ServiceProcess {
             child: None,
             log_path: data_dir.join("service.log"),

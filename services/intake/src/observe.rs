@@ -1,0 +1,61 @@
+//! Intake's view of other services' events: each one intake consumes is
+//! recorded in intake's own log as an `EventObserved` (never published
+//! again), so the customer-facing views are derived from intake's log alone
+//! and rebuild from it.
+
+use lineguard_bus::{Handled, Handler, HandlerError, subjects::event_type_filter};
+use lineguard_eventlog::{ActorKind, EventEnvelope, ExpectedVersion, NewEvent, Transaction, actor};
+use lineguard_protos::intake::v1::EventObserved;
+use lineguard_protos::routing::v1::{
+    AccountsAssigned, ClockBreached, ClockWarned, TicketAccepted, TicketAnswered, TicketRouted,
+    TicketRoutingClosed,
+};
+use prost::Name;
+
+/// The durable consumer of routing's events (and its inbox id).
+pub const CONSUMER: &str = "intake-from-routing";
+
+/// Routing's events intake shows on its views.
+pub fn routing_subjects() -> Vec<String> {
+    [
+        AccountsAssigned::full_name(),
+        TicketRouted::full_name(),
+        TicketAccepted::full_name(),
+        TicketAnswered::full_name(),
+        TicketRoutingClosed::full_name(),
+        ClockWarned::full_name(),
+        ClockBreached::full_name(),
+    ]
+    .iter()
+    .map(|t| event_type_filter("routing", t))
+    .collect()
+}
+
+/// The stream of intake's copies of `source`'s events.
+pub fn observed_stream(source: &str) -> String {
+    format!("observed-{source}")
+}
+
+/// Records each consumed event as an `EventObserved`.
+pub struct Observer;
+
+impl Handler for Observer {
+    async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
+        let stream = observed_stream(&event.source);
+        let observed = EventObserved {
+            event: Some(event.clone()),
+        };
+        let copy = NewEvent::new(
+            &observed,
+            &event.correlation_id,
+            actor(ActorKind::System, "intake"),
+        )
+        .caused_by(&event.event_id)
+        .unpublished();
+        Ok(Handled::Commit(Transaction::append(
+            stream,
+            ExpectedVersion::Any,
+            vec![copy],
+        )))
+    }
+}

@@ -1,0 +1,787 @@
+//! The `lineguard.routing.v1.Routing` gRPC service.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use lineguard_eventlog::{
+    ActorKind, CommitOutcome, Error as LogError, ExpectedVersion, Idempotency, NewEvent,
+    Transaction, actor,
+};
+use lineguard_protos::routing::v1::{
+    AcceptTicketRequest, AccountsAssigned, AnswerTicketRequest, AssigneeRole, Availability,
+    AvailabilityChanged, AvailabilityView, Company, CompanyDefined, Crew, CrewDefined,
+    DirectoryChangeResponse, District, DistrictDefined, GetAvailabilityRequest, GetPolicyRequest,
+    GetRouteRequest, ImportAccountsRequest, ImportAccountsResponse, LookupOwnerRequest,
+    LookupOwnerResponse, Manager, ManagerDefined, PolicyAdopted, ReturnReason, ReturnTicketRequest,
+    RouteReason, RouteStatus, RouteView, SetAvailabilityRequest, Station, StationDefined,
+    TicketAccepted, TicketAnswered, TicketReturned, TicketRoutingClosed,
+    routing_server::{Routing, RoutingServer},
+};
+use prost::{Message, Name};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::directory::{
+    ACCOUNTS_PER_EVENT, DIRECTORY_STREAM, DirectoryError, check_company, check_crew,
+    check_district, check_id, check_manager, check_station,
+};
+use crate::policy::ANSWER;
+use crate::projection::{apply_routed, nanos};
+use crate::router::{Router, RouterError, now};
+
+/// Accounts one `ImportAccounts` message may carry.
+pub const MAX_ACCOUNTS_PER_MESSAGE: usize = 10_000;
+/// Longest answer text and note, in characters.
+pub const MAX_TEXT_CHARS: usize = 2_000;
+/// Longest outcome code.
+pub const MAX_OUTCOME_CHARS: usize = 64;
+/// Longest idempotency key.
+pub const MAX_KEY_CHARS: usize = 128;
+/// Attempts at a command that lost a race with another writer of the case.
+const CONFLICT_ATTEMPTS: usize = 5;
+
+/// Serves routing over its [`Router`].
+pub struct RoutingService {
+    router: Router,
+}
+
+impl RoutingService {
+    pub fn new(router: Router) -> Self {
+        RoutingService { router }
+    }
+
+    pub fn server(self) -> RoutingServer<RoutingService> {
+        RoutingServer::new(self)
+    }
+
+    /// Records a directory entry unless it is stored exactly so already.
+    async fn define<T: PartialEq, E: Message + Name>(
+        &self,
+        stored: Result<Option<T>, DirectoryError>,
+        entry: &T,
+        event: E,
+    ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        let changed = stored.map_err(RouterError::from)?.as_ref() != Some(entry);
+        if changed {
+            let event = NewEvent::new(
+                &event,
+                DIRECTORY_STREAM,
+                actor(ActorKind::System, "directory-api"),
+            );
+            self.router
+                .log()
+                .commit(Transaction::append(
+                    DIRECTORY_STREAM,
+                    ExpectedVersion::Any,
+                    vec![event],
+                ))
+                .await
+                .map_err(Status::from)?;
+        }
+        Ok(Response::new(DirectoryChangeResponse { changed }))
+    }
+
+    /// Runs a command against a case: reads the route, lets `decide` build
+    /// the events and the answer, and commits them with the route's version
+    /// and the idempotency record, retrying if another writer got there first.
+    async fn command(
+        &self,
+        ticket_id: &str,
+        key: String,
+        fingerprint: &[u8],
+        decide: impl Fn(&RouteView) -> Result<(Vec<NewEvent>, RouteView), Status>,
+    ) -> Result<RouteView, Status> {
+        let probe = Idempotency::new(key.clone(), fingerprint, Bytes::new());
+        match self.router.log().idempotent_response(&probe) {
+            Ok(Some(bytes)) => return decode_answer::<RouteView>(&bytes),
+            Ok(None) => {}
+            Err(LogError::IdempotencyConflict { .. }) => return Err(key_reused()),
+            Err(e) => return Err(e.into()),
+        }
+        for _ in 0..CONFLICT_ATTEMPTS {
+            let route = self
+                .router
+                .case_of(ticket_id)?
+                .ok_or_else(|| Status::not_found(format!("no route for {ticket_id}")))?;
+            let (events, mut answer) = decide(&route)?;
+            answer.version = route.version + events.len() as u64;
+            let txn = Transaction::append(
+                &route.case_id,
+                ExpectedVersion::Exact(route.version),
+                events,
+            )
+            .idempotent(Idempotency::new(
+                key.clone(),
+                fingerprint,
+                Bytes::from(answer.encode_to_vec()),
+            ));
+            match self.router.log().commit(txn).await {
+                Ok(CommitOutcome::Committed(_)) => return Ok(answer),
+                Ok(CommitOutcome::Duplicate { response, .. }) => return decode_answer(&response),
+                Ok(CommitOutcome::AlreadyProcessed) => {
+                    return Err(Status::internal("unexpected inbox outcome"));
+                }
+                Err(LogError::WrongExpectedVersion { .. }) => continue,
+                Err(LogError::IdempotencyConflict { .. }) => return Err(key_reused()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Status::aborted(format!(
+            "{ticket_id} kept changing under the command; try again"
+        )))
+    }
+}
+
+fn decode_answer<R: Message + Default>(bytes: &[u8]) -> Result<R, Status> {
+    R::decode(bytes).map_err(|e| Status::data_loss(format!("undecodable stored answer: {e}")))
+}
+
+fn key_reused() -> Status {
+    Status::already_exists("idempotency_key was already used for a different request")
+}
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("invalid {field}: {reason}"))
+}
+
+fn id(field: &str, value: &str) -> Result<(), Status> {
+    check_id(field, value).map_err(|e| Status::invalid_argument(format!("invalid {e}")))
+}
+
+fn idempotency_key(value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(invalid("idempotency_key", "is required"));
+    }
+    if value.len() > MAX_KEY_CHARS || !value.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(invalid(
+            "idempotency_key",
+            format!("must be 1 to {MAX_KEY_CHARS} printable ASCII characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn text(field: &str, value: &str, max: usize, required: bool) -> Result<(), Status> {
+    if required && value.trim().is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    let n = value.chars().count();
+    if n > max {
+        return Err(invalid(
+            field,
+            format!("{n} characters, over the limit of {max}"),
+        ));
+    }
+    if value.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(invalid(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+/// A referenced directory entry must exist.
+fn require<T>(
+    what: &str,
+    field: &str,
+    id: &str,
+    found: Result<Option<T>, DirectoryError>,
+) -> Result<(), Status> {
+    match found.map_err(RouterError::from)? {
+        Some(_) => Ok(()),
+        None => Err(invalid(
+            field,
+            format!("{what} {id} is not in the directory"),
+        )),
+    }
+}
+
+fn directory_error(e: DirectoryError) -> Status {
+    Status::invalid_argument(format!("invalid {e}"))
+}
+
+/// Only the holder of a case may act on it.
+fn must_hold(route: &RouteView, assignee_id: &str) -> Result<(), Status> {
+    if route.assignee_id != assignee_id {
+        return Err(Status::permission_denied(format!(
+            "{} is held by {}, not {assignee_id}",
+            route.case_id, route.assignee_id
+        )));
+    }
+    Ok(())
+}
+
+fn must_be_open(route: &RouteView) -> Result<(), Status> {
+    match route.status() {
+        RouteStatus::Routed | RouteStatus::Accepted => Ok(()),
+        other => Err(Status::failed_precondition(format!(
+            "{} is {} and can no longer change hands",
+            route.case_id,
+            other.as_str_name()
+        ))),
+    }
+}
+
+fn person(id: &str) -> lineguard_eventlog::Actor {
+    actor(ActorKind::Person, id)
+}
+
+#[tonic::async_trait]
+impl Routing for RoutingService {
+    async fn define_company(
+        &self,
+        request: Request<Company>,
+    ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        let c = request.into_inner();
+        check_company(&c).map_err(directory_error)?;
+        let stored = self.router.directory().company(&c.company_id);
+        let event = CompanyDefined {
+            company: Some(c.clone()),
+        };
+        self.define(stored, &c, event).await
+    }
+
+    async fn define_station(
+        &self,
+        request: Request<Station>,
+    ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        let s = request.into_inner();
+        check_station(&s).map_err(directory_error)?;
+        let dir = self.router.directory();
+        require(
+            "company",
+            "company_id",
+            &s.company_id,
+            dir.company(&s.company_id),
+        )?;
+        let event = StationDefined {
+            station: Some(s.clone()),
+        };
+        self.define(dir.station(&s.station_id), &s, event).await
+    }
+
+    async fn define_district(
+        &self,
+        request: Request<District>,
+    ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        let d = request.into_inner();
+        check_district(&d).map_err(directory_error)?;
+        let dir = self.router.directory();
+        require(
+            "station",
+            "station_id",
+            &d.station_id,
+            dir.station(&d.station_id),
+        )?;
+        require(
+            "manager",
+            "manager_id",
+            &d.manager_id,
+            dir.manager(&d.manager_id),
+        )?;
+        let event = DistrictDefined {
+            district: Some(d.clone()),
+        };
+        self.define(dir.district(&d.district_id), &d, event).await
+    }
+
+    async fn define_manager(
+        &self,
+        request: Request<Manager>,
+    ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        let m = request.into_inner();
+        check_manager(&m).map_err(directory_error)?;
+        let dir = self.router.directory();
+        require(
+            "station",
+            "station_id",
+            &m.station_id,
+            dir.station(&m.station_id),
+        )?;
+        let event = ManagerDefined {
+            manager: Some(m.clone()),
+        };
+        self.define(dir.manager(&m.manager_id), &m, event).await
+    }
+
+    async fn define_crew(
+        &self,
+        request: Request<Crew>,
+    ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        let c = request.into_inner();
+        check_crew(&c).map_err(directory_error)?;
+        let dir = self.router.directory();
+        require(
+            "station",
+            "station_id",
+            &c.station_id,
+            dir.station(&c.station_id),
+        )?;
+        for (i, d) in c.district_ids.iter().enumerate() {
+            require(
+                "district",
+                &format!("district_ids[{i}]"),
+                d,
+                dir.district(d),
+            )?;
+        }
+        let event = CrewDefined {
+            crew: Some(c.clone()),
+        };
+        self.define(dir.crew(&c.crew_id), &c, event).await
+    }
+
+    async fn import_accounts(
+        &self,
+        request: Request<Streaming<ImportAccountsRequest>>,
+    ) -> Result<Response<ImportAccountsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let dir = self.router.directory();
+        let mut known_districts: HashSet<String> = HashSet::new();
+        let mut totals = ImportAccountsResponse::default();
+        let mut message_no = 0u64;
+        while let Some(message) = stream.next().await {
+            let message = message?;
+            if message.accounts.len() > MAX_ACCOUNTS_PER_MESSAGE {
+                return Err(invalid(
+                    "accounts",
+                    format!(
+                        "message {message_no} holds {} accounts, over the limit of {MAX_ACCOUNTS_PER_MESSAGE}",
+                        message.accounts.len()
+                    ),
+                ));
+            }
+            let mut changed = Vec::with_capacity(message.accounts.len());
+            for (i, a) in message.accounts.into_iter().enumerate() {
+                let at = |field: &str| format!("message {message_no} accounts[{i}].{field}");
+                check_id(&at("account_number"), &a.account_number).map_err(directory_error)?;
+                check_id(&at("district_id"), &a.district_id).map_err(directory_error)?;
+                if !known_districts.contains(&a.district_id) {
+                    if dir
+                        .district(&a.district_id)
+                        .map_err(RouterError::from)?
+                        .is_none()
+                    {
+                        return Err(invalid(
+                            &at("district_id"),
+                            format!("district {} is not in the directory", a.district_id),
+                        ));
+                    }
+                    known_districts.insert(a.district_id.clone());
+                }
+                totals.received += 1;
+                if dir
+                    .account_district(&a.account_number)
+                    .map_err(RouterError::from)?
+                    .as_deref()
+                    == Some(a.district_id.as_str())
+                {
+                    totals.unchanged += 1;
+                } else {
+                    changed.push(a);
+                }
+            }
+            if !changed.is_empty() {
+                let who = actor(ActorKind::System, "directory-import");
+                let events = changed
+                    .chunks(ACCOUNTS_PER_EVENT)
+                    .map(|chunk| {
+                        NewEvent::new(
+                            &AccountsAssigned {
+                                accounts: chunk.to_vec(),
+                                source: "import".into(),
+                            },
+                            DIRECTORY_STREAM,
+                            who.clone(),
+                        )
+                    })
+                    .collect();
+                self.router
+                    .log()
+                    .commit(Transaction::append(
+                        DIRECTORY_STREAM,
+                        ExpectedVersion::Any,
+                        events,
+                    ))
+                    .await
+                    .map_err(Status::from)?;
+                totals.changed += changed.len() as u64;
+            }
+            message_no += 1;
+        }
+        tracing::info!(
+            received = totals.received,
+            changed = totals.changed,
+            "accounts imported"
+        );
+        Ok(Response::new(totals))
+    }
+
+    async fn lookup_owner(
+        &self,
+        request: Request<LookupOwnerRequest>,
+    ) -> Result<Response<LookupOwnerResponse>, Status> {
+        let req = request.into_inner();
+        if req.account_number.is_empty() && req.district_id.is_empty() {
+            return Err(invalid("account_number", "this or district_id is required"));
+        }
+        if !req.account_number.is_empty() {
+            id("account_number", &req.account_number)?;
+        }
+        if !req.district_id.is_empty() {
+            id("district_id", &req.district_id)?;
+        }
+        let district = self
+            .router
+            .locate(&req.district_id, &req.account_number)?
+            .ok_or_else(|| {
+                Status::not_found("neither the district nor the account is in the directory")
+            })?;
+        let dir = self.router.directory();
+        let station = dir
+            .station(&district.station_id)
+            .map_err(RouterError::from)?;
+        let company = match &station {
+            Some(s) => dir.company(&s.company_id).map_err(RouterError::from)?,
+            None => None,
+        };
+        Ok(Response::new(LookupOwnerResponse {
+            district: Some(district),
+            station,
+            company,
+        }))
+    }
+
+    async fn set_availability(
+        &self,
+        request: Request<SetAvailabilityRequest>,
+    ) -> Result<Response<AvailabilityView>, Status> {
+        let req = request.into_inner();
+        id("assignee_id", &req.assignee_id)?;
+        text("note", &req.note, MAX_TEXT_CHARS, false)?;
+        let availability = Availability::try_from(req.availability)
+            .ok()
+            .filter(|a| *a != Availability::Unspecified)
+            .ok_or_else(|| {
+                invalid(
+                    "availability",
+                    format!("{} is not ON_DUTY, OFF_DUTY or ON_LEAVE", req.availability),
+                )
+            })?;
+        if availability != Availability::OnLeave
+            && (req.leave_from.is_some() || req.leave_until.is_some())
+        {
+            return Err(invalid("leave_from", "only ON_LEAVE takes a time range"));
+        }
+        if let (Some(from), Some(until)) = (&req.leave_from, &req.leave_until)
+            && nanos(until) <= nanos(from)
+        {
+            return Err(invalid("leave_until", "must be after leave_from"));
+        }
+        let current = self
+            .router
+            .availability(&req.assignee_id)?
+            .filter(|a| a.role() != AssigneeRole::Unspecified)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "{} is not a manager, desk or crew in the directory",
+                    req.assignee_id
+                ))
+            })?;
+        let changed = AvailabilityChanged {
+            assignee_id: req.assignee_id.clone(),
+            role: current.role,
+            availability: availability as i32,
+            leave_from: req.leave_from,
+            leave_until: req.leave_until,
+            note: req.note,
+        };
+        let stream = format!("availability-{}", req.assignee_id);
+        self.router
+            .log()
+            .commit(Transaction::append(
+                &stream,
+                ExpectedVersion::Any,
+                vec![NewEvent::new(&changed, &stream, person(&req.assignee_id))],
+            ))
+            .await
+            .map_err(Status::from)?;
+        tracing::info!(assignee_id = %req.assignee_id, availability = ?availability, "availability changed");
+        let view = self
+            .router
+            .availability(&req.assignee_id)?
+            .ok_or_else(|| Status::internal("availability vanished after commit"))?;
+        Ok(Response::new(self.router.availability_at(view, &now())))
+    }
+
+    async fn get_availability(
+        &self,
+        request: Request<GetAvailabilityRequest>,
+    ) -> Result<Response<AvailabilityView>, Status> {
+        let req = request.into_inner();
+        id("assignee_id", &req.assignee_id)?;
+        let view = self.router.availability(&req.assignee_id)?.ok_or_else(|| {
+            Status::not_found(format!("{} is not known to routing", req.assignee_id))
+        })?;
+        Ok(Response::new(self.router.availability_at(view, &now())))
+    }
+
+    async fn accept_ticket(
+        &self,
+        request: Request<AcceptTicketRequest>,
+    ) -> Result<Response<RouteView>, Status> {
+        let req = request.into_inner();
+        id("ticket_id", &req.ticket_id)?;
+        id("assignee_id", &req.assignee_id)?;
+        idempotency_key(&req.idempotency_key)?;
+        let fingerprint = req.encode_to_vec();
+        let at = now();
+        let answer = self
+            .command(
+                &req.ticket_id,
+                format!("accept:{}", req.idempotency_key),
+                &fingerprint,
+                |route| {
+                    must_hold(route, &req.assignee_id)?;
+                    if route.status() != RouteStatus::Routed {
+                        return Err(Status::failed_precondition(format!(
+                            "{} is {}, not waiting for acceptance",
+                            route.case_id,
+                            route.status().as_str_name()
+                        )));
+                    }
+                    let on_time = route
+                        .acceptance_due_at
+                        .as_ref()
+                        .is_none_or(|due| nanos(&at) <= nanos(due));
+                    let accepted = TicketAccepted {
+                        case_id: route.case_id.clone(),
+                        assignee_id: req.assignee_id.clone(),
+                        line: route.line,
+                        hop: route.hop,
+                        accepted_at: Some(at),
+                        on_time,
+                    };
+                    let mut view = route.clone();
+                    view.status = RouteStatus::Accepted as i32;
+                    view.accepted_at = Some(at);
+                    Ok((
+                        vec![NewEvent::new(
+                            &accepted,
+                            &route.case_id,
+                            person(&req.assignee_id),
+                        )],
+                        view,
+                    ))
+                },
+            )
+            .await?;
+        tracing::info!(correlation_id = %answer.case_id, assignee_id = %req.assignee_id, "accepted");
+        Ok(Response::new(answer))
+    }
+
+    async fn return_ticket(
+        &self,
+        request: Request<ReturnTicketRequest>,
+    ) -> Result<Response<RouteView>, Status> {
+        let req = request.into_inner();
+        id("ticket_id", &req.ticket_id)?;
+        id("assignee_id", &req.assignee_id)?;
+        idempotency_key(&req.idempotency_key)?;
+        text("note", &req.note, MAX_TEXT_CHARS, false)?;
+        let reason = ReturnReason::try_from(req.reason)
+            .ok()
+            .filter(|r| *r != ReturnReason::Unspecified)
+            .ok_or_else(|| {
+                invalid(
+                    "reason",
+                    "must be WRONG_DISTRICT, CUSTOMER_SIDE_FAULT or NOT_OURS",
+                )
+            })?;
+        let correct = if reason == ReturnReason::WrongDistrict {
+            id("correct_district_id", &req.correct_district_id)?;
+            Some(
+                self.router
+                    .directory()
+                    .district(&req.correct_district_id)
+                    .map_err(RouterError::from)?
+                    .ok_or_else(|| {
+                        invalid(
+                            "correct_district_id",
+                            format!(
+                                "district {} is not in the directory",
+                                req.correct_district_id
+                            ),
+                        )
+                    })?,
+            )
+        } else {
+            None
+        };
+        let fingerprint = req.encode_to_vec();
+        let at = now();
+        let router = self.router.clone();
+        let answer = self
+            .command(
+                &req.ticket_id,
+                format!("return:{}", req.idempotency_key),
+                &fingerprint,
+                |route| {
+                    must_hold(route, &req.assignee_id)?;
+                    must_be_open(route)?;
+                    let who = person(&req.assignee_id);
+                    let returned = TicketReturned {
+                        case_id: route.case_id.clone(),
+                        assignee_id: req.assignee_id.clone(),
+                        reason: reason as i32,
+                        correct_district_id: req.correct_district_id.clone(),
+                        note: req.note.clone(),
+                        returned_at: Some(at),
+                    };
+                    let returned = NewEvent::new(&returned, &route.case_id, who.clone());
+                    let cause = returned.event_id.to_string();
+                    let mut view = route.clone();
+                    let next = match &correct {
+                        Some(district) => {
+                            if district.district_id == route.district_id {
+                                return Err(invalid(
+                                    "correct_district_id",
+                                    "is the ticket's district already",
+                                ));
+                            }
+                            let routed = router
+                                .next_hop(
+                                    route,
+                                    Some(district.clone()),
+                                    1,
+                                    RouteReason::ReturnedWrongDistrict,
+                                    format!(
+                                        "returned by {}: belongs to {}",
+                                        req.assignee_id, district.district_id
+                                    ),
+                                    &at,
+                                )
+                                .map_err(Status::from)?;
+                            apply_routed(&mut view, &routed);
+                            NewEvent::new(&routed, &route.case_id, who).caused_by(cause)
+                        }
+                        None => {
+                            let why = match reason {
+                                ReturnReason::CustomerSideFault => "returned: customer-side fault",
+                                _ => "returned: not ours",
+                            };
+                            let closed = TicketRoutingClosed {
+                                case_id: route.case_id.clone(),
+                                reason: why.to_string(),
+                                closed_at: Some(at),
+                            };
+                            view.status = RouteStatus::Closed as i32;
+                            view.closed_reason = why.to_string();
+                            NewEvent::new(&closed, &route.case_id, who).caused_by(cause)
+                        }
+                    };
+                    Ok((vec![returned, next], view))
+                },
+            )
+            .await?;
+        tracing::info!(correlation_id = %answer.case_id, assignee_id = %req.assignee_id, reason = ?reason, "returned");
+        Ok(Response::new(answer))
+    }
+
+    async fn answer_ticket(
+        &self,
+        request: Request<AnswerTicketRequest>,
+    ) -> Result<Response<RouteView>, Status> {
+        let req = request.into_inner();
+        id("ticket_id", &req.ticket_id)?;
+        id("assignee_id", &req.assignee_id)?;
+        idempotency_key(&req.idempotency_key)?;
+        text("answer", &req.answer, MAX_TEXT_CHARS, true)?;
+        text("outcome", &req.outcome, MAX_OUTCOME_CHARS, true)?;
+        let fingerprint = req.encode_to_vec();
+        let at = now();
+        let answer = self
+            .command(
+                &req.ticket_id,
+                format!("answer:{}", req.idempotency_key),
+                &fingerprint,
+                |route| {
+                    must_hold(route, &req.assignee_id)?;
+                    must_be_open(route)?;
+                    if route.field_work {
+                        return Err(Status::failed_precondition(format!(
+                            "{} is field work: the crew completes it through dispatch",
+                            route.case_id
+                        )));
+                    }
+                    let who = person(&req.assignee_id);
+                    let mut events = Vec::with_capacity(2);
+                    if route.status() == RouteStatus::Routed {
+                        let on_time = route
+                            .acceptance_due_at
+                            .as_ref()
+                            .is_none_or(|due| nanos(&at) <= nanos(due));
+                        let accepted = TicketAccepted {
+                            case_id: route.case_id.clone(),
+                            assignee_id: req.assignee_id.clone(),
+                            line: route.line,
+                            hop: route.hop,
+                            accepted_at: Some(at),
+                            on_time,
+                        };
+                        events.push(NewEvent::new(&accepted, &route.case_id, who.clone()));
+                    }
+                    let on_time = route
+                        .deadlines
+                        .iter()
+                        .find(|d| d.clock == ANSWER)
+                        .and_then(|d| d.due_at.as_ref())
+                        .is_none_or(|due| nanos(&at) <= nanos(due));
+                    let answered = TicketAnswered {
+                        case_id: route.case_id.clone(),
+                        assignee_id: req.assignee_id.clone(),
+                        answer: req.answer.clone(),
+                        outcome: req.outcome.clone(),
+                        answered_at: Some(at),
+                        on_time,
+                    };
+                    events.push(NewEvent::new(&answered, &route.case_id, who));
+                    let mut view = route.clone();
+                    view.status = RouteStatus::Answered as i32;
+                    Ok((events, view))
+                },
+            )
+            .await?;
+        tracing::info!(correlation_id = %answer.case_id, assignee_id = %req.assignee_id, "answered");
+        Ok(Response::new(answer))
+    }
+
+    async fn get_route(
+        &self,
+        request: Request<GetRouteRequest>,
+    ) -> Result<Response<RouteView>, Status> {
+        let req = request.into_inner();
+        id("ticket_id", &req.ticket_id)?;
+        let route = self
+            .router
+            .case_of(&req.ticket_id)?
+            .ok_or_else(|| Status::not_found(format!("no route for {}", req.ticket_id)))?;
+        Ok(Response::new(route))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<GetPolicyRequest>,
+    ) -> Result<Response<PolicyAdopted>, Status> {
+        let req = request.into_inner();
+        let version = if req.version.is_empty() {
+            self.router
+                .current_policy_version()?
+                .ok_or_else(|| Status::not_found("no policy adopted yet"))?
+        } else {
+            req.version
+        };
+        let adopted = self.router.adopted_policy(&version)?.ok_or_else(|| {
+            Status::not_found(format!("policy version {version} was never adopted"))
+        })?;
+        Ok(Response::new(adopted))
+    }
+}

@@ -1,0 +1,408 @@
+//! Routing's projections, derived from its log only:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `company/<id>`, `station/<id>`, `district/<id>`, `manager/<id>`, `crew/<id>` | the directory entry |
+//! | `station-crew/<station>/<crew>` | empty: a station's crews |
+//! | `account/<account number>` | the district id |
+//! | `assignee/<id>` | [`AvailabilityView`]: role, availability, open tickets |
+//! | `policy/<version>` | [`PolicyAdopted`]; `policy-current`: the newest version |
+//! | `route/<case id>` | [`RouteView`] of a ticket or incident |
+//! | `follows/<ticket id>` | the incident a child ticket follows |
+//! | `timer/<fire at, ns, 20 digits>/<case>/<clock>/<percent>` | [`Timer`] |
+//! | `timers-of/<case id>` | [`TimerKeys`]: the case's pending timers |
+//!
+//! Timers are projections too: a route writes its timers in the same batch
+//! as the event, and the event that acts on a timer (a warning, an
+//! escalation, a breach) deletes it in the same batch. So a timer fires at
+//! most once, and a restart finds exactly the timers still due.
+
+use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, decode_payload};
+use lineguard_protos::routing::v1::{
+    AccountsAssigned, AssigneeRole, AvailabilityChanged, AvailabilityView, ClockBreached,
+    ClockWarned, CompanyDefined, CrewDefined, DistrictDefined, Hop, ManagerDefined, PolicyAdopted,
+    RouteStatus, RouteView, StationDefined, TicketAccepted, TicketAnswered, TicketFollowedIncident,
+    TicketReturned, TicketRouted, TicketRoutingClosed, Timer, TimerKeys,
+};
+use prost::{Message, Name};
+use prost_types::Timestamp;
+
+use crate::policy::{ACCEPTANCE, ANSWER, CONTACT};
+
+/// Builds routing's views from its events.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RoutingProjector;
+
+pub fn company_key(id: &str) -> Vec<u8> {
+    format!("company/{id}").into_bytes()
+}
+pub fn station_key(id: &str) -> Vec<u8> {
+    format!("station/{id}").into_bytes()
+}
+pub fn district_key(id: &str) -> Vec<u8> {
+    format!("district/{id}").into_bytes()
+}
+pub fn manager_key(id: &str) -> Vec<u8> {
+    format!("manager/{id}").into_bytes()
+}
+pub fn crew_key(id: &str) -> Vec<u8> {
+    format!("crew/{id}").into_bytes()
+}
+pub fn station_crews_prefix(station: &str) -> Vec<u8> {
+    format!("station-crew/{station}/").into_bytes()
+}
+pub fn account_key(account: &str) -> Vec<u8> {
+    format!("account/{account}").into_bytes()
+}
+pub fn assignee_key(id: &str) -> Vec<u8> {
+    format!("assignee/{id}").into_bytes()
+}
+pub fn policy_key(version: &str) -> Vec<u8> {
+    format!("policy/{version}").into_bytes()
+}
+pub const POLICY_CURRENT: &[u8] = b"policy-current";
+pub fn route_key(case: &str) -> Vec<u8> {
+    format!("route/{case}").into_bytes()
+}
+pub fn follows_key(ticket: &str) -> Vec<u8> {
+    format!("follows/{ticket}").into_bytes()
+}
+pub const TIMER_PREFIX: &[u8] = b"timer/";
+pub fn timer_key(fire_at: &Timestamp, case: &str, clock: &str, percent: u32) -> String {
+    format!(
+        "timer/{:020}/{case}/{clock}/{percent}",
+        nanos(fire_at).max(0)
+    )
+}
+fn timers_of_key(case: &str) -> Vec<u8> {
+    format!("timers-of/{case}").into_bytes()
+}
+
+/// Nanoseconds since the epoch.
+pub fn nanos(t: &Timestamp) -> i128 {
+    i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
+}
+
+/// The instant `percent` of the way from `start` to `end`.
+pub fn point_between(start: &Timestamp, end: &Timestamp, percent: u32) -> Timestamp {
+    let at = nanos(start) + (nanos(end) - nanos(start)) * i128::from(percent) / 100;
+    Timestamp {
+        seconds: at.div_euclid(1_000_000_000) as i64,
+        nanos: at.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
+fn load<M: Message + Default>(view: &ProjectionView<'_>, key: &[u8]) -> Result<Option<M>, String> {
+    match view.get(key).map_err(|e| e.to_string())? {
+        Some(bytes) => M::decode(bytes.as_slice())
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        None => Ok(None),
+    }
+}
+
+fn store(view: &mut ProjectionView<'_>, key: Vec<u8>, message: &impl Message) {
+    view.put(key, message.encode_to_vec());
+}
+
+fn load_route(view: &ProjectionView<'_>, case: &str) -> Result<RouteView, String> {
+    load(view, &route_key(case))?.ok_or_else(|| format!("no route for {case}"))
+}
+
+/// A route as it stands after `e`: the one place a hop changes a route.
+pub fn apply_routed(route: &mut RouteView, e: &TicketRouted) {
+    route.hops.push(Hop {
+        hop: e.hop,
+        line: e.line,
+        assignee_id: e.assignee_id.clone(),
+        assignee_role: e.assignee_role,
+        reason: e.reason,
+        reason_detail: e.reason_detail.clone(),
+        routed_at: e.routed_at,
+        waiting_seconds: e.waiting_seconds,
+    });
+    route.case_id = e.case_id.clone();
+    route.lead_ticket_id = e.lead_ticket_id.clone();
+    route.incident_id = e.incident_id.clone();
+    route.kind = e.kind;
+    route.service_request_type = e.service_request_type;
+    route.channel = e.channel;
+    route.district_id = e.district_id.clone();
+    route.station_id = e.station_id.clone();
+    route.company_id = e.company_id.clone();
+    route.area_class = e.area_class;
+    route.policy_version = e.policy_version.clone();
+    route.status = RouteStatus::Routed as i32;
+    route.line = e.line;
+    route.assignee_id = e.assignee_id.clone();
+    route.assignee_role = e.assignee_role;
+    route.crew_id = e.crew_id.clone();
+    route.hop = e.hop;
+    route.reported_at = e.reported_at;
+    route.routed_at = e.routed_at;
+    route.acceptance_due_at = e.acceptance_due_at;
+    route.accepted_at = None;
+    route.deadlines = e.deadlines.clone();
+    route.limits = e.limits.clone();
+    route.field_work = e.field_work;
+    route.warn_at_percent = e.warn_at_percent.clone();
+}
+
+/// Records an assignee's role, keeping its availability and load.
+fn define_assignee(
+    view: &mut ProjectionView<'_>,
+    id: &str,
+    role: AssigneeRole,
+) -> Result<(), String> {
+    if id.is_empty() {
+        return Ok(());
+    }
+    let mut a: AvailabilityView = load(view, &assignee_key(id))?.unwrap_or_default();
+    a.assignee_id = id.to_string();
+    a.role = role as i32;
+    store(view, assignee_key(id), &a);
+    Ok(())
+}
+
+fn add_load(view: &mut ProjectionView<'_>, id: &str, delta: i32) -> Result<(), String> {
+    if id.is_empty() {
+        return Ok(());
+    }
+    let mut a: AvailabilityView =
+        load(view, &assignee_key(id))?.unwrap_or_else(|| AvailabilityView {
+            assignee_id: id.to_string(),
+            ..AvailabilityView::default()
+        });
+    a.open_tickets = a.open_tickets.saturating_add_signed(delta);
+    store(view, assignee_key(id), &a);
+    Ok(())
+}
+
+struct Timers<'v, 'a> {
+    view: &'v mut ProjectionView<'a>,
+    case: String,
+    keys: Vec<String>,
+}
+
+impl<'v, 'a> Timers<'v, 'a> {
+    fn of(view: &'v mut ProjectionView<'a>, case: &str) -> Result<Self, String> {
+        let keys = load::<TimerKeys>(view, &timers_of_key(case))?
+            .map(|k| k.keys)
+            .unwrap_or_default();
+        Ok(Timers {
+            view,
+            case: case.to_string(),
+            keys,
+        })
+    }
+
+    /// Drops the pending timers `which` selects, by clock and percent.
+    fn drop_where(&mut self, which: impl Fn(&str, u32) -> bool) {
+        let mut kept = Vec::with_capacity(self.keys.len());
+        for key in std::mem::take(&mut self.keys) {
+            let mut parts = key.rsplit('/');
+            let percent = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let clock = parts.next().unwrap_or("");
+            if which(clock, percent) {
+                self.view.delete(key.into_bytes());
+            } else {
+                kept.push(key);
+            }
+        }
+        self.keys = kept;
+    }
+
+    /// Sets a clock's warnings (between `start` and `due`) and its deadline.
+    fn set(&mut self, clock: &str, start: &Timestamp, due: &Timestamp, points: &[u32], hop: u32) {
+        for percent in points.iter().copied().chain([0]) {
+            let fire_at = if percent == 0 {
+                *due
+            } else {
+                point_between(start, due, percent)
+            };
+            let key = timer_key(&fire_at, &self.case, clock, percent);
+            let timer = Timer {
+                case_id: self.case.clone(),
+                clock: clock.to_string(),
+                percent,
+                due_at: Some(fire_at),
+                clock_due_at: Some(*due),
+                hop,
+            };
+            self.view
+                .put(key.clone().into_bytes(), timer.encode_to_vec());
+            self.keys.push(key);
+        }
+    }
+
+    fn save(self) {
+        let key = timers_of_key(&self.case);
+        if self.keys.is_empty() {
+            self.view.delete(key);
+        } else {
+            let keys = TimerKeys { keys: self.keys };
+            self.view.put(key, keys.encode_to_vec());
+        }
+    }
+}
+
+impl Projector for RoutingProjector {
+    fn name(&self) -> &'static str {
+        "routing"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
+        let t = event.event_type.as_str();
+        if t == CompanyDefined::full_name() {
+            let e: CompanyDefined = decode_payload(event)?;
+            let company = e.company.unwrap_or_default();
+            define_assignee(view, &company.supervisor_desk_id, AssigneeRole::CompanyDesk)?;
+            store(view, company_key(&company.company_id), &company);
+        } else if t == StationDefined::full_name() {
+            let e: StationDefined = decode_payload(event)?;
+            let station = e.station.unwrap_or_default();
+            define_assignee(view, &station.duty_desk_id, AssigneeRole::StationDesk)?;
+            store(view, station_key(&station.station_id), &station);
+        } else if t == DistrictDefined::full_name() {
+            let e: DistrictDefined = decode_payload(event)?;
+            let district = e.district.unwrap_or_default();
+            store(view, district_key(&district.district_id), &district);
+        } else if t == ManagerDefined::full_name() {
+            let e: ManagerDefined = decode_payload(event)?;
+            let manager = e.manager.unwrap_or_default();
+            define_assignee(view, &manager.manager_id, AssigneeRole::DistrictManager)?;
+            store(view, manager_key(&manager.manager_id), &manager);
+        } else if t == CrewDefined::full_name() {
+            let e: CrewDefined = decode_payload(event)?;
+            let crew = e.crew.unwrap_or_default();
+            if let Some(old) =
+                load::<lineguard_protos::routing::v1::Crew>(view, &crew_key(&crew.crew_id))?
+                && old.station_id != crew.station_id
+            {
+                let mut key = station_crews_prefix(&old.station_id);
+                key.extend_from_slice(crew.crew_id.as_bytes());
+                view.delete(key);
+            }
+            let mut key = station_crews_prefix(&crew.station_id);
+            key.extend_from_slice(crew.crew_id.as_bytes());
+            view.put(key, Vec::new());
+            define_assignee(view, &crew.crew_id, AssigneeRole::Crew)?;
+            store(view, crew_key(&crew.crew_id), &crew);
+        } else if t == AccountsAssigned::full_name() {
+            let e: AccountsAssigned = decode_payload(event)?;
+            for a in e.accounts {
+                view.put(account_key(&a.account_number), a.district_id.into_bytes());
+            }
+        } else if t == AvailabilityChanged::full_name() {
+            let e: AvailabilityChanged = decode_payload(event)?;
+            let mut a: AvailabilityView =
+                load(view, &assignee_key(&e.assignee_id))?.unwrap_or_default();
+            a.assignee_id = e.assignee_id.clone();
+            a.role = e.role;
+            a.availability = e.availability;
+            a.leave_from = e.leave_from;
+            a.leave_until = e.leave_until;
+            store(view, assignee_key(&e.assignee_id), &a);
+        } else if t == PolicyAdopted::full_name() {
+            let e: PolicyAdopted = decode_payload(event)?;
+            view.put(POLICY_CURRENT.to_vec(), e.version.clone().into_bytes());
+            store(view, policy_key(&e.version), &e);
+        } else if t == TicketRouted::full_name() {
+            let e: TicketRouted = decode_payload(event)?;
+            let previous: Option<RouteView> = load(view, &route_key(&e.case_id))?;
+            let first = previous.is_none();
+            let mut route = previous.unwrap_or_default();
+            let routed_at = e.routed_at.unwrap_or_default();
+            apply_routed(&mut route, &e);
+            route.version = event.stream_version;
+            add_load(view, &e.previous_assignee_id, -1)?;
+            add_load(view, &e.assignee_id, 1)?;
+
+            let mut timers = Timers::of(view, &e.case_id)?;
+            timers.drop_where(|clock, _| clock == ACCEPTANCE);
+            if let Some(due) = e.acceptance_due_at {
+                timers.set(ACCEPTANCE, &routed_at, &due, &e.warn_at_percent, e.hop);
+            }
+            if first {
+                let reported = e.reported_at.unwrap_or(routed_at);
+                for d in e
+                    .deadlines
+                    .iter()
+                    .filter(|d| d.clock == CONTACT || d.clock == ANSWER)
+                {
+                    if let Some(due) = d.due_at {
+                        timers.set(&d.clock, &reported, &due, &e.warn_at_percent, e.hop);
+                    }
+                }
+            }
+            timers.save();
+            store(view, route_key(&e.case_id), &route);
+        } else if t == TicketFollowedIncident::full_name() {
+            let e: TicketFollowedIncident = decode_payload(event)?;
+            view.put(
+                follows_key(&e.ticket_id),
+                e.incident_id.clone().into_bytes(),
+            );
+            if let Some(mut route) = load::<RouteView>(view, &route_key(&e.incident_id))? {
+                route.children += 1;
+                store(view, route_key(&e.incident_id), &route);
+            }
+        } else if t == TicketAccepted::full_name() {
+            let e: TicketAccepted = decode_payload(event)?;
+            let mut route = load_route(view, &e.case_id)?;
+            route.status = RouteStatus::Accepted as i32;
+            route.accepted_at = e.accepted_at;
+            route.version = event.stream_version;
+            let mut timers = Timers::of(view, &e.case_id)?;
+            timers.drop_where(|clock, _| clock == ACCEPTANCE);
+            timers.save();
+            store(view, route_key(&e.case_id), &route);
+        } else if t == TicketReturned::full_name() {
+            // The route it leads to (or its closing) comes in the same commit.
+            let e: TicketReturned = decode_payload(event)?;
+            let mut route = load_route(view, &e.case_id)?;
+            route.version = event.stream_version;
+            store(view, route_key(&e.case_id), &route);
+        } else if t == TicketAnswered::full_name() || t == TicketRoutingClosed::full_name() {
+            let (case, status, reason) = if t == TicketAnswered::full_name() {
+                let e: TicketAnswered = decode_payload(event)?;
+                (e.case_id, RouteStatus::Answered, String::new())
+            } else {
+                let e: TicketRoutingClosed = decode_payload(event)?;
+                (e.case_id, RouteStatus::Closed, e.reason)
+            };
+            let mut route = load_route(view, &case)?;
+            route.status = status as i32;
+            route.closed_reason = reason;
+            route.version = event.stream_version;
+            add_load(view, &route.assignee_id, -1)?;
+            let mut timers = Timers::of(view, &case)?;
+            timers.drop_where(|_, _| true);
+            timers.save();
+            store(view, route_key(&case), &route);
+        } else if t == ClockWarned::full_name() {
+            let e: ClockWarned = decode_payload(event)?;
+            let mut route = load_route(view, &e.case_id)?;
+            route.version = event.stream_version;
+            let mut timers = Timers::of(view, &e.case_id)?;
+            timers.drop_where(|clock, percent| clock == e.clock && percent == e.percent);
+            timers.save();
+            store(view, route_key(&e.case_id), &route);
+        } else if t == ClockBreached::full_name() {
+            let e: ClockBreached = decode_payload(event)?;
+            let mut route = load_route(view, &e.case_id)?;
+            route.version = event.stream_version;
+            let mut timers = Timers::of(view, &e.case_id)?;
+            timers.drop_where(|clock, _| clock == e.clock);
+            timers.save();
+            store(view, route_key(&e.case_id), &route);
+        } else {
+            return Err(format!("routing does not project {t}"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,191 @@
+//! Durable timers: acceptance windows (escalation), and the warnings and
+//! breaches of routing's clocks.
+//!
+//! Timers live in the projection (`timer/<fire at>/…`), written by the
+//! projector with the route that sets them. [`fire_due`] acts on every timer
+//! whose time has come by committing the event it calls for, with the
+//! case's expected version; the projector deletes the timer in that same
+//! batch. A crash before the commit leaves the timer to fire after the
+//! restart; a crash after it leaves nothing to fire again: exactly once.
+
+use std::time::Duration;
+
+use lineguard_eventlog::{
+    ActorKind, Error as LogError, ExpectedVersion, NewEvent, Transaction, actor,
+};
+use lineguard_protos::routing::v1::{
+    ClockBreached, ClockWarned, RouteReason, RouteStatus, RouteView, Timer,
+};
+use prost::Message;
+use prost_types::Timestamp;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::policy::ACCEPTANCE;
+use crate::projection::{TIMER_PREFIX, nanos};
+use crate::router::{Router, RouterError, now, seconds_between};
+
+/// Timers examined per scan of the due ones.
+pub const SCAN_BATCH: usize = 256;
+
+/// The fire time encoded in a timer key.
+fn fire_at_of(key: &[u8]) -> Option<i128> {
+    let digits = key.get(TIMER_PREFIX.len()..TIMER_PREFIX.len() + 20)?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Acts on every timer due at `now`; returns how many fired. A timer whose
+/// case changed meanwhile is left for the next call.
+pub async fn fire_due(router: &Router, now: &Timestamp) -> Result<usize, RouterError> {
+    let limit = nanos(now);
+    let mut fired = 0;
+    let mut cursor: Option<Vec<u8>> = None;
+    loop {
+        let batch = router
+            .log()
+            .projection_scan(TIMER_PREFIX, cursor.as_deref(), SCAN_BATCH)?;
+        let Some((last, _)) = batch.last() else {
+            return Ok(fired);
+        };
+        cursor = Some(last.clone());
+        let full = batch.len() == SCAN_BATCH;
+        for (key, value) in batch {
+            if fire_at_of(&key).is_none_or(|at| at > limit) {
+                return Ok(fired);
+            }
+            let timer = Timer::decode(value.as_slice()).map_err(|e| {
+                RouterError::Precondition(format!("undecodable timer {key:02x?}: {e}"))
+            })?;
+            if fire(router, &timer, now).await? {
+                fired += 1;
+            }
+        }
+        if !full {
+            return Ok(fired);
+        }
+    }
+}
+
+/// Commits what one due timer calls for. `Ok(false)`: nothing to do now.
+async fn fire(router: &Router, timer: &Timer, now: &Timestamp) -> Result<bool, RouterError> {
+    let Some(route) = router.route(&timer.case_id)? else {
+        tracing::warn!(case_id = %timer.case_id, clock = %timer.clock, "timer of an unknown case");
+        return Ok(false);
+    };
+    let open = match route.status() {
+        RouteStatus::Routed => true,
+        RouteStatus::Accepted => timer.clock != ACCEPTANCE,
+        _ => false,
+    };
+    if !open || (timer.clock == ACCEPTANCE && timer.hop != route.hop) {
+        // The projector drops a case's timers when it moves on; one left
+        // behind is a bug worth seeing, not a reason to act.
+        tracing::warn!(case_id = %timer.case_id, clock = %timer.clock, hop = timer.hop,
+            route_hop = route.hop, "stale timer ignored");
+        return Ok(false);
+    }
+    let events = events_for(router, &route, timer, now)?;
+    let txn = Transaction::append(
+        &route.case_id,
+        ExpectedVersion::Exact(route.version),
+        events,
+    );
+    match router.log().commit(txn).await {
+        Ok(_) => {
+            tracing::info!(case_id = %route.case_id, correlation_id = %route.case_id,
+                clock = %timer.clock, percent = timer.percent, hop = route.hop, "timer fired");
+            Ok(true)
+        }
+        Err(LogError::WrongExpectedVersion { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn events_for(
+    router: &Router,
+    route: &RouteView,
+    timer: &Timer,
+    now: &Timestamp,
+) -> Result<Vec<NewEvent>, RouterError> {
+    let who = actor(ActorKind::System, "routing-timer");
+    let case = route.case_id.as_str();
+    if timer.percent > 0 {
+        let warned = ClockWarned {
+            case_id: case.to_string(),
+            clock: timer.clock.clone(),
+            percent: timer.percent,
+            due_at: timer.clock_due_at,
+            warned_at: Some(*now),
+            assignee_id: route.assignee_id.clone(),
+        };
+        return Ok(vec![NewEvent::new(&warned, case, who)]);
+    }
+    let breached = ClockBreached {
+        case_id: case.to_string(),
+        clock: timer.clock.clone(),
+        due_at: timer.clock_due_at,
+        breached_at: Some(*now),
+        assignee_id: route.assignee_id.clone(),
+        line: route.line,
+    };
+    let mut events = vec![NewEvent::new(&breached, case, who.clone())];
+    if timer.clock == ACCEPTANCE && route.line < 3 {
+        let district = if route.district_id.is_empty() {
+            None
+        } else {
+            router.directory().district(&route.district_id)?
+        };
+        let window = route
+            .routed_at
+            .as_ref()
+            .zip(timer.clock_due_at.as_ref())
+            .map_or(0, |(from, to)| seconds_between(from, to));
+        let detail = format!(
+            "{} did not accept within {window}s at line {}",
+            route.assignee_id, route.line
+        );
+        let escalated = router.next_hop(
+            route,
+            district,
+            route.line + 1,
+            RouteReason::Escalated,
+            detail,
+            now,
+        )?;
+        let cause = events[0].event_id.to_string();
+        events.push(NewEvent::new(&escalated, case, who).caused_by(cause));
+    }
+    Ok(events)
+}
+
+/// The background task calling [`fire_due`] every `tick`.
+pub struct TimerTask {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl TimerTask {
+    pub fn spawn(router: Router, tick: Duration) -> TimerTask {
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            while !*stopped.borrow() {
+                match fire_due(&router, &now()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(fired = n, "timers fired"),
+                    Err(e) => tracing::warn!(error = %e, "timers could not fire; retrying"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(tick) => {},
+                    _ = stopped.changed() => {},
+                }
+            }
+        });
+        TimerTask { stop, task }
+    }
+
+    /// Stops after the timer in hand.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
