@@ -1,17 +1,18 @@
-//! Field dispatch: turns routed field work into work orders, streams them to crews, and takes the crews' actions.
-//!
-//! The process: its own RocksDB event log, the outbox relay to JetStream, and
-//! gRPC on port 50053 by default (health, reflection, `EventLog`).
+//! The dispatch process: `lineguard-dispatch --help` lists its flags.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use lineguard_eventlog::{EventTypes, NoProjections};
+use lineguard_bus::ConsumerConfig;
+use lineguard_dispatch::api::DispatchService;
+use lineguard_dispatch::consumers::{self, IntakeEvents, RoutingEvents};
+use lineguard_dispatch::orders::Dispatcher;
+use lineguard_dispatch::projection::DispatchProjector;
 use lineguard_runtime::{CommonArgs, ServiceSpec};
 use tonic::service::RoutesBuilder;
 
-/// The Lineguard dispatch service.
+/// The Lineguard dispatch service: work orders to crews' phones.
 #[derive(Debug, Parser)]
 #[command(name = "lineguard-dispatch", version, about)]
 struct Args {
@@ -23,16 +24,27 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let spec = ServiceSpec {
-        name: "dispatch",
+        name: lineguard_dispatch::SERVICE,
         default_grpc_port: 50053,
-        event_types: EventTypes::new(),
-        projector: Arc::new(NoProjections),
-        api_services: Vec::new(),
+        event_types: lineguard_dispatch::event_types(),
+        projector: Arc::new(DispatchProjector),
+        api_services: vec!["lineguard.dispatch.v1.Dispatch"],
     };
-    lineguard_runtime::run(
-        spec,
-        args.common,
-        async |_host| Ok(RoutesBuilder::default()),
-    )
+    lineguard_runtime::run(spec, args.common, async |host| {
+        let dispatcher = Dispatcher::new(host.log.clone());
+        host.add_consumer(
+            ConsumerConfig::new(consumers::FROM_ROUTING, "routing")
+                .filtered(consumers::routing_subjects()),
+            RoutingEvents(dispatcher.clone()),
+        );
+        host.add_consumer(
+            ConsumerConfig::new(consumers::FROM_INTAKE, "intake")
+                .filtered(consumers::intake_subjects()),
+            IntakeEvents(dispatcher.clone()),
+        );
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(DispatchService::new(dispatcher).server());
+        Ok(routes)
+    })
     .await
 }

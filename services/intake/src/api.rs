@@ -21,12 +21,12 @@ use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::locks::StripedLocks;
 use crate::projection::{
     BY_TIME_PREFIX, account_key, customer_key, district_incident_key, follow_incident,
     incident_key, is_open, nanos, open_key, ticket_id_of_by_time_key, ticket_key,
 };
 use crate::validate;
+use lineguard_runtime::locks::StripedLocks;
 
 /// Intake's policy knobs.
 #[derive(Debug, Clone)]

@@ -13,11 +13,9 @@
 //! - [`api`]: the `lineguard.intake.v1.Intake` gRPC service.
 //! - [`validate`]: field-level checks; every error names its field.
 //! - [`projection`]: [`IntakeProjector`](projection::IntakeProjector), the views.
-//! - [`locks`]: striped locks serialising decisions per customer and district.
 //! - [`observe`]: the consumer recording other services' events for the views.
 
 pub mod api;
-pub mod locks;
 pub mod observe;
 pub mod projection;
 pub mod validate;

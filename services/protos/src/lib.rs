@@ -38,3 +38,12 @@ pub mod routing {
         include!(concat!(env!("OUT_DIR"), "/lineguard.routing.v1.rs"));
     }
 }
+
+/// `lineguard.dispatch.*`: work orders, the crews' event sequences, crew actions.
+pub mod dispatch {
+    /// `lineguard.dispatch.v1`.
+    pub mod v1 {
+        #![allow(missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/lineguard.dispatch.v1.rs"));
+    }
+}

@@ -12,6 +12,7 @@
 //!
 //! - [`api`]: the `lineguard.routing.v1.Routing` gRPC service.
 //! - [`intake_events`]: the consumer that routes what intake takes in.
+//! - [`dispatch_events`]: a crew's acknowledgement accepts the ticket.
 //! - [`router`]: [`Router`](router::Router), the decision of who holds a ticket.
 //! - [`timers`]: durable timers: escalation, warnings, breaches, exactly once.
 //! - [`directory`]: the directory file, its checks, and reads of it.
@@ -21,6 +22,7 @@
 
 pub mod api;
 pub mod directory;
+pub mod dispatch_events;
 pub mod intake_events;
 pub mod policy;
 pub mod projection;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use lineguard_bus::ConsumerConfig;
 use lineguard_routing::api::RoutingService;
+use lineguard_routing::dispatch_events::{self, DispatchEvents};
 use lineguard_routing::intake_events::{self, IntakeEvents};
 use lineguard_routing::projection::RoutingProjector;
 use lineguard_routing::router::{Router, RoutingConfig};
@@ -70,6 +71,11 @@ async fn main() -> ExitCode {
             ConsumerConfig::new(intake_events::CONSUMER, "intake")
                 .filtered(intake_events::subjects()),
             IntakeEvents::new(router.clone()),
+        );
+        host.add_consumer(
+            ConsumerConfig::new(dispatch_events::CONSUMER, "dispatch")
+                .filtered(dispatch_events::subjects()),
+            DispatchEvents::new(router.clone()),
         );
         let timers = TimerTask::spawn(router.clone(), args.timer_tick);
         host.on_shutdown(timers.stop());

@@ -902,3 +902,52 @@ async fn rebuilding_the_projections_from_the_log_gives_the_same_state() {
     router.log().rebuild_projections().await.expect("rebuild");
     assert_eq!(router.log().projection_digest().expect("digest"), before);
 }
+
+#[tokio::test]
+async fn the_crews_acknowledgement_accepts_field_work() {
+    use lineguard_protos::dispatch::v1::OrderAcknowledged;
+    use lineguard_routing::dispatch_events::{CONSUMER as FROM_DISPATCH, DispatchEvents};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = router(dir.path()).await;
+    let account = router_account_in(&router, "d-dongpo-04");
+    let route = report(
+        &router,
+        &reported(TicketKind::FaultRepair, Channel::App, &account),
+    )
+    .await;
+    let ack = |crew: &str| OrderAcknowledged {
+        order_id: route.case_id.clone(),
+        crew_id: crew.into(),
+        action_id: "a1".into(),
+        device_time: Some(now()),
+        recorded_at: Some(now()),
+    };
+    let handler = DispatchEvents::new(router.clone());
+    let mut from_dispatch = envelope(&ack("crew-somebody-else"), &route.case_id);
+    from_dispatch.source = "dispatch".into();
+    apply_event(router.log(), FROM_DISPATCH, &handler, &from_dispatch, 3)
+        .await
+        .expect("handled");
+    assert_eq!(
+        router
+            .route(&route.case_id)
+            .expect("read")
+            .expect("route")
+            .status(),
+        RouteStatus::Routed,
+        "a crew the route did not send accepts nothing"
+    );
+    let mut from_dispatch = envelope(&ack(&route.crew_id), &route.case_id);
+    from_dispatch.source = "dispatch".into();
+    apply_event(router.log(), FROM_DISPATCH, &handler, &from_dispatch, 3)
+        .await
+        .expect("handled");
+    let accepted = router.route(&route.case_id).expect("read").expect("route");
+    assert_eq!(accepted.status(), RouteStatus::Accepted);
+    let t0 = route.routed_at.expect("routed");
+    assert_eq!(
+        fire_due(&router, &at_plus(&t0, 3_600)).await.expect("fire"),
+        0,
+        "no escalation once the crew has it"
+    );
+}

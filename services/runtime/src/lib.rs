@@ -13,6 +13,8 @@
 //!   stops the consumers, flushes the outbox (bounded by
 //!   `--shutdown-timeout`), and closes the log.
 
+pub mod locks;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,7 +1,7 @@
-//! Striped async locks: decisions about one customer (is this a repeat
-//! call?) or one district (does this call join an incident?) are made one at
-//! a time, while unrelated reports proceed in parallel. A fixed number of
-//! stripes bounds the memory whatever the number of customers.
+//! Striped async locks: decisions about one thing (a customer: is this a
+//! repeat call? a work order: may this crew act on it now?) are made one at
+//! a time, while unrelated ones proceed in parallel. A fixed number of
+//! stripes bounds the memory whatever the number of keys.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};

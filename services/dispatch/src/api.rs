@@ -1,0 +1,172 @@
+//! The `lineguard.dispatch.v1.Dispatch` gRPC service.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use lineguard_eventlog::ReadDirection;
+use lineguard_protos::dispatch::v1::{
+    AcknowledgeRequest, ActionOutcome, AddNoteRequest, ArriveRequest, CompleteRequest, CrewEvent,
+    DepartRequest, GetWorkOrderRequest, RestoreRequest, ReturnOrderRequest, SubmitActionsRequest,
+    SubmitActionsResponse, UpdateEtrRequest, WatchDispatchesRequest, WorkOrderView,
+    crew_action::Action,
+    dispatch_server::{Dispatch, DispatchServer},
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::orders::Dispatcher;
+use crate::projection::crew_stream;
+use crate::validate;
+
+/// Actions one `SubmitActions` call may carry.
+pub const MAX_ACTIONS_PER_BATCH: usize = 500;
+
+/// Serves dispatch over its [`Dispatcher`].
+pub struct DispatchService {
+    dispatcher: Dispatcher,
+}
+
+impl DispatchService {
+    pub fn new(dispatcher: Dispatcher) -> Self {
+        DispatchService { dispatcher }
+    }
+
+    pub fn server(self) -> DispatchServer<DispatchService> {
+        DispatchServer::new(self)
+    }
+
+    async fn act(&self, action: Action) -> Result<Response<WorkOrderView>, Status> {
+        self.dispatcher.act(&action).await.map(Response::new)
+    }
+}
+
+type CrewEvents = Pin<Box<dyn Stream<Item = Result<CrewEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Dispatch for DispatchService {
+    type WatchDispatchesStream = CrewEvents;
+
+    async fn watch_dispatches(
+        &self,
+        request: Request<WatchDispatchesRequest>,
+    ) -> Result<Response<CrewEvents>, Status> {
+        let req = request.into_inner();
+        validate::id("crew_id", &req.crew_id)?;
+        if !self.dispatcher.crew_known(&req.crew_id)? {
+            return Err(Status::not_found(format!("crew {} not found", req.crew_id)));
+        }
+        let log = self.dispatcher.log();
+        let last = log
+            .read_stream(&crew_stream(&req.crew_id), 0, ReadDirection::Backward, 1)
+            .map_err(Status::from)?
+            .stream_version;
+        if req.after_sequence > last {
+            return Err(Status::out_of_range(format!(
+                "after_sequence {} is past crew {}'s last sequence {last}",
+                req.after_sequence, req.crew_id
+            )));
+        }
+        tracing::info!(crew_id = %req.crew_id, after_sequence = req.after_sequence, last, "crew watching");
+        let events = crate::watch::follow(log.clone(), req.crew_id, req.after_sequence);
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn acknowledge(
+        &self,
+        r: Request<AcknowledgeRequest>,
+    ) -> Result<Response<WorkOrderView>, Status> {
+        self.act(Action::Acknowledge(r.into_inner())).await
+    }
+    async fn depart(&self, r: Request<DepartRequest>) -> Result<Response<WorkOrderView>, Status> {
+        self.act(Action::Depart(r.into_inner())).await
+    }
+    async fn arrive(&self, r: Request<ArriveRequest>) -> Result<Response<WorkOrderView>, Status> {
+        self.act(Action::Arrive(r.into_inner())).await
+    }
+    async fn update_etr(
+        &self,
+        r: Request<UpdateEtrRequest>,
+    ) -> Result<Response<WorkOrderView>, Status> {
+        self.act(Action::UpdateEtr(r.into_inner())).await
+    }
+    async fn restore(&self, r: Request<RestoreRequest>) -> Result<Response<WorkOrderView>, Status> {
+        self.act(Action::Restore(r.into_inner())).await
+    }
+    async fn complete(
+        &self,
+        r: Request<CompleteRequest>,
+    ) -> Result<Response<WorkOrderView>, Status> {
+        self.act(Action::Complete(r.into_inner())).await
+    }
+    async fn return_order(
+        &self,
+        r: Request<ReturnOrderRequest>,
+    ) -> Result<Response<WorkOrderView>, Status> {
+        self.act(Action::ReturnOrder(r.into_inner())).await
+    }
+    async fn add_note(
+        &self,
+        r: Request<AddNoteRequest>,
+    ) -> Result<Response<WorkOrderView>, Status> {
+        self.act(Action::AddNote(r.into_inner())).await
+    }
+
+    async fn submit_actions(
+        &self,
+        request: Request<SubmitActionsRequest>,
+    ) -> Result<Response<SubmitActionsResponse>, Status> {
+        let req = request.into_inner();
+        if req.actions.len() > MAX_ACTIONS_PER_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "invalid actions: {} actions, over the limit of {MAX_ACTIONS_PER_BATCH}",
+                req.actions.len()
+            )));
+        }
+        let mut actions = Vec::with_capacity(req.actions.len());
+        for (i, a) in req.actions.into_iter().enumerate() {
+            let action = a.action.ok_or_else(|| {
+                Status::invalid_argument(format!("invalid actions[{i}]: no action set"))
+            })?;
+            let header = validate::action(&action)
+                .map_err(|e| Status::invalid_argument(format!("actions[{i}]: {}", e.message())))?;
+            let at = header.device_time.unwrap_or_default();
+            actions.push(((at.seconds, at.nanos), i, action));
+        }
+        // Device-time order; the batch's own order breaks ties.
+        actions.sort_by_key(|(at, i, _)| (*at, *i));
+        let mut outcomes = Vec::with_capacity(actions.len());
+        for (_, _, action) in actions {
+            let action_id = validate::action(&action)?.action_id.clone();
+            match self.dispatcher.act(&action).await {
+                Ok(order) => outcomes.push(ActionOutcome {
+                    action_id,
+                    code: "OK".into(),
+                    message: String::new(),
+                    order: Some(order),
+                }),
+                Err(status) => {
+                    outcomes.push(ActionOutcome {
+                        action_id,
+                        code: format!("{:?}", status.code()),
+                        message: status.message().to_string(),
+                        order: None,
+                    });
+                    break;
+                }
+            }
+        }
+        Ok(Response::new(SubmitActionsResponse { outcomes }))
+    }
+
+    async fn get_work_order(
+        &self,
+        request: Request<GetWorkOrderRequest>,
+    ) -> Result<Response<WorkOrderView>, Status> {
+        let req = request.into_inner();
+        validate::id("order_id", &req.order_id)?;
+        self.dispatcher
+            .order(&req.order_id)?
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("work order {} not found", req.order_id)))
+    }
+}

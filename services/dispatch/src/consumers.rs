@@ -1,0 +1,104 @@
+//! What dispatch does with routing's and intake's events.
+
+use lineguard_bus::{Handled, Handler, HandlerError, subjects::event_type_filter};
+use lineguard_eventlog::{EventEnvelope, decode_payload};
+use lineguard_protos::intake::v1::{TicketReported, TicketUrged};
+use lineguard_protos::routing::v1::{CrewDefined, TicketRouted, TicketRoutingClosed};
+use prost::Name;
+use tonic::Status;
+
+use crate::orders::Dispatcher;
+
+/// Durable consumer names (and inbox ids).
+pub const FROM_ROUTING: &str = "dispatch-from-routing";
+pub const FROM_INTAKE: &str = "dispatch-from-intake";
+
+pub fn routing_subjects() -> Vec<String> {
+    [
+        CrewDefined::full_name(),
+        TicketRouted::full_name(),
+        TicketRoutingClosed::full_name(),
+    ]
+    .iter()
+    .map(|t| event_type_filter("routing", t))
+    .collect()
+}
+
+pub fn intake_subjects() -> Vec<String> {
+    [TicketReported::full_name(), TicketUrged::full_name()]
+        .iter()
+        .map(|t| event_type_filter("intake", t))
+        .collect()
+}
+
+fn failed(s: Status) -> HandlerError {
+    HandlerError::Retry(s.message().to_string())
+}
+
+fn commit(txn: Option<lineguard_eventlog::Transaction>) -> Handled {
+    match txn {
+        Some(t) => Handled::Commit(t),
+        None => Handled::Ignore,
+    }
+}
+
+/// Turns routes into work orders.
+pub struct RoutingEvents(pub Dispatcher);
+
+impl Handler for RoutingEvents {
+    async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
+        let t = event.event_type.as_str();
+        if t == CrewDefined::full_name() {
+            let e: CrewDefined = decode_payload(event).map_err(HandlerError::Reject)?;
+            let crew = e.crew.unwrap_or_default();
+            return Ok(Handled::Commit(self.0.crew_defined(&crew)));
+        }
+        if t == TicketRouted::full_name() {
+            let e: TicketRouted = decode_payload(event).map_err(HandlerError::Reject)?;
+            return self
+                .0
+                .routed(&e, &event.event_id)
+                .await
+                .map(commit)
+                .map_err(failed);
+        }
+        if t == TicketRoutingClosed::full_name() {
+            let e: TicketRoutingClosed = decode_payload(event).map_err(HandlerError::Reject)?;
+            return self
+                .0
+                .routing_closed(&e, &event.event_id)
+                .await
+                .map(commit)
+                .map_err(failed);
+        }
+        Ok(Handled::Ignore)
+    }
+}
+
+/// Notes tickets (channels, incidents) and urges.
+pub struct IntakeEvents(pub Dispatcher);
+
+impl Handler for IntakeEvents {
+    async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
+        let t = event.event_type.as_str();
+        if t == TicketReported::full_name() {
+            let e: TicketReported = decode_payload(event).map_err(HandlerError::Reject)?;
+            return self
+                .0
+                .ticket_reported(&e, &event.event_id)
+                .await
+                .map(Handled::Commit)
+                .map_err(failed);
+        }
+        if t == TicketUrged::full_name() {
+            let e: TicketUrged = decode_payload(event).map_err(HandlerError::Reject)?;
+            return self
+                .0
+                .ticket_urged(&e, &event.event_id)
+                .await
+                .map(commit)
+                .map_err(failed);
+        }
+        Ok(Handled::Ignore)
+    }
+}

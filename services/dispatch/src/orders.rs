@@ -1,0 +1,633 @@
+//! Work orders: made from routing's routes, changed by crew actions.
+//!
+//! Every change to one order is decided under that order's lock (one
+//! process owns dispatch's log), from the order's view, and committed with
+//! the events that make it: the order's own facts on its stream (the ticket
+//! or incident id), what the crew must hear on the crew's stream. A crew's
+//! sequence numbers are its stream's versions: contiguous, durable.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lineguard_eventlog::{
+    Actor, ActorKind, CommitOutcome, Error as LogError, EventLog, ExpectedVersion, Idempotency,
+    NewEvent, Transaction, actor,
+};
+use lineguard_protos::dispatch::v1::{
+    CoveredTicket, CrewArrived, CrewDeparted, CrewNoted, CustomerNotificationRequested,
+    CustomerUrged, EtrUpdated, IncidentGrew, NoteAdded, NotificationMedium, OrderAcknowledged,
+    OrderAssigned, OrderReturned, OrderStatus, OrderWithdrawn, PowerRestored, TicketNoted,
+    WorkCompleted, WorkOrderView, crew_action::Action,
+};
+use lineguard_protos::intake::v1::{Channel, TicketReported, TicketUrged};
+use lineguard_protos::routing::v1::{Crew, TicketRouted, TicketRoutingClosed};
+use lineguard_runtime::locks::StripedLocks;
+use prost::Message;
+use prost_types::Timestamp;
+use tonic::Status;
+
+use crate::projection::{crew_key, crew_stream, incident_tickets_prefix, order_key, ticket_key};
+
+/// Longest free text of an action (notes, cause, result), in characters.
+pub const MAX_TEXT_CHARS: usize = 2_000;
+/// Most parts listed on a completion.
+pub const MAX_PARTS: usize = 100;
+/// Longest action id.
+pub const MAX_ACTION_ID: usize = 128;
+/// Tickets one order lists at most (an incident's children beyond are
+/// counted in `IncidentGrew` but not listed).
+pub const MAX_TICKETS_PER_ORDER: usize = 10_000;
+
+/// Dispatch's shared state.
+#[derive(Clone)]
+pub struct Dispatcher {
+    log: EventLog,
+    locks: Arc<StripedLocks>,
+}
+
+fn system() -> Actor {
+    actor(ActorKind::System, "dispatch")
+}
+
+fn now() -> Timestamp {
+    Timestamp::from(std::time::SystemTime::now())
+}
+
+fn nanos(t: &Timestamp) -> i128 {
+    i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
+}
+
+/// How a customer who came through `channel` hears of progress.
+pub fn medium(channel: Channel) -> NotificationMedium {
+    match channel {
+        Channel::App => NotificationMedium::AppPush,
+        Channel::Wechat => NotificationMedium::Wechat,
+        _ => NotificationMedium::Sms,
+    }
+}
+
+fn is_active(status: OrderStatus) -> bool {
+    matches!(
+        status,
+        OrderStatus::Assigned
+            | OrderStatus::Acknowledged
+            | OrderStatus::EnRoute
+            | OrderStatus::OnSite
+    )
+}
+
+impl Dispatcher {
+    pub fn new(log: EventLog) -> Self {
+        Dispatcher {
+            log,
+            locks: Arc::new(StripedLocks::new(1024)),
+        }
+    }
+
+    /// Dispatch's own log.
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    fn get<M: Message + Default>(&self, key: &[u8]) -> Result<Option<M>, Status> {
+        match self.log.projection_get(key).map_err(Status::from)? {
+            Some(bytes) => M::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|e| Status::data_loss(format!("undecodable view: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// An order's view.
+    pub fn order(&self, order_id: &str) -> Result<Option<WorkOrderView>, Status> {
+        self.get(&order_key(order_id))
+    }
+
+    /// Whether routing's directory (as dispatch heard of it) has this crew.
+    pub fn crew_known(&self, crew_id: &str) -> Result<bool, Status> {
+        Ok(self.get::<CrewNoted>(&crew_key(crew_id))?.is_some())
+    }
+
+    /// The tickets dispatch knows to belong to an incident, lead first.
+    fn incident_tickets(&self, incident: &str, lead: &str) -> Result<Vec<CoveredTicket>, Status> {
+        let prefix = incident_tickets_prefix(incident);
+        let keys = self
+            .log
+            .projection_scan(&prefix, None, MAX_TICKETS_PER_ORDER)
+            .map_err(Status::from)?;
+        let mut tickets = Vec::with_capacity(keys.len() + 1);
+        if let Some(noted) = self.get::<TicketNoted>(&ticket_key(lead))? {
+            tickets.extend(noted.ticket);
+        }
+        for (key, _) in keys {
+            let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            if id != lead
+                && let Some(noted) = self.get::<TicketNoted>(&ticket_key(&id))?
+            {
+                tickets.extend(noted.ticket);
+            }
+        }
+        Ok(tickets)
+    }
+
+    /// A crew of routing's directory, noted for dispatch.
+    pub fn crew_defined(&self, crew: &Crew) -> Transaction {
+        let noted = CrewNoted {
+            crew_id: crew.crew_id.clone(),
+            station_id: crew.station_id.clone(),
+        };
+        // Not on the crew's stream: that holds only what the phone shows.
+        Transaction::append(
+            "crews",
+            ExpectedVersion::Any,
+            vec![NewEvent::new(&noted, "crews", system()).unpublished()],
+        )
+    }
+
+    /// What a route means for the crews: a new order, or an order moving
+    /// from one crew to another.
+    pub async fn routed(
+        &self,
+        routed: &TicketRouted,
+        cause: &str,
+    ) -> Result<Option<Transaction>, Status> {
+        if !routed.field_work {
+            return Ok(None);
+        }
+        let order_id = routed.case_id.as_str();
+        let _guard = self.locks.lock(&[order_id.to_string()]).await;
+        let existing = self.order(order_id)?;
+        if routed.crew_id.is_empty() {
+            tracing::warn!(
+                order_id,
+                correlation_id = order_id,
+                "field work routed with no crew to send"
+            );
+        }
+        let mut events: Vec<(String, NewEvent)> = Vec::new();
+        if let Some(o) = &existing
+            && is_active(o.status())
+        {
+            if o.crew_id == routed.crew_id {
+                return Ok(None); // the same crew keeps it: nothing for them to hear
+            }
+            let withdrawn = OrderWithdrawn {
+                order_id: order_id.to_string(),
+                crew_id: o.crew_id.clone(),
+                reason: format!(
+                    "moved to line {} ({}), crew {}",
+                    routed.line, routed.assignee_id, routed.crew_id
+                ),
+                withdrawn_at: Some(now()),
+            };
+            let stream = crew_stream(&o.crew_id);
+            events.push((
+                stream.clone(),
+                NewEvent::new(&withdrawn, order_id, system()).caused_by(cause),
+            ));
+        }
+        if !routed.crew_id.is_empty() {
+            // Routing's event can overtake intake's on the bus: wait for the
+            // ticket (the consumer retries), so the crew hears who called.
+            if self
+                .get::<TicketNoted>(&ticket_key(&routed.lead_ticket_id))?
+                .is_none()
+            {
+                return Err(Status::unavailable(format!(
+                    "ticket {} not yet heard of from intake",
+                    routed.lead_ticket_id
+                )));
+            }
+            let tickets = if routed.incident_id.is_empty() {
+                self.get::<TicketNoted>(&ticket_key(&routed.lead_ticket_id))?
+                    .and_then(|n| n.ticket)
+                    .into_iter()
+                    .collect()
+            } else {
+                self.incident_tickets(&routed.incident_id, &routed.lead_ticket_id)?
+            };
+            let arrival_due_at = routed
+                .deadlines
+                .iter()
+                .find(|d| d.clock == "arrival")
+                .and_then(|d| d.due_at);
+            let restoration_limit_seconds = routed
+                .limits
+                .iter()
+                .find(|l| l.clock == "restoration")
+                .map_or(0, |l| l.seconds.max(u64::from(l.working_days) * 86_400));
+            let assigned = OrderAssigned {
+                order_id: order_id.to_string(),
+                crew_id: routed.crew_id.clone(),
+                incident_id: routed.incident_id.clone(),
+                kind: routed.kind,
+                district_id: routed.district_id.clone(),
+                station_id: routed.station_id.clone(),
+                line: routed.line,
+                hop: routed.hop,
+                tickets,
+                reported_at: routed.reported_at,
+                assigned_at: Some(now()),
+                arrival_due_at,
+                restoration_limit_seconds,
+                policy_version: routed.policy_version.clone(),
+                warn_at_percent: routed.warn_at_percent.clone(),
+            };
+            events.push((
+                crew_stream(&routed.crew_id),
+                NewEvent::new(&assigned, order_id, system()).caused_by(cause),
+            ));
+        }
+        Ok(Some(transaction(events)))
+    }
+
+    /// Routing closed the ticket (returned as not ours, cancelled): the crew
+    /// stops.
+    pub async fn routing_closed(
+        &self,
+        closed: &TicketRoutingClosed,
+        cause: &str,
+    ) -> Result<Option<Transaction>, Status> {
+        let order_id = closed.case_id.as_str();
+        let _guard = self.locks.lock(&[order_id.to_string()]).await;
+        let Some(o) = self.order(order_id)?.filter(|o| is_active(o.status())) else {
+            return Ok(None);
+        };
+        let withdrawn = OrderWithdrawn {
+            order_id: order_id.to_string(),
+            crew_id: o.crew_id.clone(),
+            reason: closed.reason.clone(),
+            withdrawn_at: Some(now()),
+        };
+        Ok(Some(Transaction::append(
+            crew_stream(&o.crew_id),
+            ExpectedVersion::Any,
+            vec![NewEvent::new(&withdrawn, order_id, system()).caused_by(cause)],
+        )))
+    }
+
+    /// A ticket intake took in: noted (channel, account, incident); a child
+    /// joining an incident a crew already has is news for that crew.
+    pub async fn ticket_reported(
+        &self,
+        reported: &TicketReported,
+        cause: &str,
+    ) -> Result<Transaction, Status> {
+        let ticket = CoveredTicket {
+            ticket_id: reported.ticket_id.clone(),
+            channel: reported.channel,
+            account_number: reported.account_number.clone(),
+        };
+        let noted = TicketNoted {
+            ticket: Some(ticket.clone()),
+            incident_id: reported.incident_id.clone(),
+        };
+        let mut events = vec![(
+            reported.ticket_id.clone(),
+            NewEvent::new(&noted, &reported.ticket_id, system())
+                .caused_by(cause)
+                .unpublished(),
+        )];
+        if !reported.incident_id.is_empty() && !reported.incident_lead {
+            let _guard = self
+                .locks
+                .lock(std::slice::from_ref(&reported.incident_id))
+                .await;
+            if let Some(o) = self
+                .order(&reported.incident_id)?
+                .filter(|o| is_active(o.status()))
+            {
+                let grew = IncidentGrew {
+                    order_id: o.order_id.clone(),
+                    crew_id: o.crew_id.clone(),
+                    ticket: Some(ticket),
+                    ticket_count: o.tickets.len() as u32 + 1,
+                };
+                events.push((
+                    crew_stream(&o.crew_id),
+                    NewEvent::new(&grew, &o.order_id, system()).caused_by(cause),
+                ));
+            }
+        }
+        Ok(transaction(events))
+    }
+
+    /// A customer chased a ticket: the crew holding it hears of it.
+    pub async fn ticket_urged(
+        &self,
+        urged: &TicketUrged,
+        cause: &str,
+    ) -> Result<Option<Transaction>, Status> {
+        let order_id = match self.get::<TicketNoted>(&ticket_key(&urged.ticket_id))? {
+            Some(n) if !n.incident_id.is_empty() => n.incident_id,
+            _ => urged.ticket_id.clone(),
+        };
+        let Some(o) = self.order(&order_id)?.filter(|o| is_active(o.status())) else {
+            return Ok(None);
+        };
+        let event = CustomerUrged {
+            order_id: order_id.clone(),
+            crew_id: o.crew_id.clone(),
+            ticket_id: urged.ticket_id.clone(),
+            urge_count: urged.urge_count,
+        };
+        Ok(Some(Transaction::append(
+            crew_stream(&o.crew_id),
+            ExpectedVersion::Any,
+            vec![NewEvent::new(&event, &order_id, system()).caused_by(cause)],
+        )))
+    }
+
+    /// Applies one crew action: checks who may do what when, commits its
+    /// events with the action's idempotency record, answers with the order.
+    pub async fn act(&self, action: &Action) -> Result<WorkOrderView, Status> {
+        let header = crate::validate::action(action)?;
+        let key = format!("action:{}:{}", header.crew_id, header.action_id);
+        let fingerprint = action_fingerprint(action);
+        let probe = Idempotency::new(key.clone(), &fingerprint, Bytes::new());
+        match self.log.idempotent_response(&probe) {
+            Ok(Some(bytes)) => return decode_view(&bytes),
+            Ok(None) => {}
+            Err(LogError::IdempotencyConflict { .. }) => {
+                return Err(action_id_reused(&header.action_id));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let order_id = header.order_id.as_str();
+        let _guard = self.locks.lock(&[order_id.to_string()]).await;
+        let order = self
+            .order(order_id)?
+            .ok_or_else(|| Status::not_found(format!("work order {order_id} not found")))?;
+        if !self.crew_known(&header.crew_id)? {
+            return Err(Status::not_found(format!(
+                "crew {} not found",
+                header.crew_id
+            )));
+        }
+        if order.crew_id != header.crew_id {
+            return Err(Status::permission_denied(format!(
+                "work order {order_id} is crew {}'s, not {}'s",
+                order.crew_id, header.crew_id
+            )));
+        }
+        if order.status() == OrderStatus::Withdrawn {
+            return Err(Status::permission_denied(format!(
+                "work order {order_id} was withdrawn from crew {}",
+                header.crew_id
+            )));
+        }
+        let (events, view) = decide(&order, action, header)?;
+        let txn = Transaction::append(order_id, ExpectedVersion::Any, events).idempotent(
+            Idempotency::new(key, &fingerprint, Bytes::from(view.encode_to_vec())),
+        );
+        match self.log.commit(txn).await {
+            Ok(CommitOutcome::Committed(_)) => {
+                tracing::info!(order_id, correlation_id = order_id, crew_id = %header.crew_id,
+                    action_id = %header.action_id, status = ?view.status(), "crew action applied");
+                Ok(view)
+            }
+            Ok(CommitOutcome::Duplicate { response, .. }) => decode_view(&response),
+            Ok(CommitOutcome::AlreadyProcessed) => {
+                Err(Status::internal("unexpected inbox outcome"))
+            }
+            Err(LogError::IdempotencyConflict { .. }) => Err(action_id_reused(&header.action_id)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn transaction(events: Vec<(String, NewEvent)>) -> Transaction {
+    let mut txn = Transaction::default();
+    for (stream, event) in events {
+        txn = txn.and_append(stream, ExpectedVersion::Any, vec![event]);
+    }
+    txn
+}
+
+fn decode_view(bytes: &[u8]) -> Result<WorkOrderView, Status> {
+    WorkOrderView::decode(bytes)
+        .map_err(|e| Status::data_loss(format!("undecodable stored answer: {e}")))
+}
+
+fn action_id_reused(action_id: &str) -> Status {
+    Status::already_exists(format!(
+        "action_id {action_id} was already used for a different action"
+    ))
+}
+
+/// The bytes an action is recognised by: its kind and its whole content.
+fn action_fingerprint(action: &Action) -> Vec<u8> {
+    lineguard_protos::dispatch::v1::CrewAction {
+        action: Some(action.clone()),
+    }
+    .encode_to_vec()
+}
+
+fn precondition(order: &WorkOrderView, what: &str) -> Status {
+    Status::failed_precondition(format!(
+        "work order {} is {}: {what}",
+        order.order_id,
+        order.status().as_str_name()
+    ))
+}
+
+/// The events an action makes and the order as it will stand.
+fn decide(
+    order: &WorkOrderView,
+    action: &Action,
+    header: &lineguard_protos::dispatch::v1::ActionHeader,
+) -> Result<(Vec<NewEvent>, WorkOrderView), Status> {
+    use OrderStatus as S;
+    let who = actor(ActorKind::Crew, &header.crew_id);
+    let order_id = order.order_id.clone();
+    let crew_id = header.crew_id.clone();
+    let action_id = header.action_id.clone();
+    let device_time = header.device_time;
+    let status = order.status();
+    let mut view = order.clone();
+    view.last_device_time = device_time;
+    let mut events = Vec::new();
+    match action {
+        Action::Acknowledge(_) => {
+            if status != S::Assigned {
+                return Err(precondition(order, "it was already acknowledged"));
+            }
+            view.status = S::Acknowledged as i32;
+            view.acknowledged_at = device_time;
+            events.push(NewEvent::new(
+                &OrderAcknowledged {
+                    order_id: order_id.clone(),
+                    crew_id,
+                    action_id,
+                    device_time,
+                    recorded_at: Some(now()),
+                },
+                &order_id,
+                who,
+            ));
+        }
+        Action::Depart(_) => {
+            match status {
+                S::Acknowledged => {}
+                S::Assigned => return Err(precondition(order, "acknowledge it before departing")),
+                _ => return Err(precondition(order, "the crew has already departed")),
+            }
+            view.status = S::EnRoute as i32;
+            view.departed_at = device_time;
+            events.push(NewEvent::new(
+                &CrewDeparted {
+                    order_id: order_id.clone(),
+                    crew_id,
+                    action_id,
+                    device_time,
+                },
+                &order_id,
+                who,
+            ));
+        }
+        Action::Arrive(a) => {
+            match status {
+                S::Acknowledged | S::EnRoute => {}
+                S::Assigned => return Err(precondition(order, "arriving before acknowledging")),
+                _ => return Err(precondition(order, "the crew has already arrived")),
+            }
+            let on_time = match (&order.arrival_due_at, &device_time) {
+                (Some(due), Some(at)) => nanos(at) <= nanos(due),
+                _ => true,
+            };
+            view.status = S::OnSite as i32;
+            view.arrived_at = device_time;
+            events.push(NewEvent::new(
+                &CrewArrived {
+                    order_id: order_id.clone(),
+                    crew_id,
+                    action_id,
+                    device_time,
+                    position: a.position,
+                    on_time,
+                },
+                &order_id,
+                who,
+            ));
+        }
+        Action::UpdateEtr(u) => {
+            if !matches!(status, S::Acknowledged | S::EnRoute | S::OnSite) {
+                return Err(precondition(
+                    order,
+                    "an estimate needs an acknowledged, unrestored order",
+                ));
+            }
+            view.estimated_restoration = u.estimated_restoration;
+            events.push(NewEvent::new(
+                &EtrUpdated {
+                    order_id: order_id.clone(),
+                    crew_id,
+                    action_id,
+                    device_time,
+                    estimated_restoration: u.estimated_restoration,
+                },
+                &order_id,
+                who,
+            ));
+        }
+        Action::Restore(_) => {
+            if status != S::OnSite {
+                return Err(precondition(order, "restoring before arriving"));
+            }
+            let on_time = match (&order.restoration_due_at, &device_time) {
+                (Some(due), Some(at)) => nanos(at) <= nanos(due),
+                _ => true,
+            };
+            view.status = S::Restored as i32;
+            view.restored_at = device_time;
+            let ticket_ids = order.tickets.iter().map(|t| t.ticket_id.clone()).collect();
+            events.push(NewEvent::new(
+                &PowerRestored {
+                    order_id: order_id.clone(),
+                    crew_id,
+                    action_id,
+                    device_time,
+                    on_time,
+                    ticket_ids,
+                },
+                &order_id,
+                who.clone(),
+            ));
+            events.extend(notifications(order, "restored", &who));
+        }
+        Action::Complete(c) => {
+            if !matches!(status, S::OnSite | S::Restored) {
+                return Err(precondition(order, "completing before arriving"));
+            }
+            view.status = S::Completed as i32;
+            view.completed_at = device_time;
+            let ticket_ids = order.tickets.iter().map(|t| t.ticket_id.clone()).collect();
+            events.push(NewEvent::new(
+                &WorkCompleted {
+                    order_id: order_id.clone(),
+                    crew_id,
+                    action_id,
+                    device_time,
+                    cause: c.cause.clone(),
+                    result: c.result.clone(),
+                    parts_used: c.parts_used.clone(),
+                    notes: c.notes.clone(),
+                    ticket_ids,
+                },
+                &order_id,
+                who.clone(),
+            ));
+            events.extend(notifications(order, "completed", &who));
+        }
+        Action::ReturnOrder(r) => {
+            if !is_active(status) {
+                return Err(precondition(order, "only an open order can be returned"));
+            }
+            view.status = S::Returned as i32;
+            events.push(NewEvent::new(
+                &OrderReturned {
+                    order_id: order_id.clone(),
+                    crew_id,
+                    action_id,
+                    device_time,
+                    reason: r.reason.clone(),
+                    correct_district_id: r.correct_district_id.clone(),
+                    note: r.note.clone(),
+                },
+                &order_id,
+                who,
+            ));
+        }
+        Action::AddNote(n) => {
+            events.push(NewEvent::new(
+                &NoteAdded {
+                    order_id: order_id.clone(),
+                    crew_id,
+                    action_id,
+                    device_time,
+                    text: n.text.clone(),
+                },
+                &order_id,
+                who,
+            ));
+        }
+    }
+    Ok((events, view))
+}
+
+/// One notification per ticket the order covers (an incident: every caller).
+fn notifications(order: &WorkOrderView, what: &str, who: &Actor) -> Vec<NewEvent> {
+    order
+        .tickets
+        .iter()
+        .map(|t| {
+            let request = CustomerNotificationRequested {
+                ticket_id: t.ticket_id.clone(),
+                order_id: order.order_id.clone(),
+                medium: medium(t.channel()) as i32,
+                what: what.to_string(),
+            };
+            NewEvent::new(&request, &t.ticket_id, who.clone())
+        })
+        .collect()
+}

@@ -1,0 +1,212 @@
+//! Dispatch's projections, derived from its log only:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `order/<order id>` | [`WorkOrderView`] |
+//! | `ticket/<ticket id>` | [`TicketNoted`]: channel, account, incident |
+//! | `incident-ticket/<incident id>/<ticket id>` | empty: an incident's tickets |
+//! | `crew/<crew id>` | [`CrewNoted`]: the crews routing's directory knows |
+//!
+//! A crew's sequence is not a projection: it is the version of the crew's
+//! stream in the log (`crew-<id>`), so it is as durable and gap-free as the
+//! log itself.
+
+use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, decode_payload};
+use lineguard_protos::dispatch::v1::{
+    ClockAlerted, CrewArrived, CrewDeparted, CrewNoted, CustomerNotificationRequested,
+    CustomerUrged, EtrUpdated, IncidentGrew, NoteAdded, OrderAcknowledged, OrderAssigned,
+    OrderReturned, OrderStatus, OrderWithdrawn, PowerRestored, TicketNoted, WorkCompleted,
+    WorkOrderView,
+};
+use prost::{Message, Name};
+
+/// Builds dispatch's views from its events.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DispatchProjector;
+
+pub fn order_key(order: &str) -> Vec<u8> {
+    format!("order/{order}").into_bytes()
+}
+pub fn ticket_key(ticket: &str) -> Vec<u8> {
+    format!("ticket/{ticket}").into_bytes()
+}
+pub fn crew_key(crew: &str) -> Vec<u8> {
+    format!("crew/{crew}").into_bytes()
+}
+pub fn incident_tickets_prefix(incident: &str) -> Vec<u8> {
+    format!("incident-ticket/{incident}/").into_bytes()
+}
+
+/// The log stream holding a crew's events; its versions are the crew's
+/// sequence numbers.
+pub fn crew_stream(crew_id: &str) -> String {
+    if crew_id.starts_with("crew-") {
+        crew_id.to_string()
+    } else {
+        format!("crew-{crew_id}")
+    }
+}
+
+fn load<M: Message + Default>(view: &ProjectionView<'_>, key: &[u8]) -> Result<Option<M>, String> {
+    match view.get(key).map_err(|e| e.to_string())? {
+        Some(bytes) => M::decode(bytes.as_slice())
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        None => Ok(None),
+    }
+}
+
+/// Applies `change` to an order's view (which must exist).
+fn update(
+    view: &mut ProjectionView<'_>,
+    order: &str,
+    event: &EventEnvelope,
+    change: impl FnOnce(&mut WorkOrderView),
+) -> Result<(), String> {
+    let mut o: WorkOrderView =
+        load(view, &order_key(order))?.ok_or_else(|| format!("unknown order {order}"))?;
+    change(&mut o);
+    o.version = o.version.max(event.global_position);
+    view.put(order_key(order), o.encode_to_vec());
+    Ok(())
+}
+
+impl Projector for DispatchProjector {
+    fn name(&self) -> &'static str {
+        "dispatch"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
+        let t = event.event_type.as_str();
+        if t == CrewNoted::full_name() {
+            let e: CrewNoted = decode_payload(event)?;
+            view.put(crew_key(&e.crew_id), e.encode_to_vec());
+        } else if t == TicketNoted::full_name() {
+            let e: TicketNoted = decode_payload(event)?;
+            let ticket = e.ticket.clone().unwrap_or_default();
+            if !e.incident_id.is_empty() {
+                let mut key = incident_tickets_prefix(&e.incident_id);
+                key.extend_from_slice(ticket.ticket_id.as_bytes());
+                view.put(key, Vec::new());
+            }
+            view.put(ticket_key(&ticket.ticket_id), e.encode_to_vec());
+        } else if t == OrderAssigned::full_name() {
+            let e: OrderAssigned = decode_payload(event)?;
+            let previous: Option<WorkOrderView> = load(view, &order_key(&e.order_id))?;
+            let o = WorkOrderView {
+                order_id: e.order_id.clone(),
+                incident_id: e.incident_id,
+                crew_id: e.crew_id,
+                status: OrderStatus::Assigned as i32,
+                kind: e.kind,
+                district_id: e.district_id,
+                station_id: e.station_id,
+                line: e.line,
+                hop: e.hop,
+                tickets: e.tickets,
+                reported_at: e.reported_at,
+                assigned_at: e.assigned_at,
+                arrival_due_at: e.arrival_due_at,
+                restoration_limit_seconds: e.restoration_limit_seconds,
+                policy_version: e.policy_version,
+                warn_at_percent: e.warn_at_percent,
+                urge_count: previous.as_ref().map_or(0, |p| p.urge_count),
+                version: event.global_position,
+                ..WorkOrderView::default()
+            };
+            view.put(order_key(&e.order_id), o.encode_to_vec());
+        } else if t == OrderWithdrawn::full_name() {
+            let e: OrderWithdrawn = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| {
+                // A reassignment in the same commit overwrites this.
+                if o.crew_id == e.crew_id {
+                    o.status = OrderStatus::Withdrawn as i32;
+                }
+            })?;
+        } else if t == IncidentGrew::full_name() {
+            let e: IncidentGrew = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| {
+                if let Some(ticket) = e.ticket
+                    && !o.tickets.iter().any(|t| t.ticket_id == ticket.ticket_id)
+                {
+                    o.tickets.push(ticket);
+                }
+            })?;
+        } else if t == CustomerUrged::full_name() {
+            let e: CustomerUrged = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| o.urge_count += 1)?;
+        } else if t == ClockAlerted::full_name() {
+            let e: ClockAlerted = decode_payload(event)?;
+            update(view, &e.order_id, event, |_| {})?;
+        } else if t == OrderAcknowledged::full_name() {
+            let e: OrderAcknowledged = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| {
+                o.status = OrderStatus::Acknowledged as i32;
+                o.acknowledged_at = e.device_time;
+                o.last_device_time = e.device_time;
+            })?;
+        } else if t == CrewDeparted::full_name() {
+            let e: CrewDeparted = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| {
+                o.status = OrderStatus::EnRoute as i32;
+                o.departed_at = e.device_time;
+                o.last_device_time = e.device_time;
+            })?;
+        } else if t == CrewArrived::full_name() {
+            let e: CrewArrived = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| {
+                o.status = OrderStatus::OnSite as i32;
+                o.arrived_at = e.device_time;
+                o.last_device_time = e.device_time;
+                if let Some(arrived) = e.device_time
+                    && o.restoration_limit_seconds > 0
+                {
+                    o.restoration_due_at = Some(prost_types::Timestamp {
+                        seconds: arrived.seconds + o.restoration_limit_seconds as i64,
+                        nanos: arrived.nanos,
+                    });
+                }
+            })?;
+        } else if t == EtrUpdated::full_name() {
+            let e: EtrUpdated = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| {
+                o.estimated_restoration = e.estimated_restoration;
+                o.last_device_time = e.device_time;
+            })?;
+        } else if t == PowerRestored::full_name() {
+            let e: PowerRestored = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| {
+                o.status = OrderStatus::Restored as i32;
+                o.restored_at = e.device_time;
+                o.last_device_time = e.device_time;
+            })?;
+        } else if t == WorkCompleted::full_name() {
+            let e: WorkCompleted = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| {
+                o.status = OrderStatus::Completed as i32;
+                o.completed_at = e.device_time;
+                o.last_device_time = e.device_time;
+            })?;
+        } else if t == OrderReturned::full_name() {
+            let e: OrderReturned = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| {
+                o.status = OrderStatus::Returned as i32;
+                o.last_device_time = e.device_time;
+            })?;
+        } else if t == NoteAdded::full_name() {
+            let e: NoteAdded = decode_payload(event)?;
+            update(view, &e.order_id, event, |o| {
+                o.last_device_time = e.device_time;
+            })?;
+        } else if t == CustomerNotificationRequested::full_name() {
+            // A fact for the gateways; no view of dispatch's changes.
+        } else {
+            return Err(format!("dispatch does not project {t}"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,618 @@
+//! Dispatch in-process over a real RocksDB log and a real gRPC connection:
+//! crews resume their sequence exactly, offline batches apply in device-time
+//! order and idempotently, escalation moves an order between crews,
+//! incidents complete all their tickets, wrong actions get clear errors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use lineguard_bus::{Applied, Handler, apply_event};
+use lineguard_dispatch::api::DispatchService;
+use lineguard_dispatch::consumers::{FROM_INTAKE, FROM_ROUTING, IntakeEvents, RoutingEvents};
+use lineguard_dispatch::orders::Dispatcher;
+use lineguard_dispatch::projection::DispatchProjector;
+use lineguard_eventlog::{EventEnvelope, EventLog, LogConfig, ReadDirection, decode_payload};
+use lineguard_protos::dispatch::v1::{
+    AcknowledgeRequest, ActionHeader, ArriveRequest, CompleteRequest, CrewAction, CrewEvent,
+    CustomerNotificationRequested, DepartRequest, GetWorkOrderRequest, IncidentGrew,
+    NotificationMedium, OrderAssigned, OrderStatus, OrderWithdrawn, RestoreRequest,
+    SubmitActionsRequest, WatchDispatchesRequest, WorkCompleted, crew_action::Action,
+    dispatch_client::DispatchClient,
+};
+use lineguard_protos::intake::v1::{Channel, TicketKind, TicketReported};
+use lineguard_protos::routing::v1::{ClockLimit, Crew, CrewDefined, Deadline, TicketRouted};
+use prost::{Message, Name};
+use prost_types::Timestamp;
+use tonic::Code;
+use tonic::transport::Channel as GrpcChannel;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dispatcher: Dispatcher,
+    client: DispatchClient<GrpcChannel>,
+}
+
+async fn start() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = EventLog::open(
+        LogConfig::new(dir.path().join("log"), "dispatch")
+            .with_event_types(lineguard_dispatch::event_types())
+            .with_projector(Arc::new(DispatchProjector)),
+    )
+    .expect("open log");
+    let dispatcher = Dispatcher::new(log);
+    let routes = tonic::service::Routes::new(DispatchService::new(dispatcher.clone()).server());
+    let channel = lineguard_harness::serve_in_process(routes)
+        .await
+        .expect("serve");
+    let f = Fixture {
+        _dir: dir,
+        dispatcher,
+        client: DispatchClient::new(channel),
+    };
+    for crew in ["crew-a", "crew-b"] {
+        f.hear_routing(&CrewDefined {
+            crew: Some(Crew {
+                crew_id: crew.into(),
+                station_id: "st-1".into(),
+                members: vec!["Wang".into()],
+                district_ids: vec!["d-1".into()],
+            }),
+        })
+        .await;
+    }
+    f
+}
+
+fn envelope<M: Message + Name>(message: &M, source: &str) -> EventEnvelope {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    EventEnvelope {
+        event_id: format!("{source}-evt-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+        stream_id: "s".into(),
+        stream_version: 1,
+        global_position: 1,
+        recorded_at: Some(now()),
+        correlation_id: "c".into(),
+        event_type: M::full_name(),
+        schema_version: 1,
+        payload: Bytes::from(message.encode_to_vec()),
+        source: source.into(),
+        ..EventEnvelope::default()
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp::from(std::time::SystemTime::now())
+}
+
+fn at(seconds: i64) -> Timestamp {
+    Timestamp {
+        seconds: 1_800_000_000 + seconds,
+        nanos: 0,
+    }
+}
+
+impl Fixture {
+    async fn deliver<M: Message + Name, H: Handler>(
+        &self,
+        consumer: &str,
+        handler: &H,
+        m: &M,
+        source: &str,
+    ) {
+        let applied = apply_event(
+            self.dispatcher.log(),
+            consumer,
+            handler,
+            &envelope(m, source),
+            3,
+        )
+        .await
+        .expect("handled");
+        assert_eq!(applied, Applied::Committed);
+    }
+
+    async fn hear_routing<M: Message + Name>(&self, m: &M) {
+        self.deliver(
+            FROM_ROUTING,
+            &RoutingEvents(self.dispatcher.clone()),
+            m,
+            "routing",
+        )
+        .await;
+    }
+
+    async fn hear_intake<M: Message + Name>(&self, m: &M) {
+        self.deliver(
+            FROM_INTAKE,
+            &IntakeEvents(self.dispatcher.clone()),
+            m,
+            "intake",
+        )
+        .await;
+    }
+
+    /// A fault ticket reported through `channel` (optionally in an incident).
+    async fn ticket(&self, id: &str, channel: Channel, incident: &str, lead: bool) {
+        self.hear_intake(&TicketReported {
+            ticket_id: id.into(),
+            channel: channel as i32,
+            kind: TicketKind::FaultRepair as i32,
+            account_number: format!("acct-{id}"),
+            incident_id: incident.into(),
+            incident_lead: lead,
+            ..TicketReported::default()
+        })
+        .await;
+    }
+
+    /// Routing sends `case` (led by `lead`) to `crew` at `hop`.
+    async fn route(&self, case: &str, lead: &str, incident: &str, crew: &str, hop: u32) {
+        self.hear_routing(&TicketRouted {
+            case_id: case.into(),
+            lead_ticket_id: lead.into(),
+            incident_id: incident.into(),
+            kind: TicketKind::FaultRepair as i32,
+            district_id: "d-1".into(),
+            station_id: "st-1".into(),
+            line: hop,
+            hop,
+            assignee_id: format!("owner-{hop}"),
+            crew_id: crew.into(),
+            field_work: true,
+            reported_at: Some(at(0)),
+            deadlines: vec![Deadline {
+                clock: "arrival".into(),
+                due_at: Some(at(45 * 60)),
+            }],
+            limits: vec![ClockLimit {
+                clock: "restoration".into(),
+                seconds: 3 * 3600,
+                working_days: 0,
+                starts_at: "arrival".into(),
+            }],
+            ..TicketRouted::default()
+        })
+        .await;
+    }
+
+    async fn order(&mut self, id: &str) -> lineguard_protos::dispatch::v1::WorkOrderView {
+        self.client
+            .get_work_order(GetWorkOrderRequest {
+                order_id: id.into(),
+            })
+            .await
+            .expect("order")
+            .into_inner()
+    }
+
+    /// Every event on a crew's stream, as (sequence, short type).
+    fn crew_events(&self, crew: &str) -> Vec<EventEnvelope> {
+        self.dispatcher
+            .log()
+            .read_stream(crew, 1, ReadDirection::Forward, 1_000)
+            .expect("read")
+            .events
+    }
+}
+
+fn header(crew: &str, order: &str, action: &str, device_seconds: i64) -> Option<ActionHeader> {
+    Some(ActionHeader {
+        crew_id: crew.into(),
+        order_id: order.into(),
+        action_id: action.into(),
+        device_time: Some(at(device_seconds)),
+    })
+}
+
+fn short(e: &EventEnvelope) -> &str {
+    e.event_type.rsplit('.').next().unwrap_or("")
+}
+
+async fn take(stream: &mut tonic::Streaming<CrewEvent>, n: usize) -> Vec<CrewEvent> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+            .expect("event");
+        out.push(next);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_crew_reconnecting_with_its_last_sequence_gets_exactly_what_it_missed() {
+    let f = start().await;
+    let mut client = f.client.clone();
+    for i in 0..10 {
+        let id = format!("ticket-s{i}");
+        f.ticket(&id, Channel::App, "", false).await;
+        f.route(&id, &id, "", "crew-a", 1).await;
+    }
+    let mut watch = client
+        .watch_dispatches(WatchDispatchesRequest {
+            crew_id: "crew-a".into(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = take(&mut watch, 7).await;
+    assert_eq!(
+        first.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        (1..=7).collect::<Vec<_>>()
+    );
+    drop(watch); // the phone loses its network mid-storm
+
+    for i in 10..40 {
+        let id = format!("ticket-s{i}");
+        f.ticket(&id, Channel::Wechat, "", false).await;
+        f.route(&id, &id, "", "crew-a", 1).await;
+    }
+    let mut watch = client
+        .watch_dispatches(WatchDispatchesRequest {
+            crew_id: "crew-a".into(),
+            after_sequence: 7,
+        })
+        .await
+        .expect("resume")
+        .into_inner();
+    let missed = take(&mut watch, 33).await;
+    assert_eq!(
+        missed.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        (8..=40).collect::<Vec<_>>(),
+        "exactly the missed ones, in order"
+    );
+    let orders: Vec<String> = missed
+        .iter()
+        .map(|e| {
+            decode_payload::<OrderAssigned>(e.event.as_ref().expect("event"))
+                .expect("an order")
+                .order_id
+        })
+        .collect();
+    assert_eq!(orders[0], "ticket-s7");
+    assert_eq!(orders[32], "ticket-s39");
+
+    // Then live: the next order arrives on the open stream.
+    f.ticket("ticket-live", Channel::Web, "", false).await;
+    f.route("ticket-live", "ticket-live", "", "crew-a", 1).await;
+    let live = take(&mut watch, 1).await;
+    assert_eq!(live[0].sequence, 41);
+
+    let err = client
+        .watch_dispatches(WatchDispatchesRequest {
+            crew_id: "crew-a".into(),
+            after_sequence: 99,
+        })
+        .await
+        .expect_err("ahead of the crew's sequence");
+    assert_eq!(err.code(), Code::OutOfRange);
+    let err = client
+        .watch_dispatches(WatchDispatchesRequest {
+            crew_id: "crew-nobody".into(),
+            after_sequence: 0,
+        })
+        .await
+        .expect_err("unknown crew");
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+fn act(action: Action) -> CrewAction {
+    CrewAction {
+        action: Some(action),
+    }
+}
+
+#[tokio::test]
+async fn an_offline_batch_applies_in_device_time_order_and_once_when_resent() {
+    let mut f = start().await;
+    f.ticket("ticket-o1", Channel::Hotline95598, "", false)
+        .await;
+    f.route("ticket-o1", "ticket-o1", "", "crew-a", 1).await;
+    // Queued offline, sent in the wrong order.
+    let batch = SubmitActionsRequest {
+        actions: vec![
+            act(Action::Complete(CompleteRequest {
+                header: header("crew-a", "ticket-o1", "a5", 5_000),
+                cause: "blown fuse".into(),
+                result: "fuse replaced".into(),
+                parts_used: vec!["fuse 63A".into()],
+                notes: String::new(),
+            })),
+            act(Action::Arrive(ArriveRequest {
+                header: header("crew-a", "ticket-o1", "a3", 2_000),
+                position: None,
+            })),
+            act(Action::Acknowledge(AcknowledgeRequest {
+                header: header("crew-a", "ticket-o1", "a1", 60),
+            })),
+            act(Action::Restore(RestoreRequest {
+                header: header("crew-a", "ticket-o1", "a4", 4_000),
+            })),
+            act(Action::Depart(DepartRequest {
+                header: header("crew-a", "ticket-o1", "a2", 120),
+            })),
+        ],
+    };
+    let outcomes = f
+        .client
+        .submit_actions(batch.clone())
+        .await
+        .expect("batch")
+        .into_inner()
+        .outcomes;
+    assert_eq!(
+        outcomes
+            .iter()
+            .map(|o| (o.action_id.as_str(), o.code.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("a1", "OK"),
+            ("a2", "OK"),
+            ("a3", "OK"),
+            ("a4", "OK"),
+            ("a5", "OK")
+        ]
+    );
+    let order = f.order("ticket-o1").await;
+    assert_eq!(order.status(), OrderStatus::Completed);
+    assert_eq!(order.arrived_at, Some(at(2_000)));
+    assert_eq!(order.restoration_due_at, Some(at(2_000 + 3 * 3600)));
+    let head = f.dispatcher.log().head();
+
+    let again = f
+        .client
+        .submit_actions(batch)
+        .await
+        .expect("resent")
+        .into_inner()
+        .outcomes;
+    assert_eq!(again, outcomes, "the same answers");
+    assert_eq!(f.dispatcher.log().head(), head, "nothing applied twice");
+}
+
+#[tokio::test]
+async fn escalation_withdraws_the_order_from_crew_a_and_gives_it_to_crew_b() {
+    let mut f = start().await;
+    f.ticket("ticket-e1", Channel::App, "", false).await;
+    f.route("ticket-e1", "ticket-e1", "", "crew-a", 1).await;
+    f.route("ticket-e1", "ticket-e1", "", "crew-b", 2).await;
+    let a: Vec<String> = f
+        .crew_events("crew-a")
+        .iter()
+        .map(|e| short(e).to_string())
+        .collect();
+    let b: Vec<String> = f
+        .crew_events("crew-b")
+        .iter()
+        .map(|e| short(e).to_string())
+        .collect();
+    assert_eq!(a, ["OrderAssigned", "OrderWithdrawn"]);
+    assert_eq!(b, ["OrderAssigned"]);
+    let withdrawn: OrderWithdrawn = decode_payload(&f.crew_events("crew-a")[1]).expect("withdrawn");
+    assert!(withdrawn.reason.contains("crew-b"), "{}", withdrawn.reason);
+    let order = f.order("ticket-e1").await;
+    assert_eq!((order.crew_id.as_str(), order.hop), ("crew-b", 2));
+
+    let err = f
+        .client
+        .acknowledge(AcknowledgeRequest {
+            header: header("crew-a", "ticket-e1", "late-ack", 10),
+        })
+        .await
+        .expect_err("not crew a's any more");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    f.client
+        .acknowledge(AcknowledgeRequest {
+            header: header("crew-b", "ticket-e1", "b-ack", 11),
+        })
+        .await
+        .expect("crew b acknowledges");
+}
+
+#[tokio::test]
+async fn completing_an_incident_completes_every_ticket_and_notifies_each_caller() {
+    let mut f = start().await;
+    f.ticket("ticket-lead", Channel::Hotline95598, "incident-1", true)
+        .await;
+    f.ticket("ticket-c1", Channel::App, "incident-1", false)
+        .await;
+    f.ticket("ticket-c2", Channel::Wechat, "incident-1", false)
+        .await;
+    f.route("incident-1", "ticket-lead", "incident-1", "crew-a", 1)
+        .await;
+    let assigned: OrderAssigned = decode_payload(&f.crew_events("crew-a")[0]).expect("assigned");
+    assert_eq!(assigned.tickets.len(), 3, "the lead and both children");
+    // A caller after the crew has it: the crew hears the incident grew.
+    f.ticket("ticket-c3", Channel::StationPhone, "incident-1", false)
+        .await;
+    let grew: IncidentGrew = decode_payload(&f.crew_events("crew-a")[1]).expect("grew");
+    assert_eq!(grew.ticket_count, 4);
+
+    for (i, action) in [
+        Action::Acknowledge(AcknowledgeRequest {
+            header: header("crew-a", "incident-1", "i1", 10),
+        }),
+        Action::Arrive(ArriveRequest {
+            header: header("crew-a", "incident-1", "i2", 20),
+            position: None,
+        }),
+        Action::Complete(CompleteRequest {
+            header: header("crew-a", "incident-1", "i3", 30),
+            cause: "transformer fuse".into(),
+            result: "replaced".into(),
+            parts_used: vec![],
+            notes: String::new(),
+        }),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        f.client
+            .submit_actions(SubmitActionsRequest {
+                actions: vec![act(action)],
+            })
+            .await
+            .unwrap_or_else(|e| panic!("action {i}: {e}"));
+    }
+    let events = f
+        .dispatcher
+        .log()
+        .read_stream("incident-1", 1, ReadDirection::Forward, 100)
+        .expect("read")
+        .events;
+    let completed: WorkCompleted = events
+        .iter()
+        .find_map(|e| decode_payload(e).ok())
+        .expect("completed");
+    assert_eq!(
+        completed.ticket_ids.len(),
+        4,
+        "every ticket of the incident"
+    );
+    let notices: Vec<CustomerNotificationRequested> = events
+        .iter()
+        .filter_map(|e| decode_payload(e).ok())
+        .collect();
+    assert_eq!(notices.len(), 4, "one per caller");
+    let medium_of = |t: &str| {
+        notices
+            .iter()
+            .find(|n| n.ticket_id == t)
+            .map(|n| n.medium())
+            .expect("notified")
+    };
+    assert_eq!(medium_of("ticket-c1"), NotificationMedium::AppPush);
+    assert_eq!(medium_of("ticket-c2"), NotificationMedium::Wechat);
+    assert_eq!(medium_of("ticket-lead"), NotificationMedium::Sms);
+    assert_eq!(f.order("incident-1").await.status(), OrderStatus::Completed);
+}
+
+#[tokio::test]
+async fn wrong_actions_get_clear_errors() {
+    let mut f = start().await;
+    f.ticket("ticket-w1", Channel::Web, "", false).await;
+    f.route("ticket-w1", "ticket-w1", "", "crew-a", 1).await;
+    let err = f
+        .client
+        .arrive(ArriveRequest {
+            header: header("crew-a", "ticket-w1", "w1", 10),
+            position: None,
+        })
+        .await
+        .expect_err("arriving before acknowledging");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("arriving before acknowledging"),
+        "{}",
+        err.message()
+    );
+    f.client
+        .acknowledge(AcknowledgeRequest {
+            header: header("crew-a", "ticket-w1", "w2", 11),
+        })
+        .await
+        .expect("ack");
+    let err = f
+        .client
+        .complete(CompleteRequest {
+            header: header("crew-a", "ticket-w1", "w3", 12),
+            cause: "x".into(),
+            result: "y".into(),
+            parts_used: vec![],
+            notes: String::new(),
+        })
+        .await
+        .expect_err("completing before arriving");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = f
+        .client
+        .acknowledge(AcknowledgeRequest {
+            header: header("crew-b", "ticket-w1", "w4", 12),
+        })
+        .await
+        .expect_err("another crew's order");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = f
+        .client
+        .acknowledge(AcknowledgeRequest {
+            header: header("crew-a", "ticket-nope", "w5", 12),
+        })
+        .await
+        .expect_err("unknown order");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = f
+        .client
+        .acknowledge(AcknowledgeRequest {
+            header: header("crew-zz", "ticket-w1", "w6", 12),
+        })
+        .await
+        .expect_err("unknown crew");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = f
+        .client
+        .depart(DepartRequest {
+            header: header("crew-a", "ticket-w1", "w2", 13),
+        })
+        .await
+        .expect_err("action id reused for something else");
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let err = f
+        .client
+        .depart(DepartRequest { header: None })
+        .await
+        .expect_err("no header");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("header"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn two_acknowledgements_racing_one_wins_the_other_hears_why() {
+    let f = start().await;
+    f.ticket("ticket-r1", Channel::App, "", false).await;
+    f.route("ticket-r1", "ticket-r1", "", "crew-a", 1).await;
+    let attempts = ["phone-1", "phone-2", "phone-3"].map(|device| {
+        let mut client = f.client.clone();
+        tokio::spawn(async move {
+            client
+                .acknowledge(AcknowledgeRequest {
+                    header: header("crew-a", "ticket-r1", device, 10),
+                })
+                .await
+        })
+    });
+    let mut wins = 0;
+    let mut refusals = Vec::new();
+    for attempt in attempts {
+        match attempt.await.expect("join") {
+            Ok(_) => wins += 1,
+            Err(status) => refusals.push(status),
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(refusals.len(), 2);
+    for r in refusals {
+        assert_eq!(r.code(), Code::FailedPrecondition);
+        assert!(
+            r.message().contains("already acknowledged"),
+            "{}",
+            r.message()
+        );
+    }
+    let before = f.dispatcher.log().projection_digest().expect("digest");
+    f.dispatcher
+        .log()
+        .rebuild_projections()
+        .await
+        .expect("rebuild");
+    assert_eq!(
+        f.dispatcher.log().projection_digest().expect("digest"),
+        before
+    );
+}

@@ -1,0 +1,80 @@
+//! What routing does with dispatch's events: a crew's acknowledgement of
+//! its work order is the acceptance of the ticket (it stops the acceptance
+//! clock, as `AcceptTicket` does for desk work).
+
+use lineguard_bus::{Handled, Handler, HandlerError, subjects::event_type_filter};
+use lineguard_eventlog::{
+    ActorKind, EventEnvelope, ExpectedVersion, NewEvent, Transaction, actor, decode_payload,
+};
+use lineguard_protos::dispatch::v1::OrderAcknowledged;
+use lineguard_protos::routing::v1::{RouteStatus, TicketAccepted};
+use prost::Name;
+
+use crate::projection::nanos;
+use crate::router::Router;
+
+/// The durable consumer's name (and inbox id).
+pub const CONSUMER: &str = "routing-from-dispatch";
+
+/// The dispatch subjects routing consumes.
+pub fn subjects() -> Vec<String> {
+    vec![event_type_filter(
+        "dispatch",
+        &OrderAcknowledged::full_name(),
+    )]
+}
+
+/// Records crews' acknowledgements as acceptances.
+pub struct DispatchEvents {
+    router: Router,
+}
+
+impl DispatchEvents {
+    pub fn new(router: Router) -> Self {
+        DispatchEvents { router }
+    }
+}
+
+impl Handler for DispatchEvents {
+    async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
+        if event.event_type != OrderAcknowledged::full_name() {
+            return Ok(Handled::Ignore);
+        }
+        let ack: OrderAcknowledged = decode_payload(event).map_err(HandlerError::Reject)?;
+        let route = self
+            .router
+            .route(&ack.order_id)
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        // Only the crew the current hop sent, while the route waits for it.
+        let Some(route) =
+            route.filter(|r| r.status() == RouteStatus::Routed && r.crew_id == ack.crew_id)
+        else {
+            return Ok(Handled::Ignore);
+        };
+        let at = ack.recorded_at.or(event.recorded_at).unwrap_or_default();
+        let on_time = route
+            .acceptance_due_at
+            .as_ref()
+            .is_none_or(|due| nanos(&at) <= nanos(due));
+        let accepted = TicketAccepted {
+            case_id: route.case_id.clone(),
+            assignee_id: ack.crew_id.clone(),
+            line: route.line,
+            hop: route.hop,
+            accepted_at: Some(at),
+            on_time,
+        };
+        Ok(Handled::Commit(Transaction::append(
+            &route.case_id,
+            ExpectedVersion::Exact(route.version),
+            vec![
+                NewEvent::new(
+                    &accepted,
+                    &route.case_id,
+                    actor(ActorKind::Crew, &ack.crew_id),
+                )
+                .caused_by(&event.event_id),
+            ],
+        )))
+    }
+}
