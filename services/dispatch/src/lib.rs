@@ -11,10 +11,12 @@
 //! - [`watch`]: `WatchDispatches`, a crew's sequence from a number on, then live.
 //! - [`orders`]: [`Dispatcher`](orders::Dispatcher): orders from routes, crew actions.
 //! - [`consumers`]: routing's and intake's events in.
+//! - [`clocks`]: arrival and restoration warnings and breaches, durable, once each.
 //! - [`validate`]: field-level checks of crew actions.
 //! - [`projection`]: [`DispatchProjector`](projection::DispatchProjector), the views.
 
 pub mod api;
+pub mod clocks;
 pub mod consumers;
 pub mod orders;
 pub mod projection;

@@ -2,14 +2,16 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use lineguard_bus::ConsumerConfig;
 use lineguard_dispatch::api::DispatchService;
+use lineguard_dispatch::clocks::ClockTask;
 use lineguard_dispatch::consumers::{self, IntakeEvents, RoutingEvents};
 use lineguard_dispatch::orders::Dispatcher;
 use lineguard_dispatch::projection::DispatchProjector;
-use lineguard_runtime::{CommonArgs, ServiceSpec};
+use lineguard_runtime::{CommonArgs, ServiceSpec, parse_duration};
 use tonic::service::RoutesBuilder;
 
 /// The Lineguard dispatch service: work orders to crews' phones.
@@ -18,6 +20,9 @@ use tonic::service::RoutesBuilder;
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+    /// How often due clock timers (arrival, restoration) are looked for.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+    timer_tick: Duration,
 }
 
 #[tokio::main]
@@ -30,7 +35,8 @@ async fn main() -> ExitCode {
         projector: Arc::new(DispatchProjector),
         api_services: vec!["lineguard.dispatch.v1.Dispatch"],
     };
-    lineguard_runtime::run(spec, args.common, async |host| {
+    let tick = args.timer_tick;
+    lineguard_runtime::run(spec, args.common, async move |host| {
         let dispatcher = Dispatcher::new(host.log.clone());
         host.add_consumer(
             ConsumerConfig::new(consumers::FROM_ROUTING, "routing")
@@ -42,6 +48,8 @@ async fn main() -> ExitCode {
                 .filtered(consumers::intake_subjects()),
             IntakeEvents(dispatcher.clone()),
         );
+        let clocks = ClockTask::spawn(dispatcher.clone(), tick);
+        host.on_shutdown(clocks.stop());
         let mut routes = RoutesBuilder::default();
         routes.add_service(DispatchService::new(dispatcher).server());
         Ok(routes)

@@ -84,6 +84,11 @@ impl Dispatcher {
         }
     }
 
+    /// Holds the order's lock: decisions about one order, one at a time.
+    pub async fn lock(&self, order_id: &str) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        self.locks.lock(&[order_id.to_string()]).await
+    }
+
     /// Dispatch's own log.
     pub fn log(&self) -> &EventLog {
         &self.log

@@ -6,6 +6,8 @@
 //! | `ticket/<ticket id>` | [`TicketNoted`]: channel, account, incident |
 //! | `incident-ticket/<incident id>/<ticket id>` | empty: an incident's tickets |
 //! | `crew/<crew id>` | [`CrewNoted`]: the crews routing's directory knows |
+//! | `timer/<fire at, ns, 20 digits>/<order>/<clock>/<percent>` | [`DispatchTimer`] |
+//! | `timers-of/<order id>` | [`TimerKeys`]: the order's pending timers |
 //!
 //! A crew's sequence is not a projection: it is the version of the crew's
 //! stream in the log (`crew-<id>`), so it is as durable and gap-free as the
@@ -18,7 +20,9 @@ use lineguard_protos::dispatch::v1::{
     OrderReturned, OrderStatus, OrderWithdrawn, PowerRestored, TicketNoted, WorkCompleted,
     WorkOrderView,
 };
+use lineguard_protos::dispatch::v1::{DispatchTimer, TimerKeys};
 use prost::{Message, Name};
+use prost_types::Timestamp;
 
 /// Builds dispatch's views from its events.
 #[derive(Debug, Default, Clone, Copy)]
@@ -35,6 +39,94 @@ pub fn crew_key(crew: &str) -> Vec<u8> {
 }
 pub fn incident_tickets_prefix(incident: &str) -> Vec<u8> {
     format!("incident-ticket/{incident}/").into_bytes()
+}
+
+pub const TIMER_PREFIX: &[u8] = b"timer/";
+
+fn timer_key(fire_at: &Timestamp, order: &str, clock: &str, percent: u32) -> String {
+    format!(
+        "timer/{:020}/{order}/{clock}/{percent}",
+        nanos(fire_at).max(0)
+    )
+}
+
+fn timers_of_key(order: &str) -> Vec<u8> {
+    format!("timers-of/{order}").into_bytes()
+}
+
+/// Nanoseconds since the epoch.
+pub fn nanos(t: &Timestamp) -> i128 {
+    i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
+}
+
+fn point_between(start: &Timestamp, end: &Timestamp, percent: u32) -> Timestamp {
+    let at = nanos(start) + (nanos(end) - nanos(start)) * i128::from(percent) / 100;
+    Timestamp {
+        seconds: at.div_euclid(1_000_000_000) as i64,
+        nanos: at.rem_euclid(1_000_000_000) as i32,
+    }
+}
+
+/// Drops an order's pending timers that `which(clock, percent)` selects.
+fn drop_timers(
+    view: &mut ProjectionView<'_>,
+    order: &str,
+    which: impl Fn(&str, u32) -> bool,
+) -> Result<(), String> {
+    let keys = load::<TimerKeys>(view, &timers_of_key(order))?.map_or_else(Vec::new, |k| k.keys);
+    let mut kept = Vec::with_capacity(keys.len());
+    for key in keys {
+        let mut parts = key.rsplit('/');
+        let percent = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let clock = parts.next().unwrap_or("");
+        if which(clock, percent) {
+            view.delete(key.into_bytes());
+        } else {
+            kept.push(key);
+        }
+    }
+    save_timer_keys(view, order, kept);
+    Ok(())
+}
+
+fn save_timer_keys(view: &mut ProjectionView<'_>, order: &str, keys: Vec<String>) {
+    if keys.is_empty() {
+        view.delete(timers_of_key(order));
+    } else {
+        view.put(timers_of_key(order), TimerKeys { keys }.encode_to_vec());
+    }
+}
+
+/// Sets a clock's warnings (between `start` and `due`) and its breach.
+fn set_timers(
+    view: &mut ProjectionView<'_>,
+    order: &str,
+    clock: &str,
+    start: &Timestamp,
+    due: &Timestamp,
+    points: &[u32],
+) -> Result<(), String> {
+    let mut keys =
+        load::<TimerKeys>(view, &timers_of_key(order))?.map_or_else(Vec::new, |k| k.keys);
+    for percent in points.iter().copied().chain([0]) {
+        let fire_at = if percent == 0 {
+            *due
+        } else {
+            point_between(start, due, percent)
+        };
+        let key = timer_key(&fire_at, order, clock, percent);
+        let timer = DispatchTimer {
+            order_id: order.to_string(),
+            clock: clock.to_string(),
+            percent,
+            fire_at: Some(fire_at),
+            due_at: Some(*due),
+        };
+        view.put(key.clone().into_bytes(), timer.encode_to_vec());
+        keys.push(key);
+    }
+    save_timer_keys(view, order, keys);
+    Ok(())
 }
 
 /// The log stream holding a crew's events; its versions are the crew's
@@ -118,6 +210,10 @@ impl Projector for DispatchProjector {
                 version: event.global_position,
                 ..WorkOrderView::default()
             };
+            drop_timers(view, &e.order_id, |_, _| true)?;
+            if let (Some(start), Some(due)) = (&o.reported_at, &o.arrival_due_at) {
+                set_timers(view, &e.order_id, "arrival", start, due, &o.warn_at_percent)?;
+            }
             view.put(order_key(&e.order_id), o.encode_to_vec());
         } else if t == OrderWithdrawn::full_name() {
             let e: OrderWithdrawn = decode_payload(event)?;
@@ -127,6 +223,7 @@ impl Projector for DispatchProjector {
                     o.status = OrderStatus::Withdrawn as i32;
                 }
             })?;
+            drop_timers(view, &e.order_id, |_, _| true)?;
         } else if t == IncidentGrew::full_name() {
             let e: IncidentGrew = decode_payload(event)?;
             update(view, &e.order_id, event, |o| {
@@ -142,6 +239,10 @@ impl Projector for DispatchProjector {
         } else if t == ClockAlerted::full_name() {
             let e: ClockAlerted = decode_payload(event)?;
             update(view, &e.order_id, event, |_| {})?;
+            let fired = if e.breached { 0 } else { e.percent };
+            drop_timers(view, &e.order_id, |clock, percent| {
+                clock == e.clock && percent == fired
+            })?;
         } else if t == OrderAcknowledged::full_name() {
             let e: OrderAcknowledged = decode_payload(event)?;
             update(view, &e.order_id, event, |o| {
@@ -171,6 +272,18 @@ impl Projector for DispatchProjector {
                     });
                 }
             })?;
+            drop_timers(view, &e.order_id, |clock, _| clock == "arrival")?;
+            let o: WorkOrderView = load(view, &order_key(&e.order_id))?.unwrap_or_default();
+            if let (Some(start), Some(due)) = (&o.arrived_at, &o.restoration_due_at) {
+                set_timers(
+                    view,
+                    &e.order_id,
+                    "restoration",
+                    start,
+                    due,
+                    &o.warn_at_percent,
+                )?;
+            }
         } else if t == EtrUpdated::full_name() {
             let e: EtrUpdated = decode_payload(event)?;
             update(view, &e.order_id, event, |o| {
@@ -179,6 +292,7 @@ impl Projector for DispatchProjector {
             })?;
         } else if t == PowerRestored::full_name() {
             let e: PowerRestored = decode_payload(event)?;
+            drop_timers(view, &e.order_id, |_, _| true)?;
             update(view, &e.order_id, event, |o| {
                 o.status = OrderStatus::Restored as i32;
                 o.restored_at = e.device_time;
@@ -186,6 +300,7 @@ impl Projector for DispatchProjector {
             })?;
         } else if t == WorkCompleted::full_name() {
             let e: WorkCompleted = decode_payload(event)?;
+            drop_timers(view, &e.order_id, |_, _| true)?;
             update(view, &e.order_id, event, |o| {
                 o.status = OrderStatus::Completed as i32;
                 o.completed_at = e.device_time;
@@ -193,6 +308,7 @@ impl Projector for DispatchProjector {
             })?;
         } else if t == OrderReturned::full_name() {
             let e: OrderReturned = decode_payload(event)?;
+            drop_timers(view, &e.order_id, |_, _| true)?;
             update(view, &e.order_id, event, |o| {
                 o.status = OrderStatus::Returned as i32;
                 o.last_device_time = e.device_time;

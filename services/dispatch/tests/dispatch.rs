@@ -10,13 +10,14 @@ use bytes::Bytes;
 use futures::StreamExt;
 use lineguard_bus::{Applied, Handler, apply_event};
 use lineguard_dispatch::api::DispatchService;
+use lineguard_dispatch::clocks::fire_due;
 use lineguard_dispatch::consumers::{FROM_INTAKE, FROM_ROUTING, IntakeEvents, RoutingEvents};
 use lineguard_dispatch::orders::Dispatcher;
 use lineguard_dispatch::projection::DispatchProjector;
 use lineguard_eventlog::{EventEnvelope, EventLog, LogConfig, ReadDirection, decode_payload};
 use lineguard_protos::dispatch::v1::{
-    AcknowledgeRequest, ActionHeader, ArriveRequest, CompleteRequest, CrewAction, CrewEvent,
-    CustomerNotificationRequested, DepartRequest, GetWorkOrderRequest, IncidentGrew,
+    AcknowledgeRequest, ActionHeader, ArriveRequest, ClockAlerted, CompleteRequest, CrewAction,
+    CrewEvent, CustomerNotificationRequested, DepartRequest, GetWorkOrderRequest, IncidentGrew,
     NotificationMedium, OrderAssigned, OrderStatus, OrderWithdrawn, RestoreRequest,
     SubmitActionsRequest, WatchDispatchesRequest, WorkCompleted, crew_action::Action,
     dispatch_client::DispatchClient,
@@ -28,28 +29,34 @@ use prost_types::Timestamp;
 use tonic::Code;
 use tonic::transport::Channel as GrpcChannel;
 
+/// Feeds dispatch the events of routing and intake, as the bus would.
+struct Feed {
+    dispatcher: Dispatcher,
+}
+
 struct Fixture {
     _dir: tempfile::TempDir,
-    dispatcher: Dispatcher,
+    feed: Feed,
     client: DispatchClient<GrpcChannel>,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Feed;
+    fn deref(&self) -> &Feed {
+        &self.feed
+    }
 }
 
 async fn start() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = EventLog::open(
-        LogConfig::new(dir.path().join("log"), "dispatch")
-            .with_event_types(lineguard_dispatch::event_types())
-            .with_projector(Arc::new(DispatchProjector)),
-    )
-    .expect("open log");
-    let dispatcher = Dispatcher::new(log);
+    let dispatcher = Dispatcher::new(open_log(dir.path()));
     let routes = tonic::service::Routes::new(DispatchService::new(dispatcher.clone()).server());
     let channel = lineguard_harness::serve_in_process(routes)
         .await
         .expect("serve");
     let f = Fixture {
         _dir: dir,
-        dispatcher,
+        feed: Feed { dispatcher },
         client: DispatchClient::new(channel),
     };
     for crew in ["crew-a", "crew-b"] {
@@ -95,7 +102,7 @@ fn at(seconds: i64) -> Timestamp {
     }
 }
 
-impl Fixture {
+impl Feed {
     async fn deliver<M: Message + Name, H: Handler>(
         &self,
         consumer: &str,
@@ -168,6 +175,7 @@ impl Fixture {
                 clock: "arrival".into(),
                 due_at: Some(at(45 * 60)),
             }],
+            warn_at_percent: vec![50, 80],
             limits: vec![ClockLimit {
                 clock: "restoration".into(),
                 seconds: 3 * 3600,
@@ -179,6 +187,17 @@ impl Fixture {
         .await;
     }
 
+    /// Every event on a crew's stream, as (sequence, short type).
+    fn crew_events(&self, crew: &str) -> Vec<EventEnvelope> {
+        self.dispatcher
+            .log()
+            .read_stream(crew, 1, ReadDirection::Forward, 1_000)
+            .expect("read")
+            .events
+    }
+}
+
+impl Fixture {
     async fn order(&mut self, id: &str) -> lineguard_protos::dispatch::v1::WorkOrderView {
         self.client
             .get_work_order(GetWorkOrderRequest {
@@ -187,15 +206,6 @@ impl Fixture {
             .await
             .expect("order")
             .into_inner()
-    }
-
-    /// Every event on a crew's stream, as (sequence, short type).
-    fn crew_events(&self, crew: &str) -> Vec<EventEnvelope> {
-        self.dispatcher
-            .log()
-            .read_stream(crew, 1, ReadDirection::Forward, 1_000)
-            .expect("read")
-            .events
     }
 }
 
@@ -614,5 +624,114 @@ async fn two_acknowledgements_racing_one_wins_the_other_hears_why() {
     assert_eq!(
         f.dispatcher.log().projection_digest().expect("digest"),
         before
+    );
+}
+
+fn open_log(dir: &std::path::Path) -> EventLog {
+    EventLog::open(
+        LogConfig::new(dir.join("log"), "dispatch")
+            .with_event_types(lineguard_dispatch::event_types())
+            .with_projector(Arc::new(DispatchProjector)),
+    )
+    .expect("open log")
+}
+
+fn alerts(d: &Dispatcher, crew: &str) -> Vec<(String, u32, bool)> {
+    d.log()
+        .read_stream(crew, 1, ReadDirection::Forward, 1_000)
+        .expect("read")
+        .events
+        .iter()
+        .filter_map(|e| decode_payload::<ClockAlerted>(e).ok())
+        .map(|a| (a.clock, a.percent, a.breached))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_arrival_clock_warns_and_breaches_at_the_policys_times_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let d = Dispatcher::new(open_log(dir.path()));
+        let f = Feed {
+            dispatcher: d.clone(),
+        };
+        for crew in ["crew-a"] {
+            f.hear_routing(&CrewDefined {
+                crew: Some(Crew {
+                    crew_id: crew.into(),
+                    ..Crew::default()
+                }),
+            })
+            .await;
+        }
+        f.ticket("ticket-k1", Channel::App, "", false).await;
+        // Reported at 0; urban arrival limit 45 min; warnings at 50% and 80%.
+        f.route("ticket-k1", "ticket-k1", "", "crew-a", 1).await;
+        assert_eq!(fire_due(&d, &at(1_349)).await.expect("fire"), 0);
+        assert_eq!(fire_due(&d, &at(1_350)).await.expect("fire"), 1);
+        assert_eq!(fire_due(&d, &at(1_350)).await.expect("fire"), 0);
+        d.log().close().await.expect("close");
+    }
+    // Dispatch restarts: the rest of the clock is still there, once.
+    let d = Dispatcher::new(open_log(dir.path()));
+    assert_eq!(fire_due(&d, &at(2_159)).await.expect("fire"), 0);
+    assert_eq!(fire_due(&d, &at(2_160)).await.expect("fire"), 1);
+    assert_eq!(fire_due(&d, &at(2_700)).await.expect("fire"), 1);
+    assert_eq!(fire_due(&d, &at(100_000)).await.expect("fire"), 0);
+    assert_eq!(
+        alerts(&d, "crew-a"),
+        [
+            ("arrival".to_string(), 50, false),
+            ("arrival".to_string(), 80, false),
+            ("arrival".to_string(), 100, true)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn arriving_stops_the_arrival_clock_and_starts_restoration() {
+    let mut f = start().await;
+    f.ticket("ticket-k2", Channel::App, "", false).await;
+    f.route("ticket-k2", "ticket-k2", "", "crew-a", 1).await;
+    for action in [
+        Action::Acknowledge(AcknowledgeRequest {
+            header: header("crew-a", "ticket-k2", "k1", 60),
+        }),
+        Action::Arrive(ArriveRequest {
+            header: header("crew-a", "ticket-k2", "k2", 1_000),
+            position: None,
+        }),
+    ] {
+        f.client
+            .submit_actions(SubmitActionsRequest {
+                actions: vec![act(action)],
+            })
+            .await
+            .expect("action");
+    }
+    let d = f.dispatcher.clone();
+    // Restoration: 3 h from arrival at 1,000 s; warnings at 50% and 80%.
+    assert_eq!(
+        fire_due(&d, &at(1_000 + 5_399)).await.expect("fire"),
+        0,
+        "no arrival alerts any more"
+    );
+    assert_eq!(fire_due(&d, &at(1_000 + 5_400)).await.expect("fire"), 1);
+    let order = f.order("ticket-k2").await;
+    assert_eq!(order.status(), OrderStatus::OnSite);
+    f.client
+        .restore(RestoreRequest {
+            header: header("crew-a", "ticket-k2", "k3", 7_000),
+        })
+        .await
+        .expect("restore");
+    assert_eq!(
+        fire_due(&d, &at(100_000)).await.expect("fire"),
+        0,
+        "restored: the clock stopped"
+    );
+    assert_eq!(
+        alerts(&d, "crew-a"),
+        [("restoration".to_string(), 50, false)]
     );
 }
