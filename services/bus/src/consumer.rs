@@ -22,12 +22,25 @@ use crate::streams::{StreamSettings, ensure_stream};
 use crate::subjects::stream_name;
 
 /// What a handler decided to do with an event.
-#[derive(Debug)]
 pub enum Handled {
     /// Commit these writes (the inbox mark is added).
     Commit(Transaction),
+    /// Commit these writes while the second value is alive: typically the
+    /// handler's lock, so that no other writer decides on the same thing
+    /// between this decision and its commit.
+    CommitHolding(Transaction, Box<dyn Send>),
     /// Nothing to write; only the inbox mark is recorded.
     Ignore,
+}
+
+impl std::fmt::Debug for Handled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handled::Commit(txn) => f.debug_tuple("Commit").field(txn).finish(),
+            Handled::CommitHolding(txn, _) => f.debug_tuple("CommitHolding").field(txn).finish(),
+            Handled::Ignore => f.write_str("Ignore"),
+        }
+    }
 }
 
 /// Why a handler could not handle an event.
@@ -137,11 +150,12 @@ pub async fn apply_event<H: Handler>(
     }
     let mut attempt = 0;
     loop {
-        let txn = match handler.handle(event).await? {
-            Handled::Commit(txn) => txn,
-            Handled::Ignore => Transaction::default(),
-        }
-        .consuming(consumer, &event.event_id);
+        let (txn, _held_until_committed) = match handler.handle(event).await? {
+            Handled::Commit(txn) => (txn, None),
+            Handled::CommitHolding(txn, hold) => (txn, Some(hold)),
+            Handled::Ignore => (Transaction::default(), None),
+        };
+        let txn = txn.consuming(consumer, &event.event_id);
         match log.commit(txn).await {
             Ok(CommitOutcome::AlreadyProcessed) => return Ok(Applied::AlreadyProcessed),
             Ok(_) => return Ok(Applied::Committed),

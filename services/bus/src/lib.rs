@@ -23,7 +23,7 @@ pub use consumer::{
     Applied, ConsumerConfig, ConsumerHandle, Handled, Handler, HandlerError, apply_event,
     spawn_consumer,
 };
-pub use relay::{OutboxRelay, RelayConfig};
+pub use relay::{Mirror, OutboxRelay, RelayConfig};
 pub use streams::{StreamSettings, ensure_stream};
 
 /// A bus failure.

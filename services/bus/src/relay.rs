@@ -18,6 +18,20 @@ use tokio::task::JoinHandle;
 
 use crate::streams::{StreamSettings, ensure_stream};
 use crate::subjects::event_subject;
+use lineguard_eventlog::EventEnvelope;
+
+/// A second subject some events are also published on, in another
+/// JetStream stream (`LINEGUARD_<STREAM_NAME>`, capturing
+/// `lineguard.<stream_name>.>`). Dispatch uses it to put each crew's events
+/// on `lineguard.crew.<crew id>.…` as well. An outbox entry is cleared only
+/// when every subject it goes to has acknowledged it.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    /// The second stream's name, as a service name is used: `crew`.
+    pub stream_name: &'static str,
+    /// The event's second subject, or `None` to publish it once.
+    pub subject: fn(&EventEnvelope) -> Option<String>,
+}
 
 /// How the relay paces itself.
 #[derive(Debug, Clone)]
@@ -28,6 +42,7 @@ pub struct RelayConfig {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub stream: StreamSettings,
+    pub mirror: Option<Mirror>,
 }
 
 impl Default for RelayConfig {
@@ -37,6 +52,7 @@ impl Default for RelayConfig {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
             stream: StreamSettings::default(),
+            mirror: None,
         }
     }
 }
@@ -90,15 +106,18 @@ async fn relay(
         }
         let step = async {
             if stream_ready {
-                publish_batch(&log, &jetstream, config.batch).await
+                publish_batch(&log, &jetstream, config.batch, config.mirror.as_ref()).await
             } else {
                 ensure_stream(&jetstream, log.service(), &config.stream)
                     .await
-                    .map(|()| {
-                        stream_ready = true;
-                        Published::Some
-                    })
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                if let Some(mirror) = &config.mirror {
+                    ensure_stream(&jetstream, mirror.stream_name, &config.stream)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                stream_ready = true;
+                Ok(Published::Some)
             }
         };
         // Stopping mid-step is safe: what was published but not yet cleared
@@ -139,6 +158,7 @@ async fn publish_batch(
     log: &EventLog,
     jetstream: &jetstream::Context,
     batch: usize,
+    mirror: Option<&Mirror>,
 ) -> Result<Published, String> {
     let reader = log.clone();
     let events = tokio::task::spawn_blocking(move || reader.outbox_peek(batch))
@@ -150,29 +170,35 @@ async fn publish_batch(
     }
     let mut pending = Vec::with_capacity(events.len());
     let mut failure = None;
-    for event in &events {
-        let publish = PublishMessage::build()
-            .payload(event.encode_to_vec().into())
-            .message_id(&event.event_id);
-        match jetstream.send_publish(event_subject(event), publish).await {
-            Ok(ack) => pending.push((event.global_position, ack)),
-            Err(e) => {
-                failure = Some(e.to_string());
-                break;
+    'events: for event in &events {
+        let payload: bytes::Bytes = event.encode_to_vec().into();
+        let second = mirror.and_then(|m| (m.subject)(event));
+        let mut acks = Vec::with_capacity(2);
+        for subject in std::iter::once(event_subject(event)).chain(second) {
+            let publish = PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(&event.event_id);
+            match jetstream.send_publish(subject, publish).await {
+                Ok(ack) => acks.push(ack),
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break 'events;
+                }
             }
         }
+        pending.push((event.global_position, acks));
     }
     // Clear only the acknowledged prefix: what follows a failure is published
     // again (and de-duplicated by its message id) so nothing is skipped.
     let mut acked = Vec::with_capacity(pending.len());
-    for (position, ack) in pending {
-        match ack.await {
-            Ok(_) => acked.push(position),
-            Err(e) => {
+    'acks: for (position, acks) in pending {
+        for ack in acks {
+            if let Err(e) = ack.await {
                 failure = Some(e.to_string());
-                break;
+                break 'acks;
             }
         }
+        acked.push(position);
     }
     if !acked.is_empty() {
         let clearer = log.clone();

@@ -56,10 +56,13 @@ impl Dispatch for DispatchService {
             return Err(Status::not_found(format!("crew {} not found", req.crew_id)));
         }
         let log = self.dispatcher.log();
-        let last = log
-            .read_stream(&crew_stream(&req.crew_id), 0, ReadDirection::Backward, 1)
-            .map_err(Status::from)?
-            .stream_version;
+        // A crew with no event yet has no stream: its last sequence is 0.
+        let last = match log.read_stream(&crew_stream(&req.crew_id), 0, ReadDirection::Backward, 1)
+        {
+            Ok(slice) => slice.stream_version,
+            Err(lineguard_eventlog::Error::StreamNotFound { .. }) => 0,
+            Err(e) => return Err(e.into()),
+        };
         if req.after_sequence > last {
             return Err(Status::out_of_range(format!(
                 "after_sequence {} is past crew {}'s last sequence {last}",

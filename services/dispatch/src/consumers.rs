@@ -7,7 +7,7 @@ use lineguard_protos::routing::v1::{CrewDefined, TicketRouted, TicketRoutingClos
 use prost::Name;
 use tonic::Status;
 
-use crate::orders::Dispatcher;
+use crate::orders::{Dispatcher, Hold};
 
 /// Durable consumer names (and inbox ids).
 pub const FROM_ROUTING: &str = "dispatch-from-routing";
@@ -35,9 +35,9 @@ fn failed(s: Status) -> HandlerError {
     HandlerError::Retry(s.message().to_string())
 }
 
-fn commit(txn: Option<lineguard_eventlog::Transaction>) -> Handled {
-    match txn {
-        Some(t) => Handled::Commit(t),
+fn commit(decided: Option<(lineguard_eventlog::Transaction, Hold)>) -> Handled {
+    match decided {
+        Some((txn, hold)) => Handled::CommitHolding(txn, Box::new(hold)),
         None => Handled::Ignore,
     }
 }
@@ -87,7 +87,7 @@ impl Handler for IntakeEvents {
                 .0
                 .ticket_reported(&e, &event.event_id)
                 .await
-                .map(Handled::Commit)
+                .map(|decided| commit(Some(decided)))
                 .map_err(failed);
         }
         if t == TicketUrged::full_name() {

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use lineguard_bus::ConsumerConfig;
+use lineguard_bus::{ConsumerConfig, Mirror};
 use lineguard_dispatch::api::DispatchService;
 use lineguard_dispatch::clocks::ClockTask;
 use lineguard_dispatch::consumers::{self, IntakeEvents, RoutingEvents};
 use lineguard_dispatch::orders::Dispatcher;
-use lineguard_dispatch::projection::DispatchProjector;
+use lineguard_dispatch::projection::{DispatchProjector, crew_subject};
 use lineguard_runtime::{CommonArgs, ServiceSpec, parse_duration};
 use tonic::service::RoutesBuilder;
 
@@ -34,6 +34,10 @@ async fn main() -> ExitCode {
         event_types: lineguard_dispatch::event_types(),
         projector: Arc::new(DispatchProjector),
         api_services: vec!["lineguard.dispatch.v1.Dispatch"],
+        mirror: Some(Mirror {
+            stream_name: "crew",
+            subject: crew_subject,
+        }),
     };
     let tick = args.timer_tick;
     lineguard_runtime::run(spec, args.common, async move |host| {

@@ -38,6 +38,9 @@ pub const MAX_ACTION_ID: usize = 128;
 /// counted in `IncidentGrew` but not listed).
 pub const MAX_TICKETS_PER_ORDER: usize = 10_000;
 
+/// Locks a consumer's decision holds until its commit has landed.
+pub type Hold = Vec<tokio::sync::OwnedMutexGuard<()>>;
+
 /// Dispatch's shared state.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -155,12 +158,12 @@ impl Dispatcher {
         &self,
         routed: &TicketRouted,
         cause: &str,
-    ) -> Result<Option<Transaction>, Status> {
+    ) -> Result<Option<(Transaction, Hold)>, Status> {
         if !routed.field_work {
             return Ok(None);
         }
         let order_id = routed.case_id.as_str();
-        let _guard = self.locks.lock(&[order_id.to_string()]).await;
+        let hold = self.locks.lock_owned(&[order_id.to_string()]).await;
         let existing = self.order(order_id)?;
         if routed.crew_id.is_empty() {
             tracing::warn!(
@@ -243,7 +246,7 @@ impl Dispatcher {
                 NewEvent::new(&assigned, order_id, system()).caused_by(cause),
             ));
         }
-        Ok(Some(transaction(events)))
+        Ok(Some((transaction(events), hold)))
     }
 
     /// Routing closed the ticket (returned as not ours, cancelled): the crew
@@ -252,9 +255,9 @@ impl Dispatcher {
         &self,
         closed: &TicketRoutingClosed,
         cause: &str,
-    ) -> Result<Option<Transaction>, Status> {
+    ) -> Result<Option<(Transaction, Hold)>, Status> {
         let order_id = closed.case_id.as_str();
-        let _guard = self.locks.lock(&[order_id.to_string()]).await;
+        let hold = self.locks.lock_owned(&[order_id.to_string()]).await;
         let Some(o) = self.order(order_id)?.filter(|o| is_active(o.status())) else {
             return Ok(None);
         };
@@ -264,11 +267,12 @@ impl Dispatcher {
             reason: closed.reason.clone(),
             withdrawn_at: Some(now()),
         };
-        Ok(Some(Transaction::append(
+        let txn = Transaction::append(
             crew_stream(&o.crew_id),
             ExpectedVersion::Any,
             vec![NewEvent::new(&withdrawn, order_id, system()).caused_by(cause)],
-        )))
+        );
+        Ok(Some((txn, hold)))
     }
 
     /// A ticket intake took in: noted (channel, account, incident); a child
@@ -277,7 +281,7 @@ impl Dispatcher {
         &self,
         reported: &TicketReported,
         cause: &str,
-    ) -> Result<Transaction, Status> {
+    ) -> Result<(Transaction, Hold), Status> {
         let ticket = CoveredTicket {
             ticket_id: reported.ticket_id.clone(),
             channel: reported.channel,
@@ -293,10 +297,13 @@ impl Dispatcher {
                 .caused_by(cause)
                 .unpublished(),
         )];
+        let mut hold = Hold::new();
         if !reported.incident_id.is_empty() && !reported.incident_lead {
-            let _guard = self
+            // Held until committed: an assignment being decided now either
+            // sees this ticket noted, or is seen here and told it grew.
+            hold = self
                 .locks
-                .lock(std::slice::from_ref(&reported.incident_id))
+                .lock_owned(std::slice::from_ref(&reported.incident_id))
                 .await;
             if let Some(o) = self
                 .order(&reported.incident_id)?
@@ -314,7 +321,7 @@ impl Dispatcher {
                 ));
             }
         }
-        Ok(transaction(events))
+        Ok((transaction(events), hold))
     }
 
     /// A customer chased a ticket: the crew holding it hears of it.
@@ -322,11 +329,12 @@ impl Dispatcher {
         &self,
         urged: &TicketUrged,
         cause: &str,
-    ) -> Result<Option<Transaction>, Status> {
+    ) -> Result<Option<(Transaction, Hold)>, Status> {
         let order_id = match self.get::<TicketNoted>(&ticket_key(&urged.ticket_id))? {
             Some(n) if !n.incident_id.is_empty() => n.incident_id,
             _ => urged.ticket_id.clone(),
         };
+        let hold = self.locks.lock_owned(std::slice::from_ref(&order_id)).await;
         let Some(o) = self.order(&order_id)?.filter(|o| is_active(o.status())) else {
             return Ok(None);
         };
@@ -336,11 +344,12 @@ impl Dispatcher {
             ticket_id: urged.ticket_id.clone(),
             urge_count: urged.urge_count,
         };
-        Ok(Some(Transaction::append(
+        let txn = Transaction::append(
             crew_stream(&o.crew_id),
             ExpectedVersion::Any,
             vec![NewEvent::new(&event, &order_id, system()).caused_by(cause)],
-        )))
+        );
+        Ok(Some((txn, hold)))
     }
 
     /// Applies one crew action: checks who may do what when, commits its

@@ -129,14 +129,23 @@ fn set_timers(
     Ok(())
 }
 
-/// The log stream holding a crew's events; its versions are the crew's
-/// sequence numbers.
+/// Prefix of the log streams holding crews' events.
+pub const CREW_STREAM_PREFIX: &str = "crew-";
+
+/// The log stream holding a crew's events (`crew-<crew id>`, so
+/// `crew-crew-a` for crew `crew-a`); its versions are the crew's sequence
+/// numbers.
 pub fn crew_stream(crew_id: &str) -> String {
-    if crew_id.starts_with("crew-") {
-        crew_id.to_string()
-    } else {
-        format!("crew-{crew_id}")
-    }
+    format!("{CREW_STREAM_PREFIX}{crew_id}")
+}
+
+/// The subject a crew's event is also published on, for gateways that
+/// speak NATS: `lineguard.crew.<crew id>.<EventType>` (JetStream stream
+/// `LINEGUARD_CREW`).
+pub fn crew_subject(event: &EventEnvelope) -> Option<String> {
+    let crew = event.stream_id.strip_prefix(CREW_STREAM_PREFIX)?;
+    let short = event.event_type.rsplit('.').next()?;
+    Some(format!("lineguard.crew.{crew}.{short}"))
 }
 
 fn load<M: Message + Default>(view: &ProjectionView<'_>, key: &[u8]) -> Result<Option<M>, String> {

@@ -39,6 +39,8 @@ pub fn follow(
             .await;
             let events = match page {
                 Ok(Ok(slice)) => slice.events,
+                // Nothing for this crew yet: wait for its first event.
+                Ok(Err(lineguard_eventlog::Error::StreamNotFound { .. })) => Vec::new(),
                 Ok(Err(e)) => {
                     let _ = tx.send(Err(Status::from(e))).await;
                     return;

@@ -13,7 +13,7 @@ use lineguard_dispatch::api::DispatchService;
 use lineguard_dispatch::clocks::fire_due;
 use lineguard_dispatch::consumers::{FROM_INTAKE, FROM_ROUTING, IntakeEvents, RoutingEvents};
 use lineguard_dispatch::orders::Dispatcher;
-use lineguard_dispatch::projection::DispatchProjector;
+use lineguard_dispatch::projection::{DispatchProjector, crew_stream};
 use lineguard_eventlog::{EventEnvelope, EventLog, LogConfig, ReadDirection, decode_payload};
 use lineguard_protos::dispatch::v1::{
     AcknowledgeRequest, ActionHeader, ArriveRequest, ClockAlerted, CompleteRequest, CrewAction,
@@ -191,7 +191,7 @@ impl Feed {
     fn crew_events(&self, crew: &str) -> Vec<EventEnvelope> {
         self.dispatcher
             .log()
-            .read_stream(crew, 1, ReadDirection::Forward, 1_000)
+            .read_stream(&crew_stream(crew), 1, ReadDirection::Forward, 1_000)
             .expect("read")
             .events
     }
@@ -638,7 +638,7 @@ fn open_log(dir: &std::path::Path) -> EventLog {
 
 fn alerts(d: &Dispatcher, crew: &str) -> Vec<(String, u32, bool)> {
     d.log()
-        .read_stream(crew, 1, ReadDirection::Forward, 1_000)
+        .read_stream(&crew_stream(crew), 1, ReadDirection::Forward, 1_000)
         .expect("read")
         .events
         .iter()
@@ -734,4 +734,23 @@ async fn arriving_stops_the_arrival_clock_and_starts_restoration() {
         alerts(&d, "crew-a"),
         [("restoration".to_string(), 50, false)]
     );
+}
+
+#[tokio::test]
+async fn a_crew_watching_before_its_first_order_gets_it_live() {
+    let f = start().await;
+    let mut client = f.client.clone();
+    let mut watch = client
+        .watch_dispatches(WatchDispatchesRequest {
+            crew_id: "crew-b".into(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("a known crew with nothing yet")
+        .into_inner();
+    f.ticket("ticket-first", Channel::App, "", false).await;
+    f.route("ticket-first", "ticket-first", "", "crew-b", 1)
+        .await;
+    let first = take(&mut watch, 1).await;
+    assert_eq!(first[0].sequence, 1);
 }

@@ -28,6 +28,7 @@ async fn main() -> ExitCode {
         event_types: EventTypes::new(),
         projector: Arc::new(NoProjections),
         api_services: Vec::new(),
+        mirror: None,
     };
     lineguard_runtime::run(
         spec,

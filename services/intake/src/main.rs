@@ -35,6 +35,7 @@ async fn main() -> ExitCode {
         default_grpc_port: 50051,
         event_types: lineguard_intake::event_types(),
         projector: Arc::new(IntakeProjector),
+        mirror: None,
         api_services: vec!["lineguard.intake.v1.Intake"],
     };
     let config = IntakeConfig {
@@ -44,6 +45,11 @@ async fn main() -> ExitCode {
     lineguard_runtime::run(spec, args.common, async move |host| {
         host.add_consumer(
             ConsumerConfig::new(observe::CONSUMER, "routing").filtered(observe::routing_subjects()),
+            observe::Observer,
+        );
+        host.add_consumer(
+            ConsumerConfig::new(observe::DISPATCH_CONSUMER, "dispatch")
+                .filtered(observe::dispatch_subjects()),
             observe::Observer,
         );
         let mut routes = RoutesBuilder::default();

@@ -5,6 +5,10 @@
 
 use lineguard_bus::{Handled, Handler, HandlerError, subjects::event_type_filter};
 use lineguard_eventlog::{ActorKind, EventEnvelope, ExpectedVersion, NewEvent, Transaction, actor};
+use lineguard_protos::dispatch::v1::{
+    ClockAlerted, CrewArrived, CrewDeparted, EtrUpdated, OrderAcknowledged, OrderAssigned,
+    PowerRestored, WorkCompleted,
+};
 use lineguard_protos::intake::v1::EventObserved;
 use lineguard_protos::routing::v1::{
     AccountsAssigned, ClockBreached, ClockWarned, TicketAccepted, TicketAnswered, TicketRouted,
@@ -12,8 +16,9 @@ use lineguard_protos::routing::v1::{
 };
 use prost::Name;
 
-/// The durable consumer of routing's events (and its inbox id).
+/// The durable consumers of routing's and dispatch's events (and their inbox ids).
 pub const CONSUMER: &str = "intake-from-routing";
+pub const DISPATCH_CONSUMER: &str = "intake-from-dispatch";
 
 /// Routing's events intake shows on its views.
 pub fn routing_subjects() -> Vec<String> {
@@ -28,6 +33,23 @@ pub fn routing_subjects() -> Vec<String> {
     ]
     .iter()
     .map(|t| event_type_filter("routing", t))
+    .collect()
+}
+
+/// Dispatch's events intake shows on its views.
+pub fn dispatch_subjects() -> Vec<String> {
+    [
+        OrderAssigned::full_name(),
+        OrderAcknowledged::full_name(),
+        CrewDeparted::full_name(),
+        CrewArrived::full_name(),
+        EtrUpdated::full_name(),
+        PowerRestored::full_name(),
+        WorkCompleted::full_name(),
+        ClockAlerted::full_name(),
+    ]
+    .iter()
+    .map(|t| event_type_filter("dispatch", t))
     .collect()
 }
 

@@ -17,6 +17,10 @@
 //! when there is no account (a phone number never appears in a key).
 
 use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, decode_payload};
+use lineguard_protos::dispatch::v1::{
+    ClockAlerted, CrewArrived, CrewDeparted, EtrUpdated, OrderAcknowledged, OrderAssigned,
+    PowerRestored, WorkCompleted,
+};
 use lineguard_protos::intake::v1::{
     ClockAlert, Deadline, EventObserved, IncidentMarkedProbableOutage, IncidentOpened,
     IncidentView, TicketCancelled, TicketJoinedIncident, TicketReported, TicketStatus, TicketUrged,
@@ -381,6 +385,83 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
                     breached: true,
                     percent: 100,
                     at: e.breached_at,
+                });
+            }),
+        )
+    } else if t == OrderAssigned::full_name() {
+        let e: OrderAssigned = decode_payload(event)?;
+        (
+            e.order_id.clone(),
+            Box::new(move |ticket: &mut TicketView| ticket.crew_id = e.crew_id),
+        )
+    } else if t == OrderAcknowledged::full_name() || t == CrewDeparted::full_name() {
+        let order = if t == OrderAcknowledged::full_name() {
+            decode_payload::<OrderAcknowledged>(event)?.order_id
+        } else {
+            decode_payload::<CrewDeparted>(event)?.order_id
+        };
+        (
+            order,
+            Box::new(|ticket: &mut TicketView| {
+                if matches!(
+                    ticket.status(),
+                    TicketStatus::Received | TicketStatus::Routed | TicketStatus::Accepted
+                ) {
+                    ticket.status = TicketStatus::Dispatched as i32;
+                }
+            }),
+        )
+    } else if t == CrewArrived::full_name() {
+        let e: CrewArrived = decode_payload(event)?;
+        (
+            e.order_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                if is_open(ticket.status()) {
+                    ticket.status = TicketStatus::OnSite as i32;
+                }
+                stop_clock(ticket, "arrival", e.device_time);
+            }),
+        )
+    } else if t == EtrUpdated::full_name() {
+        let e: EtrUpdated = decode_payload(event)?;
+        (
+            e.order_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                ticket.estimated_restoration = e.estimated_restoration;
+            }),
+        )
+    } else if t == PowerRestored::full_name() {
+        let e: PowerRestored = decode_payload(event)?;
+        (
+            e.order_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                if is_open(ticket.status()) {
+                    ticket.status = TicketStatus::Restored as i32;
+                }
+                stop_clock(ticket, "restoration", e.device_time);
+            }),
+        )
+    } else if t == WorkCompleted::full_name() {
+        let e: WorkCompleted = decode_payload(event)?;
+        (
+            e.order_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                if is_open(ticket.status()) || ticket.status() == TicketStatus::Restored {
+                    ticket.status = TicketStatus::Completed as i32;
+                }
+                stop_clock(ticket, "restoration", e.device_time);
+            }),
+        )
+    } else if t == ClockAlerted::full_name() {
+        let e: ClockAlerted = decode_payload(event)?;
+        (
+            e.order_id.clone(),
+            Box::new(move |ticket: &mut TicketView| {
+                ticket.alerts.push(ClockAlert {
+                    clock: e.clock,
+                    breached: e.breached,
+                    percent: e.percent,
+                    at: e.at,
                 });
             }),
         )

@@ -14,8 +14,8 @@ use lineguard_protos::routing::v1::{
     DirectoryChangeResponse, District, DistrictDefined, GetAvailabilityRequest, GetPolicyRequest,
     GetRouteRequest, ImportAccountsRequest, ImportAccountsResponse, LookupOwnerRequest,
     LookupOwnerResponse, Manager, ManagerDefined, PolicyAdopted, ReturnReason, ReturnTicketRequest,
-    RouteReason, RouteStatus, RouteView, SetAvailabilityRequest, Station, StationDefined,
-    TicketAccepted, TicketAnswered, TicketReturned, TicketRoutingClosed,
+    RouteStatus, RouteView, SetAvailabilityRequest, Station, StationDefined, TicketAccepted,
+    TicketAnswered,
     routing_server::{Routing, RoutingServer},
 };
 use prost::{Message, Name};
@@ -26,7 +26,7 @@ use crate::directory::{
     check_district, check_id, check_manager, check_station,
 };
 use crate::policy::ANSWER;
-use crate::projection::{apply_routed, nanos};
+use crate::projection::nanos;
 use crate::router::{Router, RouterError, now};
 
 /// Accounts one `ImportAccounts` message may carry.
@@ -627,58 +627,19 @@ impl Routing for RoutingService {
                 |route| {
                     must_hold(route, &req.assignee_id)?;
                     must_be_open(route)?;
-                    let who = person(&req.assignee_id);
-                    let returned = TicketReturned {
-                        case_id: route.case_id.clone(),
-                        assignee_id: req.assignee_id.clone(),
-                        reason: reason as i32,
-                        correct_district_id: req.correct_district_id.clone(),
-                        note: req.note.clone(),
-                        returned_at: Some(at),
-                    };
-                    let returned = NewEvent::new(&returned, &route.case_id, who.clone());
-                    let cause = returned.event_id.to_string();
-                    let mut view = route.clone();
-                    let next = match &correct {
-                        Some(district) => {
-                            if district.district_id == route.district_id {
-                                return Err(invalid(
-                                    "correct_district_id",
-                                    "is the ticket's district already",
-                                ));
-                            }
-                            let routed = router
-                                .next_hop(
-                                    route,
-                                    Some(district.clone()),
-                                    1,
-                                    RouteReason::ReturnedWrongDistrict,
-                                    format!(
-                                        "returned by {}: belongs to {}",
-                                        req.assignee_id, district.district_id
-                                    ),
-                                    &at,
-                                )
-                                .map_err(Status::from)?;
-                            apply_routed(&mut view, &routed);
-                            NewEvent::new(&routed, &route.case_id, who).caused_by(cause)
-                        }
-                        None => {
-                            let why = match reason {
-                                ReturnReason::CustomerSideFault => "returned: customer-side fault",
-                                _ => "returned: not ours",
-                            };
-                            let closed = TicketRoutingClosed {
-                                case_id: route.case_id.clone(),
-                                reason: why.to_string(),
-                                closed_at: Some(at),
-                            };
-                            view.status = RouteStatus::Closed as i32;
-                            view.closed_reason = why.to_string();
-                            NewEvent::new(&closed, &route.case_id, who).caused_by(cause)
-                        }
-                    };
-                    Ok((vec![returned, next], view))
+                    router
+                        .returned(
+                            route,
+                            person(&req.assignee_id),
+                            reason,
+                            correct.clone(),
+                            &req.note,
+                            &at,
+                        )
+                        .map_err(|e| match e {
+                            RouterError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+                            other => Status::from(other),
+                        })
                 },
             )
             .await?;

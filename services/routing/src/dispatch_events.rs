@@ -1,13 +1,14 @@
 //! What routing does with dispatch's events: a crew's acknowledgement of
 //! its work order is the acceptance of the ticket (it stops the acceptance
-//! clock, as `AcceptTicket` does for desk work).
+//! clock, as `AcceptTicket` does for desk work); a crew's return (退单) is
+//! handled as `ReturnTicket` is: re-routed to the right district or closed.
 
 use lineguard_bus::{Handled, Handler, HandlerError, subjects::event_type_filter};
 use lineguard_eventlog::{
     ActorKind, EventEnvelope, ExpectedVersion, NewEvent, Transaction, actor, decode_payload,
 };
-use lineguard_protos::dispatch::v1::OrderAcknowledged;
-use lineguard_protos::routing::v1::{RouteStatus, TicketAccepted};
+use lineguard_protos::dispatch::v1::{OrderAcknowledged, OrderReturned};
+use lineguard_protos::routing::v1::{ReturnReason, RouteStatus, TicketAccepted};
 use prost::Name;
 
 use crate::projection::nanos;
@@ -35,8 +36,68 @@ impl DispatchEvents {
     }
 }
 
+impl DispatchEvents {
+    fn crew_returned(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
+        let r: OrderReturned = decode_payload(event).map_err(HandlerError::Reject)?;
+        let retry = |e: crate::router::RouterError| HandlerError::Retry(e.to_string());
+        let Some(route) = self
+            .router
+            .route(&r.order_id)
+            .map_err(retry)?
+            .filter(|route| {
+                matches!(route.status(), RouteStatus::Routed | RouteStatus::Accepted)
+                    && route.crew_id == r.crew_id
+            })
+        else {
+            return Ok(Handled::Ignore);
+        };
+        let (reason, correct) = match r.reason.as_str() {
+            "wrong_district" => {
+                let district = self
+                    .router
+                    .directory()
+                    .district(&r.correct_district_id)
+                    .map_err(|e| HandlerError::Retry(e.to_string()))?;
+                match district {
+                    Some(d) if d.district_id != route.district_id => {
+                        (ReturnReason::WrongDistrict, Some(d))
+                    }
+                    // Not a district routing can send it to: nobody's, so closed.
+                    _ => (ReturnReason::NotOurs, None),
+                }
+            }
+            "customer_side_fault" => (ReturnReason::CustomerSideFault, None),
+            _ => (ReturnReason::NotOurs, None),
+        };
+        let at = event.recorded_at.unwrap_or_default();
+        let (events, _) = self
+            .router
+            .returned(
+                &route,
+                actor(ActorKind::Crew, &r.crew_id),
+                reason,
+                correct,
+                &r.note,
+                &at,
+            )
+            .map_err(retry)?;
+        let events = events
+            .into_iter()
+            .map(|e| e.caused_by(&event.event_id))
+            .collect();
+        Ok(Handled::Commit(Transaction::append(
+            &route.case_id,
+            ExpectedVersion::Exact(route.version),
+            events,
+        )))
+    }
+}
+
 impl Handler for DispatchEvents {
     async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
+        if event.event_type == OrderReturned::full_name() {
+            return self.crew_returned(event);
+        }
         if event.event_type != OrderAcknowledged::full_name() {
             return Ok(Handled::Ignore);
         }

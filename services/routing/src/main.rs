@@ -48,6 +48,7 @@ async fn main() -> ExitCode {
         default_grpc_port: 50052,
         event_types: lineguard_routing::event_types(),
         projector: Arc::new(RoutingProjector),
+        mirror: None,
         api_services: vec!["lineguard.routing.v1.Routing"],
     };
     let config = RoutingConfig {

@@ -11,18 +11,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use lineguard_eventlog::{Error as LogError, EventLog};
+use lineguard_eventlog::{Error as LogError, EventLog, NewEvent};
 use lineguard_protos::intake::v1::{ServiceRequestType, TicketKind, TicketReported};
 use lineguard_protos::routing::v1::{
     AreaClass, AssigneeRole, Availability, AvailabilityView, Company, District, PolicyAdopted,
-    RouteReason, RouteView, TicketRouted,
+    ReturnReason, RouteReason, RouteStatus, RouteView, TicketReturned, TicketRouted,
+    TicketRoutingClosed,
 };
 use prost::Message;
 use prost_types::Timestamp;
 
 use crate::directory::{DirectoryError, DirectoryReader};
 use crate::policy::{ACCEPTANCE, Policy, PolicyError};
-use crate::projection::{POLICY_CURRENT, assignee_key, follows_key, nanos, policy_key, route_key};
+use crate::projection::{
+    POLICY_CURRENT, apply_routed, assignee_key, follows_key, nanos, policy_key, route_key,
+};
 
 /// Routing's knobs.
 #[derive(Debug, Clone)]
@@ -500,6 +503,73 @@ impl Router {
             field_work: route.field_work,
             previous_assignee: route.assignee_id.clone(),
         })
+    }
+
+    /// A holder hands a case back: the return, then the next hop in the
+    /// right district (`correct`) or the close with the reason. Returns the
+    /// events and the route as it will stand.
+    pub fn returned(
+        &self,
+        route: &RouteView,
+        who: lineguard_eventlog::Actor,
+        reason: ReturnReason,
+        correct: Option<District>,
+        note: &str,
+        at: &Timestamp,
+    ) -> Result<(Vec<NewEvent>, RouteView), RouterError> {
+        let returned = TicketReturned {
+            case_id: route.case_id.clone(),
+            assignee_id: who.id.clone(),
+            reason: reason as i32,
+            correct_district_id: correct
+                .as_ref()
+                .map(|d| d.district_id.clone())
+                .unwrap_or_default(),
+            note: note.to_string(),
+            returned_at: Some(*at),
+        };
+        let returned = NewEvent::new(&returned, &route.case_id, who.clone());
+        let cause = returned.event_id.to_string();
+        let mut view = route.clone();
+        let next = match correct {
+            Some(district) => {
+                if district.district_id == route.district_id {
+                    return Err(RouterError::Invalid {
+                        field: "correct_district_id",
+                        reason: "is the ticket's district already".into(),
+                    });
+                }
+                let detail = format!(
+                    "returned by {}: belongs to {}",
+                    who.id, district.district_id
+                );
+                let routed = self.next_hop(
+                    route,
+                    Some(district),
+                    1,
+                    RouteReason::ReturnedWrongDistrict,
+                    detail,
+                    at,
+                )?;
+                apply_routed(&mut view, &routed);
+                NewEvent::new(&routed, &route.case_id, who).caused_by(cause)
+            }
+            None => {
+                let why = match reason {
+                    ReturnReason::CustomerSideFault => "returned: customer-side fault",
+                    _ => "returned: not ours",
+                };
+                let closed = TicketRoutingClosed {
+                    case_id: route.case_id.clone(),
+                    reason: why.to_string(),
+                    closed_at: Some(*at),
+                };
+                view.status = RouteStatus::Closed as i32;
+                view.closed_reason = why.to_string();
+                NewEvent::new(&closed, &route.case_id, who).caused_by(cause)
+            }
+        };
+        Ok((vec![returned, next], view))
     }
 
     fn routed(&self, s: RouteSpec<'_>) -> Result<TicketRouted, RouterError> {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use lineguard_bus::{
-    ConsumerConfig, ConsumerHandle, Handler, OutboxRelay, RelayConfig, spawn_consumer,
+    ConsumerConfig, ConsumerHandle, Handler, Mirror, OutboxRelay, RelayConfig, spawn_consumer,
 };
 use lineguard_eventlog::{EventLog, EventLogService, EventTypes, LogConfig, Projector};
 use tonic::service::RoutesBuilder;
@@ -93,6 +93,8 @@ pub struct ServiceSpec {
     pub projector: Arc<dyn Projector>,
     /// Fully qualified names of the service's own gRPC services, for health.
     pub api_services: Vec<&'static str>,
+    /// A second subject some of its events are also published on.
+    pub mirror: Option<Mirror>,
 }
 
 /// Why a service could not start or serve.
@@ -167,7 +169,14 @@ impl Host {
             .await
             .map_err(|e| HostError::Nats(e.to_string()))?;
         let jetstream = jetstream::new(nats.clone());
-        let relay = OutboxRelay::spawn(log.clone(), jetstream.clone(), RelayConfig::default());
+        let relay = OutboxRelay::spawn(
+            log.clone(),
+            jetstream.clone(),
+            RelayConfig {
+                mirror: spec.mirror.clone(),
+                ..RelayConfig::default()
+            },
+        );
         let grpc_addr = args
             .grpc_addr
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], spec.default_grpc_port)));

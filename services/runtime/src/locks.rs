@@ -6,24 +6,46 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
-use tokio::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
 /// A fixed set of mutexes, picked by hashing a key.
 pub struct StripedLocks {
-    stripes: Vec<Mutex<()>>,
+    stripes: Vec<Arc<Mutex<()>>>,
 }
 
 impl StripedLocks {
     /// `count` stripes (at least one).
     pub fn new(count: usize) -> Self {
         StripedLocks {
-            stripes: (0..count.max(1)).map(|_| Mutex::new(())).collect(),
+            stripes: (0..count.max(1))
+                .map(|_| Arc::new(Mutex::new(())))
+                .collect(),
         }
     }
 
     /// Locks the stripes of every key, in stripe order so that two callers
     /// can never wait on each other.
     pub async fn lock(&self, keys: &[String]) -> Vec<MutexGuard<'_, ()>> {
+        let mut guards = Vec::with_capacity(keys.len());
+        for index in self.indexes(keys) {
+            guards.push(self.stripes[index].lock().await);
+        }
+        guards
+    }
+
+    /// As [`StripedLocks::lock`], with guards that own their stripe, so they
+    /// can be handed on (e.g. held until a consumer's commit lands).
+    pub async fn lock_owned(&self, keys: &[String]) -> Vec<OwnedMutexGuard<()>> {
+        let mut guards = Vec::with_capacity(keys.len());
+        for index in self.indexes(keys) {
+            guards.push(self.stripes[index].clone().lock_owned().await);
+        }
+        guards
+    }
+
+    fn indexes(&self, keys: &[String]) -> Vec<usize> {
         let mut indexes: Vec<usize> = keys
             .iter()
             .map(|key| {
@@ -34,10 +56,6 @@ impl StripedLocks {
             .collect();
         indexes.sort_unstable();
         indexes.dedup();
-        let mut guards = Vec::with_capacity(indexes.len());
-        for index in indexes {
-            guards.push(self.stripes[index].lock().await);
-        }
-        guards
+        indexes
     }
 }

@@ -1,0 +1,273 @@
+//! What the system tests share: the backend's processes over a private
+//! nats-server, clients to them, and waiting for eventual consistency.
+
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use lineguard_harness::{NatsServer, ServiceProcess, workspace_binary};
+use lineguard_protos::dispatch::v1::dispatch_client::DispatchClient;
+use lineguard_protos::eventlog::v1::{ReadStreamRequest, event_log_client::EventLogClient};
+use lineguard_protos::intake::v1::{
+    Caller, Channel, GetTicketRequest, ReportTicketRequest, TicketKind, TicketView,
+    intake_client::IntakeClient,
+};
+use lineguard_protos::routing::v1::{GetRouteRequest, RouteView, routing_client::RoutingClient};
+use prost_types::Timestamp;
+use tonic::transport::Channel as GrpcChannel;
+
+/// Fault repair's acceptance window in the test policy.
+pub const WINDOW: Duration = Duration::from_secs(4);
+
+pub fn deploy(name: &str) -> String {
+    format!("{}/../../deploy/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The deployed policy with a short fault-repair acceptance window.
+pub fn test_policy(dir: &Path) -> String {
+    let text = std::fs::read_to_string(deploy("policy.toml")).expect("policy");
+    let text = text
+        .replace("version = \"2026.1\"", "version = \"test.1\"")
+        .replacen(
+            "acceptance = \"5m\"",
+            &format!("acceptance = \"{}s\"", WINDOW.as_secs()),
+            1,
+        );
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, text).expect("write policy");
+    path.display().to_string()
+}
+
+pub struct Backend {
+    pub nats: NatsServer,
+    pub intake: ServiceProcess,
+    pub routing: ServiceProcess,
+    pub dispatch: Option<ServiceProcess>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Backend {
+    /// A failing test shows what each process logged.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut processes = vec![("intake", &self.intake), ("routing", &self.routing)];
+            if let Some(d) = &self.dispatch {
+                processes.push(("dispatch", d));
+            }
+            for (name, process) in processes {
+                let log = process.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- {name} (last {} lines) ----", tail.len());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+impl Backend {
+    /// Intake and routing (fault repair accepted within [`WINDOW`]).
+    pub async fn start() -> Backend {
+        Self::start_with(true, false).await
+    }
+
+    /// Intake, routing and, if asked, dispatch; a short fault-repair
+    /// acceptance window, or the deployed policy's.
+    pub async fn start_with(short_window: bool, with_dispatch: bool) -> Backend {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nats = NatsServer::start().expect("nats");
+        let routing = ServiceProcess::start_with_args(
+            workspace_binary("lineguard-routing"),
+            &dir.path().join("routing"),
+            &nats.url(),
+            &[
+                "--policy".into(),
+                if short_window {
+                    test_policy(dir.path())
+                } else {
+                    deploy("policy.toml")
+                },
+                "--directory".into(),
+                deploy("directory.toml"),
+                "--timer-tick".into(),
+                "100ms".into(),
+            ],
+        )
+        .expect("routing");
+        let intake = ServiceProcess::start(
+            workspace_binary("lineguard-intake"),
+            &dir.path().join("intake"),
+            &nats.url(),
+        )
+        .expect("intake");
+        let dispatch = with_dispatch.then(|| {
+            ServiceProcess::start_with_args(
+                workspace_binary("lineguard-dispatch"),
+                &dir.path().join("dispatch"),
+                &nats.url(),
+                &["--timer-tick".into(), "100ms".into()],
+            )
+            .expect("dispatch")
+        });
+        let backend = Backend {
+            nats,
+            intake,
+            routing,
+            dispatch,
+            _dir: dir,
+        };
+        if let Some(dispatch) = &backend.dispatch {
+            dispatch
+                .wait_healthy(Duration::from_secs(30))
+                .await
+                .expect("dispatch healthy");
+        }
+        backend
+            .routing
+            .wait_healthy(Duration::from_secs(30))
+            .await
+            .expect("routing healthy");
+        backend
+            .intake
+            .wait_healthy(Duration::from_secs(30))
+            .await
+            .expect("intake healthy");
+        backend.wait_for_directory_copy().await;
+        backend
+    }
+
+    pub async fn dispatch(&self) -> DispatchClient<GrpcChannel> {
+        let process = self.dispatch.as_ref().expect("started with dispatch");
+        DispatchClient::new(process.channel().await.expect("dispatch channel"))
+    }
+
+    pub async fn intake(&self) -> IntakeClient<GrpcChannel> {
+        IntakeClient::new(self.intake.channel().await.expect("intake channel"))
+    }
+
+    pub async fn routing(&self) -> RoutingClient<GrpcChannel> {
+        RoutingClient::new(self.routing.channel().await.expect("routing channel"))
+    }
+
+    /// Intake resolves accounts to districts from its copy of routing's
+    /// directory: wait until it has all of it (3 AccountsAssigned events for
+    /// the demo's 5,166 accounts).
+    pub async fn wait_for_directory_copy(&self) {
+        let log = EventLogClient::new(self.intake.channel().await.expect("channel"));
+        eventually("intake's copy of the accounts", || {
+            let mut log = log.clone();
+            async move {
+                let events = log
+                    .read_stream(ReadStreamRequest {
+                        stream_id: "observed-routing".into(),
+                        from_version: 1,
+                        max_count: 100,
+                        ..ReadStreamRequest::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .events;
+                (events.len() >= 3).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub async fn route(&self, id: &str) -> Option<RouteView> {
+        self.routing()
+            .await
+            .get_route(GetRouteRequest {
+                ticket_id: id.into(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn ticket(&self, id: &str) -> TicketView {
+        self.intake()
+            .await
+            .get_ticket(GetTicketRequest {
+                ticket_id: id.into(),
+            })
+            .await
+            .expect("ticket")
+            .into_inner()
+            .ticket
+            .expect("view")
+    }
+
+    /// Routing's own events on a case's stream, by short type name.
+    pub async fn routing_events(&self, case: &str) -> Vec<(String, Vec<u8>)> {
+        let mut log = EventLogClient::new(self.routing.channel().await.expect("channel"));
+        log.read_stream(ReadStreamRequest {
+            stream_id: case.into(),
+            from_version: 1,
+            max_count: 1_000,
+            ..ReadStreamRequest::default()
+        })
+        .await
+        .expect("read")
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| {
+            let short = e.event_type.rsplit('.').next().unwrap_or("").to_string();
+            (short, e.payload.to_vec())
+        })
+        .collect()
+    }
+}
+
+/// Polls `probe` until it gives a value (at most 20 s).
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The first `n` demo accounts in `district`.
+pub fn accounts_in(district: &str, n: usize) -> Vec<String> {
+    let csv = std::fs::read_to_string(deploy("demo-accounts.csv")).expect("accounts");
+    let accounts: Vec<String> = csv
+        .lines()
+        .filter_map(|l| l.strip_suffix(&format!(",{district}")))
+        .take(n)
+        .map(str::to_string)
+        .collect();
+    assert_eq!(accounts.len(), n, "demo accounts in {district}");
+    accounts
+}
+
+pub fn report(key: &str, channel: Channel, kind: TicketKind, account: &str) -> ReportTicketRequest {
+    ReportTicketRequest {
+        idempotency_key: key.into(),
+        channel: channel as i32,
+        kind: kind as i32,
+        account_number: account.into(),
+        address: "No. 8 Riverside Road".into(),
+        caller: Some(Caller {
+            name: "Customer".into(),
+            phone: "13800138000".into(),
+        }),
+        description: "No power in the whole building".into(),
+        ..ReportTicketRequest::default()
+    }
+}
+
+pub fn seconds(t: &Option<Timestamp>) -> f64 {
+    t.as_ref()
+        .map_or(0.0, |t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
+}
