@@ -587,34 +587,45 @@ async fn two_acknowledgements_racing_one_wins_the_other_hears_why() {
     let f = start().await;
     f.ticket("ticket-r1", Channel::App, "", false).await;
     f.route("ticket-r1", "ticket-r1", "", "crew-a", 1).await;
-    let attempts = ["phone-1", "phone-2", "phone-3"].map(|device| {
+    // Crew a's two phones and crew b, at once.
+    let attempts = [
+        ("crew-a", "phone-1"),
+        ("crew-a", "phone-2"),
+        ("crew-b", "phone-3"),
+    ]
+    .map(|(crew, device)| {
         let mut client = f.client.clone();
         tokio::spawn(async move {
             client
                 .acknowledge(AcknowledgeRequest {
-                    header: header("crew-a", "ticket-r1", device, 10),
+                    header: header(crew, "ticket-r1", device, 10),
                 })
                 .await
         })
     });
-    let mut wins = 0;
-    let mut refusals = Vec::new();
+    let mut outcomes = Vec::new();
     for attempt in attempts {
-        match attempt.await.expect("join") {
-            Ok(_) => wins += 1,
-            Err(status) => refusals.push(status),
-        }
+        outcomes.push(attempt.await.expect("join"));
     }
-    assert_eq!(wins, 1);
-    assert_eq!(refusals.len(), 2);
-    for r in refusals {
-        assert_eq!(r.code(), Code::FailedPrecondition);
-        assert!(
-            r.message().contains("already acknowledged"),
-            "{}",
-            r.message()
-        );
-    }
+    let wins = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert_eq!(wins, 1, "one acknowledgement wins");
+    let refused: Vec<(Code, String)> = outcomes
+        .into_iter()
+        .filter_map(Result::err)
+        .map(|s| (s.code(), s.message().to_string()))
+        .collect();
+    assert!(
+        refused.iter().any(
+            |(code, m)| *code == Code::FailedPrecondition && m.contains("already acknowledged")
+        ),
+        "the other phone hears it was already acknowledged: {refused:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|(code, m)| *code == Code::PermissionDenied && m.contains("crew-a")),
+        "the other crew hears whose order it is: {refused:?}"
+    );
     let before = f.dispatcher.log().projection_digest().expect("digest");
     f.dispatcher
         .log()
