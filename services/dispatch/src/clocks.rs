@@ -10,57 +10,33 @@
 
 use std::time::Duration;
 
-use lineguard_eventlog::{ActorKind, ExpectedVersion, NewEvent, Transaction, actor};
+use lineguard_eventlog::{ActorKind, ExpectedVersion, NewEvent, Transaction, actor, timers};
 use lineguard_protos::dispatch::v1::{ClockAlerted, DispatchTimer, OrderStatus};
+use lineguard_runtime::periodic::Periodic;
 use prost::Message;
 use prost_types::Timestamp;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tonic::Status;
 
 use crate::orders::Dispatcher;
-use crate::projection::{TIMER_PREFIX, crew_stream, nanos};
+use crate::projection::crew_stream;
 
-/// Timers examined per scan.
+/// Due timers acted on per call (the rest wait for the next tick).
 pub const SCAN_BATCH: usize = 256;
 
 pub const ARRIVAL: &str = "arrival";
 pub const RESTORATION: &str = "restoration";
 
-fn fire_at_of(key: &[u8]) -> Option<i128> {
-    let digits = key.get(TIMER_PREFIX.len()..TIMER_PREFIX.len() + 20)?;
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-/// Fires every timer due at `now`; returns how many fired.
+/// Fires the timers due at `now` (at most [`SCAN_BATCH`]); returns how many fired.
 pub async fn fire_due(dispatcher: &Dispatcher, now: &Timestamp) -> Result<usize, Status> {
-    let limit = nanos(now);
     let mut fired = 0;
-    let mut cursor: Option<Vec<u8>> = None;
-    loop {
-        let batch = dispatcher
-            .log()
-            .projection_scan(TIMER_PREFIX, cursor.as_deref(), SCAN_BATCH)
-            .map_err(Status::from)?;
-        let Some((last, _)) = batch.last() else {
-            return Ok(fired);
-        };
-        cursor = Some(last.clone());
-        let full = batch.len() == SCAN_BATCH;
-        for (key, value) in batch {
-            if fire_at_of(&key).is_none_or(|at| at > limit) {
-                return Ok(fired);
-            }
-            let timer = DispatchTimer::decode(value.as_slice())
-                .map_err(|e| Status::data_loss(format!("undecodable timer: {e}")))?;
-            if fire(dispatcher, &key, &timer, now).await? {
-                fired += 1;
-            }
-        }
-        if !full {
-            return Ok(fired);
+    for (key, value) in timers::due(dispatcher.log(), now, SCAN_BATCH).map_err(Status::from)? {
+        let timer = DispatchTimer::decode(value.as_slice())
+            .map_err(|e| Status::data_loss(format!("undecodable timer: {e}")))?;
+        if fire(dispatcher, &key, &timer, now).await? {
+            fired += 1;
         }
     }
+    Ok(fired)
 }
 
 async fn fire(
@@ -125,32 +101,12 @@ async fn fire(
 }
 
 /// The background task calling [`fire_due`] every `tick`.
-pub struct ClockTask {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl ClockTask {
-    pub fn spawn(dispatcher: Dispatcher, tick: Duration) -> ClockTask {
-        let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            while !*stopped.borrow() {
-                let now = Timestamp::from(std::time::SystemTime::now());
-                if let Err(e) = fire_due(&dispatcher, &now).await {
-                    tracing::warn!(error = %e, "clock timers could not fire; retrying");
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(tick) => {},
-                    _ = stopped.changed() => {},
-                }
-            }
-        });
-        ClockTask { stop, task }
-    }
-
-    /// Stops after the timer in hand.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
+pub fn spawn(dispatcher: Dispatcher, tick: Duration) -> Periodic {
+    Periodic::spawn("dispatch-clocks", tick, move || {
+        let dispatcher = dispatcher.clone();
+        async move {
+            let now = Timestamp::from(std::time::SystemTime::now());
+            fire_due(&dispatcher, &now).await
+        }
+    })
 }

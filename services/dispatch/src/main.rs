@@ -7,7 +7,6 @@ use std::time::Duration;
 use clap::Parser;
 use lineguard_bus::{ConsumerConfig, Mirror};
 use lineguard_dispatch::api::DispatchService;
-use lineguard_dispatch::clocks::ClockTask;
 use lineguard_dispatch::consumers::{self, IntakeEvents, RoutingEvents};
 use lineguard_dispatch::orders::Dispatcher;
 use lineguard_dispatch::projection::{DispatchProjector, crew_subject};
@@ -52,7 +51,7 @@ async fn main() -> ExitCode {
                 .filtered(consumers::intake_subjects()),
             IntakeEvents(dispatcher.clone()),
         );
-        let clocks = ClockTask::spawn(dispatcher.clone(), tick);
+        let clocks = lineguard_dispatch::clocks::spawn(dispatcher.clone(), tick);
         host.on_shutdown(clocks.stop());
         let mut routes = RoutesBuilder::default();
         routes.add_service(DispatchService::new(dispatcher).server());

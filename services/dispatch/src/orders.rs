@@ -56,9 +56,7 @@ fn now() -> Timestamp {
     Timestamp::from(std::time::SystemTime::now())
 }
 
-fn nanos(t: &Timestamp) -> i128 {
-    i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
-}
+use lineguard_eventlog::timers::nanos;
 
 /// How a customer who came through `channel` hears of progress.
 pub fn medium(channel: Channel) -> NotificationMedium {

@@ -6,21 +6,21 @@
 //! | `ticket/<ticket id>` | [`TicketNoted`]: channel, account, incident |
 //! | `incident-ticket/<incident id>/<ticket id>` | empty: an incident's tickets |
 //! | `crew/<crew id>` | [`CrewNoted`]: the crews routing's directory knows |
-//! | `timer/<fire at, ns, 20 digits>/<order>/<clock>/<percent>` | [`DispatchTimer`] |
-//! | `timers-of/<order id>` | [`TimerKeys`]: the order's pending timers |
+//! | `timer/…`, `timers-of/<order id>` | [`DispatchTimer`]s, see [`lineguard_eventlog::timers`] |
 //!
 //! A crew's sequence is not a projection: it is the version of the crew's
 //! stream in the log (`crew-<id>`), so it is as durable and gap-free as the
 //! log itself.
 
+use lineguard_eventlog::timers::OwnerTimers;
 use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, decode_payload};
+use lineguard_protos::dispatch::v1::DispatchTimer;
 use lineguard_protos::dispatch::v1::{
     ClockAlerted, CrewArrived, CrewDeparted, CrewNoted, CustomerNotificationRequested,
     CustomerUrged, EtrUpdated, IncidentGrew, NoteAdded, OrderAcknowledged, OrderAssigned,
     OrderReturned, OrderStatus, OrderWithdrawn, PowerRestored, TicketNoted, WorkCompleted,
     WorkOrderView,
 };
-use lineguard_protos::dispatch::v1::{DispatchTimer, TimerKeys};
 use prost::{Message, Name};
 use prost_types::Timestamp;
 
@@ -41,29 +41,20 @@ pub fn incident_tickets_prefix(incident: &str) -> Vec<u8> {
     format!("incident-ticket/{incident}/").into_bytes()
 }
 
-pub const TIMER_PREFIX: &[u8] = b"timer/";
+pub use lineguard_eventlog::timers::nanos;
 
-fn timer_key(fire_at: &Timestamp, order: &str, clock: &str, percent: u32) -> String {
-    format!(
-        "timer/{:020}/{order}/{clock}/{percent}",
-        nanos(fire_at).max(0)
-    )
-}
-
-fn timers_of_key(order: &str) -> Vec<u8> {
-    format!("timers-of/{order}").into_bytes()
-}
-
-/// Nanoseconds since the epoch.
-pub fn nanos(t: &Timestamp) -> i128 {
-    i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
-}
-
-fn point_between(start: &Timestamp, end: &Timestamp, percent: u32) -> Timestamp {
-    let at = nanos(start) + (nanos(end) - nanos(start)) * i128::from(percent) / 100;
-    Timestamp {
-        seconds: at.div_euclid(1_000_000_000) as i64,
-        nanos: at.rem_euclid(1_000_000_000) as i32,
+/// What a dispatch timer stores.
+fn timer_value(order: &str, clock: &str, due: Timestamp) -> impl Fn(u32, &Timestamp) -> Vec<u8> {
+    let (order, clock) = (order.to_string(), clock.to_string());
+    move |percent, fire_at| {
+        DispatchTimer {
+            order_id: order.clone(),
+            clock: clock.clone(),
+            percent,
+            fire_at: Some(*fire_at),
+            due_at: Some(due),
+        }
+        .encode_to_vec()
     }
 }
 
@@ -73,28 +64,10 @@ fn drop_timers(
     order: &str,
     which: impl Fn(&str, u32) -> bool,
 ) -> Result<(), String> {
-    let keys = load::<TimerKeys>(view, &timers_of_key(order))?.map_or_else(Vec::new, |k| k.keys);
-    let mut kept = Vec::with_capacity(keys.len());
-    for key in keys {
-        let mut parts = key.rsplit('/');
-        let percent = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        let clock = parts.next().unwrap_or("");
-        if which(clock, percent) {
-            view.delete(key.into_bytes());
-        } else {
-            kept.push(key);
-        }
-    }
-    save_timer_keys(view, order, kept);
+    let mut timers = OwnerTimers::of(view, order).map_err(|e| e.to_string())?;
+    timers.drop_where(which);
+    timers.save();
     Ok(())
-}
-
-fn save_timer_keys(view: &mut ProjectionView<'_>, order: &str, keys: Vec<String>) {
-    if keys.is_empty() {
-        view.delete(timers_of_key(order));
-    } else {
-        view.put(timers_of_key(order), TimerKeys { keys }.encode_to_vec());
-    }
 }
 
 /// Sets a clock's warnings (between `start` and `due`) and its breach.
@@ -106,26 +79,9 @@ fn set_timers(
     due: &Timestamp,
     points: &[u32],
 ) -> Result<(), String> {
-    let mut keys =
-        load::<TimerKeys>(view, &timers_of_key(order))?.map_or_else(Vec::new, |k| k.keys);
-    for percent in points.iter().copied().chain([0]) {
-        let fire_at = if percent == 0 {
-            *due
-        } else {
-            point_between(start, due, percent)
-        };
-        let key = timer_key(&fire_at, order, clock, percent);
-        let timer = DispatchTimer {
-            order_id: order.to_string(),
-            clock: clock.to_string(),
-            percent,
-            fire_at: Some(fire_at),
-            due_at: Some(*due),
-        };
-        view.put(key.clone().into_bytes(), timer.encode_to_vec());
-        keys.push(key);
-    }
-    save_timer_keys(view, order, keys);
+    let mut timers = OwnerTimers::of(view, order).map_err(|e| e.to_string())?;
+    timers.set(clock, start, due, points, timer_value(order, clock, *due));
+    timers.save();
     Ok(())
 }
 
@@ -178,7 +134,8 @@ impl Projector for DispatchProjector {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: timers moved to the event log's shared timer table.
+        2
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {

@@ -13,6 +13,7 @@
 //! - `writer`: the single writer thread and its group commit (one fsync per group).
 //! - [`projection`]: the [`Projector`] trait and the view it writes through.
 //! - [`subscribe`]: [`Subscription`], catch-up then live, bounded.
+//! - [`timers`]: durable timers kept as projections, fired at most once.
 //! - [`grpc`]: the `lineguard.eventlog.v1.EventLog` service.
 //! - [`codec`]: column families, keys, and the crc32c frame of every record.
 //! - [`limits`]: [`Limits`], the bound on everything that grows.
@@ -35,6 +36,7 @@ pub mod limits;
 pub mod log;
 pub mod projection;
 pub mod subscribe;
+pub mod timers;
 pub mod txn;
 mod writer;
 

@@ -13,7 +13,6 @@ use lineguard_routing::intake_events::{self, IntakeEvents};
 use lineguard_routing::projection::RoutingProjector;
 use lineguard_routing::router::{Router, RoutingConfig};
 use lineguard_routing::startup::{adopt_policy_file, load_directory_file};
-use lineguard_routing::timers::TimerTask;
 use lineguard_runtime::{CommonArgs, HostError, ServiceSpec, parse_duration};
 use tonic::service::RoutesBuilder;
 
@@ -78,7 +77,7 @@ async fn main() -> ExitCode {
                 .filtered(dispatch_events::subjects()),
             DispatchEvents::new(router.clone()),
         );
-        let timers = TimerTask::spawn(router.clone(), args.timer_tick);
+        let timers = lineguard_routing::timers::spawn(router.clone(), args.timer_tick);
         host.on_shutdown(timers.stop());
         let mut routes = RoutesBuilder::default();
         routes.add_service(RoutingService::new(router).server());

@@ -9,20 +9,20 @@
 //! | `policy/<version>` | [`PolicyAdopted`]; `policy-current`: the newest version |
 //! | `route/<case id>` | [`RouteView`] of a ticket or incident |
 //! | `follows/<ticket id>` | the incident a child ticket follows |
-//! | `timer/<fire at, ns, 20 digits>/<case>/<clock>/<percent>` | [`Timer`] |
-//! | `timers-of/<case id>` | [`TimerKeys`]: the case's pending timers |
+//! | `timer/…`, `timers-of/<case id>` | [`Timer`]s, see [`lineguard_eventlog::timers`] |
 //!
 //! Timers are projections too: a route writes its timers in the same batch
 //! as the event, and the event that acts on a timer (a warning, an
 //! escalation, a breach) deletes it in the same batch. So a timer fires at
 //! most once, and a restart finds exactly the timers still due.
 
+use lineguard_eventlog::timers::OwnerTimers;
 use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, decode_payload};
 use lineguard_protos::routing::v1::{
     AccountsAssigned, AssigneeRole, AvailabilityChanged, AvailabilityView, ClockBreached,
     ClockWarned, CompanyDefined, CrewDefined, DistrictDefined, Hop, ManagerDefined, PolicyAdopted,
     RouteStatus, RouteView, StationDefined, TicketAccepted, TicketAnswered, TicketFollowedIncident,
-    TicketReturned, TicketRouted, TicketRoutingClosed, Timer, TimerKeys,
+    TicketReturned, TicketRouted, TicketRoutingClosed, Timer,
 };
 use prost::{Message, Name};
 use prost_types::Timestamp;
@@ -67,30 +67,7 @@ pub fn route_key(case: &str) -> Vec<u8> {
 pub fn follows_key(ticket: &str) -> Vec<u8> {
     format!("follows/{ticket}").into_bytes()
 }
-pub const TIMER_PREFIX: &[u8] = b"timer/";
-pub fn timer_key(fire_at: &Timestamp, case: &str, clock: &str, percent: u32) -> String {
-    format!(
-        "timer/{:020}/{case}/{clock}/{percent}",
-        nanos(fire_at).max(0)
-    )
-}
-fn timers_of_key(case: &str) -> Vec<u8> {
-    format!("timers-of/{case}").into_bytes()
-}
-
-/// Nanoseconds since the epoch.
-pub fn nanos(t: &Timestamp) -> i128 {
-    i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos)
-}
-
-/// The instant `percent` of the way from `start` to `end`.
-pub fn point_between(start: &Timestamp, end: &Timestamp, percent: u32) -> Timestamp {
-    let at = nanos(start) + (nanos(end) - nanos(start)) * i128::from(percent) / 100;
-    Timestamp {
-        seconds: at.div_euclid(1_000_000_000) as i64,
-        nanos: at.rem_euclid(1_000_000_000) as i32,
-    }
-}
+pub use lineguard_eventlog::timers::nanos;
 
 fn load<M: Message + Default>(view: &ProjectionView<'_>, key: &[u8]) -> Result<Option<M>, String> {
     match view.get(key).map_err(|e| e.to_string())? {
@@ -178,72 +155,32 @@ fn add_load(view: &mut ProjectionView<'_>, id: &str, delta: i32) -> Result<(), S
     Ok(())
 }
 
-struct Timers<'v, 'a> {
-    view: &'v mut ProjectionView<'a>,
-    case: String,
-    keys: Vec<String>,
+/// What a routing timer stores: enough to act on it without the route.
+fn timer_value(
+    case: &str,
+    clock: &str,
+    due: Timestamp,
+    hop: u32,
+) -> impl Fn(u32, &Timestamp) -> Vec<u8> {
+    let (case, clock) = (case.to_string(), clock.to_string());
+    move |percent, fire_at| {
+        Timer {
+            case_id: case.clone(),
+            clock: clock.clone(),
+            percent,
+            due_at: Some(*fire_at),
+            clock_due_at: Some(due),
+            hop,
+        }
+        .encode_to_vec()
+    }
 }
 
-impl<'v, 'a> Timers<'v, 'a> {
-    fn of(view: &'v mut ProjectionView<'a>, case: &str) -> Result<Self, String> {
-        let keys = load::<TimerKeys>(view, &timers_of_key(case))?
-            .map(|k| k.keys)
-            .unwrap_or_default();
-        Ok(Timers {
-            view,
-            case: case.to_string(),
-            keys,
-        })
-    }
-
-    /// Drops the pending timers `which` selects, by clock and percent.
-    fn drop_where(&mut self, which: impl Fn(&str, u32) -> bool) {
-        let mut kept = Vec::with_capacity(self.keys.len());
-        for key in std::mem::take(&mut self.keys) {
-            let mut parts = key.rsplit('/');
-            let percent = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-            let clock = parts.next().unwrap_or("");
-            if which(clock, percent) {
-                self.view.delete(key.into_bytes());
-            } else {
-                kept.push(key);
-            }
-        }
-        self.keys = kept;
-    }
-
-    /// Sets a clock's warnings (between `start` and `due`) and its deadline.
-    fn set(&mut self, clock: &str, start: &Timestamp, due: &Timestamp, points: &[u32], hop: u32) {
-        for percent in points.iter().copied().chain([0]) {
-            let fire_at = if percent == 0 {
-                *due
-            } else {
-                point_between(start, due, percent)
-            };
-            let key = timer_key(&fire_at, &self.case, clock, percent);
-            let timer = Timer {
-                case_id: self.case.clone(),
-                clock: clock.to_string(),
-                percent,
-                due_at: Some(fire_at),
-                clock_due_at: Some(*due),
-                hop,
-            };
-            self.view
-                .put(key.clone().into_bytes(), timer.encode_to_vec());
-            self.keys.push(key);
-        }
-    }
-
-    fn save(self) {
-        let key = timers_of_key(&self.case);
-        if self.keys.is_empty() {
-            self.view.delete(key);
-        } else {
-            let keys = TimerKeys { keys: self.keys };
-            self.view.put(key, keys.encode_to_vec());
-        }
-    }
+fn timers_of<'v, 'a>(
+    view: &'v mut ProjectionView<'a>,
+    case: &str,
+) -> Result<OwnerTimers<'v, 'a>, String> {
+    OwnerTimers::of(view, case).map_err(|e| e.to_string())
 }
 
 impl Projector for RoutingProjector {
@@ -252,7 +189,8 @@ impl Projector for RoutingProjector {
     }
 
     fn version(&self) -> u32 {
-        1
+        // 2: timers moved to the event log's shared timer table.
+        2
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
@@ -322,10 +260,11 @@ impl Projector for RoutingProjector {
             add_load(view, &e.previous_assignee_id, -1)?;
             add_load(view, &e.assignee_id, 1)?;
 
-            let mut timers = Timers::of(view, &e.case_id)?;
+            let mut timers = timers_of(view, &e.case_id)?;
             timers.drop_where(|clock, _| clock == ACCEPTANCE);
             if let Some(due) = e.acceptance_due_at {
-                timers.set(ACCEPTANCE, &routed_at, &due, &e.warn_at_percent, e.hop);
+                let value = timer_value(&e.case_id, ACCEPTANCE, due, e.hop);
+                timers.set(ACCEPTANCE, &routed_at, &due, &e.warn_at_percent, value);
             }
             if first {
                 let reported = e.reported_at.unwrap_or(routed_at);
@@ -335,7 +274,8 @@ impl Projector for RoutingProjector {
                     .filter(|d| d.clock == CONTACT || d.clock == ANSWER)
                 {
                     if let Some(due) = d.due_at {
-                        timers.set(&d.clock, &reported, &due, &e.warn_at_percent, e.hop);
+                        let value = timer_value(&e.case_id, &d.clock, due, e.hop);
+                        timers.set(&d.clock, &reported, &due, &e.warn_at_percent, value);
                     }
                 }
             }
@@ -357,7 +297,7 @@ impl Projector for RoutingProjector {
             route.status = RouteStatus::Accepted as i32;
             route.accepted_at = e.accepted_at;
             route.version = event.stream_version;
-            let mut timers = Timers::of(view, &e.case_id)?;
+            let mut timers = timers_of(view, &e.case_id)?;
             timers.drop_where(|clock, _| clock == ACCEPTANCE);
             timers.save();
             store(view, route_key(&e.case_id), &route);
@@ -380,7 +320,7 @@ impl Projector for RoutingProjector {
             route.closed_reason = reason;
             route.version = event.stream_version;
             add_load(view, &route.assignee_id, -1)?;
-            let mut timers = Timers::of(view, &case)?;
+            let mut timers = timers_of(view, &case)?;
             timers.drop_where(|_, _| true);
             timers.save();
             store(view, route_key(&case), &route);
@@ -388,7 +328,7 @@ impl Projector for RoutingProjector {
             let e: ClockWarned = decode_payload(event)?;
             let mut route = load_route(view, &e.case_id)?;
             route.version = event.stream_version;
-            let mut timers = Timers::of(view, &e.case_id)?;
+            let mut timers = timers_of(view, &e.case_id)?;
             timers.drop_where(|clock, percent| clock == e.clock && percent == e.percent);
             timers.save();
             store(view, route_key(&e.case_id), &route);
@@ -396,7 +336,7 @@ impl Projector for RoutingProjector {
             let e: ClockBreached = decode_payload(event)?;
             let mut route = load_route(view, &e.case_id)?;
             route.version = event.stream_version;
-            let mut timers = Timers::of(view, &e.case_id)?;
+            let mut timers = timers_of(view, &e.case_id)?;
             timers.drop_where(|clock, _| clock == e.clock);
             timers.save();
             store(view, route_key(&e.case_id), &route);

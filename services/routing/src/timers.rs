@@ -11,59 +11,33 @@
 use std::time::Duration;
 
 use lineguard_eventlog::{
-    ActorKind, Error as LogError, ExpectedVersion, NewEvent, Transaction, actor,
+    ActorKind, Error as LogError, ExpectedVersion, NewEvent, Transaction, actor, timers,
 };
 use lineguard_protos::routing::v1::{
     ClockBreached, ClockWarned, RouteReason, RouteStatus, RouteView, Timer,
 };
+use lineguard_runtime::periodic::Periodic;
 use prost::Message;
 use prost_types::Timestamp;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::policy::ACCEPTANCE;
-use crate::projection::{TIMER_PREFIX, nanos};
 use crate::router::{Router, RouterError, now, seconds_between};
 
-/// Timers examined per scan of the due ones.
+/// Due timers acted on per call (the rest wait for the next tick).
 pub const SCAN_BATCH: usize = 256;
 
-/// The fire time encoded in a timer key.
-fn fire_at_of(key: &[u8]) -> Option<i128> {
-    let digits = key.get(TIMER_PREFIX.len()..TIMER_PREFIX.len() + 20)?;
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
-/// Acts on every timer due at `now`; returns how many fired. A timer whose
-/// case changed meanwhile is left for the next call.
+/// Acts on the timers due at `now` (at most [`SCAN_BATCH`]); returns how
+/// many fired. A timer whose case changed meanwhile is left for next time.
 pub async fn fire_due(router: &Router, now: &Timestamp) -> Result<usize, RouterError> {
-    let limit = nanos(now);
     let mut fired = 0;
-    let mut cursor: Option<Vec<u8>> = None;
-    loop {
-        let batch = router
-            .log()
-            .projection_scan(TIMER_PREFIX, cursor.as_deref(), SCAN_BATCH)?;
-        let Some((last, _)) = batch.last() else {
-            return Ok(fired);
-        };
-        cursor = Some(last.clone());
-        let full = batch.len() == SCAN_BATCH;
-        for (key, value) in batch {
-            if fire_at_of(&key).is_none_or(|at| at > limit) {
-                return Ok(fired);
-            }
-            let timer = Timer::decode(value.as_slice()).map_err(|e| {
-                RouterError::Precondition(format!("undecodable timer {key:02x?}: {e}"))
-            })?;
-            if fire(router, &timer, now).await? {
-                fired += 1;
-            }
-        }
-        if !full {
-            return Ok(fired);
+    for (key, value) in timers::due(router.log(), now, SCAN_BATCH)? {
+        let timer = Timer::decode(value.as_slice())
+            .map_err(|e| RouterError::Precondition(format!("undecodable timer {key:02x?}: {e}")))?;
+        if fire(router, &timer, now).await? {
+            fired += 1;
         }
     }
+    Ok(fired)
 }
 
 /// Commits what one due timer calls for. `Ok(false)`: nothing to do now.
@@ -159,33 +133,9 @@ fn events_for(
 }
 
 /// The background task calling [`fire_due`] every `tick`.
-pub struct TimerTask {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl TimerTask {
-    pub fn spawn(router: Router, tick: Duration) -> TimerTask {
-        let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            while !*stopped.borrow() {
-                match fire_due(&router, &now()).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(fired = n, "timers fired"),
-                    Err(e) => tracing::warn!(error = %e, "timers could not fire; retrying"),
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(tick) => {},
-                    _ = stopped.changed() => {},
-                }
-            }
-        });
-        TimerTask { stop, task }
-    }
-
-    /// Stops after the timer in hand.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
+pub fn spawn(router: Router, tick: Duration) -> Periodic {
+    Periodic::spawn("routing-timers", tick, move || {
+        let router = router.clone();
+        async move { fire_due(&router, &now()).await }
+    })
 }

@@ -14,6 +14,7 @@
 //!   `--shutdown-timeout`), and closes the log.
 
 pub mod locks;
+pub mod periodic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
