@@ -115,19 +115,25 @@ impl Dispatcher {
     }
 
     /// The tickets dispatch knows to belong to an incident, lead first.
-    fn incident_tickets(&self, incident: &str, lead: &str) -> Result<Vec<CoveredTicket>, Status> {
+    fn incident_tickets(
+        &self,
+        incident: &str,
+        lead: Option<CoveredTicket>,
+    ) -> Result<Vec<CoveredTicket>, Status> {
         let prefix = incident_tickets_prefix(incident);
         let keys = self
             .log
             .projection_scan(&prefix, None, MAX_TICKETS_PER_ORDER)
             .map_err(Status::from)?;
+        let lead_id = lead
+            .as_ref()
+            .map(|t| t.ticket_id.clone())
+            .unwrap_or_default();
         let mut tickets = Vec::with_capacity(keys.len() + 1);
-        if let Some(noted) = self.get::<TicketNoted>(&ticket_key(lead))? {
-            tickets.extend(noted.ticket);
-        }
+        tickets.extend(lead);
         for (key, _) in keys {
             let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
-            if id != lead
+            if id != lead_id
                 && let Some(noted) = self.get::<TicketNoted>(&ticket_key(&id))?
             {
                 tickets.extend(noted.ticket);
@@ -195,22 +201,16 @@ impl Dispatcher {
         if !routed.crew_id.is_empty() {
             // Routing's event can overtake intake's on the bus: wait for the
             // ticket (the consumer retries), so the crew hears who called.
-            if self
-                .get::<TicketNoted>(&ticket_key(&routed.lead_ticket_id))?
-                .is_none()
-            {
+            let Some(lead) = self.get::<TicketNoted>(&ticket_key(&routed.lead_ticket_id))? else {
                 return Err(Status::unavailable(format!(
                     "ticket {} not yet heard of from intake",
                     routed.lead_ticket_id
                 )));
-            }
+            };
             let tickets = if routed.incident_id.is_empty() {
-                self.get::<TicketNoted>(&ticket_key(&routed.lead_ticket_id))?
-                    .and_then(|n| n.ticket)
-                    .into_iter()
-                    .collect()
+                lead.ticket.into_iter().collect()
             } else {
-                self.incident_tickets(&routed.incident_id, &routed.lead_ticket_id)?
+                self.incident_tickets(&routed.incident_id, lead.ticket)?
             };
             let arrival_due_at = routed
                 .deadlines

@@ -109,6 +109,23 @@ impl IntakeService {
         Ok(Some(ticket))
     }
 
+    /// The report's district and where it came from: the caller's, else the
+    /// account's in intake's copy of routing's directory, else none.
+    fn locate(&self, req: &ReportTicketRequest) -> Result<(String, &'static str), Status> {
+        if !req.district_id.is_empty() {
+            return Ok((req.district_id.clone(), "caller"));
+        }
+        if req.account_number.is_empty() {
+            return Ok((String::new(), ""));
+        }
+        Ok(
+            match self.log.projection_get(&account_key(&req.account_number))? {
+                Some(d) => (String::from_utf8_lossy(&d).into_owned(), "account"),
+                None => (String::new(), ""),
+            },
+        )
+    }
+
     /// Decides what a validated report becomes; returns the writes and the answer.
     fn decide_report(
         &self,
@@ -116,6 +133,7 @@ impl IntakeService {
         channel: Channel,
         kind: TicketKind,
         customer: Option<&str>,
+        (district_id, district_source): (&str, &str),
         now: Timestamp,
     ) -> Result<(Transaction, ReportTicketResponse), Status> {
         let who = actor(ActorKind::Channel, channel_actor(channel));
@@ -149,16 +167,6 @@ impl IntakeService {
             }
         }
 
-        let (district_id, district_source) = if !req.district_id.is_empty() {
-            (req.district_id.clone(), "caller")
-        } else {
-            match self.log.projection_get(&account_key(&req.account_number))? {
-                Some(d) if !req.account_number.is_empty() => {
-                    (String::from_utf8_lossy(&d).into_owned(), "account")
-                }
-                _ => (String::new(), ""),
-            }
-        };
         let ticket_id = format!("ticket-{}", Uuid::now_v7());
         let mut reported = TicketReported {
             ticket_id: ticket_id.clone(),
@@ -167,7 +175,7 @@ impl IntakeService {
             service_request_type: req.service_request_type,
             urgency: req.urgency,
             account_number: req.account_number.clone(),
-            district_id: district_id.clone(),
+            district_id: district_id.to_string(),
             address: req.address.clone(),
             caller: req.caller.clone(),
             description: req.description.clone(),
@@ -193,7 +201,7 @@ impl IntakeService {
         if kind == TicketKind::FaultRepair && !district_id.is_empty() {
             let open_incident = match self
                 .log
-                .projection_get(&district_incident_key(&district_id, kind as i32))?
+                .projection_get(&district_incident_key(district_id, kind as i32))?
             {
                 Some(id) => {
                     self.view::<IncidentView>(&incident_key(&String::from_utf8_lossy(&id)))?
@@ -240,7 +248,7 @@ impl IntakeService {
                     let incident_id = format!("incident-{}", Uuid::now_v7());
                     let opened = IncidentOpened {
                         incident_id: incident_id.clone(),
-                        district_id: district_id.clone(),
+                        district_id: district_id.to_string(),
                         kind: kind as i32,
                         lead_ticket_id: ticket_id.clone(),
                         opened_at: Some(now),
@@ -359,23 +367,20 @@ impl Intake for IntakeService {
         if let Some(customer) = &customer {
             lock_keys.push(format!("customer/{customer}"));
         }
-        if kind == TicketKind::FaultRepair {
-            // The district may come from the account: lock on what it resolves to.
-            let district = if req.district_id.is_empty() {
-                self.log
-                    .projection_get(&account_key(&req.account_number))?
-                    .map(|d| String::from_utf8_lossy(&d).into_owned())
-                    .unwrap_or_default()
-            } else {
-                req.district_id.clone()
-            };
-            if !district.is_empty() {
-                lock_keys.push(format!("district/{district}"));
-            }
+        // Located once: the district locked on is the district decided on.
+        let (district_id, district_source) = self.locate(&req)?;
+        if kind == TicketKind::FaultRepair && !district_id.is_empty() {
+            lock_keys.push(format!("district/{district_id}"));
         }
         let _guards = self.locks.lock(&lock_keys).await;
-        let (txn, response) =
-            self.decide_report(&req, channel, kind, customer.as_deref(), now())?;
+        let (txn, response) = self.decide_report(
+            &req,
+            channel,
+            kind,
+            customer.as_deref(),
+            (&district_id, district_source),
+            now(),
+        )?;
         let idempotency =
             Idempotency::new(key, &fingerprint, Bytes::from(response.encode_to_vec()));
         let answer: ReportTicketResponse = commit_idempotent(&self.log, txn, idempotency).await?;
