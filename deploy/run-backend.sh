@@ -62,6 +62,7 @@ fi
 # differences from what its log holds are recorded).
 declare -A extra=(
   [routing]="--policy deploy/policy.toml --directory deploy/directory.toml"
+  [feedback]="--rules deploy/feedback.toml"
 )
 for service in intake routing dispatch feedback; do
   # shellcheck disable=SC2086 # the extra flags are words

@@ -1,39 +1,98 @@
-//! Feedback: follow-up calls, reopens, complaints and praise, scorecards and service stars.
-//!
-//! The process: its own RocksDB event log, the outbox relay to JetStream, and
-//! gRPC on port 50054 by default (health, reflection, `EventLog`).
+//! The feedback process: `lineguard-feedback --help` lists its flags.
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
-use lineguard_eventlog::{EventTypes, NoProjections};
-use lineguard_runtime::{CommonArgs, ServiceSpec};
+use lineguard_bus::ConsumerConfig;
+use lineguard_feedback::api::FeedbackService;
+use lineguard_feedback::consumers::{self, Observer};
+use lineguard_feedback::followups::Feedback;
+use lineguard_feedback::projection::FeedbackProjector;
+use lineguard_feedback::rules::Rules;
+use lineguard_runtime::{CommonArgs, ServiceSpec, parse_duration};
 use tonic::service::RoutesBuilder;
 
-/// The Lineguard feedback service.
+/// The Lineguard feedback service: follow-ups, reopens, complaints, praise,
+/// scorecards and service stars.
 #[derive(Debug, Parser)]
 #[command(name = "lineguard-feedback", version, about)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+    /// The rules file (follow-up limits, repeat window, star rule); the
+    /// built-in copy of deploy/feedback.toml when not given.
+    #[arg(long, env = "LINEGUARD_FEEDBACK_RULES")]
+    rules: Option<String>,
+    /// Every follow-up due this soon after resolution, whatever the rules
+    /// file says (for demos and tests).
+    #[arg(long, value_parser = parse_duration)]
+    follow_up_within: Option<Duration>,
+    /// How often overdue follow-ups are looked for.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    timer_tick: Duration,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    let rules = match &args.rules {
+        Some(path) => Rules::load(path),
+        None => Rules::parse(lineguard_feedback::rules::DEFAULT_RULES),
+    };
+    let mut rules = match rules {
+        Ok(rules) => rules,
+        Err(e) => {
+            eprintln!("lineguard-feedback: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(within) = args.follow_up_within {
+        rules = rules.with_follow_up_within(within);
+    }
     let spec = ServiceSpec {
-        name: "feedback",
+        name: lineguard_feedback::SERVICE,
         default_grpc_port: 50054,
-        event_types: EventTypes::new(),
-        projector: Arc::new(NoProjections),
-        api_services: Vec::new(),
+        event_types: lineguard_feedback::event_types(),
+        projector: Arc::new(FeedbackProjector),
+        api_services: vec!["lineguard.feedback.v1.Feedback"],
         mirror: None,
     };
-    lineguard_runtime::run(
-        spec,
-        args.common,
-        async |_host| Ok(RoutesBuilder::default()),
-    )
+    let tick = args.timer_tick;
+    lineguard_runtime::run(spec, args.common, async move |host| {
+        let feedback = Feedback::new(host.log.clone(), rules);
+        for (name, source, subjects) in [
+            (
+                consumers::FROM_INTAKE,
+                "intake",
+                consumers::intake_subjects(),
+            ),
+            (
+                consumers::FROM_ROUTING,
+                "routing",
+                consumers::routing_subjects(),
+            ),
+            (
+                consumers::FROM_DISPATCH,
+                "dispatch",
+                consumers::dispatch_subjects(),
+            ),
+        ] {
+            let mut config = ConsumerConfig::new(name, source).filtered(subjects);
+            // An event waiting for one of the other two consumers (a route
+            // for a ticket not yet seen) always gets what it waits for, so
+            // it is never given up on: a catch-up after downtime may take
+            // many rounds.
+            config.max_deliver = -1;
+            config.retry_delay = Duration::from_millis(500);
+            host.add_consumer(config, Observer(feedback.clone()));
+        }
+        let overdue = feedback.spawn_overdue_timer(tick);
+        host.on_shutdown(overdue.stop());
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(FeedbackService::new(feedback).server());
+        Ok(routes)
+    })
     .await
 }

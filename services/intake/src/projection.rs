@@ -27,8 +27,8 @@ use lineguard_protos::intake::v1::{
     TicketView,
 };
 use lineguard_protos::routing::v1::{
-    AccountsAssigned, ClockBreached, ClockWarned, TicketAccepted, TicketAnswered, TicketRouted,
-    TicketRoutingClosed,
+    AccountsAssigned, ClockBreached, ClockWarned, RouteReason, TicketAccepted, TicketAnswered,
+    TicketRouted, TicketRoutingClosed,
 };
 use prost::{Message, Name};
 use sha2::{Digest, Sha256};
@@ -298,10 +298,15 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
         (
             e.case_id.clone(),
             Box::new(move |ticket: &mut TicketView| {
-                if matches!(
-                    ticket.status(),
-                    TicketStatus::Received | TicketStatus::Routed | TicketStatus::Accepted
-                ) {
+                // A reopen sends a resolved ticket back to work; any other
+                // route only moves a ticket not yet being worked on.
+                let reopened = e.reason() == RouteReason::Reopened;
+                if reopened
+                    || matches!(
+                        ticket.status(),
+                        TicketStatus::Received | TicketStatus::Routed | TicketStatus::Accepted
+                    )
+                {
                     ticket.status = TicketStatus::Routed as i32;
                 }
                 if ticket.routed_at.is_none() {

@@ -47,3 +47,12 @@ pub mod dispatch {
         include!(concat!(env!("OUT_DIR"), "/lineguard.dispatch.v1.rs"));
     }
 }
+
+/// `lineguard.feedback.*`: follow-ups, reopens, complaints, praise, scorecards.
+pub mod feedback {
+    /// `lineguard.feedback.v1`.
+    pub mod v1 {
+        #![allow(missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/lineguard.feedback.v1.rs"));
+    }
+}

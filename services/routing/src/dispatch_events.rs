@@ -19,13 +19,13 @@ pub const CONSUMER: &str = "routing-from-dispatch";
 
 /// The dispatch subjects routing consumes.
 pub fn subjects() -> Vec<String> {
-    vec![event_type_filter(
-        "dispatch",
-        &OrderAcknowledged::full_name(),
-    )]
+    vec![
+        event_type_filter("dispatch", &OrderAcknowledged::full_name()),
+        event_type_filter("dispatch", &OrderReturned::full_name()),
+    ]
 }
 
-/// Records crews' acknowledgements as acceptances.
+/// Records crews' acknowledgements as acceptances, and their returns.
 pub struct DispatchEvents {
     router: Router,
 }

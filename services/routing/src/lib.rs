@@ -4,7 +4,9 @@
 //! station duty desk → company supervisor desk) only when a line fails to
 //! accept within the policy's acceptance window.
 //!
-//! Routing learns of tickets from intake's events on the bus and writes only
+//! Routing learns of tickets from intake's events on the bus (and of crews'
+//! acknowledgements and returns from dispatch's, of reopens from feedback's)
+//! and writes only
 //! its own log: routes, acceptances, returns, answers, clock warnings and
 //! breaches, the directory, availability and the time-limit policy.
 //!
@@ -12,7 +14,8 @@
 //!
 //! - [`api`]: the `lineguard.routing.v1.Routing` gRPC service.
 //! - [`intake_events`]: the consumer that routes what intake takes in.
-//! - [`dispatch_events`]: a crew's acknowledgement accepts the ticket.
+//! - [`dispatch_events`]: a crew's acknowledgement accepts the ticket; its return hands it back.
+//! - [`feedback_events`]: a ticket reopened at follow-up goes back to its owner.
 //! - [`router`]: [`Router`](router::Router), the decision of who holds a ticket.
 //! - [`timers`]: durable timers: escalation, warnings, breaches, exactly once.
 //! - [`directory`]: the directory file, its checks, and reads of it.
@@ -23,6 +26,7 @@
 pub mod api;
 pub mod directory;
 pub mod dispatch_events;
+pub mod feedback_events;
 pub mod intake_events;
 pub mod policy;
 pub mod projection;

@@ -9,6 +9,7 @@ use clap::Parser;
 use lineguard_bus::ConsumerConfig;
 use lineguard_routing::api::RoutingService;
 use lineguard_routing::dispatch_events::{self, DispatchEvents};
+use lineguard_routing::feedback_events::{self, FeedbackEvents};
 use lineguard_routing::intake_events::{self, IntakeEvents};
 use lineguard_routing::projection::RoutingProjector;
 use lineguard_routing::router::{Router, RoutingConfig};
@@ -76,6 +77,11 @@ async fn main() -> ExitCode {
             ConsumerConfig::new(dispatch_events::CONSUMER, "dispatch")
                 .filtered(dispatch_events::subjects()),
             DispatchEvents::new(router.clone()),
+        );
+        host.add_consumer(
+            ConsumerConfig::new(feedback_events::CONSUMER, "feedback")
+                .filtered(feedback_events::subjects()),
+            FeedbackEvents::new(router.clone()),
         );
         let timers = lineguard_routing::timers::spawn(router.clone(), args.timer_tick);
         host.on_shutdown(timers.stop());

@@ -505,6 +505,44 @@ impl Router {
         })
     }
 
+    /// A dissatisfied customer reopened a resolved case: back to the owner
+    /// of its district (or the next line that can take it now), hop + 1,
+    /// with every clock running again from now under the case's policy.
+    pub fn reopened(
+        &self,
+        route: &RouteView,
+        reason: &str,
+        now: &Timestamp,
+    ) -> Result<TicketRouted, RouterError> {
+        let district = if route.district_id.is_empty() {
+            None
+        } else {
+            self.directory.district(&route.district_id)?
+        };
+        let mut routed = self.next_hop(
+            route,
+            district,
+            1,
+            RouteReason::Reopened,
+            format!("reopened: {reason}"),
+            now,
+        )?;
+        let policy = self.policy(&route.policy_version)?;
+        let (deadlines, _) = policy.clocks(
+            route.kind(),
+            route.service_request_type(),
+            routed.area_class(),
+            now,
+            now,
+        );
+        routed.acceptance_due_at = deadlines
+            .iter()
+            .find(|d| d.clock == ACCEPTANCE)
+            .and_then(|d| d.due_at);
+        routed.deadlines = deadlines;
+        Ok(routed)
+    }
+
     /// A holder hands a case back: the return, then the next hop in the
     /// right district (`correct`) or the close with the reason. Returns the
     /// events and the route as it will stand.

@@ -63,7 +63,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses `250ms`, `10s` (or a bare number of seconds) and `2m`.
+/// Parses `250ms`, `10s` (or a bare number of seconds), `2m`, `24h` and `30d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit())
@@ -76,8 +76,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3_600)),
+        "d" => Ok(Duration::from_secs(n * 86_400)),
         _ => Err(format!(
-            "invalid duration unit in {text:?} (use ms, s or m)"
+            "invalid duration unit in {text:?} (use ms, s, m, h or d)"
         )),
     }
 }
@@ -372,7 +374,9 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("10h").is_err());
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("10w").is_err());
         assert!(parse_duration("x").is_err());
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use lineguard_harness::{NatsServer, ServiceProcess, workspace_binary};
 use lineguard_protos::dispatch::v1::dispatch_client::DispatchClient;
 use lineguard_protos::eventlog::v1::{ReadStreamRequest, event_log_client::EventLogClient};
+use lineguard_protos::feedback::v1::feedback_client::FeedbackClient;
 use lineguard_protos::intake::v1::{
     Caller, Channel, GetTicketRequest, ReportTicketRequest, TicketKind, TicketView,
     intake_client::IntakeClient,
@@ -44,6 +45,7 @@ pub struct Backend {
     pub intake: ServiceProcess,
     pub routing: ServiceProcess,
     pub dispatch: Option<ServiceProcess>,
+    pub feedback: Option<ServiceProcess>,
     _dir: tempfile::TempDir,
 }
 
@@ -54,6 +56,9 @@ impl Drop for Backend {
             let mut processes = vec![("intake", &self.intake), ("routing", &self.routing)];
             if let Some(d) = &self.dispatch {
                 processes.push(("dispatch", d));
+            }
+            if let Some(f) = &self.feedback {
+                processes.push(("feedback", f));
             }
             for (name, process) in processes {
                 let log = process.log();
@@ -76,6 +81,20 @@ impl Backend {
     /// Intake, routing and, if asked, dispatch; a short fault-repair
     /// acceptance window, or the deployed policy's.
     pub async fn start_with(short_window: bool, with_dispatch: bool) -> Backend {
+        Self::launch(short_window, with_dispatch, None).await
+    }
+
+    /// All four services: a short fault-repair acceptance window, and
+    /// feedback started with `feedback_args`.
+    pub async fn start_all(feedback_args: &[String]) -> Backend {
+        Self::launch(true, true, Some(feedback_args)).await
+    }
+
+    async fn launch(
+        short_window: bool,
+        with_dispatch: bool,
+        feedback_args: Option<&[String]>,
+    ) -> Backend {
         let dir = tempfile::tempdir().expect("tempdir");
         let nats = NatsServer::start().expect("nats");
         let routing = ServiceProcess::start_with_args(
@@ -111,13 +130,29 @@ impl Backend {
             )
             .expect("dispatch")
         });
+        let feedback = feedback_args.map(|args| {
+            ServiceProcess::start_with_args(
+                workspace_binary("lineguard-feedback"),
+                &dir.path().join("feedback"),
+                &nats.url(),
+                args,
+            )
+            .expect("feedback")
+        });
         let backend = Backend {
             nats,
             intake,
             routing,
             dispatch,
+            feedback,
             _dir: dir,
         };
+        if let Some(feedback) = &backend.feedback {
+            feedback
+                .wait_healthy(Duration::from_secs(30))
+                .await
+                .expect("feedback healthy");
+        }
         if let Some(dispatch) = &backend.dispatch {
             dispatch
                 .wait_healthy(Duration::from_secs(30))
@@ -141,6 +176,11 @@ impl Backend {
     pub async fn dispatch(&self) -> DispatchClient<GrpcChannel> {
         let process = self.dispatch.as_ref().expect("started with dispatch");
         DispatchClient::new(process.channel().await.expect("dispatch channel"))
+    }
+
+    pub async fn feedback(&self) -> FeedbackClient<GrpcChannel> {
+        let process = self.feedback.as_ref().expect("started with feedback");
+        FeedbackClient::new(process.channel().await.expect("feedback channel"))
     }
 
     pub async fn intake(&self) -> IntakeClient<GrpcChannel> {
