@@ -78,6 +78,9 @@ pub fn observed_stream(source: &str) -> String {
     format!("observed-{source}")
 }
 
+/// A case resolved: its id, the tickets it covers, "completed" or "answered".
+type Resolution = (String, Vec<String>, &'static str);
+
 /// Records each consumed event, and the follow-ups a resolution makes due.
 pub struct Observer(pub Feedback);
 
@@ -162,11 +165,8 @@ impl Observer {
         Ok(None)
     }
 
-    /// The tickets a resolution covers, and what it was.
-    fn resolution(
-        &self,
-        event: &EventEnvelope,
-    ) -> Result<Option<(String, Vec<String>, &'static str)>, HandlerError> {
+    /// The case a resolution ends, the tickets it covers, and what it was.
+    fn resolution(&self, event: &EventEnvelope) -> Result<Option<Resolution>, HandlerError> {
         let t = event.event_type.as_str();
         if t == WorkCompleted::full_name() {
             let e: WorkCompleted = decode_payload(event).map_err(HandlerError::Reject)?;

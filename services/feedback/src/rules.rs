@@ -189,7 +189,7 @@ impl Rules {
                 r.stars
             )));
         }
-        stars.sort_by(|a, b| b.stars.cmp(&a.stars));
+        stars.sort_by_key(|rule| std::cmp::Reverse(rule.stars));
         Ok(Rules {
             follow_up_within: span("follow_up.within", &file.follow_up.within)?,
             follow_up_by_kind: by_kind,

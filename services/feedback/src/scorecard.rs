@@ -615,7 +615,7 @@ pub fn csv_row(card: &Scorecard) -> String {
     let subject = card.subject.clone().unwrap_or_default();
     let period = card.period.unwrap_or_default();
     let r = |rate: &Option<Rate>| {
-        let rate = rate.clone().unwrap_or_default();
+        let rate = rate.unwrap_or_default();
         [
             rate.met.to_string(),
             rate.total.to_string(),

@@ -27,9 +27,9 @@ use lineguard_feedback::scorecard;
 use lineguard_protos::dispatch::v1::{ClockAlerted, CrewArrived, PowerRestored, WorkCompleted};
 use lineguard_protos::feedback::v1::feedback_server::Feedback as _;
 use lineguard_protos::feedback::v1::{
-    FileComplaintRequest, FollowUpStatus, GetScorecardRequest, Level, ListDueFollowUpsRequest,
-    Metric, Period, RankingsRequest, RecordFollowUpRequest, RecordPraiseRequest, Scorecard,
-    Subject,
+    ExportScorecardsRequest, FileComplaintRequest, FollowUpStatus, GetScorecardRequest, Level,
+    ListDueFollowUpsRequest, Metric, Period, RankingsRequest, RecordFollowUpRequest,
+    RecordPraiseRequest, Scorecard, Subject,
 };
 use lineguard_protos::intake::v1::{Channel, TicketKind, TicketReported};
 use lineguard_protos::routing::v1::{
@@ -39,6 +39,7 @@ use lineguard_protos::routing::v1::{
 };
 use prost::{Message, Name};
 use prost_types::Timestamp;
+use tokio_stream::StreamExt;
 use tonic::{Code, Request};
 
 const COMPANY: &str = "co-test";
@@ -453,7 +454,7 @@ async fn play(bus: &mut Bus, api: &FeedbackService, base: i64) -> Scenario {
             case.crews.push(district.crew.clone());
         }
         // Escalations: nobody accepts in time.
-        let escalations = if kind == TicketKind::Complaint && c % 3 == 0 {
+        let escalations = if kind == TicketKind::Complaint && c.is_multiple_of(3) {
             2
         } else if c % 9 == 4 {
             1
@@ -1004,7 +1005,7 @@ fn close(a: f64, b: f64) -> bool {
 
 fn check(card: &Scorecard, e: &Expected, who: &str) {
     let rate = |r: &Option<lineguard_protos::feedback::v1::Rate>| {
-        let r = r.clone().unwrap_or_default();
+        let r = r.unwrap_or_default();
         (r.met, r.total)
     };
     assert_eq!(card.tickets_handled, e.tickets, "{who}: tickets handled");
@@ -1192,6 +1193,27 @@ async fn every_figure_of_every_scorecard_matches_the_scenario_and_survives_a_reb
     for pair in ranked.windows(2) {
         assert!(pair[0].value >= pair[1].value && pair[0].rank <= pair[1].rank);
     }
+
+    // The CSV export: a header, then a row per card (company, stations,
+    // managers, crews), each the card's figures.
+    let rows: Vec<String> = api
+        .export_scorecards(Request::new(ExportScorecardsRequest {
+            period: Some(p),
+            level: Level::Unspecified as i32,
+        }))
+        .await
+        .expect("export")
+        .into_inner()
+        .map(|row| row.expect("row").line)
+        .collect()
+        .await;
+    assert_eq!(rows.len(), cards.len() + 1);
+    assert_eq!(rows[0], scorecard::csv_header());
+    assert!(rows[1].starts_with("company,co-test,"), "{}", rows[1]);
+    let st_b_row = scorecard::csv_row(&station);
+    assert!(rows.contains(&st_b_row), "st-b's row");
+    let width = rows[0].split(',').count();
+    assert!(rows.iter().all(|r| r.split(',').count() == width));
 
     // Rebuild from the log: the same records, the same figures.
     let digest = feedback.log().projection_digest().expect("digest");

@@ -263,13 +263,13 @@ async fn a_dissatisfied_customer_reopens_through_routing_and_the_scorecard_count
                 .await
                 .ok()?
                 .into_inner();
-            let fu = card.follow_up_satisfaction.clone().unwrap_or_default();
+            let fu = card.follow_up_satisfaction.unwrap_or_default();
             (card.tickets_handled == 2 && fu.total == 2).then_some(card)
         }
     })
     .await;
     let rate = |r: &Option<lineguard_protos::feedback::v1::Rate>| {
-        let r = r.clone().unwrap_or_default();
+        let r = r.unwrap_or_default();
         (r.met, r.total)
     };
     assert_eq!(card.cases, 2);
