@@ -22,9 +22,14 @@ pub const CF_OUTBOX: &str = "outbox";
 pub const CF_PROJECTIONS: &str = "projections";
 /// Bookkeeping: the projection state.
 pub const CF_META: &str = "meta";
+/// Events whose correlation id is not their stream's id (those whose it is
+/// are found through the stream index): `correlation_id ‖ 0x00 ‖ position
+/// (8 bytes BE)` → an empty body. With the stream index, it finds every
+/// event of a correlation (a ticket, a case) in log order.
+pub const CF_CORRELATIONS: &str = "correlations";
 
 /// Every column family, in the order they are opened.
-pub const ALL_COLUMN_FAMILIES: [&str; 7] = [
+pub const ALL_COLUMN_FAMILIES: [&str; 8] = [
     CF_EVENTS,
     CF_STREAMS,
     CF_IDEMPOTENCY,
@@ -32,10 +37,29 @@ pub const ALL_COLUMN_FAMILIES: [&str; 7] = [
     CF_OUTBOX,
     CF_PROJECTIONS,
     CF_META,
+    CF_CORRELATIONS,
 ];
 
 /// Meta key of the `ProjectionState` record.
 pub const META_PROJECTION_STATE: &[u8] = b"projection_state";
+/// Meta key set once every stored event is in the correlation index (logs
+/// written before the index existed are indexed at open).
+pub const META_CORRELATION_INDEX: &[u8] = b"correlation_index";
+
+/// The key of an event in [`CF_CORRELATIONS`].
+pub fn correlation_key(correlation_id: &str, position: u64) -> Vec<u8> {
+    stream_key(correlation_id, position)
+}
+
+/// The position in a correlation index key, if the key belongs to `correlation_id`.
+pub fn correlation_key_position(correlation_id: &str, key: &[u8]) -> Option<u64> {
+    stream_key_version(correlation_id, key)
+}
+
+/// Whether an event needs an entry in [`CF_CORRELATIONS`].
+pub fn needs_correlation_entry(stream_id: &str, correlation_id: &str) -> bool {
+    !correlation_id.is_empty() && correlation_id != stream_id
+}
 
 /// Bytes of a frame before its body: the crc32c.
 pub const CRC_LEN: usize = 4;

@@ -4,8 +4,10 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use lineguard_protos::eventlog::v1::{
-    self as pb, GetLogInfoRequest, GetLogInfoResponse, ReadAllRequest, ReadAllResponse,
-    ReadStreamRequest, ReadStreamResponse, SubscribeRequest, SubscribeResponse,
+    self as pb, GetLogInfoRequest, GetLogInfoResponse, GetProjectionDigestRequest,
+    ProjectionDigest, ReadAllRequest, ReadAllResponse, ReadCorrelationRequest,
+    ReadCorrelationResponse, ReadStreamRequest, ReadStreamResponse, RebuildProjectionsRequest,
+    RebuildProjectionsResponse, SubscribeRequest, SubscribeResponse,
     event_log_server::{EventLog as EventLogApi, EventLogServer},
 };
 use tonic::{Request, Response, Status};
@@ -112,6 +114,60 @@ impl EventLogApi for EventLogService {
             service: self.log.service().to_owned(),
             head_position: self.log.head(),
             outbox_backlog: self.log.outbox_backlog(),
+        }))
+    }
+
+    async fn read_correlation(
+        &self,
+        request: Request<ReadCorrelationRequest>,
+    ) -> Result<Response<ReadCorrelationResponse>, Status> {
+        let req = request.into_inner();
+        let log = self.log.clone();
+        let (events, next) = blocking(move || {
+            log.read_correlation(
+                &req.correlation_id,
+                req.from_position,
+                req.max_count as usize,
+            )
+        })
+        .await?;
+        Ok(Response::new(ReadCorrelationResponse {
+            events,
+            next_position: next.unwrap_or(0),
+        }))
+    }
+
+    async fn get_projection_digest(
+        &self,
+        _: Request<GetProjectionDigestRequest>,
+    ) -> Result<Response<ProjectionDigest>, Status> {
+        let log = self.log.clone();
+        let head = log.head();
+        let digest = blocking(move || log.projection_digest()).await?;
+        Ok(Response::new(ProjectionDigest {
+            service: self.log.service().to_owned(),
+            digest,
+            head_position: head,
+        }))
+    }
+
+    async fn rebuild_projections(
+        &self,
+        _: Request<RebuildProjectionsRequest>,
+    ) -> Result<Response<RebuildProjectionsResponse>, Status> {
+        let rebuilt = self
+            .log
+            .rebuild_projections_checked()
+            .await
+            .map_err(Status::from)?;
+        tracing::info!(service = %self.log.service(), replayed = rebuilt.events_replayed,
+            same = rebuilt.digest_before == rebuilt.digest_after, "projections rebuilt from the log");
+        Ok(Response::new(RebuildProjectionsResponse {
+            service: self.log.service().to_owned(),
+            digest_before: rebuilt.digest_before,
+            digest_after: rebuilt.digest_after,
+            events_replayed: rebuilt.events_replayed,
+            head_position: self.log.head(),
         }))
     }
 }

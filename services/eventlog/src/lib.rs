@@ -40,6 +40,8 @@ pub mod timers;
 pub mod txn;
 mod writer;
 
+pub use writer::Rebuilt;
+
 pub use error::{Error, Result};
 pub use grpc::EventLogService;
 pub use limits::Limits;

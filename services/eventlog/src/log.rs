@@ -14,9 +14,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::codec::{
-    ALL_COLUMN_FAMILIES, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS,
-    CF_STREAMS, IndexRun, META_PROJECTION_STATE, decode_position_key, inbox_key, position_key,
-    stream_key, unseal,
+    ALL_COLUMN_FAMILIES, CF_CORRELATIONS, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX,
+    CF_PROJECTIONS, CF_STREAMS, IndexRun, META_CORRELATION_INDEX, META_PROJECTION_STATE,
+    correlation_key, correlation_key_position, decode_position_key, inbox_key,
+    needs_correlation_entry, position_key, seal, stream_key, unseal,
 };
 use crate::error::{Error, Result};
 use crate::ids::validate_id;
@@ -24,7 +25,7 @@ use crate::limits::Limits;
 use crate::projection::{NoProjections, Projector, read_projection};
 use crate::subscribe::Subscription;
 use crate::txn::{CommitOutcome, EventTypes, Idempotency, Transaction};
-use crate::writer::{Writer, WriterRequest};
+use crate::writer::{Rebuilt, Writer, WriterRequest};
 
 /// How to open a log.
 #[derive(Clone)]
@@ -170,6 +171,7 @@ impl EventLog {
         validate_id("service", &config.service, config.limits.max_id_len)?;
         let db = Arc::new(open_raw_store(&config.path)?);
         let head = last_position(&db)?;
+        ensure_correlation_index(&db, head, config.limits.max_read_page)?;
         let outbox_backlog = Arc::new(AtomicU64::new(count_keys(&db, CF_OUTBOX)?));
         let (head_tx, head_rx) = watch::channel(head);
         let mut writer = Writer {
@@ -362,6 +364,97 @@ impl EventLog {
         })
     }
 
+    /// Up to `max_count` events whose correlation id is `correlation_id`
+    /// (a ticket's, a case's), in log order from `from_position`, and the
+    /// position to read on from if there may be more.
+    pub fn read_correlation(
+        &self,
+        correlation_id: &str,
+        from_position: u64,
+        max_count: usize,
+    ) -> Result<(Vec<EventEnvelope>, Option<u64>)> {
+        validate_id(
+            "correlation_id",
+            correlation_id,
+            self.inner.limits.max_id_len,
+        )?;
+        let max_count = self.page_size(max_count)?;
+        let from = from_position.max(1);
+        let db = &self.inner.db;
+        let events_cf = cf(db, CF_EVENTS)?;
+        // Two sources, each in position order: the stream named like the
+        // correlation (its events mostly carry it), and the index of events
+        // elsewhere that carry it. Merged lazily, smallest position first.
+        let mut runs = db.raw_iterator_cf(cf(db, CF_STREAMS)?);
+        runs.seek(stream_key(correlation_id, 0));
+        let mut run: Option<(u64, u64)> = None; // next position, end (exclusive)
+        let mut next_from_stream = || -> Result<Option<u64>> {
+            loop {
+                if let Some((next, end)) = run.as_mut()
+                    && *next < *end
+                {
+                    let position = *next;
+                    *next += 1;
+                    if position >= from {
+                        return Ok(Some(position));
+                    }
+                    continue;
+                }
+                let (Some(key), Some(value)) = (runs.key(), runs.value()) else {
+                    runs.status()?;
+                    return Ok(None);
+                };
+                let Some(r) = IndexRun::decode(correlation_id, key, value)? else {
+                    return Ok(None);
+                };
+                run = Some((r.first_position, r.first_position + r.count));
+                runs.next();
+            }
+        };
+        let mut index = db.raw_iterator_cf(cf(db, CF_CORRELATIONS)?);
+        index.seek(correlation_key(correlation_id, from));
+        let mut next_from_index = || -> Result<Option<u64>> {
+            let Some(key) = index.key() else {
+                index.status()?;
+                return Ok(None);
+            };
+            let position = correlation_key_position(correlation_id, key);
+            if position.is_some() {
+                index.next();
+            }
+            Ok(position)
+        };
+        let (mut a, mut b) = (next_from_stream()?, next_from_index()?);
+        let mut events = Vec::with_capacity(max_count.min(256));
+        while events.len() < max_count {
+            let (position, from_stream) = match (a, b) {
+                (Some(x), Some(y)) if x < y => (x, true),
+                (Some(x), None) => (x, true),
+                (_, Some(y)) => (y, false),
+                (None, None) => return Ok((events, None)),
+            };
+            let Some(record) = db.get_pinned_cf(events_cf, position_key(position))? else {
+                return Err(Error::Corrupted {
+                    column: CF_EVENTS,
+                    location: format!("position {position}"),
+                    reason: format!("indexed under {correlation_id} but missing"),
+                });
+            };
+            let event = decode_event(position, &record)?;
+            if from_stream {
+                a = next_from_stream()?;
+            } else {
+                b = next_from_index()?;
+            }
+            if event.correlation_id == correlation_id {
+                events.push(event);
+            }
+        }
+        let more = a.is_some() || b.is_some();
+        let next = events.last().map(|e| e.global_position + 1);
+        Ok((events, next.filter(|_| more)))
+    }
+
     /// Reads up to `max_count` events of the whole log from `from_position`.
     /// Reading at `head + 1` returns nothing; further is an error.
     pub fn read_all(&self, from_position: u64, max_count: usize) -> Result<Vec<EventEnvelope>> {
@@ -530,26 +623,18 @@ impl EventLog {
     /// SHA-256 over every projection entry in key order: equal digests mean
     /// equal projections.
     pub fn projection_digest(&self) -> Result<String> {
-        let db = &self.inner.db;
-        let mut hasher = Sha256::new();
-        for item in db.iterator_cf(cf(db, CF_PROJECTIONS)?, IteratorMode::Start) {
-            let (key, value) = item?;
-            let body = unseal(CF_PROJECTIONS, &key, &value, || format!("key {key:02x?}"))?;
-            hasher.update((key.len() as u64).to_be_bytes());
-            hasher.update(&key);
-            hasher.update((body.len() as u64).to_be_bytes());
-            hasher.update(body);
-        }
-        Ok(hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect())
+        digest_projections(&self.inner.db)
     }
 
     /// Drops every projection and rebuilds it from the log, between commits.
     /// Returns the number of events replayed.
     pub async fn rebuild_projections(&self) -> Result<u64> {
+        Ok(self.rebuild_projections_checked().await?.events_replayed)
+    }
+
+    /// [`EventLog::rebuild_projections`], with the projection digests taken
+    /// just before and just after it, between the same two commits.
+    pub async fn rebuild_projections_checked(&self) -> Result<Rebuilt> {
         let (reply, answer) = oneshot::channel();
         self.inner
             .commits
@@ -693,6 +778,65 @@ fn index_run_at_or_before(db: &DB, stream_id: &str, version: u64) -> Result<Opti
 /// A stream's last version, 0 if it has no events.
 pub(crate) fn load_stream_head(db: &DB, stream_id: &str) -> Result<u64> {
     Ok(index_run_at_or_before(db, stream_id, u64::MAX)?.map_or(0, |run| run.last_version()))
+}
+
+/// SHA-256 over every projection entry (key and body lengths and bytes), in key order.
+pub(crate) fn digest_projections(db: &DB) -> Result<String> {
+    let mut hasher = Sha256::new();
+    for item in db.iterator_cf(cf(db, CF_PROJECTIONS)?, IteratorMode::Start) {
+        let (key, value) = item?;
+        let body = unseal(CF_PROJECTIONS, &key, &value, || format!("key {key:02x?}"))?;
+        hasher.update((key.len() as u64).to_be_bytes());
+        hasher.update(&key);
+        hasher.update((body.len() as u64).to_be_bytes());
+        hasher.update(body);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Indexes the correlations of a log written before the correlation index
+/// existed (once; a marker in the meta column says it is done).
+fn ensure_correlation_index(db: &DB, head: u64, page: usize) -> Result<()> {
+    let meta = cf(db, CF_META)?;
+    if db.get_pinned_cf(meta, META_CORRELATION_INDEX)?.is_some() {
+        return Ok(());
+    }
+    let mut next = 1;
+    let mut indexed = 0u64;
+    while next <= head {
+        let events = read_events_from(db, next, page.max(1))?;
+        let Some(last) = events.last().map(|e| e.global_position) else {
+            break;
+        };
+        let mut batch = rocksdb::WriteBatch::default();
+        for e in events
+            .iter()
+            .filter(|e| needs_correlation_entry(&e.stream_id, &e.correlation_id))
+        {
+            let key = correlation_key(&e.correlation_id, e.global_position);
+            batch.put_cf(cf(db, CF_CORRELATIONS)?, &key, seal(&key, &[]));
+            indexed += 1;
+        }
+        db.write(batch)?;
+        next = last + 1;
+    }
+    db.put_cf(
+        meta,
+        META_CORRELATION_INDEX,
+        seal(META_CORRELATION_INDEX, b"1"),
+    )?;
+    if head > 0 {
+        tracing::info!(
+            events = head,
+            indexed,
+            "correlation index built for an older log"
+        );
+    }
+    Ok(())
 }
 
 fn last_position(db: &DB) -> Result<u64> {

@@ -21,12 +21,13 @@ use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codec::{
-    CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS, CF_STREAMS, IndexRun,
-    META_PROJECTION_STATE, inbox_key, position_key, seal, stream_key,
+    CF_CORRELATIONS, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS,
+    CF_STREAMS, IndexRun, META_PROJECTION_STATE, correlation_key, inbox_key,
+    needs_correlation_entry, position_key, seal, stream_key,
 };
 use crate::error::{Error, Result};
 use crate::limits::Limits;
-use crate::log::{cf, load_idempotency, load_stream_head, read_events_from};
+use crate::log::{cf, digest_projections, load_idempotency, load_stream_head, read_events_from};
 use crate::projection::{self, Overlay, ProjectionView, Projector, write_overlay};
 use crate::txn::{CommitOutcome, Transaction};
 
@@ -37,9 +38,18 @@ pub(crate) enum WriterRequest {
         reply: oneshot::Sender<Result<CommitOutcome>>,
     },
     RebuildProjections {
-        reply: oneshot::Sender<Result<u64>>,
+        reply: oneshot::Sender<Result<Rebuilt>>,
     },
     Shutdown,
+}
+
+/// What a rebuild of the projections did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    pub events_replayed: u64,
+    /// [`EventLog::projection_digest`](crate::EventLog::projection_digest) just before and just after.
+    pub digest_before: String,
+    pub digest_after: String,
 }
 
 pub(crate) struct Writer {
@@ -76,7 +86,17 @@ impl Writer {
                     WriterRequest::Commit { txn, reply } => commits.push((txn, reply)),
                     WriterRequest::RebuildProjections { reply } => {
                         self.commit_group(&mut commits);
-                        let _ = reply.send(self.rebuild_projections());
+                        // Both digests between the same two commits: equal
+                        // unless the rebuild changed something.
+                        let rebuilt = digest_projections(&self.db).and_then(|digest_before| {
+                            let events_replayed = self.rebuild_projections()?;
+                            Ok(Rebuilt {
+                                events_replayed,
+                                digest_before,
+                                digest_after: digest_projections(&self.db)?,
+                            })
+                        });
+                        let _ = reply.send(rebuilt);
                     }
                     WriterRequest::Shutdown => {
                         self.commit_group(&mut commits);
@@ -256,6 +276,11 @@ impl Writer {
                 ));
                 if event.publish {
                     ops.push((CF_OUTBOX, pos_key.to_vec(), seal(&pos_key, &[])));
+                }
+                if needs_correlation_entry(&append.stream_id, &event.correlation_id) {
+                    let key = correlation_key(&event.correlation_id, position);
+                    let value = seal(&key, &[]);
+                    ops.push((CF_CORRELATIONS, key, value));
                 }
                 envelopes.push(envelope);
                 position += 1;

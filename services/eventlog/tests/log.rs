@@ -996,3 +996,92 @@ proptest::proptest! {
         proptest::prop_assert_eq!(log.verify().expect("verify"), log.head());
     }
 }
+
+#[tokio::test]
+async fn a_correlation_reads_back_across_streams_in_log_order_and_older_logs_are_indexed() {
+    let dir = tmp();
+    let log = open(dir.path());
+    // Case c-1's events: on its own stream, on a crew's stream, on another
+    // ticket's stream; the crew's stream also holds another case's event.
+    let plan: [(&str, &str); 7] = [
+        ("c-1", "c-1"),
+        ("crew-9", "c-1"),
+        ("crew-9", "c-2"),
+        ("c-1", "c-1"),
+        ("t-5", "c-1"),
+        ("c-1", "c-other"),
+        ("crew-9", "c-1"),
+    ];
+    for (stream, correlation) in plan {
+        log.commit(Transaction::append(
+            stream,
+            ExpectedVersion::Any,
+            vec![noted(correlation, &format!("{stream}/{correlation}"))],
+        ))
+        .await
+        .expect("commit");
+    }
+    let want: Vec<u64> = plan
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, c))| *c == "c-1")
+        .map(|(i, _)| i as u64 + 1)
+        .collect();
+    let (all, next) = log.read_correlation("c-1", 0, 0).expect("read");
+    assert_eq!(next, None);
+    let positions: Vec<u64> = all.iter().map(|e| e.global_position).collect();
+    assert_eq!(positions, want);
+    assert!(all.iter().all(|e| e.correlation_id == "c-1"));
+
+    // Pages of two, resuming where each ends.
+    let mut paged = Vec::new();
+    let mut from = 0;
+    loop {
+        let (page, next) = log.read_correlation("c-1", from, 2).expect("page");
+        assert!(page.len() <= 2);
+        paged.extend(page.iter().map(|e| e.global_position));
+        match next {
+            Some(n) => from = n,
+            None => break,
+        }
+    }
+    assert_eq!(paged, want);
+    assert!(
+        log.read_correlation("nobody", 0, 0)
+            .expect("read")
+            .0
+            .is_empty()
+    );
+    let err = log.read_correlation("bad id!", 0, 0).expect_err("bad id");
+    assert!(err.to_string().contains("correlation_id"), "{err}");
+    log.close().await.expect("close");
+    drop(log);
+
+    // A log written before the index existed: no entries, no marker. It is
+    // indexed when opened.
+    {
+        let raw = lineguard_eventlog::open_raw_store(&dir.path().join("log")).expect("raw");
+        let cf = raw.cf_handle("correlations").expect("cf");
+        let keys: Vec<Box<[u8]>> = raw
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .map(|item| item.expect("item").0)
+            .collect();
+        assert_eq!(
+            keys.len(),
+            5,
+            "entries only for events off their correlation's stream"
+        );
+        for key in keys {
+            raw.delete_cf(cf, key).expect("delete");
+        }
+        let meta = raw.cf_handle("meta").expect("meta");
+        raw.delete_cf(meta, b"correlation_index")
+            .expect("delete marker");
+    }
+    let log = open(dir.path());
+    let (again, _) = log.read_correlation("c-1", 0, 0).expect("read");
+    assert_eq!(
+        again.iter().map(|e| e.global_position).collect::<Vec<_>>(),
+        want
+    );
+}

@@ -52,6 +52,10 @@ pub struct CommonArgs {
     /// Longest wait, on shutdown, for in-flight work and the outbox flush.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Drop the projections and rebuild them from the log before serving
+    /// (logs the digests before and after).
+    #[arg(long)]
+    pub rebuild_projections: bool,
 }
 
 /// How logs are written.
@@ -164,6 +168,12 @@ impl Host {
         let log = tokio::task::spawn_blocking(move || EventLog::open(log_config))
             .await
             .map_err(|e| HostError::Io(std::io::Error::other(e)))??;
+        if args.rebuild_projections {
+            let rebuilt = log.rebuild_projections_checked().await?;
+            tracing::info!(service = spec.name, replayed = rebuilt.events_replayed,
+                digest_before = %rebuilt.digest_before, digest_after = %rebuilt.digest_after,
+                "projections rebuilt from the log at start-up");
+        }
 
         let nats = async_nats::ConnectOptions::new()
             .name(format!("lineguard-{}", spec.name))
