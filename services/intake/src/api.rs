@@ -209,6 +209,15 @@ impl IntakeService {
                 None => None,
             }
             .filter(|incident| within_window(incident, &now));
+            // A fault already fixed (power restored, work completed,
+            // closed) is over: a new call is a new fault, not part of it.
+            let open_incident = match open_incident {
+                Some(incident) => {
+                    let lead = self.view::<TicketView>(&ticket_key(&incident.lead_ticket_id))?;
+                    lead.filter(|l| still_working(l.status())).map(|_| incident)
+                }
+                None => None,
+            };
             let threshold = self.config.outage_threshold.max(1);
             match open_incident {
                 Some(incident) => {
@@ -283,6 +292,19 @@ impl IntakeService {
         }
         Ok((txn, response))
     }
+}
+
+/// Whether an incident led by a ticket in this status is still being worked:
+/// calls about it join it.
+fn still_working(status: TicketStatus) -> bool {
+    matches!(
+        status,
+        TicketStatus::Received
+            | TicketStatus::Routed
+            | TicketStatus::Accepted
+            | TicketStatus::Dispatched
+            | TicketStatus::OnSite
+    )
 }
 
 fn within_window(incident: &IncidentView, now: &Timestamp) -> bool {

@@ -755,3 +755,46 @@ async fn routings_events_keep_the_view_current_and_children_follow_their_inciden
     f.log.rebuild_projections().await.expect("rebuild");
     assert_eq!(f.log.projection_digest().expect("digest"), before);
 }
+
+#[tokio::test]
+async fn a_call_after_the_fault_was_fixed_is_a_new_incident() {
+    let mut f = start(IntakeConfig {
+        correlation_window: Duration::from_secs(600),
+        outage_threshold: 3,
+    })
+    .await;
+    let first = f
+        .client
+        .report_ticket(fault("fixed-1", "601", "D-07", Channel::App))
+        .await
+        .expect("report")
+        .into_inner();
+    let joined = f
+        .client
+        .report_ticket(fault("fixed-2", "602", "D-07", Channel::Wechat))
+        .await
+        .expect("report")
+        .into_inner();
+    assert_eq!(joined.disposition(), Disposition::JoinedIncident);
+    // The crew restores power to the incident.
+    observe_routing(
+        &f.log,
+        &lineguard_protos::dispatch::v1::PowerRestored {
+            order_id: first.incident_id.clone(),
+            crew_id: "crew-1".into(),
+            on_time: true,
+            ..Default::default()
+        },
+        &first.incident_id,
+    )
+    .await;
+    let later = f
+        .client
+        .report_ticket(fault("fixed-3", "603", "D-07", Channel::App))
+        .await
+        .expect("report")
+        .into_inner();
+    assert_eq!(later.disposition(), Disposition::NewTicket, "a new fault");
+    assert!(!later.incident_id.is_empty());
+    assert_ne!(later.incident_id, first.incident_id);
+}

@@ -1,0 +1,122 @@
+//! Where the four services are, and clients to them.
+
+use lineguard_protos::dispatch::v1::dispatch_client::DispatchClient;
+use lineguard_protos::eventlog::v1::event_log_client::EventLogClient;
+use lineguard_protos::feedback::v1::feedback_client::FeedbackClient;
+use lineguard_protos::intake::v1::intake_client::IntakeClient;
+use lineguard_protos::routing::v1::routing_client::RoutingClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Error;
+
+/// The four services, in the order their logs are read and shown.
+pub const SERVICES: [&str; 4] = ["intake", "routing", "dispatch", "feedback"];
+
+/// The gRPC addresses of the four services.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Endpoints {
+    /// Intake's gRPC address.
+    #[arg(
+        long,
+        env = "LINEGUARD_INTAKE",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub intake: String,
+    /// Routing's gRPC address.
+    #[arg(
+        long,
+        env = "LINEGUARD_ROUTING",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub routing: String,
+    /// Dispatch's gRPC address.
+    #[arg(
+        long,
+        env = "LINEGUARD_DISPATCH",
+        default_value = "http://127.0.0.1:50053"
+    )]
+    pub dispatch: String,
+    /// Feedback's gRPC address.
+    #[arg(
+        long,
+        env = "LINEGUARD_FEEDBACK",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    pub feedback: String,
+}
+
+impl Endpoints {
+    /// The address of `service` (one of [`SERVICES`]).
+    pub fn of(&self, service: &str) -> Result<&str, Error> {
+        match service {
+            "intake" => Ok(&self.intake),
+            "routing" => Ok(&self.routing),
+            "dispatch" => Ok(&self.dispatch),
+            "feedback" => Ok(&self.feedback),
+            other => Err(Error::Usage(format!(
+                "unknown service {other}: one of intake, routing, dispatch, feedback"
+            ))),
+        }
+    }
+}
+
+/// Lazily connected channels to the four services.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    channels: [Channel; 4],
+}
+
+fn channel(address: &str) -> Result<Channel, Error> {
+    let address = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    Ok(Endpoint::from_shared(address.clone())
+        .map_err(|e| Error::Usage(format!("bad address {address}: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy())
+}
+
+impl Clients {
+    pub fn new(endpoints: &Endpoints) -> Result<Clients, Error> {
+        Ok(Clients {
+            channels: [
+                channel(&endpoints.intake)?,
+                channel(&endpoints.routing)?,
+                channel(&endpoints.dispatch)?,
+                channel(&endpoints.feedback)?,
+            ],
+        })
+    }
+
+    fn index(service: &str) -> Result<usize, Error> {
+        SERVICES
+            .iter()
+            .position(|s| *s == service)
+            .ok_or_else(|| Error::Usage(format!("unknown service {service}")))
+    }
+
+    /// The `EventLog` service of `service`.
+    pub fn log(&self, service: &str) -> Result<EventLogClient<Channel>, Error> {
+        Ok(EventLogClient::new(
+            self.channels[Self::index(service)?].clone(),
+        ))
+    }
+
+    pub fn intake(&self) -> IntakeClient<Channel> {
+        IntakeClient::new(self.channels[0].clone())
+    }
+
+    pub fn routing(&self) -> RoutingClient<Channel> {
+        RoutingClient::new(self.channels[1].clone())
+    }
+
+    pub fn dispatch(&self) -> DispatchClient<Channel> {
+        DispatchClient::new(self.channels[2].clone())
+    }
+
+    pub fn feedback(&self) -> FeedbackClient<Channel> {
+        FeedbackClient::new(self.channels[3].clone())
+    }
+}

@@ -1,0 +1,424 @@
+//! `ticketctl`: replay, inspect and exercise a running Lineguard backend.
+//! `ticketctl --help` lists the commands; every command has `--help` and
+//! `--json`.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use lineguard_protos::eventlog::v1::RebuildProjectionsRequest;
+use lineguard_ticketctl::endpoints::{Clients, Endpoints, SERVICES};
+use lineguard_ticketctl::simulate::{self, StormConfig};
+use lineguard_ticketctl::state::ticket_state;
+use lineguard_ticketctl::tail::{self, Filter};
+use lineguard_ticketctl::{Error, parse_instant, replay, timeline, verify};
+use serde::Serialize;
+
+/// The operator's CLI for Lineguard: the whole life of any ticket or
+/// incident, event by event, from the four services' logs.
+#[derive(Debug, Parser)]
+#[command(name = "ticketctl", version, about)]
+struct Cli {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Replay a ticket or an incident: every event of all four services, in
+    /// causal order, with durations, holders, warnings and breaches.
+    Replay {
+        #[command(subcommand)]
+        what: ReplayWhat,
+    },
+    /// Live events from all four services, filtered.
+    Tail {
+        /// Only these services (repeatable): intake, routing, dispatch, feedback.
+        #[arg(long)]
+        service: Vec<String>,
+        /// Only event types containing this (e.g. Routed, Clock).
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Only events of this ticket, incident or case id.
+        #[arg(long)]
+        correlation: Option<String>,
+        /// Start from the beginning of each log instead of now.
+        #[arg(long)]
+        from_start: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Also the copies services keep of each other's events.
+        #[arg(long)]
+        with_copies: bool,
+    },
+    /// Drop a service's projections and rebuild them from its log (or all
+    /// four); prints the projection digests before and after.
+    Rebuild {
+        /// intake, routing, dispatch, feedback, or all.
+        service: String,
+    },
+    /// Replay every ticket and compare with intake's live view; lists each
+    /// mismatch. Exits 1 if there is any.
+    Verify,
+    /// Draw a ticket's or an incident's timeline.
+    Timeline {
+        #[command(subcommand)]
+        what: TimelineWhat,
+    },
+    /// Drive traffic against the running backend.
+    Simulate {
+        #[command(subcommand)]
+        what: SimulateWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplayWhat {
+    /// One ticket (a child ticket includes its incident's handling).
+    Ticket {
+        id: String,
+        /// Show the ticket as it was at this instant (RFC 3339).
+        #[arg(long)]
+        as_of: Option<String>,
+    },
+    /// One incident and every ticket in it.
+    Incident {
+        id: String,
+        /// Show each ticket as it was at this instant (RFC 3339).
+        #[arg(long)]
+        as_of: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TimelineWhat {
+    /// An incident's timeline.
+    Incident {
+        id: String,
+        /// Write a self-contained HTML page (with an SVG) here.
+        #[arg(long)]
+        html: String,
+    },
+    /// A ticket's timeline.
+    Ticket {
+        id: String,
+        /// Write a self-contained HTML page (with an SVG) here.
+        #[arg(long)]
+        html: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SimulateWhat {
+    /// A storm: correlated outages, repeat callers, crews with realistic
+    /// delays, late arrivals, returns, escalations, follow-ups.
+    Storm {
+        #[command(flatten)]
+        config: StormConfig,
+    },
+}
+
+fn progress(json: bool, what: &str) -> ProgressBar {
+    if json {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {elapsed}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn print_json(value: &impl Serialize) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Usage(format!("cannot write JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct AsOf {
+    as_of: String,
+    tickets: Vec<lineguard_ticketctl::state::TicketState>,
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Error> {
+    let clients = Clients::new(&cli.endpoints)?;
+    match cli.command {
+        Command::Replay { what } => {
+            let (replayed, as_of) = match what {
+                ReplayWhat::Ticket { id, as_of } => (replay::ticket(&clients, &id).await?, as_of),
+                ReplayWhat::Incident { id, as_of } => {
+                    (replay::incident(&clients, &id).await?, as_of)
+                }
+            };
+            if let Some(text) = as_of {
+                let at = parse_instant(&text)?;
+                let ids: Vec<&String> = if replayed.kind == "ticket" {
+                    vec![&replayed.id]
+                } else {
+                    replayed.correlation_ids.iter().skip(1).collect()
+                };
+                let tickets = ids
+                    .into_iter()
+                    .filter_map(|id| ticket_state(id, &replayed.events, Some(at)))
+                    .collect::<Vec<_>>();
+                if cli.json {
+                    print_json(&AsOf {
+                        as_of: timeline::rfc3339(at),
+                        tickets,
+                    })?;
+                } else {
+                    println!("as of {}:", timeline::rfc3339(at));
+                    for t in tickets {
+                        println!(
+                            "  {} {} line {} {} crew {} hops {} urges {} warnings {} breaches {}{}",
+                            t.ticket_id,
+                            t.status,
+                            t.line,
+                            if t.holder.is_empty() { "-" } else { &t.holder },
+                            if t.crew.is_empty() { "-" } else { &t.crew },
+                            t.hops,
+                            t.urges,
+                            t.warnings,
+                            t.breaches,
+                            if t.closed_reason.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", t.closed_reason)
+                            }
+                        );
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let laid_out = timeline::build(&replayed);
+            if cli.json {
+                print_json(&laid_out)?;
+            } else {
+                print!("{}", timeline::render_text(&laid_out));
+            }
+        }
+        Command::Tail {
+            service,
+            event_type,
+            correlation,
+            from_start,
+            count,
+            with_copies,
+        } => {
+            for s in &service {
+                if !SERVICES.contains(&s.as_str()) {
+                    return Err(Error::Usage(format!(
+                        "--service {s}: one of intake, routing, dispatch, feedback"
+                    )));
+                }
+            }
+            let filter = Filter {
+                services: service,
+                event_type,
+                correlation,
+                with_copies,
+            };
+            let json = cli.json;
+            tail::tail(&clients, &filter, from_start, count, |e| {
+                if json {
+                    let value = serde_json::json!({
+                        "service": e.source,
+                        "position": e.global_position,
+                        "recorded_at": timeline::rfc3339(replay::recorded_nanos(e)),
+                        "event_type": e.event_type,
+                        "stream_id": e.stream_id,
+                        "correlation_id": e.correlation_id,
+                        "causation_id": e.causation_id,
+                        "what": timeline::describe(e),
+                    });
+                    println!("{value}");
+                } else {
+                    println!("{}", tail::line(e));
+                }
+                let _ = std::io::stdout().flush();
+            })
+            .await?;
+        }
+        Command::Rebuild { service } => {
+            let services: Vec<&str> = if service == "all" {
+                SERVICES.to_vec()
+            } else if SERVICES.contains(&service.as_str()) {
+                vec![service.as_str()]
+            } else {
+                return Err(Error::Usage(format!(
+                    "unknown service {service}: intake, routing, dispatch, feedback or all"
+                )));
+            };
+            let bar = progress(cli.json, "rebuilding");
+            bar.set_length(services.len() as u64);
+            let mut results = Vec::new();
+            for s in services {
+                let answer = clients
+                    .log(s)?
+                    .rebuild_projections(RebuildProjectionsRequest {})
+                    .await
+                    .map_err(Error::service(s))?
+                    .into_inner();
+                bar.inc(1);
+                results.push(answer);
+            }
+            bar.finish_and_clear();
+            let all_same = results.iter().all(|r| r.digest_before == r.digest_after);
+            if cli.json {
+                let rows: Vec<_> = results
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "service": r.service,
+                            "events_replayed": r.events_replayed,
+                            "digest_before": r.digest_before,
+                            "digest_after": r.digest_after,
+                            "same": r.digest_before == r.digest_after,
+                        })
+                    })
+                    .collect();
+                print_json(&rows)?;
+            } else {
+                for r in &results {
+                    println!(
+                        "{:<8} {} events replayed; digest {} {} {}",
+                        r.service,
+                        r.events_replayed,
+                        &r.digest_before[..16.min(r.digest_before.len())],
+                        if r.digest_before == r.digest_after {
+                            "=="
+                        } else {
+                            "!="
+                        },
+                        &r.digest_after[..16.min(r.digest_after.len())]
+                    );
+                }
+            }
+            if !all_same {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Verify => {
+            let bar = progress(cli.json, "verifying");
+            let report = verify::verify(&clients, &bar).await?;
+            bar.finish_and_clear();
+            if cli.json {
+                print_json(&report)?;
+            } else {
+                println!(
+                    "{} tickets replayed ({} events): {} mismatches",
+                    report.tickets,
+                    report.events_replayed,
+                    report.mismatches.len()
+                );
+                for m in &report.mismatches {
+                    println!(
+                        "  {} {}: replayed {:?}, live {:?}",
+                        m.ticket_id, m.field, m.replayed, m.live
+                    );
+                }
+            }
+            if !report.mismatches.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Timeline { what } => {
+            let (replayed, path) = match what {
+                TimelineWhat::Incident { id, html } => {
+                    (replay::incident(&clients, &id).await?, html)
+                }
+                TimelineWhat::Ticket { id, html } => (replay::ticket(&clients, &id).await?, html),
+            };
+            let laid_out = timeline::build(&replayed);
+            std::fs::write(&path, timeline::render_html(&laid_out))?;
+            if cli.json {
+                print_json(&serde_json::json!({
+                    "file": path,
+                    "events": laid_out.events,
+                    "lanes": laid_out.holdings.iter().map(|h| h.lane.clone()).collect::<std::collections::BTreeSet<_>>(),
+                    "breaches": laid_out.breaches,
+                }))?;
+            } else {
+                println!(
+                    "wrote {path}: {} events, {} breaches",
+                    laid_out.events, laid_out.breaches
+                );
+            }
+        }
+        Command::Simulate {
+            what: SimulateWhat::Storm { config },
+        } => {
+            let bar = progress(cli.json, "calls");
+            let report = simulate::storm(&clients, &config, &bar).await?;
+            bar.finish_and_clear();
+            if cli.json {
+                print_json(&report)?;
+            } else {
+                print_storm(&report);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_storm(r: &simulate::StormReport) {
+    println!(
+        "{} calls in {:.1}s ({:.1}/s): {} new tickets, {} joined incidents, {} urges",
+        r.calls, r.seconds, r.calls_per_second, r.new_tickets, r.joined_incidents, r.urges
+    );
+    println!(
+        "crews: {} orders, {} acknowledged ({} slowly: escalations), {} arrived on time, {} late, {} returned, {} completed",
+        r.orders_received,
+        r.acknowledged,
+        r.slow_acknowledgements,
+        r.arrived_on_time,
+        r.arrived_late,
+        r.returned,
+        r.completed
+    );
+    println!(
+        "desks: {} answered; follow-ups: {} satisfied, {} dissatisfied, {} reopened",
+        r.desk_answered, r.follow_ups_satisfied, r.follow_ups_dissatisfied, r.reopened
+    );
+    let p = |name: &str, p: &simulate::Percentiles| {
+        println!(
+            "{name}: n={} p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            p.count, p.p50, p.p90, p.p99, p.max
+        );
+    };
+    p("ReportTicket round trip", &r.report_latency_ms);
+    p(
+        "ReportTicket -> crew receives the order",
+        &r.report_to_crew_ms,
+    );
+    for (what, n) in &r.errors {
+        println!("refused: {what} ×{n}");
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match tokio::time::timeout(Duration::from_secs(24 * 3600), run(cli)).await {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            eprintln!("ticketctl: {e}");
+            ExitCode::from(2)
+        }
+        Err(_) => {
+            eprintln!("ticketctl: gave up after a day");
+            ExitCode::from(2)
+        }
+    }
+}

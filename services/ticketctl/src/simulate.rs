@@ -1,0 +1,743 @@
+//! `simulate storm`: realistic traffic against a running backend, for demos
+//! and benchmarks. Calls come from the demo accounts at a steady rate:
+//! correlated outages (a burst of calls from one district), repeat callers
+//! (an urge on their open ticket), desk work (complaints, inquiries) that
+//! an owner answers, and field work that crews do on their phones: every
+//! crew follows its `WatchDispatches`, acknowledges after a delay (some only
+//! after the acceptance window, so the ticket escalates), arrives (some
+//! late), restores, completes, or returns an order. Follow-ups are made with
+//! mixed verdicts; some dissatisfied customers reopen.
+//!
+//! It reports what it did and the latencies it saw, in particular from
+//! `ReportTicket` to the crew receiving the order on its stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use lineguard_protos::dispatch::v1::{
+    AcknowledgeRequest, ActionHeader, ArriveRequest, CompleteRequest, DepartRequest, OrderAssigned,
+    RestoreRequest, ReturnOrderRequest, WatchDispatchesRequest,
+};
+use lineguard_protos::eventlog::v1::{ReadDirection, ReadStreamRequest};
+use lineguard_protos::feedback::v1::{ListDueFollowUpsRequest, RecordFollowUpRequest};
+use lineguard_protos::intake::v1::{
+    Caller, Channel, Disposition, ReportTicketRequest, ServiceRequestType, TicketKind,
+};
+use lineguard_protos::routing::v1::{AcceptTicketRequest, AnswerTicketRequest, GetRouteRequest};
+use prost::{Message, Name};
+use prost_types::Timestamp;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::Error;
+use crate::endpoints::Clients;
+
+/// How the storm behaves.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StormConfig {
+    /// Calls to make.
+    #[arg(long, default_value_t = 1_000)]
+    pub tickets: usize,
+    /// Calls per second.
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Seed of the pseudo-random choices (the same seed, the same storm).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// The demo accounts (account_number,district_id per line).
+    #[arg(long, default_value = "deploy/demo-accounts.csv")]
+    pub accounts: String,
+    /// The directory file the crews are read from.
+    #[arg(long, default_value = "deploy/directory.toml")]
+    pub directory: String,
+    /// Share of orders a crew leaves unacknowledged for --slow-ack (escalations).
+    #[arg(long, default_value_t = 0.05)]
+    pub slow_share: f64,
+    /// How long a slow crew waits before acknowledging.
+    #[arg(long, default_value = "6s", value_parser = parse_span)]
+    pub slow_ack: Duration,
+    /// Share of arrivals later than the arrival limit (by device time).
+    #[arg(long, default_value_t = 0.15)]
+    pub late_share: f64,
+    /// Share of orders a crew returns (退单) instead of doing.
+    #[arg(long, default_value_t = 0.03)]
+    pub return_share: f64,
+    /// Share of follow-ups with a dissatisfied customer (half of them reopen).
+    #[arg(long, default_value_t = 0.1)]
+    pub dissatisfied_share: f64,
+    /// After the last call, how long to let the work finish.
+    #[arg(long, default_value = "30s", value_parser = parse_span)]
+    pub settle: Duration,
+}
+
+/// Parses `500ms`, `6s`, `2m`.
+pub fn parse_span(text: &str) -> Result<Duration, String> {
+    let (n, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = n.parse().map_err(|_| format!("invalid span {text:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid span unit in {text:?} (ms, s or m)")),
+    }
+}
+
+/// A small, seedable generator (SplitMix64): the same seed, the same storm.
+#[derive(Debug, Clone)]
+pub struct Dice(u64);
+
+impl Dice {
+    pub fn new(seed: u64) -> Dice {
+        Dice(seed)
+    }
+    pub fn roll(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// In `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.roll() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.roll() % n.max(1) as u64) as usize
+    }
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.unit() < p
+    }
+}
+
+/// What the storm did and saw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StormReport {
+    pub calls: usize,
+    pub new_tickets: usize,
+    pub joined_incidents: usize,
+    pub urges: usize,
+    pub desk_answered: usize,
+    pub orders_received: usize,
+    pub acknowledged: usize,
+    pub slow_acknowledgements: usize,
+    pub arrived_on_time: usize,
+    pub arrived_late: usize,
+    pub returned: usize,
+    pub completed: usize,
+    pub follow_ups_satisfied: usize,
+    pub follow_ups_dissatisfied: usize,
+    pub reopened: usize,
+    pub errors: BTreeMap<String, usize>,
+    pub seconds: f64,
+    pub calls_per_second: f64,
+    /// `ReportTicket` round trips, milliseconds.
+    pub report_latency_ms: Percentiles,
+    /// From `ReportTicket` sent to the crew receiving the order, milliseconds.
+    pub report_to_crew_ms: Percentiles,
+    /// Tickets (ids) the storm created.
+    #[serde(skip)]
+    pub ticket_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut values: Vec<f64>) -> Percentiles {
+        if values.is_empty() {
+            return Percentiles::default();
+        }
+        values.sort_by(f64::total_cmp);
+        let at =
+            |q: f64| values[((values.len() as f64 * q).ceil() as usize).clamp(1, values.len()) - 1];
+        Percentiles {
+            count: values.len(),
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: values[values.len() - 1],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct DirectoryFile {
+    #[serde(default)]
+    crews: Vec<CrewEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CrewEntry {
+    crew_id: String,
+}
+
+/// Shared tallies of the running storm.
+#[derive(Default)]
+struct Tally {
+    report: StormReport,
+    report_ms: Vec<f64>,
+    crew_ms: Vec<f64>,
+    /// When each ticket's call was sent.
+    sent: HashMap<String, Instant>,
+}
+
+type Shared = Arc<Mutex<Tally>>;
+
+fn count(tally: &Shared, f: impl FnOnce(&mut StormReport)) {
+    if let Ok(mut t) = tally.lock() {
+        f(&mut t.report);
+    }
+}
+
+fn error(tally: &Shared, what: &str, status: &tonic::Status) {
+    let key = format!("{what}: {:?}", status.code());
+    count(tally, |r| *r.errors.entry(key).or_default() += 1);
+}
+
+fn now() -> Timestamp {
+    Timestamp::from(SystemTime::now())
+}
+
+fn plus_minutes(t: &Timestamp, minutes: i64) -> Timestamp {
+    Timestamp {
+        seconds: t.seconds + minutes * 60,
+        nanos: t.nanos,
+    }
+}
+
+fn read_accounts(path: &str) -> Result<Vec<(String, String)>, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Usage(format!("cannot read accounts {path}: {e}")))?;
+    let accounts: Vec<(String, String)> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(','))
+        .map(|(a, d)| (a.trim().to_string(), d.trim().to_string()))
+        .collect();
+    if accounts.is_empty() {
+        return Err(Error::Usage(format!("no accounts in {path}")));
+    }
+    Ok(accounts)
+}
+
+fn read_crews(path: &str) -> Result<Vec<String>, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Usage(format!("cannot read directory {path}: {e}")))?;
+    let dir: DirectoryFile =
+        toml::from_str(&text).map_err(|e| Error::Usage(format!("directory {path}: {e}")))?;
+    Ok(dir.crews.into_iter().map(|c| c.crew_id).collect())
+}
+
+/// Runs the storm; `progress` advances one per call made.
+pub async fn storm(
+    clients: &Clients,
+    config: &StormConfig,
+    progress: &indicatif::ProgressBar,
+) -> Result<StormReport, Error> {
+    if !(config.rate > 0.0 && config.rate <= 10_000.0) {
+        return Err(Error::Usage(
+            "--rate must be more than 0 and at most 10000".into(),
+        ));
+    }
+    let accounts = read_accounts(&config.accounts)?;
+    let crews = read_crews(&config.directory)?;
+    let tally: Shared = Arc::new(Mutex::new(Tally::default()));
+    let (stop_tx, stop) = watch::channel(false);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for (i, crew) in crews.iter().enumerate() {
+        let dice = Dice::new(config.seed ^ (0xC0FFEE + i as u64));
+        workers.push(tokio::spawn(crew_phone(
+            clients.clone(),
+            crew.clone(),
+            config.clone(),
+            dice,
+            tally.clone(),
+            stop.clone(),
+        )));
+    }
+    workers.push(tokio::spawn(follow_up_desk(
+        clients.clone(),
+        config.clone(),
+        Dice::new(config.seed ^ 0xF011),
+        tally.clone(),
+        stop.clone(),
+    )));
+
+    // The calls, at the rate asked for.
+    progress.set_length(config.tickets as u64);
+    let mut dice = Dice::new(config.seed);
+    let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut callers: Vec<usize> = Vec::new();
+    let mut outage: Option<(String, usize)> = None; // district, calls left
+    let mut calls = Vec::with_capacity(config.tickets);
+    for n in 0..config.tickets {
+        interval.tick().await;
+        let (account, kind) = if let Some((district, left)) = outage.as_mut() {
+            let in_district: Vec<usize> = (0..accounts.len())
+                .filter(|i| &accounts[*i].1 == district)
+                .collect();
+            *left -= 1;
+            let pick = in_district[dice.below(in_district.len())];
+            if *left == 0 {
+                outage = None;
+            }
+            (pick, TicketKind::FaultRepair)
+        } else if !callers.is_empty() && dice.chance(0.08) {
+            (callers[dice.below(callers.len())], TicketKind::FaultRepair)
+        } else {
+            let pick = dice.below(accounts.len());
+            let kind = match dice.below(100) {
+                0..=69 => TicketKind::FaultRepair,
+                70..=79 => TicketKind::Complaint,
+                80..=89 => TicketKind::Inquiry,
+                90..=94 => TicketKind::ServiceRequest,
+                _ => TicketKind::Report,
+            };
+            if kind == TicketKind::FaultRepair && dice.chance(0.05) {
+                outage = Some((accounts[pick].1.clone(), 3 + dice.below(6)));
+            }
+            (pick, kind)
+        };
+        callers.push(account);
+        let channel = [
+            Channel::Hotline95598,
+            Channel::StationPhone,
+            Channel::ManagerPhone,
+            Channel::App,
+            Channel::Wechat,
+            Channel::Web,
+        ][dice.below(6)];
+        let request = ReportTicketRequest {
+            idempotency_key: format!("storm-{}-{n}", config.seed),
+            channel: channel as i32,
+            kind: kind as i32,
+            service_request_type: if kind == TicketKind::ServiceRequest {
+                ServiceRequestType::MeterFault as i32
+            } else {
+                0
+            },
+            account_number: accounts[account].0.clone(),
+            address: "Storm Street".into(),
+            caller: Some(Caller {
+                name: "Storm caller".into(),
+                phone: format!("1380000{:04}", account % 10_000),
+            }),
+            description: "simulated".into(),
+            ..ReportTicketRequest::default()
+        };
+        let desk_delay = Duration::from_millis(200 + dice.below(1_500) as u64);
+        calls.push(tokio::spawn(call(
+            clients.clone(),
+            request,
+            kind,
+            desk_delay,
+            tally.clone(),
+        )));
+        progress.inc(1);
+    }
+    for c in calls {
+        let _ = c.await;
+    }
+    // Let the crews and desks finish.
+    let deadline = Instant::now() + config.settle;
+    loop {
+        let done = tally.lock().map(|t| {
+            let r = &t.report;
+            r.orders_received > 0 && r.completed + r.returned >= r.orders_received
+        });
+        if done.unwrap_or(true) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = stop_tx.send(true);
+    for w in workers {
+        let _ = w.await;
+    }
+    let mut t = tally
+        .lock()
+        .map_err(|_| Error::Usage("storm tally poisoned".into()))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut report = t.report.clone();
+    report.seconds = seconds;
+    report.calls_per_second = report.calls as f64 / seconds.max(1e-9);
+    report.report_latency_ms = Percentiles::of(std::mem::take(&mut t.report_ms));
+    report.report_to_crew_ms = Percentiles::of(std::mem::take(&mut t.crew_ms));
+    Ok(report)
+}
+
+/// One customer's call; desk work is then accepted and answered by its owner.
+async fn call(
+    clients: Clients,
+    request: ReportTicketRequest,
+    kind: TicketKind,
+    desk_delay: Duration,
+    tally: Shared,
+) {
+    let sent = Instant::now();
+    let answer = clients.intake().report_ticket(request).await;
+    let ms = sent.elapsed().as_secs_f64() * 1e3;
+    let answer = match answer {
+        Ok(a) => a.into_inner(),
+        Err(status) => return error(&tally, "report", &status),
+    };
+    if let Ok(mut t) = tally.lock() {
+        t.report_ms.push(ms);
+        t.report.calls += 1;
+        match answer.disposition() {
+            Disposition::UrgedOpenTicket => t.report.urges += 1,
+            Disposition::JoinedIncident => {
+                t.report.joined_incidents += 1;
+                t.report.ticket_ids.push(answer.ticket_id.clone());
+            }
+            _ => {
+                t.report.new_tickets += 1;
+                t.report.ticket_ids.push(answer.ticket_id.clone());
+            }
+        }
+        t.sent.entry(answer.ticket_id.clone()).or_insert(sent);
+    }
+    if kind == TicketKind::FaultRepair || answer.disposition() != Disposition::NewTicket {
+        return;
+    }
+    tokio::time::sleep(desk_delay).await;
+    answer_desk_work(&clients, &answer.ticket_id, &tally).await;
+}
+
+async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
+    let mut routing = clients.routing();
+    for _ in 0..50 {
+        let route = match routing
+            .get_route(GetRouteRequest {
+                ticket_id: ticket.to_string(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let accepted = routing
+            .accept_ticket(AcceptTicketRequest {
+                ticket_id: ticket.to_string(),
+                assignee_id: route.assignee_id.clone(),
+                idempotency_key: format!("storm-accept-{ticket}-{}", route.hop),
+            })
+            .await;
+        if let Err(status) = &accepted
+            && status.code() != tonic::Code::FailedPrecondition
+        {
+            return error(tally, "accept", status);
+        }
+        match routing
+            .answer_ticket(AnswerTicketRequest {
+                ticket_id: ticket.to_string(),
+                assignee_id: route.assignee_id,
+                answer: "explained on the phone".into(),
+                outcome: "explained".into(),
+                idempotency_key: format!("storm-answer-{ticket}"),
+            })
+            .await
+        {
+            Ok(_) => return count(tally, |r| r.desk_answered += 1),
+            // Moved on meanwhile (escalated): ask again.
+            Err(s) if s.code() == tonic::Code::PermissionDenied => continue,
+            Err(s) => return error(tally, "answer", &s),
+        }
+    }
+}
+
+/// The crew's last sequence number so far (its phone starts after it).
+async fn last_sequence(clients: &Clients, crew: &str) -> u64 {
+    let Ok(mut log) = clients.log("dispatch") else {
+        return 0;
+    };
+    log.read_stream(ReadStreamRequest {
+        stream_id: format!("crew-{crew}"),
+        from_version: 0,
+        direction: ReadDirection::Backward as i32,
+        max_count: 1,
+    })
+    .await
+    .map(|r| r.into_inner().stream_version)
+    .unwrap_or(0)
+}
+
+fn header(crew: &str, order: &str, action: &str, device_time: Timestamp) -> Option<ActionHeader> {
+    Some(ActionHeader {
+        crew_id: crew.to_string(),
+        order_id: order.to_string(),
+        action_id: format!("{action}-{order}"),
+        device_time: Some(device_time),
+    })
+}
+
+/// A crew's phone: follows the crew's orders and works each one.
+async fn crew_phone(
+    clients: Clients,
+    crew: String,
+    config: StormConfig,
+    mut dice: Dice,
+    tally: Shared,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut after = last_sequence(&clients, &crew).await;
+    while !*stop.borrow() {
+        let stream = clients
+            .dispatch()
+            .watch_dispatches(WatchDispatchesRequest {
+                crew_id: crew.clone(),
+                after_sequence: after,
+            })
+            .await;
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = stop.changed() => return,
+                next = stream.next() => next,
+            };
+            let Some(Ok(event)) = next else { break };
+            after = event.sequence;
+            let Some(envelope) = event.event else {
+                continue;
+            };
+            if envelope.event_type != OrderAssigned::full_name() {
+                continue;
+            }
+            let Ok(order) = OrderAssigned::decode(envelope.payload.as_ref()) else {
+                continue;
+            };
+            let received = Instant::now();
+            if let Ok(mut t) = tally.lock() {
+                t.report.orders_received += 1;
+                let first_call = order
+                    .tickets
+                    .iter()
+                    .filter_map(|c| t.sent.get(&c.ticket_id).copied())
+                    .min();
+                if let Some(sent) = first_call {
+                    let ms = received.duration_since(sent).as_secs_f64() * 1e3;
+                    t.crew_ms.push(ms);
+                }
+            }
+            let plan = OrderPlan {
+                slow: dice.chance(config.slow_share),
+                late: dice.chance(config.late_share),
+                give_back: dice.chance(config.return_share),
+                ack_after: Duration::from_millis(50 + dice.below(400) as u64),
+                travel_minutes: 10 + dice.below(25) as i64,
+                repair_minutes: 20 + dice.below(90) as i64,
+            };
+            tokio::spawn(work_order(
+                clients.clone(),
+                crew.clone(),
+                order,
+                plan,
+                config.slow_ack,
+                tally.clone(),
+            ));
+        }
+    }
+}
+
+struct OrderPlan {
+    slow: bool,
+    late: bool,
+    give_back: bool,
+    ack_after: Duration,
+    travel_minutes: i64,
+    repair_minutes: i64,
+}
+
+async fn work_order(
+    clients: Clients,
+    crew: String,
+    order: OrderAssigned,
+    plan: OrderPlan,
+    slow_ack: Duration,
+    tally: Shared,
+) {
+    let mut dispatch = clients.dispatch();
+    let id = order.order_id.as_str();
+    let round = format!("{}-h{}", crew, order.hop);
+    tokio::time::sleep(if plan.slow { slow_ack } else { plan.ack_after }).await;
+    let t0 = now();
+    match dispatch
+        .acknowledge(AcknowledgeRequest {
+            header: header(&crew, id, &format!("ack-{round}"), t0),
+        })
+        .await
+    {
+        Ok(_) => count(&tally, |r| {
+            r.acknowledged += 1;
+            r.slow_acknowledgements += usize::from(plan.slow);
+        }),
+        // Taken from this crew meanwhile (escalated to another, cancelled).
+        Err(s) => return error(&tally, "acknowledge", &s),
+    }
+    if plan.give_back {
+        match dispatch
+            .return_order(ReturnOrderRequest {
+                header: header(&crew, id, &format!("return-{round}"), now()),
+                reason: "customer_side_fault".into(),
+                note: "the fault is inside the house".into(),
+                ..ReturnOrderRequest::default()
+            })
+            .await
+        {
+            Ok(_) => count(&tally, |r| r.returned += 1),
+            Err(s) => error(&tally, "return", &s),
+        }
+        return;
+    }
+    // Device times run ahead: the simulated drive and repair take minutes
+    // of the crew's clock, not of the storm's.
+    let arrival_due = order
+        .arrival_due_at
+        .unwrap_or_else(|| plus_minutes(&t0, 45));
+    let arrived_at = if plan.late {
+        plus_minutes(&arrival_due, 5 + plan.travel_minutes)
+    } else {
+        plus_minutes(&t0, plan.travel_minutes.min(30))
+    };
+    let steps: [(&str, Timestamp); 2] = [("depart", plus_minutes(&t0, 1)), ("arrive", arrived_at)];
+    for (what, at) in steps {
+        let result = if what == "depart" {
+            dispatch
+                .depart(DepartRequest {
+                    header: header(&crew, id, &format!("{what}-{round}"), at),
+                })
+                .await
+                .map(|_| ())
+        } else {
+            dispatch
+                .arrive(ArriveRequest {
+                    header: header(&crew, id, &format!("{what}-{round}"), at),
+                    position: None,
+                })
+                .await
+                .map(|_| ())
+        };
+        if let Err(s) = result {
+            return error(&tally, what, &s);
+        }
+    }
+    count(&tally, |r| {
+        if plan.late {
+            r.arrived_late += 1;
+        } else {
+            r.arrived_on_time += 1;
+        }
+    });
+    let restored_at = plus_minutes(&arrived_at, plan.repair_minutes);
+    if let Err(s) = dispatch
+        .restore(RestoreRequest {
+            header: header(&crew, id, &format!("restore-{round}"), restored_at),
+        })
+        .await
+    {
+        return error(&tally, "restore", &s);
+    }
+    match dispatch
+        .complete(CompleteRequest {
+            header: header(
+                &crew,
+                id,
+                &format!("complete-{round}"),
+                plus_minutes(&restored_at, 5),
+            ),
+            cause: "blown fuse".into(),
+            result: "replaced".into(),
+            ..CompleteRequest::default()
+        })
+        .await
+    {
+        Ok(_) => count(&tally, |r| r.completed += 1),
+        Err(s) => error(&tally, "complete", &s),
+    }
+}
+
+/// The follow-up desk: calls every customer whose follow-up is due.
+async fn follow_up_desk(
+    clients: Clients,
+    config: StormConfig,
+    mut dice: Dice,
+    tally: Shared,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut feedback = clients.feedback();
+    loop {
+        let due = feedback
+            .list_due_follow_ups(ListDueFollowUpsRequest {
+                page_size: 1_000,
+                ..ListDueFollowUpsRequest::default()
+            })
+            .await
+            .map(|r| r.into_inner().follow_ups)
+            .unwrap_or_default();
+        for f in due {
+            let satisfied = !dice.chance(config.dissatisfied_share);
+            let reopen = !satisfied && dice.chance(0.5);
+            // One follow-up per resolution: a reopened ticket resolved
+            // again gets a key of its own.
+            let key = format!(
+                "storm-fu-{}-{}",
+                f.ticket_id,
+                f.resolved_at
+                    .map_or(0, |t| i128::from(t.seconds) * 1_000_000_000
+                        + i128::from(t.nanos))
+            );
+            match feedback
+                .record_follow_up(RecordFollowUpRequest {
+                    ticket_id: f.ticket_id.clone(),
+                    satisfied,
+                    score: if satisfied {
+                        4 + dice.below(2) as u32
+                    } else {
+                        1 + dice.below(2) as u32
+                    },
+                    comment: String::new(),
+                    recorded_by: "storm-desk".into(),
+                    reopen,
+                    idempotency_key: key,
+                })
+                .await
+            {
+                Ok(_) => count(&tally, |r| {
+                    if satisfied {
+                        r.follow_ups_satisfied += 1;
+                    } else {
+                        r.follow_ups_dissatisfied += 1;
+                    }
+                    r.reopened += usize::from(reopen);
+                }),
+                Err(s) => error(&tally, "follow-up", &s),
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! `verify`: every ticket intake knows, replayed from the four logs and
+//! folded ([`state`](crate::state)), compared with intake's live view. A
+//! ticket still moving (its view behind its events for a moment) is looked
+//! at again before it counts as a mismatch.
+
+use std::time::Duration;
+
+use futures::{StreamExt, stream};
+use indicatif::ProgressBar;
+use lineguard_protos::intake::v1::{GetTicketRequest, ListTicketsRequest, TicketView};
+use serde::Serialize;
+
+use crate::endpoints::Clients;
+use crate::state::{TicketState, ticket_state};
+use crate::{Error, replay};
+
+/// Tickets replayed at once.
+pub const CONCURRENCY: usize = 16;
+/// Looks at a differing ticket before calling it a mismatch.
+pub const SETTLE_TRIES: u32 = 3;
+
+/// One field that differs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mismatch {
+    pub ticket_id: String,
+    pub field: String,
+    pub replayed: String,
+    pub live: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub tickets: usize,
+    pub events_replayed: usize,
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// Every ticket id intake lists.
+pub async fn all_tickets(clients: &Clients) -> Result<Vec<TicketView>, Error> {
+    let mut intake = clients.intake();
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = intake
+            .list_tickets(ListTicketsRequest {
+                page_size: 1_000,
+                page_token: token,
+                ..ListTicketsRequest::default()
+            })
+            .await
+            .map_err(Error::service("intake"))?
+            .into_inner();
+        out.extend(page.tickets);
+        if page.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Replays one ticket and compares it with intake's view: the differences
+/// and the number of events replayed.
+pub async fn check_ticket(
+    clients: &Clients,
+    ticket_id: &str,
+) -> Result<(Vec<Mismatch>, usize), Error> {
+    let mut last = Vec::new();
+    let mut events = 0;
+    for attempt in 0..SETTLE_TRIES {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let replayed = replay::ticket(clients, ticket_id).await?;
+        events = replayed.events.len();
+        let folded = ticket_state(ticket_id, &replayed.events, None).unwrap_or_default();
+        let view = clients
+            .intake()
+            .get_ticket(GetTicketRequest {
+                ticket_id: ticket_id.to_string(),
+            })
+            .await
+            .map_err(Error::service("intake"))?
+            .into_inner()
+            .ticket
+            .unwrap_or_default();
+        last = folded
+            .differences(&TicketState::of_view(&view))
+            .into_iter()
+            .map(|(field, replayed, live)| Mismatch {
+                ticket_id: ticket_id.to_string(),
+                field: field.to_string(),
+                replayed,
+                live,
+            })
+            .collect();
+        if last.is_empty() {
+            break;
+        }
+    }
+    Ok((last, events))
+}
+
+/// Checks every ticket; `progress` advances one per ticket.
+pub async fn verify(clients: &Clients, progress: &ProgressBar) -> Result<Report, Error> {
+    let tickets = all_tickets(clients).await?;
+    progress.set_length(tickets.len() as u64);
+    let results: Vec<Result<(Vec<Mismatch>, usize), Error>> = stream::iter(tickets.iter())
+        .map(|t| async move {
+            let r = check_ticket(clients, &t.ticket_id).await;
+            progress.inc(1);
+            r
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    let mut report = Report {
+        tickets: tickets.len(),
+        ..Report::default()
+    };
+    for r in results {
+        let (mismatches, events) = r?;
+        report.events_replayed += events;
+        report.mismatches.extend(mismatches);
+    }
+    report
+        .mismatches
+        .sort_by(|a, b| a.ticket_id.cmp(&b.ticket_id));
+    Ok(report)
+}

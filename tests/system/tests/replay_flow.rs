@@ -1,0 +1,250 @@
+//! All four services as processes, a storm of 1,000 calls driven by
+//! `ticketctl simulate storm` (its library), then the operator's promises:
+//! replay of every ticket equals intake's live view (`verify`, also run as
+//! the `ticketctl` binary with `--json`); a ticket as of several instants is
+//! what its events up to then say; every service's projections rebuild to
+//! the same digest; an incident's HTML timeline has its lanes and breaches.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use lineguard_harness::workspace_binary;
+use lineguard_protos::eventlog::v1::{
+    GetLogInfoRequest, RebuildProjectionsRequest, event_log_client::EventLogClient,
+};
+use lineguard_protos::routing::v1::{RouteReason, TicketRouted};
+use lineguard_ticketctl::endpoints::{Clients, Endpoints, SERVICES};
+use lineguard_ticketctl::replay::{self, recorded_nanos, short_type};
+use lineguard_ticketctl::simulate::{StormConfig, storm};
+use lineguard_ticketctl::state::{TicketState, ticket_state};
+use lineguard_ticketctl::{timeline, verify};
+use prost::Message;
+
+fn endpoints(backend: &Backend) -> Endpoints {
+    let feedback = backend.feedback.as_ref().expect("feedback");
+    let dispatch = backend.dispatch.as_ref().expect("dispatch");
+    Endpoints {
+        intake: backend.intake.endpoint(),
+        routing: backend.routing.endpoint(),
+        dispatch: dispatch.endpoint(),
+        feedback: feedback.endpoint(),
+    }
+}
+
+/// Waits until no service's log has grown for a second.
+async fn quiet(backend: &Backend) {
+    let processes = [
+        &backend.intake,
+        &backend.routing,
+        backend.dispatch.as_ref().expect("dispatch"),
+        backend.feedback.as_ref().expect("feedback"),
+    ];
+    let mut last = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut heads = Vec::new();
+        for p in processes {
+            let mut log = EventLogClient::new(p.channel().await.expect("channel"));
+            heads.push(
+                log.get_log_info(GetLogInfoRequest {})
+                    .await
+                    .expect("info")
+                    .into_inner()
+                    .head_position,
+            );
+        }
+        if heads == last {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the backend never went quiet");
+        last = heads;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
+    let backend = Backend::start_all(&["--timer-tick".into(), "100ms".into()]).await;
+    let endpoints = endpoints(&backend);
+    let clients = Clients::new(&endpoints).expect("clients");
+    let config = StormConfig {
+        tickets: 1_000,
+        rate: 150.0,
+        seed: 7,
+        accounts: deploy("demo-accounts.csv"),
+        directory: deploy("directory.toml"),
+        slow_share: 0.04,
+        // Past the test policy's 4 s acceptance window: these escalate.
+        slow_ack: WINDOW + Duration::from_secs(2),
+        late_share: 0.15,
+        return_share: 0.03,
+        dissatisfied_share: 0.1,
+        settle: Duration::from_secs(40),
+    };
+    let report = storm(&clients, &config, &indicatif::ProgressBar::hidden())
+        .await
+        .expect("storm");
+    eprintln!("{}", serde_json::to_string(&report).expect("json"));
+    assert_eq!(report.calls, 1_000, "{:?}", report.errors);
+    assert!(report.joined_incidents > 0, "correlated outages");
+    assert!(report.urges > 0, "repeat callers");
+    assert!(report.arrived_late > 0 && report.arrived_on_time > 0);
+    assert!(report.slow_acknowledgements > 0, "escalations");
+    assert!(report.completed > 0 && report.desk_answered > 0);
+    assert!(report.follow_ups_satisfied > 0);
+    assert!(report.report_to_crew_ms.count > 0);
+    quiet(&backend).await;
+
+    // Every ticket replayed from the four logs equals intake's live view.
+    let checked = verify::verify(&clients, &indicatif::ProgressBar::hidden())
+        .await
+        .expect("verify");
+    assert!(checked.tickets >= 900, "{} tickets", checked.tickets);
+    assert!(
+        checked.mismatches.is_empty(),
+        "{} mismatches, first: {:?}",
+        checked.mismatches.len(),
+        checked.mismatches.iter().take(5).collect::<Vec<_>>()
+    );
+    // The same from the binary, as an operator runs it.
+    let out = std::process::Command::new(workspace_binary("ticketctl"))
+        .args([
+            "--intake",
+            &endpoints.intake,
+            "--routing",
+            &endpoints.routing,
+            "--dispatch",
+            &endpoints.dispatch,
+            "--feedback",
+            &endpoints.feedback,
+            "--json",
+            "verify",
+        ])
+        .output()
+        .expect("ticketctl verify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["mismatches"].as_array().map(Vec::len), Some(0));
+
+    // An incident that escalated (a breach), with several calls.
+    let mut chosen = None;
+    for ticket in &report.ticket_ids {
+        let r = replay::ticket(&clients, ticket).await.expect("replay");
+        let breached = r.events.iter().any(|e| short_type(e) == "ClockBreached");
+        if breached && r.correlation_ids.len() >= 2 && r.correlation_ids[1].starts_with("incident-")
+        {
+            chosen = Some(r.correlation_ids[1].clone());
+            break;
+        }
+    }
+    let incident = chosen.expect("an escalated incident");
+    let replayed = replay::incident(&clients, &incident)
+        .await
+        .expect("replay incident");
+    // Causal order: no event before its cause.
+    let index: std::collections::HashMap<&str, usize> = replayed
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.event_id.as_str(), i))
+        .collect();
+    for (i, e) in replayed.events.iter().enumerate() {
+        if let Some(&cause) = index.get(e.causation_id.as_str()) {
+            assert!(cause < i, "{} before its cause", e.event_type);
+        }
+    }
+
+    // As of several instants: what the events up to then say.
+    let lead = replayed.correlation_ids[1].clone();
+    let first_route = replayed
+        .events
+        .iter()
+        .find(|e| short_type(e) == "TicketRouted")
+        .expect("routed");
+    let escalation = replayed
+        .events
+        .iter()
+        .find(|e| {
+            short_type(e) == "TicketRouted"
+                && TicketRouted::decode(e.payload.as_ref())
+                    .is_ok_and(|r| r.reason() == RouteReason::Escalated)
+        })
+        .expect("escalated");
+    let before = ticket_state(
+        &lead,
+        &replayed.events,
+        Some(recorded_nanos(&replayed.events[0]) - 1),
+    );
+    assert!(before.is_none(), "nothing before the first call");
+    let routed =
+        ticket_state(&lead, &replayed.events, Some(recorded_nanos(first_route))).expect("state");
+    assert_eq!((routed.status.as_str(), routed.hops), ("ROUTED", 1));
+    let escalated =
+        ticket_state(&lead, &replayed.events, Some(recorded_nanos(escalation))).expect("state");
+    assert_eq!(escalated.hops, 2);
+    assert_eq!(escalated.line, routed.line + 1, "the next line up");
+    assert!(
+        escalated.breaches >= 1,
+        "the acceptance breach before the escalation"
+    );
+    let end = ticket_state(&lead, &replayed.events, None).expect("state");
+    let live = TicketState::of_view(&backend.ticket(&lead).await);
+    assert_eq!(end, live);
+
+    // The HTML timeline: its lanes and its breaches.
+    let laid_out = timeline::build(&replayed);
+    assert!(laid_out.breaches >= 1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("timeline.html");
+    let out = std::process::Command::new(workspace_binary("ticketctl"))
+        .args([
+            "--intake",
+            &endpoints.intake,
+            "--routing",
+            &endpoints.routing,
+            "--dispatch",
+            &endpoints.dispatch,
+            "--feedback",
+            &endpoints.feedback,
+            "timeline",
+            "incident",
+            &incident,
+            "--html",
+            &path.display().to_string(),
+        ])
+        .output()
+        .expect("ticketctl timeline");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let html = std::fs::read_to_string(&path).expect("html");
+    assert!(html.contains("Line 1: district manager"));
+    assert!(html.contains("Line 2: station"));
+    assert!(html.contains("Crew crew-"));
+    assert!(html.contains("class=\"breach\""));
+    assert!(html.contains("<svg") && html.contains("</html>"));
+
+    // Every service's projections rebuild from its log to the same digest.
+    for service in SERVICES {
+        let rebuilt = clients
+            .log(service)
+            .expect("client")
+            .rebuild_projections(RebuildProjectionsRequest {})
+            .await
+            .expect("rebuild")
+            .into_inner();
+        assert!(rebuilt.events_replayed > 0, "{service}");
+        assert_eq!(rebuilt.digest_before, rebuilt.digest_after, "{service}");
+    }
+    // And the views still agree with the logs afterwards.
+    let again = verify::check_ticket(&clients, &lead).await.expect("check");
+    assert!(again.0.is_empty(), "{:?}", again.0);
+}
