@@ -156,7 +156,7 @@ impl Projector for IntakeProjector {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
@@ -295,12 +295,16 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
     }
     let (case, change): (String, ViewChange) = if t == TicketRouted::full_name() {
         let e: TicketRouted = decode_payload(event)?;
+        // Routing's and dispatch's events reach intake by two consumers, so
+        // a reopen's new order can be seen before the reopen itself: then
+        // the new round of work is already shown and the reopen is old news.
+        let new_round_shown = order_hop(view, &e.case_id)? >= e.hop;
         (
             e.case_id.clone(),
             Box::new(move |ticket: &mut TicketView| {
                 // A reopen sends a resolved ticket back to work; any other
                 // route only moves a ticket not yet being worked on.
-                let reopened = e.reason() == RouteReason::Reopened;
+                let reopened = e.reason() == RouteReason::Reopened && !new_round_shown;
                 if reopened
                     || matches!(
                         ticket.status(),
@@ -395,9 +399,26 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
         )
     } else if t == OrderAssigned::full_name() {
         let e: OrderAssigned = decode_payload(event)?;
+        // A later hop's order for a resolved ticket is a new round of work
+        // (a reopen), whether or not routing's reopen has been seen yet.
+        let previous = order_hop(view, &e.order_id)?;
+        if e.hop > previous {
+            view.put(order_hop_key(&e.order_id), e.hop.to_be_bytes().to_vec());
+        }
+        let new_round = previous > 0 && e.hop > previous;
         (
             e.order_id.clone(),
-            Box::new(move |ticket: &mut TicketView| ticket.crew_id = e.crew_id),
+            Box::new(move |ticket: &mut TicketView| {
+                if new_round
+                    && matches!(
+                        ticket.status(),
+                        TicketStatus::Completed | TicketStatus::Answered
+                    )
+                {
+                    ticket.status = TicketStatus::Routed as i32;
+                }
+                ticket.crew_id = e.crew_id;
+            }),
         )
     } else if t == OrderAcknowledged::full_name() || t == CrewDeparted::full_name() {
         let order = if t == OrderAcknowledged::full_name() {
@@ -485,6 +506,19 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
     ticket.updated_at = event.recorded_at;
     store(view, ticket_key(&ticket_id), &ticket);
     Ok(())
+}
+
+/// The hop of the latest work order dispatch gave for a case (0: none yet).
+fn order_hop_key(case: &str) -> Vec<u8> {
+    format!("order-hop/{case}").into_bytes()
+}
+
+fn order_hop(view: &ProjectionView<'_>, case: &str) -> Result<u32, String> {
+    Ok(view
+        .get(&order_hop_key(case))
+        .map_err(|e| e.to_string())?
+        .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
+        .map_or(0, u32::from_be_bytes))
 }
 
 fn stop_clock(ticket: &mut TicketView, clock: &str, at: Option<prost_types::Timestamp>) {

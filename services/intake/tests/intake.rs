@@ -798,3 +798,83 @@ async fn a_call_after_the_fault_was_fixed_is_a_new_incident() {
     assert!(!later.incident_id.is_empty());
     assert_ne!(later.incident_id, first.incident_id);
 }
+
+#[tokio::test]
+async fn a_reopen_shows_right_whichever_of_routing_and_dispatch_is_seen_first() {
+    use lineguard_protos::dispatch::v1::{OrderAcknowledged, OrderAssigned, WorkCompleted};
+    use lineguard_protos::intake::v1::{GetTicketRequest, TicketStatus};
+    use lineguard_protos::routing::v1::{RouteReason, TicketRouted};
+    let mut f = start(IntakeConfig::default()).await;
+    let first = f
+        .client
+        .report_ticket(fault("reopen-1", "701", "D-08", Channel::App))
+        .await
+        .expect("report")
+        .into_inner();
+    let case = first.incident_id.clone();
+    let routed = |hop: u32, reason: RouteReason| TicketRouted {
+        case_id: case.clone(),
+        lead_ticket_id: first.ticket_id.clone(),
+        incident_id: case.clone(),
+        line: 1,
+        hop,
+        assignee_id: "m-1".into(),
+        crew_id: "crew-1".into(),
+        reason: reason as i32,
+        field_work: true,
+        ..Default::default()
+    };
+    let order = |hop: u32| OrderAssigned {
+        order_id: case.clone(),
+        crew_id: "crew-1".into(),
+        hop,
+        ..Default::default()
+    };
+    let ack = OrderAcknowledged {
+        order_id: case.clone(),
+        crew_id: "crew-1".into(),
+        ..Default::default()
+    };
+    let done = WorkCompleted {
+        order_id: case.clone(),
+        crew_id: "crew-1".into(),
+        ..Default::default()
+    };
+    let status = |client: &mut IntakeClient<GrpcChannel>| {
+        let mut client = client.clone();
+        let id = first.ticket_id.clone();
+        async move {
+            let view = client
+                .get_ticket(GetTicketRequest { ticket_id: id })
+                .await
+                .expect("view")
+                .into_inner()
+                .ticket
+                .expect("ticket");
+            (view.status(), view.hops)
+        }
+    };
+    // The first round.
+    observe_routing(&f.log, &routed(1, RouteReason::DistrictOwner), &case).await;
+    observe_routing(&f.log, &order(1), &case).await;
+    observe_routing(&f.log, &ack, &case).await;
+    observe_routing(&f.log, &done, &case).await;
+    assert_eq!(status(&mut f.client).await, (TicketStatus::Completed, 1));
+    // The reopen's new order is seen before routing's reopen.
+    observe_routing(&f.log, &order(2), &case).await;
+    assert_eq!(
+        status(&mut f.client).await.0,
+        TicketStatus::Routed,
+        "back at work"
+    );
+    observe_routing(&f.log, &ack, &case).await;
+    assert_eq!(status(&mut f.client).await.0, TicketStatus::Dispatched);
+    observe_routing(&f.log, &routed(2, RouteReason::Reopened), &case).await;
+    assert_eq!(
+        status(&mut f.client).await,
+        (TicketStatus::Dispatched, 2),
+        "the late reopen does not set the work back"
+    );
+    observe_routing(&f.log, &done, &case).await;
+    assert_eq!(status(&mut f.client).await, (TicketStatus::Completed, 2));
+}

@@ -374,8 +374,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
 
 fn print_storm(r: &simulate::StormReport) {
     println!(
-        "{} calls in {:.1}s ({:.1}/s): {} new tickets, {} joined incidents, {} urges",
-        r.calls, r.seconds, r.calls_per_second, r.new_tickets, r.joined_incidents, r.urges
+        "{} calls in {:.1}s ({:.1}/s, {} retried): {} new tickets, {} joined incidents, {} urges",
+        r.calls,
+        r.seconds,
+        r.calls_per_second,
+        r.retries,
+        r.new_tickets,
+        r.joined_incidents,
+        r.urges
     );
     println!(
         "crews: {} orders, {} acknowledged ({} slowly: escalations), {} arrived on time, {} late, {} returned, {} completed",

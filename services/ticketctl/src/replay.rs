@@ -10,7 +10,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
-use futures::future::try_join_all;
+use futures::{StreamExt, TryStreamExt, stream};
 use lineguard_protos::eventlog::v1::{EventEnvelope, ReadCorrelationRequest};
 use lineguard_protos::intake::v1::{IncidentOpened, TicketReported};
 use lineguard_protos::routing::v1::TicketFollowedIncident;
@@ -22,6 +22,8 @@ use crate::endpoints::{Clients, SERVICES};
 
 /// Events read per `ReadCorrelation` call.
 pub const PAGE: u32 = 1_000;
+/// Reads in flight at once during a replay.
+pub const IN_FLIGHT: usize = 64;
 /// The most events one replay holds (an incident of a big storm is far below).
 pub const MAX_EVENTS: usize = 1_000_000;
 
@@ -95,14 +97,18 @@ fn decode<M: Message + Default + Name>(e: &EventEnvelope) -> Option<M> {
         .flatten()
 }
 
-/// Reads every correlation id from every service and merges the lot.
+/// Reads every correlation id from every service ([`IN_FLIGHT`] reads at a
+/// time) and merges the lot.
 async fn read_all(clients: &Clients, ids: &[String]) -> Result<Vec<EventEnvelope>, Error> {
     let reads = ids.iter().flat_map(|id| {
         SERVICES
             .iter()
             .map(move |service| read_correlation(clients, service, id))
     });
-    let pages = try_join_all(reads).await?;
+    let pages: Vec<Vec<EventEnvelope>> = stream::iter(reads)
+        .buffer_unordered(IN_FLIGHT)
+        .try_collect()
+        .await?;
     let mut seen = BTreeSet::new();
     let events = pages
         .into_iter()

@@ -118,6 +118,8 @@ impl Dice {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StormReport {
     pub calls: usize,
+    /// Calls retried (same idempotency key) after no answer.
+    pub retries: usize,
     pub new_tickets: usize,
     pub joined_incidents: usize,
     pub urges: usize,
@@ -388,12 +390,29 @@ async fn call(
     tally: Shared,
 ) {
     let sent = Instant::now();
-    let answer = clients.intake().report_ticket(request).await;
-    let ms = sent.elapsed().as_secs_f64() * 1e3;
-    let answer = match answer {
-        Ok(a) => a.into_inner(),
-        Err(status) => return error(&tally, "report", &status),
+    // A call centre retries a call that got no answer, with the same key:
+    // intake answers a retry as it answered the first (never two tickets).
+    let mut attempt = 0;
+    let answer = loop {
+        attempt += 1;
+        match clients.intake().report_ticket(request.clone()).await {
+            Ok(a) => break a.into_inner(),
+            Err(status)
+                if attempt < 4
+                    && matches!(
+                        status.code(),
+                        tonic::Code::Cancelled
+                            | tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                    ) =>
+            {
+                count(&tally, |r| r.retries += 1);
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(status) => return error(&tally, "report", &status),
+        }
     };
+    let ms = sent.elapsed().as_secs_f64() * 1e3;
     if let Ok(mut t) = tally.lock() {
         t.report_ms.push(ms);
         t.report.calls += 1;

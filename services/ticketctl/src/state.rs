@@ -138,11 +138,12 @@ pub fn ticket_state(
 ) -> Option<TicketState> {
     let mut tickets: HashMap<String, Working> = HashMap::new();
     let mut incident_leads: HashMap<String, String> = HashMap::new();
+    let mut order_hops: HashMap<String, u32> = HashMap::new();
     for e in events
         .iter()
         .filter(|e| as_of.is_none_or(|t| recorded_nanos(e) <= t))
     {
-        apply(e, &mut tickets, &mut incident_leads);
+        apply(e, &mut tickets, &mut incident_leads, &mut order_hops);
     }
     let me = tickets.get(ticket_id)?.clone();
     let mut state = me.state.clone();
@@ -171,6 +172,7 @@ fn apply(
     e: &EventEnvelope,
     tickets: &mut HashMap<String, Working>,
     leads: &mut HashMap<String, String>,
+    order_hops: &mut HashMap<String, u32>,
 ) {
     // Intake's own facts about tickets and incidents.
     if let Some(r) = decode::<TicketReported>(e) {
@@ -224,8 +226,11 @@ fn apply(
         return;
     };
     let s = &mut t.state;
+    let order_hop = order_hops.get(case).copied().unwrap_or(0);
     if let Some(r) = decode::<TicketRouted>(e) {
-        let reopened = r.reason() == RouteReason::Reopened;
+        // Intake may see a reopen's new order before the reopen: then the
+        // reopen does not set the ticket back.
+        let reopened = r.reason() == RouteReason::Reopened && order_hop < r.hop;
         if reopened
             || matches!(
                 t.status,
@@ -256,6 +261,13 @@ fn apply(
     } else if decode::<ClockBreached>(e).is_some() {
         s.breaches += 1;
     } else if let Some(a) = decode::<OrderAssigned>(e) {
+        if a.hop > order_hop {
+            order_hops.insert(case.to_string(), a.hop);
+            if order_hop > 0 && matches!(t.status, TicketStatus::Completed | TicketStatus::Answered)
+            {
+                t.status = TicketStatus::Routed;
+            }
+        }
         s.crew = a.crew_id;
     } else if decode::<OrderAcknowledged>(e).is_some() || decode::<CrewDeparted>(e).is_some() {
         if matches!(

@@ -410,6 +410,14 @@ impl ServiceProcess {
         self.kill9()?;
         self.launch()
     }
+
+    /// Stops the process (SIGTERM) and starts it again with `extra` flags
+    /// added to its own, from now on.
+    pub fn restart_with(&mut self, extra: &[String], timeout: Duration) -> Result<()> {
+        self.terminate(timeout)?;
+        self.args.extend_from_slice(extra);
+        self.launch()
+    }
 }
 
 impl Drop for ServiceProcess {
