@@ -18,6 +18,7 @@ pub struct Endpoints {
     /// Intake's gRPC address.
     #[arg(
         long,
+        global = true,
         env = "LINEGUARD_INTAKE",
         default_value = "http://127.0.0.1:50051"
     )]
@@ -25,6 +26,7 @@ pub struct Endpoints {
     /// Routing's gRPC address.
     #[arg(
         long,
+        global = true,
         env = "LINEGUARD_ROUTING",
         default_value = "http://127.0.0.1:50052"
     )]
@@ -32,6 +34,7 @@ pub struct Endpoints {
     /// Dispatch's gRPC address.
     #[arg(
         long,
+        global = true,
         env = "LINEGUARD_DISPATCH",
         default_value = "http://127.0.0.1:50053"
     )]
@@ -39,6 +42,7 @@ pub struct Endpoints {
     /// Feedback's gRPC address.
     #[arg(
         long,
+        global = true,
         env = "LINEGUARD_FEEDBACK",
         default_value = "http://127.0.0.1:50054"
     )]
