@@ -15,6 +15,7 @@
 //! - [`subscribe`]: [`Subscription`], catch-up then live, bounded.
 //! - [`timers`]: durable timers kept as projections, fired at most once.
 //! - [`grpc`]: the `lineguard.eventlog.v1.EventLog` service.
+//! - [`command`]: idempotent commands as gRPC services answer them.
 //! - [`codec`]: column families, keys, and the crc32c frame of every record.
 //! - [`limits`]: [`Limits`], the bound on everything that grows.
 //! - [`ids`]: what a valid id looks like.
@@ -29,6 +30,7 @@
 //! leaves none of them.
 
 pub mod codec;
+pub mod command;
 pub mod error;
 pub mod grpc;
 pub mod ids;

@@ -9,8 +9,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use lineguard_eventlog::{
-    ActorKind, CommitOutcome, Error as LogError, EventLog, ExpectedVersion, Idempotency, NewEvent,
-    Transaction, actor,
+    ActorKind, EventLog, ExpectedVersion, Idempotency, NewEvent, Transaction, actor,
 };
 use lineguard_protos::feedback::v1::feedback_server::{Feedback as FeedbackApi, FeedbackServer};
 use lineguard_protos::feedback::v1::{
@@ -26,6 +25,8 @@ use prost_types::Timestamp;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
+
+use lineguard_eventlog::command::{commit_idempotent, earlier_answer};
 
 use crate::followups::{Feedback, now};
 use crate::projection::{FOLLOW_UP_OPEN, account_complaint_key, nanos};
@@ -113,48 +114,6 @@ fn channel(field: &str, value: i32) -> Result<(), Status> {
     Channel::try_from(value)
         .map(|_| ())
         .map_err(|_| invalid(field, format!("{value} is not a channel")))
-}
-
-/// Commits an idempotent command and returns its answer, or the original
-/// answer if the command was already carried out.
-async fn commit_idempotent<R: Message + Default>(
-    log: &EventLog,
-    txn: Transaction,
-    idempotency: Idempotency,
-) -> Result<R, Status> {
-    let response = idempotency.response.clone();
-    let stored = match log.commit(txn.idempotent(idempotency)).await {
-        Ok(CommitOutcome::Committed(_)) => response,
-        Ok(CommitOutcome::Duplicate { response, .. }) => response,
-        Ok(CommitOutcome::AlreadyProcessed) => {
-            return Err(Status::internal("unexpected inbox outcome"));
-        }
-        Err(LogError::IdempotencyConflict { .. }) => {
-            return Err(Status::already_exists(
-                "idempotency_key was already used for a different request",
-            ));
-        }
-        Err(other) => return Err(Status::from(other)),
-    };
-    R::decode(stored.as_ref())
-        .map_err(|e| Status::data_loss(format!("undecodable stored answer: {e}")))
-}
-
-/// The stored answer to an earlier identical command, if there was one.
-fn earlier_answer<R: Message + Default>(
-    log: &EventLog,
-    idempotency: &Idempotency,
-) -> Result<Option<R>, Status> {
-    match log.idempotent_response(idempotency) {
-        Ok(Some(bytes)) => R::decode(bytes.as_ref())
-            .map(Some)
-            .map_err(|e| Status::data_loss(format!("undecodable stored answer: {e}"))),
-        Ok(None) => Ok(None),
-        Err(LogError::IdempotencyConflict { .. }) => Err(Status::already_exists(
-            "idempotency_key was already used for a different request",
-        )),
-        Err(other) => Err(Status::from(other)),
-    }
 }
 
 fn subject(level: Level, id: &str) -> Subject {

@@ -5,8 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use lineguard_eventlog::{
-    ActorKind, CommitOutcome, Error as LogError, EventLog, ExpectedVersion, Idempotency, NewEvent,
-    Transaction, actor,
+    ActorKind, EventLog, ExpectedVersion, Idempotency, NewEvent, Transaction, actor,
 };
 use lineguard_protos::intake::v1::{
     CancelTicketRequest, CancelTicketResponse, Channel, Disposition, GetTicketRequest,
@@ -26,6 +25,7 @@ use crate::projection::{
     incident_key, is_open, nanos, open_key, ticket_id_of_by_time_key, ticket_key,
 };
 use crate::validate;
+use lineguard_eventlog::command::{commit_idempotent, earlier_answer};
 use lineguard_runtime::locks::StripedLocks;
 
 /// Intake's policy knobs.
@@ -324,49 +324,6 @@ fn system() -> lineguard_eventlog::Actor {
 
 fn now() -> Timestamp {
     Timestamp::from(SystemTime::now())
-}
-
-/// Maps a commit failure to the status a caller should see.
-fn commit_status(err: LogError) -> Status {
-    match err {
-        LogError::IdempotencyConflict { .. } => {
-            Status::already_exists("idempotency_key was already used for a different request")
-        }
-        other => Status::from(other),
-    }
-}
-
-/// Commits an idempotent command and returns its answer, or the original
-/// answer if the command was already carried out.
-async fn commit_idempotent<R: Message + Default>(
-    log: &EventLog,
-    txn: Transaction,
-    idempotency: Idempotency,
-) -> Result<R, Status> {
-    let response = idempotency.response.clone();
-    match log.commit(txn.idempotent(idempotency)).await {
-        Ok(CommitOutcome::Committed(_)) => R::decode(response.as_ref()),
-        Ok(CommitOutcome::Duplicate { response, .. }) => R::decode(response.as_ref()),
-        Ok(CommitOutcome::AlreadyProcessed) => {
-            return Err(Status::internal("unexpected inbox outcome"));
-        }
-        Err(err) => return Err(commit_status(err)),
-    }
-    .map_err(|e| Status::data_loss(format!("undecodable stored answer: {e}")))
-}
-
-/// The stored answer to an earlier identical command, if there was one.
-fn earlier_answer<R: Message + Default>(
-    log: &EventLog,
-    idempotency: &Idempotency,
-) -> Result<Option<R>, Status> {
-    match log.idempotent_response(idempotency) {
-        Ok(Some(bytes)) => R::decode(bytes.as_ref())
-            .map(Some)
-            .map_err(|e| Status::data_loss(format!("undecodable stored answer: {e}"))),
-        Ok(None) => Ok(None),
-        Err(err) => Err(commit_status(err)),
-    }
 }
 
 #[tonic::async_trait]

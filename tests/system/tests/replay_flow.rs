@@ -33,6 +33,26 @@ fn endpoints(backend: &Backend) -> Endpoints {
     }
 }
 
+/// Runs the `ticketctl` binary against the backend.
+fn ticketctl(endpoints: &Endpoints, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(workspace_binary("ticketctl"))
+        .args([
+            "--intake",
+            &endpoints.intake,
+            "--routing",
+            &endpoints.routing,
+        ])
+        .args([
+            "--dispatch",
+            &endpoints.dispatch,
+            "--feedback",
+            &endpoints.feedback,
+        ])
+        .args(args)
+        .output()
+        .expect("run ticketctl")
+}
+
 /// Waits until no service's log has grown for a second.
 async fn quiet(backend: &Backend) {
     let processes = [
@@ -113,21 +133,7 @@ async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
         checked.mismatches.iter().take(5).collect::<Vec<_>>()
     );
     // The same from the binary, as an operator runs it.
-    let out = std::process::Command::new(workspace_binary("ticketctl"))
-        .args([
-            "--intake",
-            &endpoints.intake,
-            "--routing",
-            &endpoints.routing,
-            "--dispatch",
-            &endpoints.dispatch,
-            "--feedback",
-            &endpoints.feedback,
-            "--json",
-            "verify",
-        ])
-        .output()
-        .expect("ticketctl verify");
+    let out = ticketctl(&endpoints, &["--json", "verify"]);
     assert!(
         out.status.success(),
         "{}",
@@ -206,24 +212,16 @@ async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
     assert!(laid_out.breaches >= 1);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("timeline.html");
-    let out = std::process::Command::new(workspace_binary("ticketctl"))
-        .args([
-            "--intake",
-            &endpoints.intake,
-            "--routing",
-            &endpoints.routing,
-            "--dispatch",
-            &endpoints.dispatch,
-            "--feedback",
-            &endpoints.feedback,
+    let out = ticketctl(
+        &endpoints,
+        &[
             "timeline",
             "incident",
             &incident,
             "--html",
             &path.display().to_string(),
-        ])
-        .output()
-        .expect("ticketctl timeline");
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -238,22 +236,7 @@ async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
 
     // Every service's projections rebuild from its log to the same digest,
     // as the operator asks for it.
-    let out = std::process::Command::new(workspace_binary("ticketctl"))
-        .args([
-            "--intake",
-            &endpoints.intake,
-            "--routing",
-            &endpoints.routing,
-            "--dispatch",
-            &endpoints.dispatch,
-            "--feedback",
-            &endpoints.feedback,
-            "--json",
-            "rebuild",
-            "all",
-        ])
-        .output()
-        .expect("ticketctl rebuild");
+    let out = ticketctl(&endpoints, &["--json", "rebuild", "all"]);
     assert!(
         out.status.success(),
         "{}",
@@ -282,16 +265,9 @@ async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
     assert!(again.0.is_empty(), "{:?}", again.0);
 
     // `tail` from the start of the logs, as JSON lines.
-    let out = std::process::Command::new(workspace_binary("ticketctl"))
-        .args([
-            "--intake",
-            &endpoints.intake,
-            "--routing",
-            &endpoints.routing,
-            "--dispatch",
-            &endpoints.dispatch,
-            "--feedback",
-            &endpoints.feedback,
+    let out = ticketctl(
+        &endpoints,
+        &[
             "--json",
             "tail",
             "--from-start",
@@ -301,9 +277,8 @@ async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
             "TicketRouted",
             "--count",
             "5",
-        ])
-        .output()
-        .expect("ticketctl tail");
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
