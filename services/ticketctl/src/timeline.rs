@@ -560,3 +560,116 @@ pub fn render_html(t: &Timeline) -> String {
         breaches = t.breaches,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lineguard_protos::routing::v1::RouteReason;
+
+    fn at<M: Message + Name>(m: &M, source: &str, seconds: i64, n: u64) -> EventEnvelope {
+        EventEnvelope {
+            event_id: format!("e{n}"),
+            global_position: n,
+            source: source.into(),
+            correlation_id: "incident-1".into(),
+            recorded_at: Some(Timestamp { seconds, nanos: 0 }),
+            event_type: M::full_name(),
+            payload: m.encode_to_vec().into(),
+            ..EventEnvelope::default()
+        }
+    }
+
+    #[test]
+    fn holdings_alerts_and_renderings() {
+        let routed = |hop: u32, line: u32, who: &str, reason: RouteReason| TicketRouted {
+            hop,
+            line,
+            assignee_id: who.into(),
+            crew_id: "crew-1".into(),
+            reason: reason as i32,
+            ..TicketRouted::default()
+        };
+        let events = vec![
+            at(&TicketReported::default(), "intake", 1_000, 1),
+            at(
+                &routed(1, 1, "m-1", RouteReason::DistrictOwner),
+                "routing",
+                1_001,
+                2,
+            ),
+            at(
+                &OrderAssigned {
+                    crew_id: "crew-1".into(),
+                    ..OrderAssigned::default()
+                },
+                "dispatch",
+                1_002,
+                3,
+            ),
+            at(
+                &ClockBreached {
+                    clock: "acceptance".into(),
+                    line: 1,
+                    ..ClockBreached::default()
+                },
+                "routing",
+                1_301,
+                4,
+            ),
+            at(
+                &routed(2, 2, "desk-1", RouteReason::Escalated),
+                "routing",
+                1_301,
+                5,
+            ),
+            at(
+                &WorkCompleted {
+                    crew_id: "crew-1".into(),
+                    ..WorkCompleted::default()
+                },
+                "dispatch",
+                4_901,
+                6,
+            ),
+        ];
+        let t = build(&Replayed {
+            kind: "incident",
+            id: "incident-1".into(),
+            correlation_ids: vec!["incident-1".into()],
+            events,
+        });
+        assert_eq!((t.events, t.breaches, t.warnings), (6, 1, 0));
+        assert!((t.total_seconds - 3_901.0).abs() < 1e-9);
+        let spans: Vec<(&str, &str, f64)> = t
+            .holdings
+            .iter()
+            .map(|h| (h.lane.as_str(), h.who.as_str(), h.seconds))
+            .collect();
+        assert_eq!(
+            spans,
+            vec![
+                ("line 1", "m-1", 300.0),
+                ("crew crew-1", "crew-1", 3_899.0),
+                ("line 2", "desk-1", 3_600.0)
+            ]
+        );
+        let step = &t.steps[4];
+        assert_eq!((step.line, step.holder.as_str()), (2, "desk-1"));
+        assert!((step.since_previous_seconds - 0.0).abs() < 1e-9);
+        let text = render_text(&t);
+        assert!(text.contains("acceptance clock BREACHED"), "{text}");
+        assert!(text.contains("where the time went"), "{text}");
+        let html = render_html(&t);
+        for lane in [
+            "Line 1: district manager",
+            "Line 2: station",
+            "Line 3: company",
+            "Crew crew-1",
+        ] {
+            assert!(html.contains(lane), "{lane}");
+        }
+        assert!(html.contains("class=\"breach\""));
+        assert_eq!(human(3_661.0), "1h 01m 01s");
+        assert_eq!(human(65.0), "1m 05s");
+    }
+}
