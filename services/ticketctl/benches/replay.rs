@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use lineguard_eventlog::{
-    ActorKind, EventLog, EventLogService, ExpectedVersion, LogConfig, NewEvent, NoProjections,
-    Transaction, actor,
+    ActorKind, EventLog, EventLogService, EventTypes, ExpectedVersion, LogConfig, NewEvent,
+    NoProjections, Transaction, actor,
 };
 use lineguard_protos::dispatch::v1::{CoveredTicket, IncidentGrew, OrderAssigned};
 use lineguard_protos::feedback::v1::FollowUpScheduled;
@@ -43,21 +43,56 @@ async fn serve(log: EventLog) -> String {
 }
 
 fn open(dir: &std::path::Path, service: &str) -> EventLog {
+    let types = EventTypes::new()
+        .with::<TicketReported>(1)
+        .with::<IncidentOpened>(1)
+        .with::<TicketJoinedIncident>(1)
+        .with::<TicketRouted>(1)
+        .with::<TicketFollowedIncident>(1)
+        .with::<OrderAssigned>(1)
+        .with::<IncidentGrew>(1)
+        .with::<FollowUpScheduled>(1);
     EventLog::open(
-        LogConfig::new(dir.join(service), service).with_projector(Arc::new(NoProjections)),
+        LogConfig::new(dir.join(service), service)
+            .with_event_types(types)
+            .with_projector(Arc::new(NoProjections)),
     )
     .expect("open")
 }
 
-/// Commits `events` as (stream, event) pairs, a few hundred per commit.
+/// Commits `events` as (stream, event) pairs, in order: consecutive events
+/// of a stream as one append, as many appends and events per commit as the
+/// log's limits allow.
 async fn commit_all(log: &EventLog, events: Vec<(String, NewEvent)>) {
-    for chunk in events.chunks(200) {
-        let mut txn = Transaction::default();
-        for (stream, e) in chunk {
-            txn = txn.and_append(stream.clone(), ExpectedVersion::Any, vec![e.clone()]);
+    let limits = log.limits().clone();
+    let mut runs: Vec<(String, Vec<NewEvent>)> = Vec::new();
+    let mut in_txn = 0;
+    for (stream, e) in events {
+        let fits = runs.last().is_some_and(|(s, _)| *s == stream);
+        if in_txn == limits.max_events_per_commit
+            || (!fits && runs.len() == limits.max_streams_per_commit)
+        {
+            commit_runs(log, std::mem::take(&mut runs)).await;
+            in_txn = 0;
         }
-        log.commit(txn).await.expect("commit");
+        match runs.last_mut() {
+            Some((s, batch)) if *s == stream => batch.push(e),
+            _ => runs.push((stream, vec![e])),
+        }
+        in_txn += 1;
     }
+    commit_runs(log, runs).await;
+}
+
+async fn commit_runs(log: &EventLog, runs: Vec<(String, Vec<NewEvent>)>) {
+    if runs.is_empty() {
+        return;
+    }
+    let mut txn = Transaction::default();
+    for (stream, events) in runs {
+        txn = txn.and_append(stream, ExpectedVersion::Any, events);
+    }
+    log.commit(txn).await.expect("commit");
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
