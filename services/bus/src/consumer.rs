@@ -18,6 +18,8 @@ use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use tracing::Instrument;
+
 use crate::streams::{StreamSettings, ensure_stream};
 use crate::subjects::stream_name;
 
@@ -170,6 +172,55 @@ pub async fn apply_event<H: Handler>(
     }
 }
 
+/// Applies one delivered event and answers JetStream (ack, nak or term).
+async fn deliver<H: Handler>(
+    log: &EventLog,
+    config: &ConsumerConfig,
+    handler: &H,
+    event: &EventEnvelope,
+    message: jetstream::Message,
+) -> Result<(), String> {
+    match apply_event(log, &config.name, handler, event, config.conflict_retries).await {
+        Ok(applied) => {
+            tracing::debug!(?applied, "event applied");
+            message.ack().await.map_err(|e| e.to_string())?;
+        }
+        Err(HandlerError::Retry(reason)) => {
+            tracing::warn!(%reason, "event not applied; will be redelivered");
+            message
+                .ack_with(AckKind::Nak(Some(config.retry_delay)))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Err(HandlerError::Reject(reason)) => {
+            // Kept in the stream for an operator; never silently dropped.
+            tracing::error!(%reason, "event rejected by handler; terminating its delivery");
+            message
+                .ack_with(AckKind::Term)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Messages asked for per pull request.
+pub const PULL_BATCH: usize = 64;
+/// How long one pull request waits for messages before the next is made.
+pub const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
+async fn next_batch(
+    consumer: &jetstream::consumer::PullConsumer,
+) -> Result<jetstream::consumer::pull::Batch, String> {
+    consumer
+        .batch()
+        .max_messages(PULL_BATCH)
+        .expires(PULL_EXPIRES)
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Starts a durable consumer feeding `handler`, committing into `log`.
 pub fn spawn_consumer<H: Handler>(
     jetstream: jetstream::Context,
@@ -235,14 +286,11 @@ async fn consume<H: Handler>(
         )
         .await
         .map_err(|e| e.to_string())?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(64)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|e| e.to_string())?;
+    // One pull request at a time, each for a bounded batch that expires:
+    // the long-lived `messages()` stream was seen to stop asking for more
+    // under load (server: no waiting request, messages delivered to the
+    // client but never handed over), which stalled the consumer for good.
+    let mut messages = next_batch(&consumer).await?;
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
@@ -251,7 +299,10 @@ async fn consume<H: Handler>(
         let message = match next {
             Some(Ok(message)) => message,
             Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("message stream ended".into()),
+            None => {
+                messages = next_batch(&consumer).await?;
+                continue;
+            }
         };
         let event = match EventEnvelope::decode(message.payload.as_ref()) {
             Ok(event) => event,
@@ -268,27 +319,12 @@ async fn consume<H: Handler>(
         let span = tracing::info_span!("consume", consumer = %config.name,
             event_id = %event.event_id, event_type = %event.event_type,
             correlation_id = %event.correlation_id);
-        let _entered = span.enter();
-        match apply_event(log, &config.name, handler, &event, config.conflict_retries).await {
-            Ok(applied) => {
-                tracing::debug!(?applied, "event applied");
-                message.ack().await.map_err(|e| e.to_string())?;
-            }
-            Err(HandlerError::Retry(reason)) => {
-                tracing::warn!(%reason, "event not applied; will be redelivered");
-                message
-                    .ack_with(AckKind::Nak(Some(config.retry_delay)))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            Err(HandlerError::Reject(reason)) => {
-                // Kept in the stream for an operator; never silently dropped.
-                tracing::error!(%reason, "event rejected by handler; terminating its delivery");
-                message
-                    .ack_with(AckKind::Term)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-        }
+        // The span goes with the future (`instrument`), never entered across
+        // an await: a guard held over an await is dropped on another thread,
+        // and tracing-subscriber's registry panicked on it, which killed the
+        // consumer task silently under load.
+        deliver(log, config, handler, &event, message)
+            .instrument(span)
+            .await?;
     }
 }

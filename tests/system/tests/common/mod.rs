@@ -62,6 +62,18 @@ impl Drop for Backend {
             }
             for (name, process) in processes {
                 let log = process.log();
+                let trouble: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("panicked"))
+                    .take(40)
+                    .collect();
+                eprintln!(
+                    "---- {name}: first {} warnings, errors, panics ----",
+                    trouble.len()
+                );
+                for line in trouble {
+                    eprintln!("{line}");
+                }
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 eprintln!("---- {name} (last {} lines) ----", tail.len());
                 for line in tail.into_iter().rev() {
