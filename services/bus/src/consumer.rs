@@ -242,7 +242,23 @@ async fn run<H: Handler>(
 ) {
     let mut backoff = Duration::from_millis(100);
     while !*stopped.borrow() {
-        let session = consume(&jetstream, &log, &config, handler.as_ref(), &mut stopped).await;
+        // Each session is a task of its own: if it panics, the consumer
+        // says so and starts again instead of stopping without a word.
+        let session = tokio::spawn({
+            let (jetstream, log, config, handler, mut stopped) = (
+                jetstream.clone(),
+                log.clone(),
+                config.clone(),
+                handler.clone(),
+                stopped.clone(),
+            );
+            async move { consume(&jetstream, &log, &config, handler.as_ref(), &mut stopped).await }
+        })
+        .await
+        .unwrap_or_else(|panic| {
+            tracing::error!(consumer = %config.name, %panic, "consumer task panicked");
+            Err(format!("panicked: {panic}"))
+        });
         if let Err(reason) = session {
             tracing::warn!(consumer = %config.name, %reason, retry_in_ms = backoff.as_millis() as u64,
                 "consumer interrupted");
