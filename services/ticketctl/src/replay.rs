@@ -91,7 +91,8 @@ pub async fn read_correlation(
     }
 }
 
-fn decode<M: Message + Default + Name>(e: &EventEnvelope) -> Option<M> {
+/// The event's payload as `M`, if the event is of that type and decodes.
+pub fn decode<M: Message + Default + Name>(e: &EventEnvelope) -> Option<M> {
     (e.event_type == M::full_name())
         .then(|| M::decode(e.payload.as_ref()).ok())
         .flatten()

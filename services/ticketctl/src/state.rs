@@ -20,10 +20,9 @@ use lineguard_protos::routing::v1::{
     ClockBreached, ClockWarned, RouteReason, TicketAccepted, TicketAnswered, TicketRouted,
     TicketRoutingClosed,
 };
-use prost::{Message, Name};
 use serde::Serialize;
 
-use crate::replay::recorded_nanos;
+use crate::replay::{decode, recorded_nanos};
 
 /// What a ticket looked like at one instant.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -120,12 +119,6 @@ fn is_open(s: TicketStatus) -> bool {
             | TicketStatus::Closed
             | TicketStatus::Cancelled
     )
-}
-
-fn decode<M: Message + Default + Name>(e: &EventEnvelope) -> Option<M> {
-    (e.event_type == M::full_name())
-        .then(|| M::decode(e.payload.as_ref()).ok())
-        .flatten()
 }
 
 /// `ticket_id`'s state after the events recorded at or before `as_of`

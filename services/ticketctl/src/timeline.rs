@@ -18,11 +18,10 @@ use lineguard_protos::routing::v1::{
     ClockBreached, ClockWarned, TicketAccepted, TicketAnswered, TicketReturned, TicketRouted,
     TicketRoutingClosed,
 };
-use prost::{Message, Name};
 use prost_types::Timestamp;
 use serde::Serialize;
 
-use crate::replay::{Replayed, recorded_nanos, short_type};
+use crate::replay::{Replayed, decode, recorded_nanos, short_type};
 
 /// A clock's warning or breach.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -79,12 +78,6 @@ pub struct Timeline {
     pub breaches: usize,
     pub holdings: Vec<Holding>,
     pub steps: Vec<Step>,
-}
-
-fn decode<M: Message + Default + Name>(e: &EventEnvelope) -> Option<M> {
-    (e.event_type == M::full_name())
-        .then(|| M::decode(e.payload.as_ref()).ok())
-        .flatten()
 }
 
 /// RFC 3339 of nanoseconds since the epoch.
@@ -565,6 +558,7 @@ pub fn render_html(t: &Timeline) -> String {
 mod tests {
     use super::*;
     use lineguard_protos::routing::v1::RouteReason;
+    use prost::{Message, Name};
 
     fn at<M: Message + Name>(m: &M, source: &str, seconds: i64, n: u64) -> EventEnvelope {
         EventEnvelope {
