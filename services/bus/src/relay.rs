@@ -11,14 +11,12 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
-use lineguard_eventlog::EventLog;
-use prost::Message;
+use lineguard_eventlog::{EventLog, StoredEvent};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::streams::{StreamSettings, ensure_stream};
 use crate::subjects::event_subject;
-use lineguard_eventlog::EventEnvelope;
 
 /// A second subject some events are also published on, in another
 /// JetStream stream (`LINEGUARD_<STREAM_NAME>`, capturing
@@ -30,7 +28,7 @@ pub struct Mirror {
     /// The second stream's name, as a service name is used: `crew`.
     pub stream_name: &'static str,
     /// The event's second subject, or `None` to publish it once.
-    pub subject: fn(&EventEnvelope) -> Option<String>,
+    pub subject: fn(&StoredEvent) -> Option<String>,
 }
 
 /// How the relay paces itself.
@@ -171,13 +169,15 @@ async fn publish_batch(
     let mut pending = Vec::with_capacity(events.len());
     let mut failure = None;
     'events: for event in &events {
-        let payload: bytes::Bytes = event.encode_to_vec().into();
+        // The envelope exactly as committed: nothing decoded, nothing copied.
+        let payload = event.envelope_bytes();
         let second = mirror.and_then(|m| (m.subject)(event));
         let mut acks = Vec::with_capacity(2);
-        for subject in std::iter::once(event_subject(event)).chain(second) {
+        let subject = event_subject(event.source(), event.event_type(), event.correlation_id());
+        for subject in std::iter::once(subject).chain(second) {
             let publish = PublishMessage::build()
                 .payload(payload.clone())
-                .message_id(&event.event_id);
+                .message_id(event.event_id());
             match jetstream.send_publish(subject, publish).await {
                 Ok(ack) => acks.push(ack),
                 Err(e) => {
@@ -186,7 +186,7 @@ async fn publish_batch(
                 }
             }
         }
-        pending.push((event.global_position, acks));
+        pending.push((event.position(), acks));
     }
     // Clear only the acknowledged prefix: what follows a failure is published
     // again (and de-duplicated by its message id) so nothing is skipped.

@@ -12,8 +12,6 @@
 //! A consumer of one kind of event filters on `lineguard.<service>.<EventType>.*`;
 //! a replay of one ticket filters on `lineguard.*.*.<ticket id>`.
 
-use lineguard_protos::eventlog::v1::EventEnvelope;
-
 /// Prefix of every Lineguard subject.
 pub const ROOT: &str = "lineguard";
 
@@ -32,13 +30,12 @@ pub fn short_type(event_type: &str) -> &str {
     event_type.rsplit('.').next().unwrap_or(event_type)
 }
 
-/// The subject an event is published on.
-pub fn event_subject(event: &EventEnvelope) -> String {
+/// The subject an event (from `source`'s log, of `event_type`, about
+/// `correlation_id`) is published on.
+pub fn event_subject(source: &str, event_type: &str, correlation_id: &str) -> String {
     format!(
-        "{ROOT}.{}.{}.{}",
-        event.source,
-        short_type(&event.event_type),
-        event.correlation_id
+        "{ROOT}.{source}.{}.{correlation_id}",
+        short_type(event_type)
     )
 }
 
@@ -54,14 +51,8 @@ mod tests {
 
     #[test]
     fn subjects_follow_the_scheme() {
-        let event = EventEnvelope {
-            source: "intake".into(),
-            event_type: "lineguard.intake.v1.TicketReported".into(),
-            correlation_id: "ticket-1".into(),
-            ..EventEnvelope::default()
-        };
         assert_eq!(
-            event_subject(&event),
+            event_subject("intake", "lineguard.intake.v1.TicketReported", "ticket-1"),
             "lineguard.intake.TicketReported.ticket-1"
         );
         assert_eq!(stream_name("intake"), "LINEGUARD_INTAKE");

@@ -226,11 +226,14 @@ async fn a_redelivered_message_is_not_applied_twice() {
         let publish = PublishMessage::build()
             .payload(event.encode_to_vec().into())
             .message_id(format!("{}-again", event.event_id));
-        js.send_publish(subjects::event_subject(event), publish)
-            .await
-            .expect("publish")
-            .await
-            .expect("ack");
+        js.send_publish(
+            subjects::event_subject(&event.source, &event.event_type, &event.correlation_id),
+            publish,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
     }
 
     let consumer = spawn_consumer(

@@ -13,7 +13,7 @@
 //! log itself.
 
 use lineguard_eventlog::timers::OwnerTimers;
-use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, decode_payload};
+use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, StoredEvent, decode_payload};
 use lineguard_protos::dispatch::v1::DispatchTimer;
 use lineguard_protos::dispatch::v1::{
     ClockAlerted, CrewArrived, CrewDeparted, CrewNoted, CustomerNotificationRequested,
@@ -98,9 +98,9 @@ pub fn crew_stream(crew_id: &str) -> String {
 /// The subject a crew's event is also published on, for gateways that
 /// speak NATS: `lineguard.crew.<crew id>.<EventType>` (JetStream stream
 /// `LINEGUARD_CREW`).
-pub fn crew_subject(event: &EventEnvelope) -> Option<String> {
-    let crew = event.stream_id.strip_prefix(CREW_STREAM_PREFIX)?;
-    let short = event.event_type.rsplit('.').next()?;
+pub fn crew_subject(event: &StoredEvent) -> Option<String> {
+    let crew = event.stream_id().strip_prefix(CREW_STREAM_PREFIX)?;
+    let short = event.event_type().rsplit('.').next()?;
     Some(format!("lineguard.crew.{crew}.{short}"))
 }
 

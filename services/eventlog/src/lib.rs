@@ -12,6 +12,7 @@
 //! - [`txn`]: [`Transaction`] (what a commit writes) and [`CommitOutcome`].
 //! - `writer`: the single writer thread and its group commit (one fsync per group).
 //! - [`projection`]: the [`Projector`] trait and the view it writes through.
+//! - [`stored`]: [`StoredEvent`], an event checked but read in place (bulk readers, the relay).
 //! - [`subscribe`]: [`Subscription`], catch-up then live, bounded.
 //! - [`timers`]: durable timers kept as projections, fired at most once.
 //! - [`grpc`]: the `lineguard.eventlog.v1.EventLog` service.
@@ -37,6 +38,7 @@ pub mod ids;
 pub mod limits;
 pub mod log;
 pub mod projection;
+pub mod stored;
 pub mod subscribe;
 pub mod timers;
 pub mod txn;
@@ -52,6 +54,7 @@ pub use lineguard_protos::eventlog::v1::{
 };
 pub use log::{EventLog, LogConfig, ReadDirection, StreamSlice, open_raw_store};
 pub use projection::{NoProjections, ProjectionView, Projector};
+pub use stored::StoredEvent;
 pub use subscribe::Subscription;
 pub use txn::{
     CommitOutcome, EventTypes, ExpectedVersion, Idempotency, InboxMark, NewEvent, StreamAppend,

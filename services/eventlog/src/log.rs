@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::ids::validate_id;
 use crate::limits::Limits;
 use crate::projection::{NoProjections, Projector, read_projection};
+use crate::stored::{StoredEvent, StoredPage};
 use crate::subscribe::Subscription;
 use crate::txn::{CommitOutcome, EventTypes, Idempotency, Transaction};
 use crate::writer::{Rebuilt, Writer, WriterRequest};
@@ -458,6 +459,35 @@ impl EventLog {
     /// Reads up to `max_count` events of the whole log from `from_position`.
     /// Reading at `head + 1` returns nothing; further is an error.
     pub fn read_all(&self, from_position: u64, max_count: usize) -> Result<Vec<EventEnvelope>> {
+        let (from, max_count) = self.whole_log_page(from_position, max_count)?;
+        read_events_from(&self.inner.db, from, max_count)
+    }
+
+    /// [`read_all`](Self::read_all) for bulk readers: each event checked
+    /// the same way, but kept as stored, its fields slices of the record
+    /// rather than owned copies.
+    pub fn read_all_stored(
+        &self,
+        from_position: u64,
+        max_count: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        let (from, max_count) = self.whole_log_page(from_position, max_count)?;
+        let db = &self.inner.db;
+        let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
+        iter.seek(position_key(from));
+        let mut page = StoredPage::with_capacity(max_count.min(1024));
+        while page.len() < max_count
+            && let (Some(key), Some(value)) = (iter.key(), iter.value())
+        {
+            page.push(decode_position_key(CF_EVENTS, key)?, value)?;
+            iter.next();
+        }
+        iter.status()?;
+        page.finish()
+    }
+
+    /// The first position and page size of a read of the whole log.
+    fn whole_log_page(&self, from_position: u64, max_count: usize) -> Result<(u64, usize)> {
         let max_count = self.page_size(max_count)?;
         let from = from_position.max(1);
         let head = self.head();
@@ -468,7 +498,7 @@ impl EventLog {
                 last: head,
             });
         }
-        read_events_from(&self.inner.db, from, max_count)
+        Ok((from, max_count))
     }
 
     /// The event at one position.
@@ -513,28 +543,31 @@ impl EventLog {
         }
     }
 
-    /// Up to `max` events waiting in the outbox, oldest first.
-    pub fn outbox_peek(&self, max: usize) -> Result<Vec<EventEnvelope>> {
+    /// Up to `max` events waiting in the outbox, oldest first, as stored:
+    /// the relay publishes their bytes as they are.
+    pub fn outbox_peek(&self, max: usize) -> Result<Vec<StoredEvent>> {
         let db = &self.inner.db;
         let events_cf = cf(db, CF_EVENTS)?;
-        let mut out = Vec::with_capacity(max.min(1024));
-        for item in db
-            .iterator_cf(cf(db, CF_OUTBOX)?, IteratorMode::Start)
-            .take(max)
+        let mut page = StoredPage::with_capacity(max.min(1024));
+        let mut iter = db.raw_iterator_cf(cf(db, CF_OUTBOX)?);
+        iter.seek_to_first();
+        while page.len() < max
+            && let (Some(key), Some(value)) = (iter.key(), iter.value())
         {
-            let (key, value) = item?;
-            let position = decode_position_key(CF_OUTBOX, &key)?;
-            unseal(CF_OUTBOX, &key, &value, || format!("position {position}"))?;
-            let Some(record) = db.get_pinned_cf(events_cf, &key)? else {
+            let position = decode_position_key(CF_OUTBOX, key)?;
+            unseal(CF_OUTBOX, key, value, || format!("position {position}"))?;
+            let Some(record) = db.get_pinned_cf(events_cf, key)? else {
                 return Err(Error::Corrupted {
                     column: CF_OUTBOX,
                     location: format!("position {position}"),
                     reason: "outbox entry without its event".into(),
                 });
             };
-            out.push(decode_event(position, &record)?);
+            page.push(position, &record)?;
+            iter.next();
         }
-        Ok(out)
+        iter.status()?;
+        page.finish()
     }
 
     /// Removes outbox entries the bus has acknowledged. Not fsynced: after a
@@ -715,15 +748,6 @@ pub(crate) fn decode_event(position: u64, record: &[u8]) -> Result<EventEnvelope
     checked_envelope(position, EventEnvelope::decode(body))
 }
 
-/// [`decode_event`] for a record the caller owns: the payload becomes a
-/// slice of it instead of a copy.
-pub(crate) fn decode_owned_event(position: u64, record: Vec<u8>) -> Result<EventEnvelope> {
-    let key = position_key(position);
-    unseal(CF_EVENTS, &key, &record, || format!("position {position}"))?;
-    let body = Bytes::from(record).slice(crate::codec::CRC_LEN..);
-    checked_envelope(position, EventEnvelope::decode(body))
-}
-
 /// A decoded envelope, if it decoded and says it is at `position`.
 fn checked_envelope(
     position: u64,
@@ -746,19 +770,20 @@ fn checked_envelope(
 
 /// Up to `max` events from `from` on.
 pub(crate) fn read_events_from(db: &DB, from: u64, max: usize) -> Result<Vec<EventEnvelope>> {
-    let start = position_key(from);
+    let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
+    iter.seek(position_key(from));
     let mut events = Vec::with_capacity(max.min(1024));
-    for item in db
-        .iterator_cf(
-            cf(db, CF_EVENTS)?,
-            IteratorMode::From(&start, Direction::Forward),
-        )
-        .take(max)
+    while events.len() < max
+        && let (Some(key), Some(value)) = (iter.key(), iter.value())
     {
-        let (key, value) = item?;
-        let position = decode_position_key(CF_EVENTS, &key)?;
-        events.push(decode_owned_event(position, value.into_vec())?);
+        let position = decode_position_key(CF_EVENTS, key)?;
+        let body = unseal(CF_EVENTS, key, value, || format!("position {position}"))?;
+        // The payload becomes a slice of one copy of the record.
+        let body = Bytes::copy_from_slice(body);
+        events.push(checked_envelope(position, EventEnvelope::decode(body))?);
+        iter.next();
     }
+    iter.status()?;
     Ok(events)
 }
 

@@ -661,13 +661,8 @@ async fn every_limit_is_enforced_with_its_error() {
     );
     let drained = log.outbox_peek(10).expect("peek");
     assert_eq!(drained.len(), 6);
-    log.outbox_clear(
-        &drained
-            .iter()
-            .map(|e| e.global_position)
-            .collect::<Vec<_>>(),
-    )
-    .expect("clear");
+    log.outbox_clear(&drained.iter().map(|e| e.position()).collect::<Vec<_>>())
+        .expect("clear");
     log.commit(Transaction::append(
         "t-1",
         ExpectedVersion::Any,
@@ -731,9 +726,65 @@ async fn a_corrupted_record_is_an_error_naming_its_position() {
             .is_err()
     );
     assert!(log.verify().is_err());
+    let err = log
+        .read_all_stored(0, 0)
+        .expect_err("corrupted, read in place");
+    assert!(err.to_string().contains("position 3"), "{err}");
+    let err = log.outbox_peek(10).expect_err("corrupted, in the outbox");
+    assert!(err.to_string().contains("position 3"), "{err}");
     // What is intact is still served.
     assert_eq!(log.read_all(1, 2).expect("before the damage").len(), 2);
     assert_eq!(log.read_all(4, 2).expect("after the damage").len(), 2);
+    assert_eq!(
+        log.read_all_stored(4, 2).expect("after the damage").len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn events_read_in_place_are_the_events_read_whole() {
+    let dir = tmp();
+    let log = open(dir.path());
+    for i in 0..30 {
+        let stream = format!("ticket-{}", i % 4);
+        log.commit(Transaction::append(
+            &stream,
+            ExpectedVersion::Any,
+            vec![noted("incident-1", &format!("event {i}"))],
+        ))
+        .await
+        .expect("commit");
+    }
+    let whole = log.read_all(0, 0).expect("read");
+    let stored = log.read_all_stored(0, 0).expect("read in place");
+    assert_eq!(whole.len(), 30);
+    assert_eq!(stored.len(), 30);
+    for (w, s) in whole.iter().zip(&stored) {
+        assert_eq!(s.to_envelope().expect("decodes"), *w);
+        assert_eq!(
+            (
+                s.position(),
+                s.event_id(),
+                s.stream_id(),
+                s.correlation_id()
+            ),
+            (
+                w.global_position,
+                w.event_id.as_str(),
+                w.stream_id.as_str(),
+                w.correlation_id.as_str()
+            )
+        );
+        assert_eq!(
+            (s.event_type(), s.source()),
+            (w.event_type.as_str(), "test")
+        );
+        assert_eq!(s.payload(), w.payload);
+    }
+    // Paged like read_all, with the same limits.
+    assert_eq!(log.read_all_stored(29, 5).expect("tail").len(), 2);
+    assert_eq!(log.read_all_stored(31, 5).expect("at the end").len(), 0);
+    assert!(log.read_all_stored(32, 5).is_err(), "past the end");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -886,7 +937,7 @@ async fn the_outbox_backlog_counts_exactly_while_a_relay_clears_concurrently() {
                     .await
                     .expect("join")
                     .expect("peek");
-                let positions: Vec<u64> = page.iter().map(|e| e.global_position).collect();
+                let positions: Vec<u64> = page.iter().map(|e| e.position()).collect();
                 log.outbox_clear(&positions).expect("clear");
                 cleared += positions.len();
                 tokio::task::yield_now().await;
@@ -948,7 +999,7 @@ async fn unpublished_events_are_logged_and_projected_but_never_reach_the_outbox(
     assert_eq!(log.head(), 3, "all three are in the log");
     let outbox = log.outbox_peek(10).expect("peek");
     assert_eq!(
-        outbox.iter().map(|e| e.global_position).collect::<Vec<_>>(),
+        outbox.iter().map(|e| e.position()).collect::<Vec<_>>(),
         [1],
         "only the published event is waiting for the bus"
     );
