@@ -2,8 +2,11 @@
 //! with the same durability (every write fsynced) and the same options.
 //!
 //! Run: `cargo bench --workspace --bench eventlog`
-//! Scale with `LINEGUARD_BENCH_SCALE` (default 1). Prints events/s and the
-//! ratio log/raw per case. Targets: append >= 0.7x raw, read >= 0.5x raw.
+//! Scale with `LINEGUARD_BENCH_SCALE` (default 1). Each case runs five
+//! rounds, log and raw interleaved (a single run of either side varies by
+//! 20% on this machine), and prints the median events/s of each side, their
+//! ratio and the range of the rounds' ratios. Targets: append >= 0.7x raw,
+//! read >= 0.5x raw.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,17 +75,37 @@ impl Raw {
     }
 }
 
+/// One case's timings, a pair (log, raw) per round.
 struct Case {
     name: &'static str,
+    /// Events per round.
     events: u64,
-    log_secs: f64,
-    raw_secs: f64,
+    rounds: Vec<(f64, f64)>,
     target: f64,
 }
 
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn report(case: &Case) {
-    let log_rate = case.events as f64 / case.log_secs;
-    let raw_rate = case.events as f64 / case.raw_secs;
+    let log_rate = median(
+        case.rounds
+            .iter()
+            .map(|(log, _)| case.events as f64 / log)
+            .collect(),
+    );
+    let raw_rate = median(
+        case.rounds
+            .iter()
+            .map(|(_, raw)| case.events as f64 / raw)
+            .collect(),
+    );
+    let ratios: Vec<f64> = case.rounds.iter().map(|(log, raw)| raw / log).collect();
+    let (low, high) = ratios
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
     let ratio = log_rate / raw_rate;
     let verdict = match case.target {
         t if t <= 0.0 => "for comparison".to_string(),
@@ -90,7 +113,7 @@ fn report(case: &Case) {
         t => format!("target {t:.1}x: MISSED"),
     };
     println!(
-        "{:<32} {:>9} events  log {:>10.0} ev/s  raw {:>10.0} ev/s  ratio {:>5.2}x  ({verdict})",
+        "{:<32} {:>9} events  log {:>10.0} ev/s  raw {:>10.0} ev/s  ratio {:>5.2}x [{low:.2}-{high:.2}]  ({verdict})",
         case.name, case.events, log_rate, raw_rate, ratio,
     );
 }
@@ -101,6 +124,38 @@ fn timed(work: impl FnOnce()) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// Runs `log` and `raw` for `rounds` rounds, alternating which goes first
+/// so that neither always follows the other's background flushes.
+fn rounds(
+    rounds: usize,
+    mut log: impl FnMut() -> f64,
+    mut raw: impl FnMut() -> f64,
+) -> Vec<(f64, f64)> {
+    (0..rounds)
+        .map(|round| {
+            if round % 2 == 0 {
+                let l = log();
+                (l, raw())
+            } else {
+                let r = raw();
+                (log(), r)
+            }
+        })
+        .collect()
+}
+
+/// Rounds per case; each case reports the median rate of each side.
+const ROUNDS: usize = 5;
+
+fn single_txns(n: u64, round: usize) -> Vec<Transaction> {
+    (0..n)
+        .map(|i| {
+            let stream = format!("ticket-r{round}-s{}", i % 1000);
+            Transaction::append(&stream, ExpectedVersion::Any, vec![event(&stream)])
+        })
+        .collect()
+}
+
 fn main() {
     let scale: u64 = std::env::var("LINEGUARD_BENCH_SCALE")
         .ok()
@@ -109,114 +164,137 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open_log(dir.path());
     let raw = Raw::open(dir.path());
-    let mut next_raw = 1;
+    let next_raw = std::cell::Cell::new(1u64);
     println!(
-        "event log vs raw RocksDB, every write fsynced, {PAYLOAD_BYTES}-byte payloads, scale {scale}"
+        "event log vs raw RocksDB, every write fsynced, {PAYLOAD_BYTES}-byte payloads, scale {scale}, \
+         median of {ROUNDS} interleaved rounds [lowest-highest round ratio]"
     );
 
     // Every transaction is built before its clock starts: raw writes a
     // value it already has, so the log is timed on committing alone.
 
     // 1. One event per commit, one writer.
-    let n = 2_000 * scale;
-    let txns: Vec<Transaction> = (0..n)
-        .map(|i| {
-            let stream = format!("ticket-s{}", i % 1000);
-            Transaction::append(&stream, ExpectedVersion::Any, vec![event(&stream)])
-        })
-        .collect();
-    let log_secs = timed(|| {
-        for txn in txns {
-            log.commit_blocking(txn).expect("commit");
-        }
-    });
-    let raw_secs = timed(|| {
-        for _ in 0..n {
-            raw.write(next_raw, 1);
-            next_raw += 1;
-        }
-    });
+    let n = 1_000 * scale;
+    let mut round = 0;
+    let timings = rounds(
+        ROUNDS,
+        || {
+            round += 1;
+            let txns = single_txns(n, round);
+            timed(|| {
+                for txn in txns {
+                    log.commit_blocking(txn).expect("commit");
+                }
+            })
+        },
+        || {
+            timed(|| {
+                for _ in 0..n {
+                    raw.write(next_raw.get(), 1);
+                    next_raw.set(next_raw.get() + 1);
+                }
+            })
+        },
+    );
     report(&Case {
         name: "append, single",
         events: n,
-        log_secs,
-        raw_secs,
+        rounds: timings,
         target: 0.7,
     });
 
     // 2. 100 events per commit, one writer.
-    let batches = 200 * scale;
-    let txns: Vec<Transaction> = (0..batches)
-        .map(|i| {
-            let stream = format!("incident-b{i}");
-            let events = (0..100).map(|_| event(&stream)).collect();
-            Transaction::append(&stream, ExpectedVersion::Any, events)
-        })
-        .collect();
-    let log_secs = timed(|| {
-        for txn in txns {
-            log.commit_blocking(txn).expect("commit");
-        }
-    });
-    let raw_secs = timed(|| {
-        for _ in 0..batches {
-            raw.write(next_raw, 100);
-            next_raw += 100;
-        }
-    });
+    let batches = 100 * scale;
+    let mut round = 0;
+    let timings = rounds(
+        ROUNDS,
+        || {
+            round += 1;
+            let txns: Vec<Transaction> = (0..batches)
+                .map(|i| {
+                    let stream = format!("incident-r{round}-b{i}");
+                    let events = (0..100).map(|_| event(&stream)).collect();
+                    Transaction::append(&stream, ExpectedVersion::Any, events)
+                })
+                .collect();
+            timed(|| {
+                for txn in txns {
+                    log.commit_blocking(txn).expect("commit");
+                }
+            })
+        },
+        || {
+            timed(|| {
+                for _ in 0..batches {
+                    raw.write(next_raw.get(), 100);
+                    next_raw.set(next_raw.get() + 100);
+                }
+            })
+        },
+    );
     report(&Case {
         name: "append, batches of 100",
         events: batches * 100,
-        log_secs,
-        raw_secs,
+        rounds: timings,
         target: 0.7,
     });
 
     // 3. 64 concurrent writers, one event per commit each.
-    let writers = 64;
-    let per_writer = 200 * scale;
-    let prepared: Vec<Vec<Transaction>> = (0..writers)
-        .map(|w| {
-            let stream = format!("crew-{w}");
-            (0..per_writer)
-                .map(|_| Transaction::append(&stream, ExpectedVersion::Any, vec![event(&stream)]))
-                .collect()
-        })
-        .collect();
-    let log_secs = timed(|| {
-        let threads: Vec<_> = prepared
-            .into_iter()
-            .map(|txns| {
-                let log = log.clone();
-                std::thread::spawn(move || {
-                    for txn in txns {
-                        log.commit_blocking(txn).expect("commit");
-                    }
-                })
-            })
-            .collect();
-        threads.into_iter().for_each(|t| t.join().expect("writer"));
-    });
+    let writers = 64u64;
+    let per_writer = 100 * scale;
     let raw = Arc::new(raw);
-    let base = next_raw;
-    let raw_secs = timed(|| {
-        let threads: Vec<_> = (0..writers)
-            .map(|w| {
-                let raw = raw.clone();
-                std::thread::spawn(move || {
-                    for i in 0..per_writer {
-                        raw.write(base + w * per_writer + i, 1);
-                    }
+    let mut round = 0;
+    let timings = rounds(
+        ROUNDS,
+        || {
+            round += 1;
+            let prepared: Vec<Vec<Transaction>> = (0..writers)
+                .map(|w| {
+                    let stream = format!("crew-r{round}-{w}");
+                    (0..per_writer)
+                        .map(|_| {
+                            Transaction::append(&stream, ExpectedVersion::Any, vec![event(&stream)])
+                        })
+                        .collect()
                 })
+                .collect();
+            timed(|| {
+                let threads: Vec<_> = prepared
+                    .into_iter()
+                    .map(|txns| {
+                        let log = log.clone();
+                        std::thread::spawn(move || {
+                            for txn in txns {
+                                log.commit_blocking(txn).expect("commit");
+                            }
+                        })
+                    })
+                    .collect();
+                threads.into_iter().for_each(|t| t.join().expect("writer"));
             })
-            .collect();
-        threads.into_iter().for_each(|t| t.join().expect("writer"));
-    });
+        },
+        || {
+            let base = next_raw.get();
+            next_raw.set(base + writers * per_writer);
+            timed(|| {
+                let threads: Vec<_> = (0..writers)
+                    .map(|w| {
+                        let raw = raw.clone();
+                        std::thread::spawn(move || {
+                            for i in 0..per_writer {
+                                raw.write(base + w * per_writer + i, 1);
+                            }
+                        })
+                    })
+                    .collect();
+                threads.into_iter().for_each(|t| t.join().expect("writer"));
+            })
+        },
+    );
     report(&Case {
         name: "append, 64 concurrent writers",
         events: writers * per_writer,
-        log_secs,
-        raw_secs,
+        rounds: timings,
         target: 0.7,
     });
 
@@ -225,49 +303,53 @@ fn main() {
     // scan) read events in place; `read_all` also decodes each envelope
     // into owned strings, shown beside it.
     let head = log.head();
-    let log_secs = timed(|| {
-        let mut next = 1;
-        let mut seen = 0u64;
-        while next <= head {
-            let page = log.read_all_stored(next, 1000).expect("read");
-            seen += page.len() as u64;
-            next = page.last().map_or(head + 1, |e| e.position() + 1);
-        }
-        assert_eq!(seen, head);
-    });
-    let decoded_secs = timed(|| {
-        let mut next = 1;
-        let mut seen = 0u64;
-        while next <= head {
-            let page = log.read_all(next, 1000).expect("read");
-            seen += page.len() as u64;
-            next = page.last().map_or(head + 1, |e| e.global_position + 1);
-        }
-        assert_eq!(seen, head);
-    });
-    let raw_secs = timed(|| {
-        let cf = raw.db.cf_handle(CF_EVENTS).expect("cf");
-        let mut bytes = 0usize;
-        let mut seen = 0u64;
-        for item in raw.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
-            let (_, value) = item.expect("raw read");
-            bytes += value.len();
-            seen += 1;
-        }
-        assert!(bytes > 0 && seen >= head);
-    });
+    let read_in_place = || {
+        timed(|| {
+            let mut next = 1;
+            let mut seen = 0u64;
+            while next <= head {
+                let page = log.read_all_stored(next, 1000).expect("read");
+                seen += page.len() as u64;
+                next = page.last().map_or(head + 1, |e| e.position() + 1);
+            }
+            assert_eq!(seen, head);
+        })
+    };
+    let read_owned = || {
+        timed(|| {
+            let mut next = 1;
+            let mut seen = 0u64;
+            while next <= head {
+                let page = log.read_all(next, 1000).expect("read");
+                seen += page.len() as u64;
+                next = page.last().map_or(head + 1, |e| e.global_position + 1);
+            }
+            assert_eq!(seen, head);
+        })
+    };
+    let read_raw = || {
+        timed(|| {
+            let cf = raw.db.cf_handle(CF_EVENTS).expect("cf");
+            let mut bytes = 0usize;
+            let mut seen = 0u64;
+            for item in raw.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+                let (_, value) = item.expect("raw read");
+                bytes += value.len();
+                seen += 1;
+            }
+            assert!(bytes > 0 && seen >= head);
+        })
+    };
     report(&Case {
         name: "read, full log, in place",
         events: head,
-        log_secs,
-        raw_secs,
+        rounds: rounds(ROUNDS, read_in_place, read_raw),
         target: 0.5,
     });
     report(&Case {
         name: "read, full log, owned envelopes",
         events: head,
-        log_secs: decoded_secs,
-        raw_secs,
+        rounds: rounds(ROUNDS, read_owned, read_raw),
         target: 0.0,
     });
 }

@@ -73,6 +73,16 @@ pub fn seal(key: &[u8], body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// [`seal`] of `message`'s encoding, encoded straight into the frame.
+pub fn seal_message(key: &[u8], message: &impl prost::Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CRC_LEN + message.encoded_len());
+    out.extend_from_slice(&[0; CRC_LEN]);
+    message.encode_raw(&mut out);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(key), &out[CRC_LEN..]);
+    out[..CRC_LEN].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
 /// Checks a frame read from `column` under `key` and returns its body.
 pub fn unseal<'a>(
     column: &'static str,
@@ -212,6 +222,13 @@ mod tests {
                                     body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let frame = seal(&key, &body);
             prop_assert_eq!(unseal("t", &key, &frame, String::new).expect("valid"), &body[..]);
+        }
+
+        #[test]
+        fn a_sealed_message_is_the_seal_of_its_encoding(key in proptest::collection::vec(any::<u8>(), 0..32),
+                                                       text in ".{0,64}", n in any::<u64>()) {
+            let message = lineguard_protos::eventlog::v1::Actor { kind: (n % 5) as i32, id: text };
+            prop_assert_eq!(seal_message(&key, &message), seal(&key, &prost::Message::encode_to_vec(&message)));
         }
 
         #[test]

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::codec::{
     CF_CORRELATIONS, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS,
     CF_STREAMS, IndexRun, META_PROJECTION_STATE, correlation_key, inbox_key,
-    needs_correlation_entry, position_key, seal, stream_key,
+    needs_correlation_entry, position_key, seal, seal_message, stream_key,
 };
 use crate::error::{Error, Result};
 use crate::limits::Limits;
@@ -128,7 +128,7 @@ impl Writer {
         };
         let mut results: Vec<(Result<CommitOutcome>, Reply)> = commits
             .drain(..)
-            .map(|(txn, reply)| (self.stage(&txn, &mut group), reply))
+            .map(|(txn, reply)| (self.stage(txn, &mut group), reply))
             .collect();
 
         if !group.batch.is_empty() {
@@ -182,7 +182,7 @@ impl Writer {
     /// Checks one commit against the log as the earlier commits of the group
     /// leave it and, if it holds, adds its writes to the group. On error the
     /// group is untouched.
-    fn stage(&self, txn: &Transaction, group: &mut Group) -> Result<CommitOutcome> {
+    fn stage(&self, txn: Transaction, group: &mut Group) -> Result<CommitOutcome> {
         let inbox = match &txn.inbox {
             Some(mark) => {
                 let key = inbox_key(&mark.consumer, &mark.message_id);
@@ -226,13 +226,18 @@ impl Writer {
             });
         }
 
+        let Transaction {
+            appends,
+            idempotency,
+            ..
+        } = txn;
         let mut ops: Vec<(&'static str, Vec<u8>, Vec<u8>)> =
             Vec::with_capacity(3 * count as usize + 2);
         let mut envelopes = Vec::with_capacity(count as usize);
-        let mut streams = Vec::with_capacity(txn.appends.len());
+        let mut streams = Vec::with_capacity(appends.len());
         let mut position = group.next_position;
         let recorded_at = prost_types::Timestamp::from(SystemTime::now());
-        for append in &txn.appends {
+        for append in appends {
             let current = match group.stream_heads.get(&append.stream_id) {
                 Some(&v) => v,
                 None => load_stream_head(&self.db, &append.stream_id)?,
@@ -252,43 +257,44 @@ impl Writer {
             let index_key = stream_key(&append.stream_id, run.first_version);
             let index_value = seal(&index_key, &run.encode());
             ops.push((CF_STREAMS, index_key, index_value));
-            for (offset, event) in append.events.iter().enumerate() {
+            let appended = append.events.len() as u64;
+            for (offset, event) in append.events.into_iter().enumerate() {
                 let version = current + 1 + offset as u64;
+                if needs_correlation_entry(&append.stream_id, &event.correlation_id) {
+                    let key = correlation_key(&event.correlation_id, position);
+                    let value = seal(&key, &[]);
+                    ops.push((CF_CORRELATIONS, key, value));
+                }
                 let envelope = EventEnvelope {
                     event_id: event.event_id.to_string(),
                     stream_id: append.stream_id.clone(),
                     stream_version: version,
                     global_position: position,
                     recorded_at: Some(recorded_at),
-                    causation_id: event.causation_id.clone(),
-                    correlation_id: event.correlation_id.clone(),
-                    actor: Some(event.actor.clone()),
-                    event_type: event.event_type.clone(),
+                    causation_id: event.causation_id,
+                    correlation_id: event.correlation_id,
+                    actor: Some(event.actor),
+                    event_type: event.event_type,
                     schema_version: event.schema_version,
-                    payload: event.payload.clone(),
+                    payload: event.payload,
                     source: self.service.clone(),
                 };
                 let pos_key = position_key(position);
                 ops.push((
                     CF_EVENTS,
                     pos_key.to_vec(),
-                    seal(&pos_key, &envelope.encode_to_vec()),
+                    seal_message(&pos_key, &envelope),
                 ));
                 if event.publish {
                     ops.push((CF_OUTBOX, pos_key.to_vec(), seal(&pos_key, &[])));
-                }
-                if needs_correlation_entry(&append.stream_id, &event.correlation_id) {
-                    let key = correlation_key(&event.correlation_id, position);
-                    let value = seal(&key, &[]);
-                    ops.push((CF_CORRELATIONS, key, value));
                 }
                 envelopes.push(envelope);
                 position += 1;
             }
             streams.push(StreamCommit {
-                stream_id: append.stream_id.clone(),
+                stream_id: append.stream_id,
                 first_version: current + 1,
-                last_version: current + append.events.len() as u64,
+                last_version: current + appended,
             });
         }
         fail::fail_point!("eventlog::after_events", |_| Err(Error::Injected(
@@ -313,16 +319,16 @@ impl Writer {
             let value = seal(key, &receipt.last_position.to_be_bytes());
             ops.push((CF_INBOX, key.clone(), value));
         }
-        let idempotency_record = txn.idempotency.as_ref().map(|idem| {
+        let idempotency_record = idempotency.map(|idem| {
             let record = IdempotencyRecord {
                 request_fingerprint: idem.fingerprint.to_vec().into(),
                 receipt: Some(receipt.clone()),
-                response: idem.response.clone(),
+                response: idem.response,
             };
             let key = idem.key.as_bytes().to_vec();
             let value = seal(&key, &record.encode_to_vec());
             ops.push((CF_IDEMPOTENCY, key, value));
-            (idem.key.clone(), record)
+            (idem.key, record)
         });
         fail::fail_point!("eventlog::after_marks", |_| Err(Error::Injected(
             "after_marks"
@@ -334,13 +340,10 @@ impl Writer {
             group.batch.put_cf(cf(&self.db, column)?, key, value);
         }
         group.projections.extend(projection_writes);
-        for append in &txn.appends {
-            let last = receipt
-                .streams
-                .iter()
-                .find(|s| s.stream_id == append.stream_id)
-                .map_or(0, |s| s.last_version);
-            group.stream_heads.insert(append.stream_id.clone(), last);
+        for stream in &receipt.streams {
+            group
+                .stream_heads
+                .insert(stream.stream_id.clone(), stream.last_version);
         }
         if let Some(key) = inbox {
             group.inbox.insert(key);
