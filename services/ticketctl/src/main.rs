@@ -158,7 +158,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let (replayed, as_of) = match what {
                 ReplayWhat::Ticket { id, as_of } => (replay::ticket(&clients, &id).await?, as_of),
                 ReplayWhat::Incident { id, as_of } => {
-                    (replay::incident(&clients, &id).await?, as_of)
+                    let bar = progress(cli.json, "reading");
+                    let replayed = replay::incident_with_progress(&clients, &id, &bar).await?;
+                    bar.finish_and_clear();
+                    (replayed, as_of)
                 }
             };
             if let Some(text) = as_of {
@@ -336,7 +339,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Timeline { what } => {
             let (replayed, path) = match what {
                 TimelineWhat::Incident { id, html } => {
-                    (replay::incident(&clients, &id).await?, html)
+                    let bar = progress(cli.json, "reading");
+                    let replayed = replay::incident_with_progress(&clients, &id, &bar).await?;
+                    bar.finish_and_clear();
+                    (replayed, html)
                 }
                 TimelineWhat::Ticket { id, html } => (replay::ticket(&clients, &id).await?, html),
             };

@@ -11,6 +11,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use futures::{StreamExt, TryStreamExt, stream};
+use indicatif::ProgressBar;
 use lineguard_protos::eventlog::v1::{EventEnvelope, ReadCorrelationRequest};
 use lineguard_protos::intake::v1::{IncidentOpened, TicketReported};
 use lineguard_protos::routing::v1::TicketFollowedIncident;
@@ -99,12 +100,20 @@ pub fn decode<M: Message + Default + Name>(e: &EventEnvelope) -> Option<M> {
 }
 
 /// Reads every correlation id from every service ([`IN_FLIGHT`] reads at a
-/// time) and merges the lot.
-async fn read_all(clients: &Clients, ids: &[String]) -> Result<Vec<EventEnvelope>, Error> {
+/// time) and merges the lot; `progress` advances one per correlation id
+/// and service read.
+async fn read_all(
+    clients: &Clients,
+    ids: &[String],
+    progress: &ProgressBar,
+) -> Result<Vec<EventEnvelope>, Error> {
+    progress.set_length((ids.len() * SERVICES.len()) as u64);
     let reads = ids.iter().flat_map(|id| {
-        SERVICES
-            .iter()
-            .map(move |service| read_correlation(clients, service, id))
+        SERVICES.iter().map(move |service| async move {
+            let read = read_correlation(clients, service, id).await;
+            progress.inc(1);
+            read
+        })
     });
     let pages: Vec<Vec<EventEnvelope>> = stream::iter(reads)
         .buffer_unordered(IN_FLIGHT)
@@ -142,13 +151,23 @@ pub async fn ticket(clients: &Clients, ticket_id: &str) -> Result<Replayed, Erro
     Ok(Replayed {
         kind: "ticket",
         id: ticket_id.to_string(),
-        events: read_all(clients, &ids).await?,
+        events: read_all(clients, &ids, &ProgressBar::hidden()).await?,
         correlation_ids: ids,
     })
 }
 
 /// The whole life of an incident: its own events and every ticket's in it.
 pub async fn incident(clients: &Clients, incident_id: &str) -> Result<Replayed, Error> {
+    incident_with_progress(clients, incident_id, &ProgressBar::hidden()).await
+}
+
+/// [`incident`], advancing `progress` as each ticket's events are read (an
+/// incident of a storm has thousands of tickets).
+pub async fn incident_with_progress(
+    clients: &Clients,
+    incident_id: &str,
+    progress: &ProgressBar,
+) -> Result<Replayed, Error> {
     let own = read_correlation(clients, "intake", incident_id).await?;
     let opened = own
         .iter()
@@ -170,7 +189,7 @@ pub async fn incident(clients: &Clients, incident_id: &str) -> Result<Replayed, 
     Ok(Replayed {
         kind: "incident",
         id: incident_id.to_string(),
-        events: read_all(clients, &ids).await?,
+        events: read_all(clients, &ids, progress).await?,
         correlation_ids: ids,
     })
 }
