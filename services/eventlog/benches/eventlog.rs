@@ -144,6 +144,21 @@ fn rounds(
         .collect()
 }
 
+/// Times reading positions 1..=`head` in pages; `page(from)` reads one and
+/// returns how many events it held and the last one's position.
+fn read_whole_log(head: u64, mut page: impl FnMut(u64) -> (usize, Option<u64>)) -> f64 {
+    timed(|| {
+        let mut next = 1;
+        let mut seen = 0u64;
+        while next <= head {
+            let (count, last) = page(next);
+            seen += count as u64;
+            next = last.map_or(head + 1, |p| p + 1);
+        }
+        assert_eq!(seen, head);
+    })
+}
+
 /// Rounds per case; each case reports the median rate of each side.
 const ROUNDS: usize = 5;
 
@@ -304,27 +319,15 @@ fn main() {
     // into owned strings, shown beside it.
     let head = log.head();
     let read_in_place = || {
-        timed(|| {
-            let mut next = 1;
-            let mut seen = 0u64;
-            while next <= head {
-                let page = log.read_all_stored(next, 1000).expect("read");
-                seen += page.len() as u64;
-                next = page.last().map_or(head + 1, |e| e.position() + 1);
-            }
-            assert_eq!(seen, head);
+        read_whole_log(head, |from| {
+            let page = log.read_all_stored(from, 1000).expect("read");
+            (page.len(), page.last().map(|e| e.position()))
         })
     };
     let read_owned = || {
-        timed(|| {
-            let mut next = 1;
-            let mut seen = 0u64;
-            while next <= head {
-                let page = log.read_all(next, 1000).expect("read");
-                seen += page.len() as u64;
-                next = page.last().map_or(head + 1, |e| e.global_position + 1);
-            }
-            assert_eq!(seen, head);
+        read_whole_log(head, |from| {
+            let page = log.read_all(from, 1000).expect("read");
+            (page.len(), page.last().map(|e| e.global_position))
         })
     };
     let read_raw = || {
