@@ -16,7 +16,9 @@ pub const CF_STREAMS: &str = "streams";
 pub const CF_IDEMPOTENCY: &str = "idempotency";
 /// Processed marks of consumed messages: `consumer ‖ 0x00 ‖ message id`.
 pub const CF_INBOX: &str = "inbox";
-/// Positions of events the bus has not yet acknowledged.
+/// Events the bus has not yet acknowledged, as runs of consecutive
+/// positions: first position (8 bytes BE) → an [`OutboxRun`]'s count. One
+/// entry per run of published events in a commit, not one per event.
 pub const CF_OUTBOX: &str = "outbox";
 /// The projector's key/value state.
 pub const CF_PROJECTIONS: &str = "projections";
@@ -202,6 +204,54 @@ impl IndexRun {
     }
 }
 
+/// A run of consecutive positions waiting in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxRun {
+    pub first: u64,
+    pub count: u64,
+}
+
+impl OutboxRun {
+    /// The stored entry: key and sealed value (the count, 8 bytes BE).
+    pub fn entry(&self) -> ([u8; 8], Vec<u8>) {
+        let key = position_key(self.first);
+        let value = seal(&key, &self.count.to_be_bytes());
+        (key, value)
+    }
+
+    /// Reads an entry. An empty body is a run of one: the entries of logs
+    /// written before runs existed.
+    pub fn decode(key: &[u8], value: &[u8]) -> Result<OutboxRun> {
+        let first = decode_position_key(CF_OUTBOX, key)?;
+        let location = || format!("position {first}");
+        let body = unseal(CF_OUTBOX, key, value, location)?;
+        let count = match body.len() {
+            0 => 1,
+            8 => u64::from_be_bytes(body.try_into().unwrap_or_default()),
+            n => {
+                return Err(Error::Corrupted {
+                    column: CF_OUTBOX,
+                    location: location(),
+                    reason: format!("outbox entry of {n} bytes, not 0 or 8"),
+                });
+            }
+        };
+        if count == 0 {
+            return Err(Error::Corrupted {
+                column: CF_OUTBOX,
+                location: location(),
+                reason: "empty outbox run".into(),
+            });
+        }
+        Ok(OutboxRun { first, count })
+    }
+
+    /// One past the run's last position.
+    pub fn end(&self) -> u64 {
+        self.first + self.count
+    }
+}
+
 /// Key of a consumer's processed mark for one message.
 pub fn inbox_key(consumer: &str, message_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(consumer.len() + message_id.len() + 1);
@@ -247,6 +297,24 @@ mod tests {
         let frame = seal(b"a", b"body");
         let err = unseal("events", b"b", &frame, || "position 7".into()).expect_err("moved");
         assert!(err.to_string().contains("position 7"), "{err}");
+    }
+
+    #[test]
+    fn outbox_runs_round_trip_and_old_single_entries_read_as_runs_of_one() {
+        let run = OutboxRun {
+            first: 41,
+            count: 100,
+        };
+        let (key, value) = run.entry();
+        assert_eq!(OutboxRun::decode(&key, &value).expect("valid"), run);
+        assert_eq!(run.end(), 141);
+        let old = seal(&position_key(7), &[]);
+        assert_eq!(
+            OutboxRun::decode(&position_key(7), &old).expect("old entry"),
+            OutboxRun { first: 7, count: 1 }
+        );
+        let empty = seal(&position_key(7), &0u64.to_be_bytes());
+        assert!(OutboxRun::decode(&position_key(7), &empty).is_err());
     }
 
     #[test]

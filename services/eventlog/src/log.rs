@@ -1,5 +1,6 @@
 //! [`EventLog`]: open a log, commit to it, read it back.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::codec::{
     ALL_COLUMN_FAMILIES, CF_CORRELATIONS, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX,
-    CF_PROJECTIONS, CF_STREAMS, IndexRun, META_CORRELATION_INDEX, META_PROJECTION_STATE,
+    CF_PROJECTIONS, CF_STREAMS, IndexRun, META_CORRELATION_INDEX, META_PROJECTION_STATE, OutboxRun,
     correlation_key, correlation_key_position, decode_position_key, inbox_key,
     needs_correlation_entry, position_key, seal, stream_key, unseal,
 };
@@ -106,6 +107,7 @@ struct Inner {
     commits: mpsc::Sender<WriterRequest>,
     head: watch::Receiver<u64>,
     outbox_backlog: Arc<AtomicU64>,
+    outbox_clearing: std::sync::Mutex<()>,
     subscribers: Arc<Semaphore>,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -173,7 +175,7 @@ impl EventLog {
         let db = Arc::new(open_raw_store(&config.path)?);
         let head = last_position(&db)?;
         ensure_correlation_index(&db, head, config.limits.max_read_page)?;
-        let outbox_backlog = Arc::new(AtomicU64::new(count_keys(&db, CF_OUTBOX)?));
+        let outbox_backlog = Arc::new(AtomicU64::new(count_outbox(&db)?));
         let (head_tx, head_rx) = watch::channel(head);
         let mut writer = Writer {
             db: db.clone(),
@@ -216,6 +218,7 @@ impl EventLog {
                 commits,
                 head: head_rx,
                 outbox_backlog,
+                outbox_clearing: std::sync::Mutex::new(()),
                 writer: std::sync::Mutex::new(Some(thread)),
             }),
         })
@@ -554,38 +557,93 @@ impl EventLog {
         while page.len() < max
             && let (Some(key), Some(value)) = (iter.key(), iter.value())
         {
-            let position = decode_position_key(CF_OUTBOX, key)?;
-            unseal(CF_OUTBOX, key, value, || format!("position {position}"))?;
-            let Some(record) = db.get_pinned_cf(events_cf, key)? else {
-                return Err(Error::Corrupted {
-                    column: CF_OUTBOX,
-                    location: format!("position {position}"),
-                    reason: "outbox entry without its event".into(),
-                });
-            };
-            page.push(position, &record)?;
+            let run = OutboxRun::decode(key, value)?;
+            for position in run.first..run.end() {
+                if page.len() == max {
+                    break;
+                }
+                let Some(record) = db.get_pinned_cf(events_cf, position_key(position))? else {
+                    return Err(Error::Corrupted {
+                        column: CF_OUTBOX,
+                        location: format!("position {position}"),
+                        reason: "outbox entry without its event".into(),
+                    });
+                };
+                page.push(position, &record)?;
+            }
             iter.next();
         }
         iter.status()?;
         page.finish()
     }
 
-    /// Removes outbox entries the bus has acknowledged. Not fsynced: after a
-    /// crash an entry may come back and be published again, which the bus's
-    /// de-duplication and the consumers' inbox absorb.
+    /// Removes from the outbox the events the bus has acknowledged (the
+    /// relay's acknowledged prefix; any positions work). A run partly
+    /// acknowledged is written again as what is left of it. Not fsynced:
+    /// after a crash an entry may come back and be published again, which
+    /// the bus's de-duplication and the consumers' inbox absorb.
     pub fn outbox_clear(&self, positions: &[u64]) -> Result<()> {
+        let acknowledged: BTreeSet<u64> = positions.iter().copied().collect();
+        let (Some(&lowest), Some(&highest)) = (acknowledged.first(), acknowledged.last()) else {
+            return Ok(());
+        };
+        // One clearer at a time: runs are read, then rewritten.
+        let _clearing = self
+            .inner
+            .outbox_clearing
+            .lock()
+            .map_err(|_| Error::Closed)?;
         let db = &self.inner.db;
         let outbox = cf(db, CF_OUTBOX)?;
         let mut batch = WriteBatch::default();
-        for position in positions {
-            batch.delete_cf(outbox, position_key(*position));
+        let mut cleared = 0u64;
+        let mut iter = db.raw_iterator_cf(outbox);
+        iter.seek_for_prev(position_key(lowest));
+        if !iter.valid() {
+            iter.seek(position_key(lowest));
         }
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            let run = OutboxRun::decode(key, value)?;
+            if run.first > highest {
+                break;
+            }
+            let mut inside = acknowledged.range(run.first..run.end()).peekable();
+            if inside.peek().is_some() {
+                // The run goes; what is left of it goes back as new runs
+                // (a batch applies in order, so a put of the same key wins).
+                batch.delete_cf(outbox, key);
+                let mut rest = run.first;
+                for &position in inside {
+                    cleared += 1;
+                    if position > rest {
+                        let (k, v) = OutboxRun {
+                            first: rest,
+                            count: position - rest,
+                        }
+                        .entry();
+                        batch.put_cf(outbox, k, v);
+                    }
+                    rest = position + 1;
+                }
+                if rest < run.end() {
+                    let (k, v) = OutboxRun {
+                        first: rest,
+                        count: run.end() - rest,
+                    }
+                    .entry();
+                    batch.put_cf(outbox, k, v);
+                }
+            }
+            iter.next();
+        }
+        iter.status()?;
+        drop(iter);
         db.write(batch)?;
-        // The writer counts entries before they are visible, so this never
-        // takes the counter below the number of entries stored.
+        // The writer counts events before they are visible, so this never
+        // takes the counter below the number of events stored.
         self.inner
             .outbox_backlog
-            .fetch_sub(positions.len() as u64, Ordering::AcqRel);
+            .fetch_sub(cleared, Ordering::AcqRel);
         Ok(())
     }
 
@@ -875,12 +933,13 @@ fn last_position(db: &DB) -> Result<u64> {
     Ok(position)
 }
 
-fn count_keys(db: &DB, column: &'static str) -> Result<u64> {
-    let mut iter = db.raw_iterator_cf(cf(db, column)?);
+/// Events waiting in the outbox: the sum of its runs.
+fn count_outbox(db: &DB) -> Result<u64> {
+    let mut iter = db.raw_iterator_cf(cf(db, CF_OUTBOX)?);
     iter.seek_to_first();
     let mut count = 0;
-    while iter.valid() {
-        count += 1;
+    while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+        count += OutboxRun::decode(key, value)?.count;
         iter.next();
     }
     iter.status()?;

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codec::{
     CF_CORRELATIONS, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS,
-    CF_STREAMS, IndexRun, META_PROJECTION_STATE, correlation_key, inbox_key,
+    CF_STREAMS, IndexRun, META_PROJECTION_STATE, OutboxRun, correlation_key, inbox_key,
     needs_correlation_entry, position_key, seal, seal_message, stream_key,
 };
 use crate::error::{Error, Result};
@@ -236,6 +236,9 @@ impl Writer {
         let mut envelopes = Vec::with_capacity(count as usize);
         let mut streams = Vec::with_capacity(appends.len());
         let mut position = group.next_position;
+        // The commit's published events as runs of consecutive positions:
+        // one outbox entry per run rather than one per event.
+        let mut outbox_runs: Vec<OutboxRun> = Vec::new();
         let recorded_at = prost_types::Timestamp::from(SystemTime::now());
         for append in appends {
             let current = match group.stream_heads.get(&append.stream_id) {
@@ -286,7 +289,13 @@ impl Writer {
                     seal_message(&pos_key, &envelope),
                 ));
                 if event.publish {
-                    ops.push((CF_OUTBOX, pos_key.to_vec(), seal(&pos_key, &[])));
+                    match outbox_runs.last_mut() {
+                        Some(run) if run.end() == position => run.count += 1,
+                        _ => outbox_runs.push(OutboxRun {
+                            first: position,
+                            count: 1,
+                        }),
+                    }
                 }
                 envelopes.push(envelope);
                 position += 1;
@@ -296,6 +305,10 @@ impl Writer {
                 first_version: current + 1,
                 last_version: current + appended,
             });
+        }
+        for run in outbox_runs {
+            let (key, value) = run.entry();
+            ops.push((CF_OUTBOX, key.to_vec(), value));
         }
         fail::fail_point!("eventlog::after_events", |_| Err(Error::Injected(
             "after_events"

@@ -1136,3 +1136,49 @@ async fn a_correlation_reads_back_across_streams_in_log_order_and_older_logs_are
         want
     );
 }
+
+#[tokio::test]
+async fn the_outbox_keeps_runs_and_clearing_part_of_one_leaves_exactly_the_rest() {
+    let dir = tmp();
+    {
+        let log = open(dir.path());
+        // Ten published events in one commit, one unpublished copy among
+        // them: two runs, 1..=5 and 7..=11.
+        let mut events: Vec<_> = (0..5).map(|i| noted("ticket-r", &format!("{i}"))).collect();
+        events.push(noted("ticket-r", "a copy").unpublished());
+        events.extend((5..10).map(|i| noted("ticket-r", &format!("{i}"))));
+        log.commit(Transaction::append(
+            "ticket-r",
+            ExpectedVersion::NoStream,
+            events,
+        ))
+        .await
+        .expect("commit");
+        let positions = |log: &lineguard_eventlog::EventLog| {
+            log.outbox_peek(100)
+                .expect("peek")
+                .iter()
+                .map(|e| e.position())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(positions(&log), [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]);
+        assert_eq!(log.outbox_backlog(), 10);
+        // A page stops inside a run.
+        assert_eq!(log.outbox_peek(3).expect("peek").len(), 3);
+        // The middle, the start and the end of runs, and a position
+        // that is not waiting (6, the copy): only waiting ones count.
+        log.outbox_clear(&[1, 3, 6, 7, 11]).expect("clear");
+        assert_eq!(positions(&log), [2, 4, 5, 8, 9, 10]);
+        assert_eq!(log.outbox_backlog(), 6);
+        log.outbox_clear(&[2, 4]).expect("clear");
+        assert_eq!(positions(&log), [5, 8, 9, 10]);
+        assert_eq!(log.outbox_backlog(), 4);
+        log.close().await.expect("close");
+    }
+    // Counted again from the runs at open.
+    let log = open(dir.path());
+    assert_eq!(log.outbox_backlog(), 4);
+    log.outbox_clear(&[5, 8, 9, 10]).expect("clear");
+    assert_eq!(log.outbox_peek(100).expect("peek").len(), 0);
+    assert_eq!(log.outbox_backlog(), 0);
+}
