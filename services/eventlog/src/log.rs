@@ -612,27 +612,23 @@ impl EventLog {
                 // The run goes; what is left of it goes back as new runs
                 // (a batch applies in order, so a put of the same key wins).
                 batch.delete_cf(outbox, key);
-                let mut rest = run.first;
-                for &position in inside {
-                    cleared += 1;
-                    if position > rest {
+                let mut keep = |first: u64, end: u64| {
+                    if end > first {
                         let (k, v) = OutboxRun {
-                            first: rest,
-                            count: position - rest,
+                            first,
+                            count: end - first,
                         }
                         .entry();
                         batch.put_cf(outbox, k, v);
                     }
+                };
+                let mut rest = run.first;
+                for &position in inside {
+                    cleared += 1;
+                    keep(rest, position);
                     rest = position + 1;
                 }
-                if rest < run.end() {
-                    let (k, v) = OutboxRun {
-                        first: rest,
-                        count: run.end() - rest,
-                    }
-                    .entry();
-                    batch.put_cf(outbox, k, v);
-                }
+                keep(rest, run.end());
             }
             iter.next();
         }
