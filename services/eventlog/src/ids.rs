@@ -23,9 +23,10 @@ pub fn validate_id_at(field: impl FnOnce() -> String, value: &str, max_len: usiz
             max_len,
         ));
     }
-    if let Some(bad) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    // Bytes first (the common, valid case); characters only to name a bad one.
+    if !value.bytes().all(allowed)
+        && let Some(bad) = value.chars().find(|c| !(c.is_ascii() && allowed(*c as u8)))
     {
         return Err(Error::invalid(
             field(),

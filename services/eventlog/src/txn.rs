@@ -230,6 +230,26 @@ impl Transaction {
         self.appends.iter().map(|a| a.events.len()).sum()
     }
 
+    /// About how many bytes the commit adds to a RocksDB write batch: each
+    /// event's payload and ids plus its keys, checksum and envelope fields.
+    pub(crate) fn stored_bytes_estimate(&self) -> usize {
+        const PER_EVENT: usize = 128;
+        self.appends
+            .iter()
+            .flat_map(|append| append.events.iter().map(move |event| (append, event)))
+            .map(|(append, event)| {
+                PER_EVENT
+                    + append.stream_id.len()
+                    + event.payload.len()
+                    + event.event_type.len()
+                    + event.correlation_id.len()
+                    + event.causation_id.len()
+                    + event.actor.id.len()
+            })
+            .sum::<usize>()
+            + PER_EVENT
+    }
+
     /// Checks everything that can be checked without the store: ids, sizes,
     /// event types. A transaction that passes can fail only on state
     /// (versions, keys) or storage.
@@ -256,7 +276,9 @@ impl Transaction {
             ));
         }
         let mut streams = HashSet::with_capacity(self.appends.len());
-        let mut event_ids = HashSet::with_capacity(count);
+        let mut event_ids = EventIdSet::with_capacity(count);
+        // Commits are mostly of one event type: check each run of it once.
+        let mut checked_type: Option<(&str, u32)> = None;
         let mut bytes = 0usize;
         for (i, append) in self.appends.iter().enumerate() {
             validate_id(
@@ -302,7 +324,10 @@ impl Transaction {
                         limits.max_event_type_len,
                     ));
                 }
-                types.check(&event.event_type, event.schema_version)?;
+                if checked_type != Some((event.event_type.as_str(), event.schema_version)) {
+                    types.check(&event.event_type, event.schema_version)?;
+                    checked_type = Some((event.event_type.as_str(), event.schema_version));
+                }
                 validate_id_at(
                     || field("correlation_id"),
                     &event.correlation_id,
@@ -393,6 +418,44 @@ impl EventTypes {
     }
 }
 
+/// The event ids of one transaction so far, to find one given twice.
+///
+/// UUIDv7s made by one process come in increasing order, so while they do
+/// the last one alone proves the next is new; a set is built only for a
+/// transaction whose ids are out of order.
+struct EventIdSet {
+    in_order: Vec<Uuid>,
+    set: Option<HashSet<Uuid>>,
+}
+
+impl EventIdSet {
+    fn with_capacity(count: usize) -> Self {
+        EventIdSet {
+            in_order: Vec::with_capacity(count),
+            set: None,
+        }
+    }
+
+    /// Adds `id`; false if it was there already.
+    fn insert(&mut self, id: Uuid) -> bool {
+        if let Some(set) = &mut self.set {
+            return set.insert(id);
+        }
+        match self.in_order.last() {
+            Some(&last) if id <= last => {
+                let mut set: HashSet<Uuid> = self.in_order.drain(..).collect();
+                let new = set.insert(id);
+                self.set = Some(set);
+                new
+            }
+            _ => {
+                self.in_order.push(id);
+                true
+            }
+        }
+    }
+}
+
 /// What a commit did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommitOutcome {
@@ -415,5 +478,29 @@ impl CommitOutcome {
             CommitOutcome::Committed(r) | CommitOutcome::Duplicate { receipt: r, .. } => Some(r),
             CommitOutcome::AlreadyProcessed => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_id_set_finds_a_repeat_in_order_or_out_of_order() {
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+        let mut set = EventIdSet::with_capacity(5);
+        assert!(
+            ids.iter().all(|id| set.insert(*id)),
+            "increasing ids are new"
+        );
+        assert!(set.set.is_none(), "no set while ids come in order");
+        assert!(!set.insert(ids[4]), "the last id again");
+
+        let mut set = EventIdSet::with_capacity(5);
+        for id in [ids[3], ids[1], ids[4], ids[0]] {
+            assert!(set.insert(id), "{id} is new");
+        }
+        assert!(!set.insert(ids[1]), "an earlier id, out of order");
+        assert!(set.insert(ids[2]), "an id between the others is new");
     }
 }

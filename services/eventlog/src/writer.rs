@@ -62,6 +62,31 @@ pub(crate) struct Writer {
     pub outbox_backlog: Arc<AtomicU64>,
 }
 
+/// How long the writer keeps looking for the next commit after a group,
+/// yielding its core between looks, before it parks. A caller that commits
+/// again right after its answer (a loop of commits, a handler's next
+/// command) then finds the writer awake instead of paying a thread wake-up
+/// on each side; RocksDB's own write thread waits the same way
+/// (`write_thread_max_yield_usec`, 100 us).
+const YIELD_BEFORE_PARKING: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// The next request: a queued one at once, else one arriving while the
+/// writer yields, else whatever wakes it from parking. `None` once every
+/// sender is gone.
+fn next_request(requests: &mut mpsc::Receiver<WriterRequest>) -> Option<WriterRequest> {
+    let start = std::time::Instant::now();
+    loop {
+        match requests.try_recv() {
+            Ok(request) => return Some(request),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) if start.elapsed() < YIELD_BEFORE_PARKING => {
+                std::thread::yield_now();
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return requests.blocking_recv(),
+        }
+    }
+}
+
 /// State of the group being staged: what earlier commits in it have written.
 struct Group {
     next_position: u64,
@@ -79,7 +104,7 @@ impl Writer {
     pub(crate) fn run(mut self, mut requests: mpsc::Receiver<WriterRequest>) {
         let mut commits: Vec<(Transaction, Reply)> =
             Vec::with_capacity(self.limits.max_group_commits);
-        while let Some(first) = requests.blocking_recv() {
+        while let Some(first) = next_request(&mut requests) {
             let mut next = Some(first);
             while let Some(request) = next.take() {
                 match request {
@@ -123,12 +148,22 @@ impl Writer {
             idempotency: HashMap::new(),
             inbox: HashSet::new(),
             projections: Overlay::new(),
-            batch: WriteBatch::default(),
+            // Sized up front: growing a batch of hundreds of events copies it
+            // again and again.
+            batch: WriteBatch::with_capacity_bytes(
+                commits
+                    .iter()
+                    .map(|(txn, _)| txn.stored_bytes_estimate())
+                    .sum(),
+            ),
             outbox_added: 0,
         };
+        // What staging used up, dropped only after the callers have their
+        // answers: freeing a group's events is not the callers' wait.
+        let mut spent = Vec::with_capacity(commits.len());
         let mut results: Vec<(Result<CommitOutcome>, Reply)> = commits
             .drain(..)
-            .map(|(txn, reply)| (self.stage(txn, &mut group), reply))
+            .map(|(txn, reply)| (self.stage(txn, &mut group, &mut spent), reply))
             .collect();
 
         if !group.batch.is_empty() {
@@ -152,6 +187,7 @@ impl Writer {
             // The caller may have given up waiting; the commit stands regardless.
             let _ = reply.send(result);
         }
+        drop(spent);
     }
 
     fn write_group(&self, group: &mut Group) -> Result<()> {
@@ -182,7 +218,12 @@ impl Writer {
     /// Checks one commit against the log as the earlier commits of the group
     /// leave it and, if it holds, adds its writes to the group. On error the
     /// group is untouched.
-    fn stage(&self, txn: Transaction, group: &mut Group) -> Result<CommitOutcome> {
+    fn stage(
+        &self,
+        txn: Transaction,
+        group: &mut Group,
+        spent: &mut Vec<Vec<EventEnvelope>>,
+    ) -> Result<CommitOutcome> {
         let inbox = match &txn.inbox {
             Some(mark) => {
                 let key = inbox_key(&mark.consumer, &mark.message_id);
@@ -269,7 +310,12 @@ impl Writer {
                     ops.push((CF_CORRELATIONS, key, value));
                 }
                 let envelope = EventEnvelope {
-                    event_id: event.event_id.to_string(),
+                    // Straight to hex, not through `Display`'s formatter.
+                    event_id: event
+                        .event_id
+                        .hyphenated()
+                        .encode_lower(&mut uuid::Uuid::encode_buffer())
+                        .to_owned(),
                     stream_id: append.stream_id.clone(),
                     stream_version: version,
                     global_position: position,
@@ -366,6 +412,7 @@ impl Writer {
         }
         group.next_position = position;
         group.outbox_added += published;
+        spent.push(envelopes);
         Ok(CommitOutcome::Committed(receipt))
     }
 
