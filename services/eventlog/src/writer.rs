@@ -67,7 +67,8 @@ pub(crate) struct Writer {
 /// again right after its answer (a loop of commits, a handler's next
 /// command) then finds the writer awake instead of paying a thread wake-up
 /// on each side; RocksDB's own write thread waits the same way
-/// (`write_thread_max_yield_usec`, 100 us).
+/// (`write_thread_max_yield_usec`, 100 us). The price is at most this much
+/// CPU per group, spent only while other threads have none to use.
 const YIELD_BEFORE_PARKING: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// The next request: a queued one at once, else one arriving while the
