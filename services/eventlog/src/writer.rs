@@ -196,16 +196,12 @@ impl Writer {
             "before_write"
         )));
         write_overlay(&self.db, &mut group.batch, &group.projections)?;
-        let state = ProjectionState {
-            projector: self.projector.name().to_owned(),
-            version: self.projector.version(),
-            applied_through: group.next_position - 1,
-        };
-        group.batch.put_cf(
-            cf(&self.db, CF_META)?,
-            META_PROJECTION_STATE,
-            seal(META_PROJECTION_STATE, &state.encode_to_vec()),
-        );
+        self.put_projection_state(
+            &mut group.batch,
+            self.projector.name(),
+            self.projector.version(),
+            group.next_position - 1,
+        )?;
         self.write_batch(std::mem::take(&mut group.batch))
     }
 
@@ -420,7 +416,15 @@ impl Writer {
     /// Drops every projection and replays the whole log through the projector.
     /// Runs on the writer thread, so no commit interleaves. Returns the number
     /// of events replayed.
+    ///
+    /// Crash-safe in steps: the stored projection state first names no
+    /// projector, so a log opened after a crash while projections are being
+    /// cleared rebuilds them all again; once they are clear it names this
+    /// projector with nothing applied, and every replayed page moves it on
+    /// in the page's own write, so a crash while replaying resumes after the
+    /// last page written, never applying an event twice.
     pub(crate) fn rebuild_projections(&mut self) -> Result<u64> {
+        self.write_projection_state("", 0, 0)?;
         let projections = cf(&self.db, CF_PROJECTIONS)?;
         loop {
             let keys: Vec<Box<[u8]>> = self
@@ -438,10 +442,16 @@ impl Writer {
             }
             self.db.write(batch)?;
         }
+        fail::fail_point!("eventlog::rebuild_after_clear", |_| Err(Error::Injected(
+            "rebuild_after_clear"
+        )));
+        self.write_projection_state(self.projector.name(), self.projector.version(), 0)?;
         self.replay_projections_from(1)
     }
 
-    /// Applies the projector to every event from `from` to the head.
+    /// Applies the projector to every event from `from` to the head, a page
+    /// per write, each write also recording the page's last position as
+    /// applied.
     pub(crate) fn replay_projections_from(&mut self, from: u64) -> Result<u64> {
         let mut next = from;
         let mut replayed = 0;
@@ -457,22 +467,53 @@ impl Writer {
             }
             let mut batch = WriteBatch::default();
             write_overlay(&self.db, &mut batch, &view.writes)?;
+            self.put_projection_state(
+                &mut batch,
+                self.projector.name(),
+                self.projector.version(),
+                last,
+            )?;
             self.db.write(batch)?;
             replayed += page.len() as u64;
             next = last + 1;
+            fail::fail_point!("eventlog::replay_after_page", |_| Err(Error::Injected(
+                "replay_after_page"
+            )));
         }
-        let state = ProjectionState {
-            projector: self.projector.name().to_owned(),
-            version: self.projector.version(),
-            applied_through: self.head,
-        };
+        self.write_projection_state(self.projector.name(), self.projector.version(), self.head)?;
+        Ok(replayed)
+    }
+
+    /// Records, fsynced, which projector the stored projections are of and
+    /// the last position applied to them.
+    fn write_projection_state(
+        &self,
+        projector: &str,
+        version: u32,
+        applied_through: u64,
+    ) -> Result<()> {
         let mut batch = WriteBatch::default();
+        self.put_projection_state(&mut batch, projector, version, applied_through)?;
+        self.write_batch(batch)
+    }
+
+    fn put_projection_state(
+        &self,
+        batch: &mut WriteBatch,
+        projector: &str,
+        version: u32,
+        applied_through: u64,
+    ) -> Result<()> {
+        let state = ProjectionState {
+            projector: projector.to_owned(),
+            version,
+            applied_through,
+        };
         batch.put_cf(
             cf(&self.db, CF_META)?,
             META_PROJECTION_STATE,
             seal(META_PROJECTION_STATE, &state.encode_to_vec()),
         );
-        self.write_batch(batch)?;
-        Ok(replayed)
+        Ok(())
     }
 }

@@ -72,6 +72,52 @@ async fn each_fail_point_on_a_fresh_log_leaves_nothing_behind() {
     scenario.teardown();
 }
 
+/// A rebuild of the projections cut short (between clearing them and
+/// replaying, or after one replayed page) is completed when the log is
+/// opened again: the same projections as before, no event applied twice.
+#[tokio::test]
+async fn a_rebuild_cut_short_is_completed_when_the_log_is_opened_again() {
+    let scenario = fail::FailScenario::setup();
+    // Pages of 10 events: the replay of 40 takes four writes.
+    let limits = lineguard_eventlog::Limits {
+        max_read_page: 10,
+        ..lineguard_eventlog::Limits::default()
+    };
+    for point in [
+        "eventlog::rebuild_after_clear",
+        "eventlog::replay_after_page",
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open_with_limits(dir.path(), limits.clone());
+        for i in 0..20 {
+            let stream = format!("ticket-{}", i % 3);
+            let events = vec![noted(&stream, "x"), noted(&stream, "y")];
+            log.commit(Transaction::append(&stream, ExpectedVersion::Any, events))
+                .await
+                .expect("commit");
+        }
+        let digest = log.projection_digest().expect("digest");
+        assert_eq!(count(&log, "ticket-0"), 14, "{point}");
+
+        fail::cfg(point, "return").expect("configure fail point");
+        assert!(log.rebuild_projections().await.is_err(), "{point}");
+        fail::remove(point);
+        assert_ne!(
+            log.projection_digest().expect("digest"),
+            digest,
+            "{point}: the rebuild stopped part way"
+        );
+        log.close().await.expect("close");
+        drop(log);
+
+        let log = open_with_limits(dir.path(), limits.clone());
+        assert_eq!(log.projection_digest().expect("digest"), digest, "{point}");
+        assert_eq!(count(&log, "ticket-0"), 14, "{point}");
+        assert_eq!(count(&log, "ticket-2"), 12, "{point}");
+    }
+    scenario.teardown();
+}
+
 /// Runs only as the child of `a_killed_writer_leaves_only_whole_commits`:
 /// commits forever until it is killed.
 #[tokio::test]
