@@ -33,6 +33,9 @@ pub struct Limits {
     /// Events committed but not yet acknowledged by the bus. Past this, commits
     /// fail rather than let the backlog grow without end while the bus is down.
     pub max_outbox_backlog: u64,
+    /// Stream heads the writer remembers, so a commit to a recently written
+    /// stream skips looking its version up in the store.
+    pub max_cached_stream_heads: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +55,7 @@ impl Default for Limits {
             max_pending_commits: 4_096,
             max_group_commits: 512,
             max_outbox_backlog: 10_000_000,
+            max_cached_stream_heads: 65_536,
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::projection::{NoProjections, Projector, read_projection};
 use crate::stored::{StoredEvent, StoredPage};
 use crate::subscribe::Subscription;
 use crate::txn::{CommitOutcome, EventTypes, Idempotency, Transaction};
-use crate::writer::{Rebuilt, Writer, WriterRequest};
+use crate::writer::{Rebuilt, StreamHeads, Writer, WriterRequest};
 
 /// How to open a log.
 #[derive(Clone)]
@@ -185,6 +185,7 @@ impl EventLog {
             head,
             head_tx,
             outbox_backlog: outbox_backlog.clone(),
+            stream_heads: StreamHeads::new(config.limits.max_cached_stream_heads),
         };
         let stored = load_projection_state(&db)?;
         let projector = &config.projector;

@@ -60,6 +60,45 @@ pub(crate) struct Writer {
     pub head: u64,
     pub head_tx: watch::Sender<u64>,
     pub outbox_backlog: Arc<AtomicU64>,
+    pub stream_heads: StreamHeads,
+}
+
+/// The last version of recently written streams, as committed.
+///
+/// The writer is the only one that writes the stream index, and it records
+/// a head here only after the write that made it is durable, so a cached
+/// head is always the stored one. Bounded by two generations of at most
+/// half the limit each: when the newer fills up, the older is dropped, so
+/// the streams written in the last half-limit commits are always found.
+pub(crate) struct StreamHeads {
+    newer: HashMap<String, u64>,
+    older: HashMap<String, u64>,
+    generation_limit: usize,
+}
+
+impl StreamHeads {
+    pub(crate) fn new(limit: usize) -> Self {
+        StreamHeads {
+            newer: HashMap::new(),
+            older: HashMap::new(),
+            generation_limit: (limit / 2).max(1),
+        }
+    }
+
+    fn get(&self, stream_id: &str) -> Option<u64> {
+        self.newer
+            .get(stream_id)
+            .or_else(|| self.older.get(stream_id))
+            .copied()
+    }
+
+    fn record(&mut self, stream_id: String, version: u64) {
+        if self.newer.len() >= self.generation_limit && !self.newer.contains_key(&stream_id) {
+            self.older = std::mem::take(&mut self.newer);
+        }
+        self.newer.insert(stream_id, version);
+        debug_assert!(self.newer.len() <= self.generation_limit);
+    }
 }
 
 /// How long the writer keeps looking for the next commit after a group,
@@ -182,6 +221,9 @@ impl Writer {
             } else {
                 self.head = group.next_position - 1;
                 self.head_tx.send_replace(self.head);
+                for (stream_id, version) in group.stream_heads {
+                    self.stream_heads.record(stream_id, version);
+                }
             }
         }
         for (result, reply) in results {
@@ -281,7 +323,10 @@ impl Writer {
         for append in appends {
             let current = match group.stream_heads.get(&append.stream_id) {
                 Some(&v) => v,
-                None => load_stream_head(&self.db, &append.stream_id)?,
+                None => match self.stream_heads.get(&append.stream_id) {
+                    Some(v) => v,
+                    None => load_stream_head(&self.db, &append.stream_id)?,
+                },
             };
             if !append.expected.admits(current) {
                 return Err(Error::WrongExpectedVersion {
@@ -515,5 +560,37 @@ impl Writer {
             seal(META_PROJECTION_STATE, &state.encode_to_vec()),
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_heads_stay_bounded_and_keep_the_recent_ones() {
+        let mut heads = StreamHeads::new(4);
+        for round in 1..=3u64 {
+            for stream in 0..10 {
+                heads.record(format!("s{stream}"), round * 100 + stream);
+                assert!(heads.newer.len() + heads.older.len() <= 4, "bounded");
+                assert_eq!(heads.get(&format!("s{stream}")), Some(round * 100 + stream));
+            }
+        }
+        // The last half-limit streams written are always found, with their
+        // latest heads; older ones may be gone, never wrong.
+        assert_eq!(heads.get("s9"), Some(309));
+        assert_eq!(heads.get("s8"), Some(308));
+        for stream in 0..10 {
+            if let Some(v) = heads.get(&format!("s{stream}")) {
+                assert_eq!(v, 300 + stream, "s{stream}");
+            }
+        }
+        // Writing a stream the newer generation holds never drops a generation.
+        let mut heads = StreamHeads::new(4);
+        heads.record("a".into(), 1);
+        heads.record("b".into(), 1);
+        heads.record("b".into(), 2);
+        assert_eq!((heads.get("a"), heads.get("b")), (Some(1), Some(2)));
     }
 }

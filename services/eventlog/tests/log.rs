@@ -1182,3 +1182,45 @@ async fn the_outbox_keeps_runs_and_clearing_part_of_one_leaves_exactly_the_rest(
     assert_eq!(log.outbox_peek(100).expect("peek").len(), 0);
     assert_eq!(log.outbox_backlog(), 0);
 }
+
+/// With room for only two stream heads, commits to ten streams in turn still
+/// check their expected versions against the stored heads, before and after
+/// a restart: the writer's cache of heads is never the reason a version is
+/// wrong.
+#[tokio::test]
+async fn expected_versions_hold_across_many_streams_with_a_tiny_head_cache() {
+    let dir = tmp();
+    let limits = Limits {
+        max_cached_stream_heads: 2,
+        ..Limits::default()
+    };
+    for session in 0..2u64 {
+        let log = open_with_limits(dir.path(), limits.clone());
+        for round in 0..3u64 {
+            for s in 0..10 {
+                let stream = format!("ticket-{s}");
+                let version = session * 3 + round;
+                let err = log
+                    .commit(Transaction::append(
+                        &stream,
+                        ExpectedVersion::Exact(version + 1),
+                        vec![noted(&stream, "ahead")],
+                    ))
+                    .await
+                    .expect_err("an expected version ahead of the stream");
+                assert!(
+                    matches!(err, Error::WrongExpectedVersion { current, .. } if current == version),
+                    "{err}"
+                );
+                log.commit(Transaction::append(
+                    &stream,
+                    ExpectedVersion::Exact(version),
+                    vec![noted(&stream, "x")],
+                ))
+                .await
+                .expect("commit at the stream's version");
+            }
+        }
+        log.close().await.expect("close");
+    }
+}
