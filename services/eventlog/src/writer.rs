@@ -69,7 +69,7 @@ pub(crate) struct Writer {
 /// a head here only after the write that made it is durable, so a cached
 /// head is always the stored one. Bounded by two generations of at most
 /// half the limit each: when the newer fills up, the older is dropped, so
-/// the streams written in the last half-limit commits are always found.
+/// at least the last half-limit distinct streams written are always found.
 pub(crate) struct StreamHeads {
     newer: HashMap<String, u64>,
     older: HashMap<String, u64>,
