@@ -137,6 +137,28 @@ fn timed(work: impl FnOnce()) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// Times committing `txns` one after another on this thread.
+fn time_commits(log: &EventLog, txns: Vec<Transaction>) -> f64 {
+    timed(|| {
+        for txn in txns {
+            log.commit_blocking(txn).expect("commit");
+        }
+    })
+}
+
+/// Times raw writes of `events` values, `per_commit` to a batch, at the
+/// positions from `next` on (which it advances); the values are made before
+/// the clock starts.
+fn time_raw_commits(raw: &Raw, next: &std::cell::Cell<u64>, events: u64, per_commit: usize) -> f64 {
+    let values = Raw::values(events);
+    timed(|| {
+        for batch in values.chunks(per_commit) {
+            raw.write(next.get(), batch);
+            next.set(next.get() + batch.len() as u64);
+        }
+    })
+}
+
 /// Runs `log` and `raw` for `rounds` rounds, alternating which goes first
 /// so that neither always follows the other's background flushes.
 fn rounds(
@@ -222,22 +244,9 @@ fn main() {
             ROUNDS,
             || {
                 round += 1;
-                let txns = single_txns(n, round);
-                timed(|| {
-                    for txn in txns {
-                        log.commit_blocking(txn).expect("commit");
-                    }
-                })
+                time_commits(&log, single_txns(n, round))
             },
-            || {
-                let values = Raw::values(n);
-                timed(|| {
-                    for value in values.chunks(1) {
-                        raw.write(next_raw.get(), value);
-                        next_raw.set(next_raw.get() + 1);
-                    }
-                })
-            },
+            || time_raw_commits(&raw, &next_raw, n, 1),
         );
         report(&Case {
             name,
@@ -265,21 +274,9 @@ fn main() {
                         Transaction::append(&stream, ExpectedVersion::Any, events)
                     })
                     .collect();
-                timed(|| {
-                    for txn in txns {
-                        log.commit_blocking(txn).expect("commit");
-                    }
-                })
+                time_commits(&log, txns)
             },
-            || {
-                let values = Raw::values(batches * 100);
-                timed(|| {
-                    for batch in values.chunks(100) {
-                        raw.write(next_raw.get(), batch);
-                        next_raw.set(next_raw.get() + 100);
-                    }
-                })
-            },
+            || time_raw_commits(&raw, &next_raw, batches * 100, 100),
         );
         report(&Case {
             name,
