@@ -64,6 +64,11 @@ declare -A extra=(
   [routing]="--policy deploy/policy.toml --directory deploy/directory.toml"
   [feedback]="--rules deploy/feedback.toml"
 )
+# Every clock counts working days by this year's holidays and make-up days.
+export LINEGUARD_CALENDAR="${LINEGUARD_CALENDAR:-deploy/calendar.toml}"
+# A consumer away longer than the bus keeps messages catches up from the
+# source service's own log.
+export LINEGUARD_PEERS="${LINEGUARD_PEERS:-intake=http://127.0.0.1:50051,routing=http://127.0.0.1:50052,dispatch=http://127.0.0.1:50053,feedback=http://127.0.0.1:50054}"
 for service in intake routing dispatch feedback; do
   # shellcheck disable=SC2086 # the extra flags are words
   "$BIN_DIR/lineguard-$service" --data-dir "$DATA/$service" --nats-url "$NATS_URL" ${extra[$service]:-} &

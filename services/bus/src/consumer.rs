@@ -6,22 +6,45 @@
 //! redelivery (the ack was lost, the process died before acking, the event
 //! was published twice) finds the mark and is acknowledged without being
 //! applied again.
+//!
+//! Nothing delivered is ever dropped. JetStream is told never to give up on
+//! a message (`max_deliver` -1); instead the consumer decides:
+//!
+//! - an event that arrived before what it depends on
+//!   ([`HandlerError::Waiting`]) is **parked** in the consumer's own log
+//!   and acknowledged; it is applied the moment an event satisfying what it
+//!   waits for is applied by any consumer of the same log
+//!   ([`Handler::satisfies`], [`ParkingLot`]), or at the next sweep;
+//! - an event that fails for any other reason ([`HandlerError::Reject`], an
+//!   envelope that does not decode, or [`HandlerError::Retry`] still
+//!   failing after [`ConsumerConfig::dead_letter_after`] deliveries) is
+//!   **dead-lettered** in the consumer's own log, with its error, and
+//!   acknowledged; an operator lists and retries it (see [`crate::parking`]).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
+use bytes::Bytes;
 use futures::StreamExt;
-use lineguard_eventlog::{CommitOutcome, Error as LogError, EventEnvelope, EventLog, Transaction};
+use lineguard_eventlog::{
+    ActorKind, CommitOutcome, Error as LogError, EventEnvelope, EventLog, ExpectedVersion,
+    NewEvent, Transaction, actor,
+};
+use lineguard_protos::bus::v1::{EventDeadLettered, EventParked, ParkedEventApplied};
 use prost::Message;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use tracing::Instrument;
 
+use crate::catchup::{CATCH_UP_PAGE, SourceLogHandle, wanted};
+use crate::parking::{
+    ParkingLot, consumer_stream, dead_key, parked_key, parked_prefix, waiting_prefix,
+};
 use crate::streams::{StreamSettings, ensure_stream};
-use crate::subjects::stream_name;
+use crate::subjects::{event_subject, stream_name};
 
 /// What a handler decided to do with an event.
 pub enum Handled {
@@ -48,10 +71,22 @@ impl std::fmt::Debug for Handled {
 /// Why a handler could not handle an event.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// Worth trying again later (a dependency is not ready, an event it needs
-    /// has not arrived yet).
+    /// Worth trying again later (storage busy, a conflict): the message is
+    /// delivered again, and dead-lettered after
+    /// [`ConsumerConfig::dead_letter_after`] deliveries.
     #[error("retry later: {0}")]
     Retry(String),
+    /// Needs another event first (one another consumer, or this one, has not
+    /// applied yet), named by `key` as the handler's [`Handler::satisfies`]
+    /// names it when that event is applied: the event is parked, and
+    /// applied then.
+    #[error("waiting for {key}: {reason}")]
+    Waiting {
+        /// What it waits for, e.g. `ticket:<id>`.
+        key: String,
+        /// Why, for an operator.
+        reason: String,
+    },
     /// Will never succeed (the event is malformed for this handler).
     #[error("rejected: {0}")]
     Reject(String),
@@ -65,6 +100,12 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         event: &EventEnvelope,
     ) -> impl Future<Output = Result<Handled, HandlerError>> + Send;
+
+    /// The keys `event`, once applied, satisfies: parked events waiting for
+    /// any of them (in any consumer of the same log) are applied next.
+    fn satisfies(&self, _event: &EventEnvelope) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Where a consumer reads and how patient it is.
@@ -78,15 +119,26 @@ pub struct ConsumerConfig {
     pub filter_subjects: Vec<String>,
     /// Unacknowledged time before JetStream redelivers.
     pub ack_wait: Duration,
-    /// Deliveries of one message before JetStream gives up on it.
+    /// Deliveries of one message before JetStream gives up on it: -1, never
+    /// (the consumer parks or dead-letters instead; see the module doc).
     pub max_deliver: i64,
+    /// Deliveries of a message whose handler keeps answering
+    /// [`HandlerError::Retry`] before it is dead-lettered.
+    pub dead_letter_after: u64,
+    /// How often parked events are tried again even without a wake.
+    pub parked_sweep: Duration,
     /// Messages delivered but not yet acknowledged, at most.
     pub max_ack_pending: i64,
     /// Conflicts retried in-process before the message is nak'ed.
     pub conflict_retries: usize,
     /// Delay asked for on a nak.
     pub retry_delay: Duration,
+    /// The settings of the source's stream, should this consumer create it.
     pub stream: StreamSettings,
+    /// The source service's own log, read when the bus has dropped messages
+    /// this consumer never acknowledged (see [`crate::catchup`]); without
+    /// it such a gap is only reported.
+    pub source_log: Option<SourceLogHandle>,
 }
 
 impl ConsumerConfig {
@@ -97,11 +149,14 @@ impl ConsumerConfig {
             source_service: source_service.into(),
             filter_subjects: Vec::new(),
             ack_wait: Duration::from_secs(30),
-            max_deliver: 20,
+            max_deliver: -1,
+            dead_letter_after: 20,
+            parked_sweep: Duration::from_secs(10),
             max_ack_pending: 1_000,
             conflict_retries: 5,
             retry_delay: Duration::from_secs(1),
             stream: StreamSettings::default(),
+            source_log: None,
         }
     }
 
@@ -150,6 +205,19 @@ pub async fn apply_event<H: Handler>(
     {
         return Ok(Applied::AlreadyProcessed);
     }
+    commit_handled(log, consumer, handler, event, conflict_retries, None).await
+}
+
+/// Asks the handler and commits its writes with the inbox mark (and `also`,
+/// an event of the consumer's own stream), trying again on a conflict.
+async fn commit_handled<H: Handler>(
+    log: &EventLog,
+    consumer: &str,
+    handler: &H,
+    event: &EventEnvelope,
+    conflict_retries: usize,
+    also: Option<&NewEvent>,
+) -> Result<Applied, HandlerError> {
     let mut attempt = 0;
     loop {
         let (txn, _held_until_committed) = match handler.handle(event).await? {
@@ -157,7 +225,14 @@ pub async fn apply_event<H: Handler>(
             Handled::CommitHolding(txn, hold) => (txn, Some(hold)),
             Handled::Ignore => (Transaction::default(), None),
         };
-        let txn = txn.consuming(consumer, &event.event_id);
+        let mut txn = txn.consuming_at(consumer, &event.event_id, event.global_position);
+        if let Some(also) = also {
+            txn = txn.and_append(
+                consumer_stream(consumer),
+                ExpectedVersion::Any,
+                vec![also.clone()],
+            );
+        }
         match log.commit(txn).await {
             Ok(CommitOutcome::AlreadyProcessed) => return Ok(Applied::AlreadyProcessed),
             Ok(_) => return Ok(Applied::Committed),
@@ -172,37 +247,513 @@ pub async fn apply_event<H: Handler>(
     }
 }
 
-/// Applies one delivered event and answers JetStream (ack, nak or term).
-async fn deliver<H: Handler>(
-    log: &EventLog,
-    config: &ConsumerConfig,
-    handler: &H,
-    event: &EventEnvelope,
-    message: jetstream::Message,
-) -> Result<(), String> {
-    match apply_event(log, &config.name, handler, event, config.conflict_retries).await {
-        Ok(applied) => {
-            tracing::debug!(?applied, "event applied");
-            message.ack().await.map_err(|e| e.to_string())?;
-        }
-        Err(HandlerError::Retry(reason)) => {
-            tracing::warn!(%reason, "event not applied; will be redelivered");
-            message
-                .ack_with(AckKind::Nak(Some(config.retry_delay)))
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        Err(HandlerError::Reject(reason)) => {
-            // Kept in the stream for an operator; never silently dropped.
-            tracing::error!(%reason, "event rejected by handler; terminating its delivery");
-            message
-                .ack_with(AckKind::Term)
-                .await
-                .map_err(|e| e.to_string())?;
+/// What became of one event.
+enum Settled {
+    /// Applied, parked or dead-lettered: the log holds its outcome.
+    Recorded,
+    /// Its outcome could not be written; deliver it again.
+    NotRecorded(String),
+    /// The handler asked to try again later.
+    RetryLater(String),
+}
+
+/// What a consumer works with besides the message in hand.
+struct Context<'a, H> {
+    log: &'a EventLog,
+    config: &'a ConsumerConfig,
+    handler: &'a H,
+    lot: &'a ParkingLot,
+}
+
+fn now() -> prost_types::Timestamp {
+    lineguard_eventlog::clock::now()
+}
+
+/// A correlation id for the consumer's own record of `event`.
+fn correlation_of(event: &EventEnvelope) -> &str {
+    if event.correlation_id.is_empty() {
+        &event.event_id
+    } else {
+        &event.correlation_id
+    }
+}
+
+/// One event of the consumer's own stream, about a delivered event.
+fn consumer_event(
+    consumer: &str,
+    message: &impl prost::Name,
+    correlation: &str,
+    cause: Option<&str>,
+) -> NewEvent {
+    let event = NewEvent::new(message, correlation, actor(ActorKind::System, consumer));
+    match cause {
+        Some(cause) => event.caused_by(cause),
+        None => event,
+    }
+    .unpublished()
+}
+
+impl<H: Handler> Context<'_, H> {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Whether the consumer's log already holds the event, parked or
+    /// dead-lettered (a redelivery after the ack was lost).
+    fn held_in_log(&self, event_id: &str) -> Result<bool, LogError> {
+        Ok(self
+            .log
+            .projection_get(&parked_key(self.name(), event_id))?
+            .is_some()
+            || self
+                .log
+                .projection_get(&dead_key(self.name(), event_id))?
+                .is_some())
+    }
+
+    async fn park(
+        &self,
+        event: &EventEnvelope,
+        envelope: Bytes,
+        subject: &str,
+        key: &str,
+        reason: &str,
+    ) -> Result<(), LogError> {
+        let parked = EventParked {
+            consumer: self.name().to_string(),
+            event_id: event.event_id.clone(),
+            waiting_for: key.to_string(),
+            reason: reason.to_string(),
+            envelope,
+            subject: subject.to_string(),
+            parked_at: Some(now()),
+        };
+        let record = consumer_event(
+            self.name(),
+            &parked,
+            correlation_of(event),
+            Some(&event.event_id),
+        );
+        self.log
+            .commit(Transaction::append(
+                consumer_stream(self.name()),
+                ExpectedVersion::Any,
+                vec![record],
+            ))
+            .await?;
+        tracing::info!(consumer = %self.name(), event_id = %event.event_id,
+            correlation_id = %event.correlation_id, waiting_for = %key, "event parked");
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn dead_letter(
+        &self,
+        event_id: &str,
+        correlation: &str,
+        cause: Option<&str>,
+        envelope: Bytes,
+        subject: &str,
+        deliveries: u64,
+        error: &str,
+    ) -> Result<(), LogError> {
+        let dead = EventDeadLettered {
+            consumer: self.name().to_string(),
+            event_id: event_id.to_string(),
+            error: error.to_string(),
+            envelope,
+            subject: subject.to_string(),
+            deliveries,
+            dead_lettered_at: Some(now()),
+        };
+        let record = consumer_event(self.name(), &dead, correlation, cause);
+        self.log
+            .commit(Transaction::append(
+                consumer_stream(self.name()),
+                ExpectedVersion::Any,
+                vec![record],
+            ))
+            .await?;
+        tracing::error!(consumer = %self.name(), event_id, correlation_id = correlation,
+            %error, deliveries, "event dead-lettered");
+        Ok(())
+    }
+
+    /// Applies one delivered message and answers JetStream (ack or nak).
+    async fn deliver(
+        &self,
+        message: jetstream::Message,
+        decoded: Result<EventEnvelope, prost::DecodeError>,
+    ) -> Result<(), String> {
+        let deliveries = message.info().map_or(1, |i| i.delivered.max(1) as u64);
+        let subject = message.subject.to_string();
+        let event = match decoded {
+            Ok(event) => event,
+            Err(e) => {
+                let sequence = message.info().map_or(0, |i| i.stream_sequence);
+                let id = format!("undecodable-{sequence}");
+                let recorded = self
+                    .dead_letter(
+                        &id,
+                        &id,
+                        None,
+                        message.payload.clone(),
+                        &subject,
+                        deliveries,
+                        &format!("undecodable envelope: {e}"),
+                    )
+                    .await;
+                return self
+                    .answer(message, recorded.map_err(|e| e.to_string()))
+                    .await;
+            }
+        };
+        match self
+            .settle(&event, message.payload.clone(), &subject, deliveries)
+            .await
+        {
+            Settled::Recorded => self.answer(message, Ok(())).await,
+            Settled::NotRecorded(reason) => self.answer(message, Err(reason)).await,
+            Settled::RetryLater(reason) => {
+                tracing::warn!(%reason, deliveries, "event not applied; will be redelivered");
+                message
+                    .ack_with(AckKind::Nak(Some(self.config.retry_delay)))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
         }
     }
-    Ok(())
+
+    /// What becomes of one event (from the bus, or read from its source's
+    /// log in a catch-up): applied, parked or dead-lettered in the log, or
+    /// to be tried again.
+    async fn settle(
+        &self,
+        event: &EventEnvelope,
+        envelope: Bytes,
+        subject: &str,
+        deliveries: u64,
+    ) -> Settled {
+        match self.held_in_log(&event.event_id) {
+            Ok(true) => return Settled::Recorded,
+            Ok(false) => {}
+            Err(e) => return Settled::NotRecorded(e.to_string()),
+        }
+        let applied = apply_event(
+            self.log,
+            self.name(),
+            self.handler,
+            event,
+            self.config.conflict_retries,
+        )
+        .await;
+        match applied {
+            Ok(applied) => {
+                tracing::debug!(?applied, "event applied");
+                self.lot.wake(self.handler.satisfies(event));
+                Settled::Recorded
+            }
+            Err(HandlerError::Waiting { key, reason }) => {
+                match self.park(event, envelope, subject, &key, &reason).await {
+                    Ok(()) => {
+                        // What it waits for may have landed between the
+                        // handler's look and the parking: look once more,
+                        // now that a wake would find it parked.
+                        self.apply_parked_one(&event.event_id).await;
+                        Settled::Recorded
+                    }
+                    Err(e) => Settled::NotRecorded(e.to_string()),
+                }
+            }
+            Err(HandlerError::Retry(reason)) if deliveries < self.config.dead_letter_after => {
+                Settled::RetryLater(reason)
+            }
+            Err(HandlerError::Retry(reason) | HandlerError::Reject(reason)) => {
+                match self
+                    .dead_letter(
+                        &event.event_id,
+                        correlation_of(event),
+                        Some(&event.event_id),
+                        envelope,
+                        subject,
+                        deliveries,
+                        &reason,
+                    )
+                    .await
+                {
+                    Ok(()) => Settled::Recorded,
+                    Err(e) => Settled::NotRecorded(e.to_string()),
+                }
+            }
+        }
+    }
+
+    /// Looks for a gap the bus left (messages dropped before this consumer
+    /// acknowledged them) and, if there is one, applies what the source's
+    /// own log holds past what this consumer has applied (see
+    /// [`crate::catchup`]). `caught_up_to`: the source position a catch-up
+    /// of this session has reached.
+    async fn catch_up_if_gap(
+        &self,
+        stream: &mut jetstream::stream::Stream,
+        consumer: &mut jetstream::consumer::PullConsumer,
+        caught_up_to: &mut u64,
+    ) -> Result<(), String> {
+        let first = stream
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .first_sequence;
+        let ack_floor = consumer
+            .info()
+            .await
+            .map_err(|e| e.to_string())?
+            .ack_floor
+            .stream_sequence;
+        if first <= ack_floor + 1 {
+            return Ok(());
+        }
+        let Some(source) = &self.config.source_log else {
+            tracing::error!(consumer = %self.name(), first_in_stream = first, ack_floor,
+                "the bus dropped messages this consumer never acknowledged, and no source log \
+                 is configured to catch up from (--peer): they are missing");
+            return Ok(());
+        };
+        let applied_through = self
+            .log
+            .consumer_position(self.name())
+            .map_err(|e| e.to_string())?;
+        let mut from = applied_through.max(*caught_up_to) + 1;
+        let mut applied = 0u64;
+        loop {
+            let page = source.0.read_from(from, CATCH_UP_PAGE).await?;
+            let Some(last) = page.last().map(|e| e.global_position) else {
+                break;
+            };
+            for event in &page {
+                if event.source != self.config.source_service {
+                    return Err(format!(
+                        "the source log configured for {} holds {}'s events",
+                        self.config.source_service, event.source
+                    ));
+                }
+                if !wanted(&self.config.filter_subjects, event) {
+                    continue;
+                }
+                let subject =
+                    event_subject(&event.source, &event.event_type, &event.correlation_id);
+                match self
+                    .settle(event, Bytes::from(event.encode_to_vec()), &subject, 1)
+                    .await
+                {
+                    Settled::Recorded => applied += 1,
+                    Settled::NotRecorded(reason) | Settled::RetryLater(reason) => {
+                        return Err(format!(
+                            "catch-up stopped at {}: {reason}",
+                            event.global_position
+                        ));
+                    }
+                }
+            }
+            from = last + 1;
+            *caught_up_to = last;
+        }
+        if applied > 0 {
+            tracing::warn!(consumer = %self.name(), first_in_stream = first, ack_floor, applied,
+                through = *caught_up_to, "caught up from the source's log after a gap in the bus");
+        }
+        Ok(())
+    }
+
+    /// Acks a message whose outcome is recorded in the log; naks it (to be
+    /// delivered again) when recording failed.
+    async fn answer(
+        &self,
+        message: jetstream::Message,
+        recorded: Result<(), String>,
+    ) -> Result<(), String> {
+        match recorded {
+            Ok(()) => message.ack().await.map_err(|e| e.to_string()),
+            Err(reason) => {
+                tracing::warn!(consumer = %self.name(), %reason,
+                    "outcome not recorded; the message will be delivered again");
+                message
+                    .ack_with(AckKind::Nak(Some(self.config.retry_delay)))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Tries the parked event `event_id` again, if it is still parked.
+    async fn apply_parked_one(&self, event_id: &str) {
+        let parked = match self.log.projection_get(&parked_key(self.name(), event_id)) {
+            Ok(Some(bytes)) => EventParked::decode(bytes.as_slice()),
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(consumer = %self.name(), event_id, error = %e, "parked event unreadable now");
+                return;
+            }
+        };
+        match parked {
+            Ok(parked) => self.apply_parked(parked).await,
+            Err(e) => {
+                tracing::error!(consumer = %self.name(), event_id, error = %e, "undecodable parked record")
+            }
+        }
+    }
+
+    /// Tries a parked event again: applied (with the record that it was, in
+    /// the same commit), parked again for something else, left for later,
+    /// or dead-lettered.
+    async fn apply_parked(&self, parked: EventParked) {
+        let event = match EventEnvelope::decode(parked.envelope.as_ref()) {
+            Ok(event) => event,
+            Err(e) => {
+                let _ = self
+                    .dead_letter(
+                        &parked.event_id,
+                        &parked.event_id,
+                        None,
+                        parked.envelope.clone(),
+                        &parked.subject,
+                        0,
+                        &format!("undecodable parked envelope: {e}"),
+                    )
+                    .await;
+                return;
+            }
+        };
+        let applied_record = consumer_event(
+            self.name(),
+            &ParkedEventApplied {
+                consumer: self.name().to_string(),
+                event_id: event.event_id.clone(),
+                applied_at: Some(now()),
+            },
+            correlation_of(&event),
+            Some(&event.event_id),
+        );
+        let outcome = commit_handled(
+            self.log,
+            self.name(),
+            self.handler,
+            &event,
+            self.config.conflict_retries,
+            Some(&applied_record),
+        )
+        .await;
+        let span_fields = (
+            self.name(),
+            event.event_id.as_str(),
+            event.correlation_id.as_str(),
+        );
+        match outcome {
+            Ok(Applied::Committed) => {
+                tracing::info!(consumer = %span_fields.0, event_id = %span_fields.1,
+                    correlation_id = %span_fields.2, "parked event applied");
+                self.lot.wake(self.handler.satisfies(&event));
+            }
+            Ok(Applied::AlreadyProcessed) => {
+                // Applied before (the inbox says so): only the record is left to clear.
+                let cleared = self
+                    .log
+                    .commit(Transaction::append(
+                        consumer_stream(self.name()),
+                        ExpectedVersion::Any,
+                        vec![applied_record],
+                    ))
+                    .await;
+                if let Err(e) = cleared {
+                    tracing::warn!(consumer = %span_fields.0, event_id = %span_fields.1, error = %e,
+                        "parked record of an applied event not cleared yet");
+                }
+            }
+            Err(HandlerError::Waiting { key, reason }) => {
+                if key != parked.waiting_for
+                    && let Err(e) = self
+                        .park(
+                            &event,
+                            parked.envelope.clone(),
+                            &parked.subject,
+                            &key,
+                            &reason,
+                        )
+                        .await
+                {
+                    tracing::warn!(consumer = %span_fields.0, event_id = %span_fields.1, error = %e,
+                        "could not park again");
+                }
+            }
+            Err(HandlerError::Retry(reason)) => {
+                tracing::debug!(consumer = %span_fields.0, event_id = %span_fields.1, %reason,
+                    "parked event not applied yet");
+            }
+            Err(HandlerError::Reject(reason)) => {
+                let _ = self
+                    .dead_letter(
+                        &event.event_id,
+                        correlation_of(&event),
+                        Some(&event.event_id),
+                        parked.envelope.clone(),
+                        &parked.subject,
+                        0,
+                        &reason,
+                    )
+                    .await;
+            }
+        }
+    }
+
+    /// Applies the parked events waiting for any of `keys`.
+    async fn wake(&self, keys: &[String]) -> Result<(), String> {
+        for key in keys {
+            let prefix = waiting_prefix(self.name(), key);
+            let mut pages = self.log.projection_pages(&prefix, SWEEP_PAGE);
+            loop {
+                let page = pages.next_page().map_err(|e| e.to_string())?;
+                if page.is_empty() {
+                    break;
+                }
+                for (waiting, _) in &page {
+                    let event_id = String::from_utf8_lossy(&waiting[prefix.len()..]).into_owned();
+                    self.apply_parked_one(&event_id).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries every parked event of the consumer again (at most
+    /// [`SWEEP_MAX`] a sweep).
+    async fn sweep(&self) -> Result<usize, String> {
+        let mut pages = self
+            .log
+            .projection_pages(&parked_prefix(self.name()), SWEEP_PAGE);
+        let mut tried = 0;
+        while tried < SWEEP_MAX {
+            let page = pages.next_page().map_err(|e| e.to_string())?;
+            if page.is_empty() {
+                break;
+            }
+            for (_, value) in page {
+                match EventParked::decode(value.as_slice()) {
+                    Ok(parked) => self.apply_parked(parked).await,
+                    Err(e) => tracing::error!(consumer = %self.name(), error = %e,
+                        "undecodable parked record"),
+                }
+                tried += 1;
+            }
+        }
+        Ok(tried)
+    }
 }
+
+/// Parked records read per page of a wake or a sweep.
+pub const SWEEP_PAGE: usize = 256;
+/// Parked events tried per sweep; the rest wait for the next.
+pub const SWEEP_MAX: usize = 10_000;
 
 /// Messages asked for per pull request.
 pub const PULL_BATCH: usize = 64;
@@ -222,14 +773,16 @@ async fn next_batch(
 }
 
 /// Starts a durable consumer feeding `handler`, committing into `log`.
+/// `lot` is the log's [`ParkingLot`], shared by all its consumers.
 pub fn spawn_consumer<H: Handler>(
     jetstream: jetstream::Context,
     log: EventLog,
     config: ConsumerConfig,
     handler: H,
+    lot: ParkingLot,
 ) -> ConsumerHandle {
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(run(jetstream, log, config, Arc::new(handler), stopped));
+    let task = tokio::spawn(run(jetstream, log, config, Arc::new(handler), lot, stopped));
     ConsumerHandle { stop, task }
 }
 
@@ -238,21 +791,31 @@ async fn run<H: Handler>(
     log: EventLog,
     config: ConsumerConfig,
     handler: Arc<H>,
-    mut stopped: watch::Receiver<bool>,
+    lot: ParkingLot,
+    stopped: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
     while !*stopped.borrow() {
         // Each session is a task of its own: if it panics, the consumer
         // says so and starts again instead of stopping without a word.
         let session = tokio::spawn({
-            let (jetstream, log, config, handler, mut stopped) = (
+            let (jetstream, log, config, handler, lot, mut stopped) = (
                 jetstream.clone(),
                 log.clone(),
                 config.clone(),
                 handler.clone(),
+                lot.clone(),
                 stopped.clone(),
             );
-            async move { consume(&jetstream, &log, &config, handler.as_ref(), &mut stopped).await }
+            async move {
+                let context = Context {
+                    log: &log,
+                    config: &config,
+                    handler: handler.as_ref(),
+                    lot: &lot,
+                };
+                consume(&jetstream, &context, &mut stopped).await
+            }
         })
         .await
         .unwrap_or_else(|panic| {
@@ -262,6 +825,7 @@ async fn run<H: Handler>(
         if let Err(reason) = session {
             tracing::warn!(consumer = %config.name, %reason, retry_in_ms = backoff.as_millis() as u64,
                 "consumer interrupted");
+            let mut stopped = stopped.clone();
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {},
                 _ = stopped.changed() => {},
@@ -275,19 +839,20 @@ async fn run<H: Handler>(
 
 async fn consume<H: Handler>(
     jetstream: &jetstream::Context,
-    log: &EventLog,
-    config: &ConsumerConfig,
-    handler: &H,
+    context: &Context<'_, H>,
     stopped: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
+    let config = context.config;
+    // Subscribed before anything is applied: no wake is missed after this.
+    let mut wakes = context.lot.subscribe();
     ensure_stream(jetstream, &config.source_service, &config.stream)
         .await
         .map_err(|e| e.to_string())?;
-    let stream = jetstream
+    let mut stream = jetstream
         .get_stream(stream_name(&config.source_service))
         .await
         .map_err(|e| e.to_string())?;
-    let consumer = stream
+    let mut consumer = stream
         .get_or_create_consumer(
             &config.name,
             pull::Config {
@@ -302,6 +867,16 @@ async fn consume<H: Handler>(
         )
         .await
         .map_err(|e| e.to_string())?;
+    // What the bus dropped while this consumer was away comes from the
+    // source's log; then whatever was parked before a restart.
+    let mut caught_up_to = 0;
+    context
+        .catch_up_if_gap(&mut stream, &mut consumer, &mut caught_up_to)
+        .await?;
+    context.sweep().await?;
+    let mut sweep = tokio::time::interval(config.parked_sweep);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweep.tick().await;
     // One pull request at a time, each for a bounded batch that expires:
     // the long-lived `messages()` stream was seen to stop asking for more
     // under load (server: no waiting request, messages delivered to the
@@ -310,6 +885,24 @@ async fn consume<H: Handler>(
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
+            woken = wakes.recv() => {
+                match woken {
+                    Ok(keys) => context.wake(&keys[..]).await?,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::info!(consumer = %config.name, missed, "wakes missed; sweeping parked events");
+                        context.sweep().await?;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {}
+                }
+                continue;
+            }
+            _ = sweep.tick() => {
+                context
+                    .catch_up_if_gap(&mut stream, &mut consumer, &mut caught_up_to)
+                    .await?;
+                context.sweep().await?;
+                continue;
+            }
             _ = stopped.changed() => return Ok(()),
         };
         let message = match next {
@@ -320,27 +913,18 @@ async fn consume<H: Handler>(
                 continue;
             }
         };
-        let event = match EventEnvelope::decode(message.payload.as_ref()) {
-            Ok(event) => event,
-            Err(e) => {
-                tracing::error!(consumer = %config.name, subject = %message.subject, error = %e,
-                    "undecodable envelope; terminating its delivery");
-                message
-                    .ack_with(AckKind::Term)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                continue;
-            }
+        let decoded = EventEnvelope::decode(message.payload.as_ref());
+        let span = match &decoded {
+            Ok(event) => tracing::info_span!("consume", consumer = %config.name,
+                event_id = %event.event_id, event_type = %event.event_type,
+                correlation_id = %event.correlation_id),
+            Err(_) => tracing::info_span!("consume", consumer = %config.name,
+                subject = %message.subject),
         };
-        let span = tracing::info_span!("consume", consumer = %config.name,
-            event_id = %event.event_id, event_type = %event.event_type,
-            correlation_id = %event.correlation_id);
         // The span goes with the future (`instrument`), never entered across
         // an await: a guard held over an await is dropped on another thread,
         // and tracing-subscriber's registry panicked on it, which killed the
         // consumer task silently under load.
-        deliver(log, config, handler, &event, message)
-            .instrument(span)
-            .await?;
+        context.deliver(message, decoded).instrument(span).await?;
     }
 }

@@ -13,16 +13,25 @@
 //! - [`streams`]: stream creation and limits ([`StreamSettings`]).
 //! - [`relay`]: [`OutboxRelay`], log → JetStream.
 //! - [`consumer`]: durable pull consumers, [`Handler`], effectively once.
+//! - [`parking`]: parked events and dead letters, kept in the consumer's log.
+//! - [`catchup`]: reading a source's own log when the bus dropped what a
+//!   consumer missed.
+//! - [`admin`]: `lineguard.bus.v1.Consumers`, listing and retrying them.
 
+pub mod admin;
+pub mod catchup;
 pub mod consumer;
+pub mod parking;
 pub mod relay;
 pub mod streams;
 pub mod subjects;
 
+pub use catchup::{SourceLog, SourceLogHandle};
 pub use consumer::{
     Applied, ConsumerConfig, ConsumerHandle, Handled, Handler, HandlerError, apply_event,
     spawn_consumer,
 };
+pub use parking::{ParkingLot, ParkingProjector, with_parking_events};
 pub use relay::{Mirror, OutboxRelay, RelayConfig};
 pub use streams::{StreamSettings, ensure_stream};
 

@@ -16,6 +16,8 @@ pub struct StreamSettings {
     pub max_bytes: i64,
     /// Messages older than this are dropped.
     pub max_age: Duration,
+    /// Oldest messages are dropped past this many (-1: no limit).
+    pub max_messages: i64,
     /// How long JetStream remembers a `Nats-Msg-Id` to drop a re-publish.
     pub duplicate_window: Duration,
 }
@@ -27,6 +29,7 @@ impl Default for StreamSettings {
             // (20 GB in deploy/nats-server.conf): four services at 2 GiB fit.
             max_bytes: 2 * 1024 * 1024 * 1024,
             max_age: Duration::from_secs(14 * 24 * 3600),
+            max_messages: -1,
             duplicate_window: Duration::from_secs(15 * 60),
         }
     }
@@ -47,6 +50,7 @@ pub async fn ensure_stream(
         discard: stream::DiscardPolicy::Old,
         max_bytes: settings.max_bytes,
         max_age: settings.max_age,
+        max_messages: settings.max_messages,
         duplicate_window: settings.duplicate_window,
         num_replicas: 1,
         ..stream::Config::default()

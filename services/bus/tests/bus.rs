@@ -1,38 +1,26 @@
 //! The bus against a real nats-server of the test's own: the outbox survives
 //! NATS outages and relay crashes; consumers apply each event once.
 
+mod common;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, message::PublishMessage};
-use bytes::Bytes;
+use common::{event, wait_until};
 use futures::StreamExt;
 use lineguard_bus::{
     Applied, ConsumerConfig, Handled, Handler, HandlerError, OutboxRelay, RelayConfig, apply_event,
     spawn_consumer, subjects,
 };
 use lineguard_eventlog::{
-    ActorKind, EventEnvelope, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent,
-    Transaction, actor,
+    EventEnvelope, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent, Transaction,
 };
 use lineguard_harness::NatsServer;
 use prost::Message;
 
 const REPORTED: &str = "lineguard.test.v1.Reported";
 const ROUTED: &str = "lineguard.test.v1.Routed";
-
-fn event(event_type: &str, correlation: &str) -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        event_type: event_type.into(),
-        schema_version: 1,
-        payload: Bytes::from_static(b"payload"),
-        correlation_id: correlation.into(),
-        causation_id: String::new(),
-        actor: actor(ActorKind::System, "test"),
-        publish: true,
-    }
-}
 
 fn open_log(dir: &std::path::Path, service: &str) -> EventLog {
     EventLog::open(
@@ -68,17 +56,6 @@ async fn report(log: &EventLog, n: usize, offset: usize) {
         ))
         .await
         .expect("commit");
-    }
-}
-
-async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -242,6 +219,7 @@ async fn a_redelivered_message_is_not_applied_twice() {
         ConsumerConfig::new("routing-intake", "intake")
             .filtered(vec![subjects::event_type_filter("intake", REPORTED)]),
         RouteEverything,
+        lineguard_bus::ParkingLot::new(),
     );
     wait_until("20 routes", Duration::from_secs(30), || {
         routing.head() >= 20

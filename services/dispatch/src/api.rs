@@ -1,6 +1,7 @@
 //! The `lineguard.dispatch.v1.Dispatch` gRPC service.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use lineguard_eventlog::ReadDirection;
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::orders::Dispatcher;
 use crate::projection::crew_stream;
 use crate::validate;
+use crate::watch::Watchers;
 
 /// Actions one `SubmitActions` call may carry.
 pub const MAX_ACTIONS_PER_BATCH: usize = 500;
@@ -24,11 +26,23 @@ pub const MAX_ACTIONS_PER_BATCH: usize = 500;
 /// Serves dispatch over its [`Dispatcher`].
 pub struct DispatchService {
     dispatcher: Dispatcher,
+    watchers: Arc<Watchers>,
 }
 
 impl DispatchService {
+    /// The service, with its crews' watch notifier running (call within a
+    /// tokio runtime).
     pub fn new(dispatcher: Dispatcher) -> Self {
-        DispatchService { dispatcher }
+        let watchers = Watchers::start(dispatcher.log().clone());
+        DispatchService {
+            dispatcher,
+            watchers,
+        }
+    }
+
+    /// The live watches (for tests and status).
+    pub fn watchers(&self) -> Arc<Watchers> {
+        self.watchers.clone()
     }
 
     pub fn server(self) -> DispatchServer<DispatchService> {
@@ -36,7 +50,7 @@ impl DispatchService {
     }
 
     async fn act(&self, action: Action) -> Result<Response<WorkOrderView>, Status> {
-        self.dispatcher.act(&action).await.map(Response::new)
+        self.dispatcher.act(&action, false).await.map(Response::new)
     }
 }
 
@@ -52,25 +66,37 @@ impl Dispatch for DispatchService {
     ) -> Result<Response<CrewEvents>, Status> {
         let req = request.into_inner();
         validate::id("crew_id", &req.crew_id)?;
-        if !self.dispatcher.crew_known(&req.crew_id)? {
-            return Err(Status::not_found(format!("crew {} not found", req.crew_id)));
+        if !req.device_id.is_empty() {
+            validate::id("device_id", &req.device_id)?;
         }
-        let log = self.dispatcher.log();
-        // A crew with no event yet has no stream: its last sequence is 0.
-        let last = match log.read_stream(&crew_stream(&req.crew_id), 0, ReadDirection::Backward, 1)
-        {
-            Ok(slice) => slice.stream_version,
-            Err(lineguard_eventlog::Error::StreamNotFound { .. }) => 0,
-            Err(e) => return Err(e.into()),
-        };
+        let (dispatcher, crew_id) = (self.dispatcher.clone(), req.crew_id.clone());
+        let last = lineguard_eventlog::blocking(move || {
+            if !dispatcher.crew_known(&crew_id)? {
+                return Err(Status::not_found(format!("crew {crew_id} not found")));
+            }
+            // A crew with no event yet has no stream: its last sequence is 0.
+            match dispatcher.log().read_stream(
+                &crew_stream(&crew_id),
+                0,
+                ReadDirection::Backward,
+                1,
+            ) {
+                Ok(slice) => Ok(slice.stream_version),
+                Err(lineguard_eventlog::Error::StreamNotFound { .. }) => Ok(0),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
         if req.after_sequence > last {
             return Err(Status::out_of_range(format!(
                 "after_sequence {} is past crew {}'s last sequence {last}",
                 req.after_sequence, req.crew_id
             )));
         }
-        tracing::info!(crew_id = %req.crew_id, after_sequence = req.after_sequence, last, "crew watching");
-        let events = crate::watch::follow(log.clone(), req.crew_id, req.after_sequence);
+        let registration = self.watchers.register(&req.crew_id, &req.device_id)?;
+        tracing::info!(crew_id = %req.crew_id, device_id = %req.device_id,
+            after_sequence = req.after_sequence, last, "crew watching");
+        let events = self.watchers.follow(registration, req.after_sequence);
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 
@@ -140,7 +166,7 @@ impl Dispatch for DispatchService {
         let mut outcomes = Vec::with_capacity(actions.len());
         for (_, _, action) in actions {
             let action_id = validate::action(&action)?.action_id.clone();
-            match self.dispatcher.act(&action).await {
+            match self.dispatcher.act(&action, true).await {
                 Ok(order) => outcomes.push(ActionOutcome {
                     action_id,
                     code: "OK".into(),

@@ -20,8 +20,11 @@ use tonic::Status;
 use crate::orders::Dispatcher;
 use crate::projection::crew_stream;
 
-/// Due timers acted on per call (the rest wait for the next tick).
+/// Due timers read per page, and fired per call (the rest wait for the
+/// next tick).
 pub const SCAN_BATCH: usize = 256;
+/// Due timers looked at per call; one that cannot fire now is passed over.
+pub const SCAN_LOOK_AT: usize = 64 * SCAN_BATCH;
 
 pub const ARRIVAL: &str = "arrival";
 pub const RESTORATION: &str = "restoration";
@@ -29,7 +32,10 @@ pub const RESTORATION: &str = "restoration";
 /// Fires the timers due at `now` (at most [`SCAN_BATCH`]); returns how many fired.
 pub async fn fire_due(dispatcher: &Dispatcher, now: &Timestamp) -> Result<usize, Status> {
     let mut fired = 0;
-    for (key, value) in timers::due(dispatcher.log(), now, SCAN_BATCH).map_err(Status::from)? {
+    let mut due = timers::DueTimers::new(dispatcher.log(), now, SCAN_BATCH, SCAN_LOOK_AT);
+    while fired < SCAN_BATCH
+        && let Some((key, value)) = due.next_timer().map_err(Status::from)?
+    {
         let timer = DispatchTimer::decode(value.as_slice())
             .map_err(|e| Status::data_loss(format!("undecodable timer: {e}")))?;
         if fire(dispatcher, &key, &timer, now).await? {
@@ -105,7 +111,7 @@ pub fn spawn(dispatcher: Dispatcher, tick: Duration) -> Periodic {
     Periodic::spawn("dispatch-clocks", tick, move || {
         let dispatcher = dispatcher.clone();
         async move {
-            let now = Timestamp::from(std::time::SystemTime::now());
+            let now = dispatcher.now();
             fire_due(&dispatcher, &now).await
         }
     })

@@ -55,6 +55,18 @@ impl Handler for RoutingEvents {
         }
         if t == TicketRouted::full_name() {
             let e: TicketRouted = decode_payload(event).map_err(HandlerError::Reject)?;
+            // Routing's event can overtake intake's on the bus: the order
+            // needs the ticket (the crew hears who called), so the route is
+            // parked until intake's report is applied.
+            if e.field_work
+                && !e.crew_id.is_empty()
+                && !self.0.ticket_known(&e.lead_ticket_id).map_err(failed)?
+            {
+                return Err(HandlerError::Waiting {
+                    key: ticket_key(&e.lead_ticket_id),
+                    reason: format!("ticket {} not yet heard of from intake", e.lead_ticket_id),
+                });
+            }
             return self
                 .0
                 .routed(&e, &event.event_id)
@@ -75,10 +87,24 @@ impl Handler for RoutingEvents {
     }
 }
 
+/// What a parked route waits for: intake's report of its lead ticket.
+pub fn ticket_key(ticket_id: &str) -> String {
+    format!("ticket:{ticket_id}")
+}
+
 /// Notes tickets (channels, incidents) and urges.
 pub struct IntakeEvents(pub Dispatcher);
 
 impl Handler for IntakeEvents {
+    fn satisfies(&self, event: &EventEnvelope) -> Vec<String> {
+        if event.event_type != TicketReported::full_name() {
+            return Vec::new();
+        }
+        decode_payload::<TicketReported>(event)
+            .map(|e| vec![ticket_key(&e.ticket_id)])
+            .unwrap_or_default()
+    }
+
     async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
         let t = event.event_type.as_str();
         if t == TicketReported::full_name() {

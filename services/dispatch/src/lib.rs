@@ -11,6 +11,7 @@
 //! - [`watch`]: `WatchDispatches`, a crew's sequence from a number on, then live.
 //! - [`orders`]: [`Dispatcher`](orders::Dispatcher): orders from routes, crew actions.
 //! - [`consumers`]: routing's and intake's events in.
+//! - [`device_clock`]: how far a phone's clock is believed (`judged_at`).
 //! - [`clocks`]: arrival and restoration warnings and breaches, durable, once each.
 //! - [`validate`]: field-level checks of crew actions.
 //! - [`projection`]: [`DispatchProjector`](projection::DispatchProjector), the views.
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod clocks;
 pub mod consumers;
+pub mod device_clock;
 pub mod orders;
 pub mod projection;
 pub mod validate;
@@ -25,9 +27,10 @@ pub mod watch;
 
 use lineguard_eventlog::EventTypes;
 use lineguard_protos::dispatch::v1::{
-    ClockAlerted, CrewArrived, CrewDeparted, CrewNoted, CustomerNotificationRequested,
-    CustomerUrged, EtrUpdated, IncidentGrew, NoteAdded, OrderAcknowledged, OrderAssigned,
-    OrderReturned, OrderWithdrawn, PowerRestored, TicketNoted, WorkCompleted,
+    CaseClosedNoted, ClockAlerted, CrewArrived, CrewDeparted, CrewNoted,
+    CustomerNotificationRequested, CustomerUrged, EtrUpdated, IncidentGrew, NoteAdded,
+    OrderAcknowledged, OrderAssigned, OrderReturned, OrderWithdrawn, PowerRestored, TicketNoted,
+    WorkCompleted,
 };
 
 /// The service's name: its log's `source`, its stream `LINEGUARD_DISPATCH`.
@@ -36,6 +39,7 @@ pub const SERVICE: &str = "dispatch";
 /// The events dispatch writes.
 pub fn event_types() -> EventTypes {
     EventTypes::new()
+        .with::<CaseClosedNoted>(1)
         .with::<CrewNoted>(1)
         .with::<TicketNoted>(1)
         .with::<OrderAssigned>(1)

@@ -22,6 +22,10 @@ struct Args {
     /// How often due clock timers (arrival, restoration) are looked for.
     #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     timer_tick: Duration,
+    /// How far a live crew action's device time may be from its receipt
+    /// before it is bounded (see the dispatch crate's `device_clock`).
+    #[arg(long, env = "LINEGUARD_DEVICE_CLOCK_SKEW", default_value = "2m", value_parser = parse_duration)]
+    device_clock_skew: Duration,
 }
 
 #[tokio::main]
@@ -39,8 +43,11 @@ async fn main() -> ExitCode {
         }),
     };
     let tick = args.timer_tick;
+    let skew = args.device_clock_skew;
     lineguard_runtime::run(spec, args.common, async move |host| {
-        let dispatcher = Dispatcher::new(host.log.clone());
+        let dispatcher = Dispatcher::new(host.log.clone())
+            .with_device_skew(skew)
+            .with_calendar(host.calendar.clone());
         host.add_consumer(
             ConsumerConfig::new(consumers::FROM_ROUTING, "routing")
                 .filtered(consumers::routing_subjects()),

@@ -9,24 +9,28 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use lineguard_eventlog::clock::Clock;
 use lineguard_eventlog::{
     Actor, ActorKind, CommitOutcome, Error as LogError, EventLog, ExpectedVersion, Idempotency,
     NewEvent, Transaction, actor,
 };
 use lineguard_protos::dispatch::v1::{
-    CoveredTicket, CrewArrived, CrewDeparted, CrewNoted, CustomerNotificationRequested,
-    CustomerUrged, EtrUpdated, IncidentGrew, NoteAdded, NotificationMedium, OrderAcknowledged,
-    OrderAssigned, OrderReturned, OrderStatus, OrderWithdrawn, PowerRestored, TicketNoted,
-    WorkCompleted, WorkOrderView, crew_action::Action,
+    CaseClosedNoted, CoveredTicket, CrewArrived, CrewDeparted, CrewNoted,
+    CustomerNotificationRequested, CustomerUrged, EtrUpdated, IncidentGrew, NoteAdded,
+    NotificationMedium, OrderAcknowledged, OrderAssigned, OrderReturned, OrderStatus,
+    OrderWithdrawn, PowerRestored, TicketNoted, WorkCompleted, WorkOrderView, crew_action::Action,
 };
 use lineguard_protos::intake::v1::{Channel, TicketReported, TicketUrged};
 use lineguard_protos::routing::v1::{Crew, TicketRouted, TicketRoutingClosed};
+use lineguard_runtime::calendar::Calendar;
 use lineguard_runtime::locks::StripedLocks;
 use prost::Message;
 use prost_types::Timestamp;
 use tonic::Status;
 
-use crate::projection::{crew_key, crew_stream, incident_tickets_prefix, order_key, ticket_key};
+use crate::projection::{
+    closed_key, crew_key, crew_stream, incident_tickets_prefix, order_key, ticket_key,
+};
 
 /// Longest free text of an action (notes, cause, result), in characters.
 pub const MAX_TEXT_CHARS: usize = 2_000;
@@ -46,14 +50,17 @@ pub type Hold = Vec<tokio::sync::OwnedMutexGuard<()>>;
 pub struct Dispatcher {
     log: EventLog,
     locks: Arc<StripedLocks>,
+    /// How far a live action's device time may be from its receipt (see
+    /// [`crate::device_clock`]).
+    device_skew: std::time::Duration,
+    /// The working calendar restoration limits in working days count by.
+    calendar: Arc<Calendar>,
+    /// Where dispatch reads the time (the process clock but in tests).
+    clock: Clock,
 }
 
 fn system() -> Actor {
     actor(ActorKind::System, "dispatch")
-}
-
-fn now() -> Timestamp {
-    Timestamp::from(std::time::SystemTime::now())
 }
 
 use lineguard_eventlog::timers::nanos;
@@ -82,7 +89,33 @@ impl Dispatcher {
         Dispatcher {
             log,
             locks: Arc::new(StripedLocks::new(1024)),
+            device_skew: crate::device_clock::DEFAULT_SKEW,
+            calendar: Arc::new(Calendar::default()),
+            clock: Clock::process(),
         }
+    }
+
+    /// The same dispatcher, reading the time from `clock`.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The current time by dispatch's clock.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// The same dispatcher, counting working days by `calendar`.
+    pub fn with_calendar(mut self, calendar: Arc<Calendar>) -> Self {
+        self.calendar = calendar;
+        self
+    }
+
+    /// The same dispatcher, accepting device times within `skew` of receipt.
+    pub fn with_device_skew(mut self, skew: std::time::Duration) -> Self {
+        self.device_skew = skew;
+        self
     }
 
     /// Holds the order's lock: decisions about one order, one at a time.
@@ -107,6 +140,31 @@ impl Dispatcher {
     /// An order's view.
     pub fn order(&self, order_id: &str) -> Result<Option<WorkOrderView>, Status> {
         self.get(&order_key(order_id))
+    }
+
+    /// The last hop routing closed `case` at, as dispatch heard of it.
+    fn closed_at_hop(&self, case: &str) -> Result<Option<u32>, Status> {
+        let Some(bytes) = self
+            .log
+            .projection_get(&closed_key(case))
+            .map_err(Status::from)?
+        else {
+            return Ok(None);
+        };
+        let hop: [u8; 4] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| Status::data_loss(format!("undecodable closed hop of {case}")))?;
+        Ok(Some(u32::from_be_bytes(hop)))
+    }
+
+    /// Whether dispatch has heard of this ticket from intake.
+    pub fn ticket_known(&self, ticket_id: &str) -> Result<bool, Status> {
+        Ok(self
+            .log
+            .projection_get(&ticket_key(ticket_id))
+            .map_err(Status::from)?
+            .is_some())
     }
 
     /// Whether routing's directory (as dispatch heard of it) has this crew.
@@ -169,6 +227,34 @@ impl Dispatcher {
         let order_id = routed.case_id.as_str();
         let hold = self.locks.lock_owned(&[order_id.to_string()]).await;
         let existing = self.order(order_id)?;
+        // The bus may deliver routing's events out of order: a route of a
+        // hop the order has already passed, or of a hop routing has since
+        // closed, changes nothing (a closed case comes back only through a
+        // reopen, which is a newer hop).
+        if let Some(o) = &existing
+            && routed.hop <= o.hop
+        {
+            tracing::info!(
+                order_id,
+                correlation_id = order_id,
+                hop = routed.hop,
+                order_hop = o.hop,
+                "route of an older hop ignored"
+            );
+            return Ok(None);
+        }
+        if let Some(closed) = self.closed_at_hop(order_id)?
+            && routed.hop <= closed
+        {
+            tracing::info!(
+                order_id,
+                correlation_id = order_id,
+                hop = routed.hop,
+                closed_hop = closed,
+                "route of a closed hop ignored"
+            );
+            return Ok(None);
+        }
         if routed.crew_id.is_empty() {
             tracing::warn!(
                 order_id,
@@ -190,7 +276,7 @@ impl Dispatcher {
                     "moved to line {} ({}), crew {}",
                     routed.line, routed.assignee_id, routed.crew_id
                 ),
-                withdrawn_at: Some(now()),
+                withdrawn_at: Some(self.now()),
             };
             let stream = crew_stream(&o.crew_id);
             events.push((
@@ -217,11 +303,9 @@ impl Dispatcher {
                 .iter()
                 .find(|d| d.clock == "arrival")
                 .and_then(|d| d.due_at);
-            let restoration_limit_seconds = routed
-                .limits
-                .iter()
-                .find(|l| l.clock == "restoration")
-                .map_or(0, |l| l.seconds.max(u64::from(l.working_days) * 86_400));
+            let restoration = routed.limits.iter().find(|l| l.clock == "restoration");
+            let restoration_limit_seconds = restoration.map_or(0, |l| l.seconds);
+            let restoration_limit_working_days = restoration.map_or(0, |l| l.working_days);
             let assigned = OrderAssigned {
                 order_id: order_id.to_string(),
                 crew_id: routed.crew_id.clone(),
@@ -233,9 +317,10 @@ impl Dispatcher {
                 hop: routed.hop,
                 tickets,
                 reported_at: routed.reported_at,
-                assigned_at: Some(now()),
+                assigned_at: Some(self.now()),
                 arrival_due_at,
                 restoration_limit_seconds,
+                restoration_limit_working_days,
                 policy_version: routed.policy_version.clone(),
                 warn_at_percent: routed.warn_at_percent.clone(),
             };
@@ -256,21 +341,44 @@ impl Dispatcher {
     ) -> Result<Option<(Transaction, Hold)>, Status> {
         let order_id = closed.case_id.as_str();
         let hold = self.locks.lock_owned(&[order_id.to_string()]).await;
-        let Some(o) = self.order(order_id)?.filter(|o| is_active(o.status())) else {
+        let order = self.order(order_id)?;
+        // A closing of a hop older than the order's is about work already
+        // moved on (delivered late): the newer hop's order stands.
+        if let Some(o) = &order
+            && closed.hop != 0
+            && closed.hop < o.hop
+        {
             return Ok(None);
-        };
-        let withdrawn = OrderWithdrawn {
-            order_id: order_id.to_string(),
-            crew_id: o.crew_id.clone(),
-            reason: closed.reason.clone(),
-            withdrawn_at: Some(now()),
-        };
-        let txn = Transaction::append(
-            crew_stream(&o.crew_id),
-            ExpectedVersion::Any,
-            vec![NewEvent::new(&withdrawn, order_id, system()).caused_by(cause)],
-        );
-        Ok(Some((txn, hold)))
+        }
+        let mut events = Vec::with_capacity(2);
+        if closed.hop != 0 {
+            let noted = CaseClosedNoted {
+                case_id: order_id.to_string(),
+                hop: closed.hop,
+            };
+            events.push((
+                order_id.to_string(),
+                NewEvent::new(&noted, order_id, system())
+                    .caused_by(cause)
+                    .unpublished(),
+            ));
+        }
+        if let Some(o) = order.filter(|o| is_active(o.status())) {
+            let withdrawn = OrderWithdrawn {
+                order_id: order_id.to_string(),
+                crew_id: o.crew_id.clone(),
+                reason: closed.reason.clone(),
+                withdrawn_at: Some(self.now()),
+            };
+            events.push((
+                crew_stream(&o.crew_id),
+                NewEvent::new(&withdrawn, order_id, system()).caused_by(cause),
+            ));
+        }
+        if events.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((transaction(events), hold)))
     }
 
     /// A ticket intake took in: noted (channel, account, incident); a child
@@ -352,7 +460,9 @@ impl Dispatcher {
 
     /// Applies one crew action: checks who may do what when, commits its
     /// events with the action's idempotency record, answers with the order.
-    pub async fn act(&self, action: &Action) -> Result<WorkOrderView, Status> {
+    /// `offline`: the action comes in a batch queued on the phone (its
+    /// device time may be older than the skew; see [`crate::device_clock`]).
+    pub async fn act(&self, action: &Action, offline: bool) -> Result<WorkOrderView, Status> {
         let header = crate::validate::action(action)?;
         let key = format!("action:{}:{}", header.crew_id, header.action_id);
         let fingerprint = action_fingerprint(action);
@@ -388,7 +498,21 @@ impl Dispatcher {
                 header.crew_id
             )));
         }
-        let (events, view) = decide(&order, action, header)?;
+        let judged = crate::device_clock::judge(
+            &header.device_time.unwrap_or_default(),
+            &self.now(),
+            &crate::device_clock::Bounds {
+                assigned_at: order.assigned_at,
+                previous: order.last_judged_at.or(order.last_device_time),
+            },
+            offline,
+            self.device_skew,
+        );
+        if judged.adjusted {
+            tracing::warn!(order_id, correlation_id = order_id, crew_id = %header.crew_id,
+                action_id = %header.action_id, "device clock outside the accepted skew; time adjusted");
+        }
+        let (events, view) = decide(&order, action, header, &judged, &self.calendar)?;
         let txn = Transaction::append(order_id, ExpectedVersion::Any, events).idempotent(
             Idempotency::new(key, &fingerprint, Bytes::from(view.encode_to_vec())),
         );
@@ -448,6 +572,8 @@ fn decide(
     order: &WorkOrderView,
     action: &Action,
     header: &lineguard_protos::dispatch::v1::ActionHeader,
+    judged: &crate::device_clock::Judged,
+    calendar: &Calendar,
 ) -> Result<(Vec<NewEvent>, WorkOrderView), Status> {
     use OrderStatus as S;
     let who = actor(ActorKind::Crew, &header.crew_id);
@@ -455,9 +581,13 @@ fn decide(
     let crew_id = header.crew_id.clone();
     let action_id = header.action_id.clone();
     let device_time = header.device_time;
+    let received_at = Some(judged.received_at);
+    let judged_at = Some(judged.judged_at);
+    let device_clock_adjusted = judged.adjusted;
     let status = order.status();
     let mut view = order.clone();
     view.last_device_time = device_time;
+    view.last_judged_at = judged_at;
     let mut events = Vec::new();
     match action {
         Action::Acknowledge(_) => {
@@ -465,14 +595,17 @@ fn decide(
                 return Err(precondition(order, "it was already acknowledged"));
             }
             view.status = S::Acknowledged as i32;
-            view.acknowledged_at = device_time;
+            view.acknowledged_at = judged_at;
             events.push(NewEvent::new(
                 &OrderAcknowledged {
                     order_id: order_id.clone(),
                     crew_id,
                     action_id,
                     device_time,
-                    recorded_at: Some(now()),
+                    received_at,
+                    judged_at,
+                    device_clock_adjusted,
+                    recorded_at: received_at,
                 },
                 &order_id,
                 who,
@@ -485,13 +618,16 @@ fn decide(
                 _ => return Err(precondition(order, "the crew has already departed")),
             }
             view.status = S::EnRoute as i32;
-            view.departed_at = device_time;
+            view.departed_at = judged_at;
             events.push(NewEvent::new(
                 &CrewDeparted {
                     order_id: order_id.clone(),
                     crew_id,
                     action_id,
                     device_time,
+                    received_at,
+                    judged_at,
+                    device_clock_adjusted,
                 },
                 &order_id,
                 who,
@@ -503,20 +639,38 @@ fn decide(
                 S::Assigned => return Err(precondition(order, "arriving before acknowledging")),
                 _ => return Err(precondition(order, "the crew has already arrived")),
             }
-            let on_time = match (&order.arrival_due_at, &device_time) {
+            let on_time = match (&order.arrival_due_at, &judged_at) {
                 (Some(due), Some(at)) => nanos(at) <= nanos(due),
                 _ => true,
             };
             view.status = S::OnSite as i32;
-            view.arrived_at = device_time;
+            view.arrived_at = judged_at;
+            let restoration_due_at = if order.restoration_limit_working_days > 0 {
+                Some(
+                    calendar
+                        .add_working_days(&judged.judged_at, order.restoration_limit_working_days),
+                )
+            } else if order.restoration_limit_seconds > 0 {
+                Some(Timestamp {
+                    seconds: judged.judged_at.seconds + order.restoration_limit_seconds as i64,
+                    nanos: judged.judged_at.nanos,
+                })
+            } else {
+                None
+            };
+            view.restoration_due_at = restoration_due_at;
             events.push(NewEvent::new(
                 &CrewArrived {
                     order_id: order_id.clone(),
                     crew_id,
                     action_id,
                     device_time,
+                    received_at,
+                    judged_at,
+                    device_clock_adjusted,
                     position: a.position,
                     on_time,
+                    restoration_due_at,
                 },
                 &order_id,
                 who,
@@ -536,6 +690,9 @@ fn decide(
                     crew_id,
                     action_id,
                     device_time,
+                    received_at,
+                    judged_at,
+                    device_clock_adjusted,
                     estimated_restoration: u.estimated_restoration,
                 },
                 &order_id,
@@ -546,12 +703,12 @@ fn decide(
             if status != S::OnSite {
                 return Err(precondition(order, "restoring before arriving"));
             }
-            let on_time = match (&order.restoration_due_at, &device_time) {
+            let on_time = match (&order.restoration_due_at, &judged_at) {
                 (Some(due), Some(at)) => nanos(at) <= nanos(due),
                 _ => true,
             };
             view.status = S::Restored as i32;
-            view.restored_at = device_time;
+            view.restored_at = judged_at;
             let ticket_ids = order.tickets.iter().map(|t| t.ticket_id.clone()).collect();
             events.push(NewEvent::new(
                 &PowerRestored {
@@ -559,6 +716,9 @@ fn decide(
                     crew_id,
                     action_id,
                     device_time,
+                    received_at,
+                    judged_at,
+                    device_clock_adjusted,
                     on_time,
                     ticket_ids,
                 },
@@ -572,7 +732,7 @@ fn decide(
                 return Err(precondition(order, "completing before arriving"));
             }
             view.status = S::Completed as i32;
-            view.completed_at = device_time;
+            view.completed_at = judged_at;
             let ticket_ids = order.tickets.iter().map(|t| t.ticket_id.clone()).collect();
             events.push(NewEvent::new(
                 &WorkCompleted {
@@ -580,6 +740,9 @@ fn decide(
                     crew_id,
                     action_id,
                     device_time,
+                    received_at,
+                    judged_at,
+                    device_clock_adjusted,
                     cause: c.cause.clone(),
                     result: c.result.clone(),
                     parts_used: c.parts_used.clone(),
@@ -602,6 +765,9 @@ fn decide(
                     crew_id,
                     action_id,
                     device_time,
+                    received_at,
+                    judged_at,
+                    device_clock_adjusted,
                     reason: r.reason.clone(),
                     correct_district_id: r.correct_district_id.clone(),
                     note: r.note.clone(),
@@ -617,6 +783,9 @@ fn decide(
                     crew_id,
                     action_id,
                     device_time,
+                    received_at,
+                    judged_at,
+                    device_clock_adjusted,
                     text: n.text.clone(),
                 },
                 &order_id,

@@ -6,6 +6,7 @@
 //! | `ticket/<ticket id>` | [`TicketNoted`]: channel, account, incident |
 //! | `incident-ticket/<incident id>/<ticket id>` | empty: an incident's tickets |
 //! | `crew/<crew id>` | [`CrewNoted`]: the crews routing's directory knows |
+//! | `closed/<case id>` | the last hop routing closed the case at (`CaseClosedNoted`), 4 bytes BE |
 //! | `timer/…`, `timers-of/<order id>` | [`DispatchTimer`]s, see [`lineguard_eventlog::timers`] |
 //!
 //! A crew's sequence is not a projection: it is the version of the crew's
@@ -16,10 +17,10 @@ use lineguard_eventlog::timers::OwnerTimers;
 use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, StoredEvent, decode_payload};
 use lineguard_protos::dispatch::v1::DispatchTimer;
 use lineguard_protos::dispatch::v1::{
-    ClockAlerted, CrewArrived, CrewDeparted, CrewNoted, CustomerNotificationRequested,
-    CustomerUrged, EtrUpdated, IncidentGrew, NoteAdded, OrderAcknowledged, OrderAssigned,
-    OrderReturned, OrderStatus, OrderWithdrawn, PowerRestored, TicketNoted, WorkCompleted,
-    WorkOrderView,
+    CaseClosedNoted, ClockAlerted, CrewArrived, CrewDeparted, CrewNoted,
+    CustomerNotificationRequested, CustomerUrged, EtrUpdated, IncidentGrew, JudgedTime, NoteAdded,
+    OrderAcknowledged, OrderAssigned, OrderReturned, OrderStatus, OrderWithdrawn, PowerRestored,
+    TicketNoted, WorkCompleted, WorkOrderView,
 };
 use prost::{Message, Name};
 use prost_types::Timestamp;
@@ -36,6 +37,9 @@ pub fn ticket_key(ticket: &str) -> Vec<u8> {
 }
 pub fn crew_key(crew: &str) -> Vec<u8> {
     format!("crew/{crew}").into_bytes()
+}
+pub fn closed_key(case: &str) -> Vec<u8> {
+    format!("closed/{case}").into_bytes()
 }
 pub fn incident_tickets_prefix(incident: &str) -> Vec<u8> {
     format!("incident-ticket/{incident}/").into_bytes()
@@ -104,15 +108,6 @@ pub fn crew_subject(event: &StoredEvent) -> Option<String> {
     Some(format!("lineguard.crew.{crew}.{short}"))
 }
 
-fn load<M: Message + Default>(view: &ProjectionView<'_>, key: &[u8]) -> Result<Option<M>, String> {
-    match view.get(key).map_err(|e| e.to_string())? {
-        Some(bytes) => M::decode(bytes.as_slice())
-            .map(Some)
-            .map_err(|e| e.to_string()),
-        None => Ok(None),
-    }
-}
-
 /// Applies `change` to an order's view (which must exist).
 fn update(
     view: &mut ProjectionView<'_>,
@@ -120,8 +115,9 @@ fn update(
     event: &EventEnvelope,
     change: impl FnOnce(&mut WorkOrderView),
 ) -> Result<(), String> {
-    let mut o: WorkOrderView =
-        load(view, &order_key(order))?.ok_or_else(|| format!("unknown order {order}"))?;
+    let mut o: WorkOrderView = view
+        .get_message(&order_key(order))?
+        .ok_or_else(|| format!("unknown order {order}"))?;
     change(&mut o);
     o.version = o.version.max(event.global_position);
     view.put(order_key(order), o.encode_to_vec());
@@ -135,12 +131,17 @@ impl Projector for DispatchProjector {
 
     fn version(&self) -> u32 {
         // 2: timers moved to the event log's shared timer table.
-        2
+        // 3: closed cases remembered by hop.
+        // 4: crew actions count at their judged time (device clocks bounded).
+        4
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
         let t = event.event_type.as_str();
-        if t == CrewNoted::full_name() {
+        if t == CaseClosedNoted::full_name() {
+            let e: CaseClosedNoted = decode_payload(event)?;
+            view.put(closed_key(&e.case_id), e.hop.to_be_bytes().to_vec());
+        } else if t == CrewNoted::full_name() {
             let e: CrewNoted = decode_payload(event)?;
             view.put(crew_key(&e.crew_id), e.encode_to_vec());
         } else if t == TicketNoted::full_name() {
@@ -154,7 +155,7 @@ impl Projector for DispatchProjector {
             view.put(ticket_key(&ticket.ticket_id), e.encode_to_vec());
         } else if t == OrderAssigned::full_name() {
             let e: OrderAssigned = decode_payload(event)?;
-            let previous: Option<WorkOrderView> = load(view, &order_key(&e.order_id))?;
+            let previous: Option<WorkOrderView> = view.get_message(&order_key(&e.order_id))?;
             let o = WorkOrderView {
                 order_id: e.order_id.clone(),
                 incident_id: e.incident_id,
@@ -170,6 +171,7 @@ impl Projector for DispatchProjector {
                 assigned_at: e.assigned_at,
                 arrival_due_at: e.arrival_due_at,
                 restoration_limit_seconds: e.restoration_limit_seconds,
+                restoration_limit_working_days: e.restoration_limit_working_days,
                 policy_version: e.policy_version,
                 warn_at_percent: e.warn_at_percent,
                 urge_count: previous.as_ref().map_or(0, |p| p.urge_count),
@@ -213,23 +215,28 @@ impl Projector for DispatchProjector {
             let e: OrderAcknowledged = decode_payload(event)?;
             update(view, &e.order_id, event, |o| {
                 o.status = OrderStatus::Acknowledged as i32;
-                o.acknowledged_at = e.device_time;
+                o.acknowledged_at = e.judged_time();
                 o.last_device_time = e.device_time;
+                o.last_judged_at = e.judged_time();
             })?;
         } else if t == CrewDeparted::full_name() {
             let e: CrewDeparted = decode_payload(event)?;
             update(view, &e.order_id, event, |o| {
                 o.status = OrderStatus::EnRoute as i32;
-                o.departed_at = e.device_time;
+                o.departed_at = e.judged_time();
                 o.last_device_time = e.device_time;
+                o.last_judged_at = e.judged_time();
             })?;
         } else if t == CrewArrived::full_name() {
             let e: CrewArrived = decode_payload(event)?;
             update(view, &e.order_id, event, |o| {
                 o.status = OrderStatus::OnSite as i32;
-                o.arrived_at = e.device_time;
+                o.arrived_at = e.judged_time();
                 o.last_device_time = e.device_time;
-                if let Some(arrived) = e.device_time
+                o.last_judged_at = e.judged_time();
+                if e.restoration_due_at.is_some() {
+                    o.restoration_due_at = e.restoration_due_at;
+                } else if let Some(arrived) = e.judged_time()
                     && o.restoration_limit_seconds > 0
                 {
                     o.restoration_due_at = Some(prost_types::Timestamp {
@@ -239,7 +246,9 @@ impl Projector for DispatchProjector {
                 }
             })?;
             drop_timers(view, &e.order_id, |clock, _| clock == "arrival")?;
-            let o: WorkOrderView = load(view, &order_key(&e.order_id))?.unwrap_or_default();
+            let o: WorkOrderView = view
+                .get_message(&order_key(&e.order_id))?
+                .unwrap_or_default();
             if let (Some(start), Some(due)) = (&o.arrived_at, &o.restoration_due_at) {
                 set_timers(
                     view,
@@ -255,22 +264,25 @@ impl Projector for DispatchProjector {
             update(view, &e.order_id, event, |o| {
                 o.estimated_restoration = e.estimated_restoration;
                 o.last_device_time = e.device_time;
+                o.last_judged_at = e.judged_time();
             })?;
         } else if t == PowerRestored::full_name() {
             let e: PowerRestored = decode_payload(event)?;
             drop_timers(view, &e.order_id, |_, _| true)?;
             update(view, &e.order_id, event, |o| {
                 o.status = OrderStatus::Restored as i32;
-                o.restored_at = e.device_time;
+                o.restored_at = e.judged_time();
                 o.last_device_time = e.device_time;
+                o.last_judged_at = e.judged_time();
             })?;
         } else if t == WorkCompleted::full_name() {
             let e: WorkCompleted = decode_payload(event)?;
             drop_timers(view, &e.order_id, |_, _| true)?;
             update(view, &e.order_id, event, |o| {
                 o.status = OrderStatus::Completed as i32;
-                o.completed_at = e.device_time;
+                o.completed_at = e.judged_time();
                 o.last_device_time = e.device_time;
+                o.last_judged_at = e.judged_time();
             })?;
         } else if t == OrderReturned::full_name() {
             let e: OrderReturned = decode_payload(event)?;
@@ -278,11 +290,13 @@ impl Projector for DispatchProjector {
             update(view, &e.order_id, event, |o| {
                 o.status = OrderStatus::Returned as i32;
                 o.last_device_time = e.device_time;
+                o.last_judged_at = e.judged_time();
             })?;
         } else if t == NoteAdded::full_name() {
             let e: NoteAdded = decode_payload(event)?;
             update(view, &e.order_id, event, |o| {
                 o.last_device_time = e.device_time;
+                o.last_judged_at = e.judged_time();
             })?;
         } else if t == CustomerNotificationRequested::full_name() {
             // A fact for the gateways; no view of dispatch's changes.

@@ -14,6 +14,7 @@ use lineguard_dispatch::clocks::fire_due;
 use lineguard_dispatch::consumers::{FROM_INTAKE, FROM_ROUTING, IntakeEvents, RoutingEvents};
 use lineguard_dispatch::orders::Dispatcher;
 use lineguard_dispatch::projection::{DispatchProjector, crew_stream};
+use lineguard_eventlog::clock::Clock;
 use lineguard_eventlog::{EventEnvelope, EventLog, LogConfig, ReadDirection, decode_payload};
 use lineguard_protos::dispatch::v1::{
     AcknowledgeRequest, ActionHeader, ArriveRequest, ClockAlerted, CompleteRequest, CrewAction,
@@ -23,7 +24,9 @@ use lineguard_protos::dispatch::v1::{
     dispatch_client::DispatchClient,
 };
 use lineguard_protos::intake::v1::{Channel, TicketKind, TicketReported};
-use lineguard_protos::routing::v1::{ClockLimit, Crew, CrewDefined, Deadline, TicketRouted};
+use lineguard_protos::routing::v1::{
+    ClockLimit, Crew, CrewDefined, Deadline, TicketRouted, TicketRoutingClosed,
+};
 use prost::{Message, Name};
 use prost_types::Timestamp;
 use tonic::Code;
@@ -38,6 +41,9 @@ struct Fixture {
     _dir: tempfile::TempDir,
     feed: Feed,
     client: DispatchClient<GrpcChannel>,
+    watchers: Arc<lineguard_dispatch::watch::Watchers>,
+    /// Dispatch's clock: it stands at `at(0)` until a test moves it.
+    clock: Clock,
 }
 
 impl std::ops::Deref for Fixture {
@@ -49,8 +55,11 @@ impl std::ops::Deref for Fixture {
 
 async fn start() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let dispatcher = Dispatcher::new(open_log(dir.path()));
-    let routes = tonic::service::Routes::new(DispatchService::new(dispatcher.clone()).server());
+    let clock = Clock::manual(at(0));
+    let dispatcher = Dispatcher::new(open_log(dir.path())).with_clock(clock.clone());
+    let service = DispatchService::new(dispatcher.clone());
+    let watchers = service.watchers();
+    let routes = tonic::service::Routes::new(service.server());
     let channel = lineguard_harness::serve_in_process(routes)
         .await
         .expect("serve");
@@ -58,6 +67,8 @@ async fn start() -> Fixture {
         _dir: dir,
         feed: Feed { dispatcher },
         client: DispatchClient::new(channel),
+        watchers,
+        clock,
     };
     for crew in ["crew-a", "crew-b"] {
         f.hear_routing(&CrewDefined {
@@ -189,11 +200,16 @@ impl Feed {
 
     /// Every event on a crew's stream, as (sequence, short type).
     fn crew_events(&self, crew: &str) -> Vec<EventEnvelope> {
-        self.dispatcher
-            .log()
-            .read_stream(&crew_stream(crew), 1, ReadDirection::Forward, 1_000)
-            .expect("read")
-            .events
+        match self.dispatcher.log().read_stream(
+            &crew_stream(crew),
+            1,
+            ReadDirection::Forward,
+            1_000,
+        ) {
+            Ok(slice) => slice.events,
+            Err(lineguard_eventlog::Error::StreamNotFound { .. }) => Vec::new(),
+            Err(e) => panic!("read: {e}"),
+        }
     }
 }
 
@@ -248,6 +264,7 @@ async fn a_crew_reconnecting_with_its_last_sequence_gets_exactly_what_it_missed(
         .watch_dispatches(WatchDispatchesRequest {
             crew_id: "crew-a".into(),
             after_sequence: 0,
+            ..WatchDispatchesRequest::default()
         })
         .await
         .expect("watch")
@@ -268,6 +285,7 @@ async fn a_crew_reconnecting_with_its_last_sequence_gets_exactly_what_it_missed(
         .watch_dispatches(WatchDispatchesRequest {
             crew_id: "crew-a".into(),
             after_sequence: 7,
+            ..WatchDispatchesRequest::default()
         })
         .await
         .expect("resume")
@@ -299,6 +317,7 @@ async fn a_crew_reconnecting_with_its_last_sequence_gets_exactly_what_it_missed(
         .watch_dispatches(WatchDispatchesRequest {
             crew_id: "crew-a".into(),
             after_sequence: 99,
+            ..WatchDispatchesRequest::default()
         })
         .await
         .expect_err("ahead of the crew's sequence");
@@ -307,6 +326,7 @@ async fn a_crew_reconnecting_with_its_last_sequence_gets_exactly_what_it_missed(
         .watch_dispatches(WatchDispatchesRequest {
             crew_id: "crew-nobody".into(),
             after_sequence: 0,
+            ..WatchDispatchesRequest::default()
         })
         .await
         .expect_err("unknown crew");
@@ -350,6 +370,8 @@ async fn an_offline_batch_applies_in_device_time_order_and_once_when_resent() {
             })),
         ],
     };
+    // Sent when the phone came back, after all five.
+    f.clock.set(at(5_000));
     let outcomes = f
         .client
         .submit_actions(batch.clone())
@@ -704,15 +726,22 @@ async fn arriving_stops_the_arrival_clock_and_starts_restoration() {
     let mut f = start().await;
     f.ticket("ticket-k2", Channel::App, "", false).await;
     f.route("ticket-k2", "ticket-k2", "", "crew-a", 1).await;
-    for action in [
-        Action::Acknowledge(AcknowledgeRequest {
-            header: header("crew-a", "ticket-k2", "k1", 60),
-        }),
-        Action::Arrive(ArriveRequest {
-            header: header("crew-a", "ticket-k2", "k2", 1_000),
-            position: None,
-        }),
+    for (sent, action) in [
+        (
+            60,
+            Action::Acknowledge(AcknowledgeRequest {
+                header: header("crew-a", "ticket-k2", "k1", 60),
+            }),
+        ),
+        (
+            1_000,
+            Action::Arrive(ArriveRequest {
+                header: header("crew-a", "ticket-k2", "k2", 1_000),
+                position: None,
+            }),
+        ),
     ] {
+        f.clock.set(at(sent));
         f.client
             .submit_actions(SubmitActionsRequest {
                 actions: vec![act(action)],
@@ -730,6 +759,7 @@ async fn arriving_stops_the_arrival_clock_and_starts_restoration() {
     assert_eq!(fire_due(&d, &at(1_000 + 5_400)).await.expect("fire"), 1);
     let order = f.order("ticket-k2").await;
     assert_eq!(order.status(), OrderStatus::OnSite);
+    f.clock.set(at(7_000));
     f.client
         .restore(RestoreRequest {
             header: header("crew-a", "ticket-k2", "k3", 7_000),
@@ -755,6 +785,7 @@ async fn a_crew_watching_before_its_first_order_gets_it_live() {
         .watch_dispatches(WatchDispatchesRequest {
             crew_id: "crew-b".into(),
             after_sequence: 0,
+            ..WatchDispatchesRequest::default()
         })
         .await
         .expect("a known crew with nothing yet")
@@ -764,4 +795,242 @@ async fn a_crew_watching_before_its_first_order_gets_it_live() {
         .await;
     let first = take(&mut watch, 1).await;
     assert_eq!(first[0].sequence, 1);
+}
+
+/// Routing's events can reach dispatch out of order (a redelivery, a
+/// publish retried after a later one): a route of an older hop, or of a hop
+/// routing has closed, never creates or moves an order, in either order of
+/// delivery; a reopen (a newer hop) does.
+#[tokio::test]
+async fn routes_delivered_out_of_order_never_create_or_move_an_order() {
+    // The escalation (hop 2, crew-b) arrives before the first route (hop 1, crew-a).
+    let mut f = start().await;
+    f.ticket("t-late", Channel::Hotline95598, "", false).await;
+    f.route("t-late", "t-late", "", "crew-b", 2).await;
+    f.route("t-late", "t-late", "", "crew-a", 1).await;
+    let order = f.order("t-late").await;
+    assert_eq!((order.crew_id.as_str(), order.hop), ("crew-b", 2));
+    assert_eq!(order.status(), OrderStatus::Assigned);
+    assert!(
+        f.crew_events("crew-a").is_empty(),
+        "crew-a never hears of hop 1"
+    );
+    assert_eq!(f.crew_events("crew-b").len(), 1);
+
+    // In order: hop 1 then hop 2 moves the order, as before.
+    f.ticket("t-order", Channel::Hotline95598, "", false).await;
+    f.route("t-order", "t-order", "", "crew-a", 1).await;
+    f.route("t-order", "t-order", "", "crew-b", 2).await;
+    let order = f.order("t-order").await;
+    assert_eq!((order.crew_id.as_str(), order.hop), ("crew-b", 2));
+
+    // Closed before its route arrives: the late route makes no order.
+    f.ticket("t-closed", Channel::App, "", false).await;
+    f.hear_routing(&TicketRoutingClosed {
+        case_id: "t-closed".into(),
+        reason: "cancelled".into(),
+        closed_at: Some(at(10)),
+        hop: 1,
+    })
+    .await;
+    let before = f.crew_events("crew-a").len();
+    f.route("t-closed", "t-closed", "", "crew-a", 1).await;
+    assert_eq!(
+        f.crew_events("crew-a").len(),
+        before,
+        "no order for a closed hop"
+    );
+    let missing = f
+        .client
+        .clone()
+        .get_work_order(GetWorkOrderRequest {
+            order_id: "t-closed".into(),
+        })
+        .await;
+    assert_eq!(missing.map(|_| ()).unwrap_err().code(), Code::NotFound);
+    // A reopen is a newer hop: that one is an order.
+    f.route("t-closed", "t-closed", "", "crew-a", 2).await;
+    assert_eq!(f.order("t-closed").await.hop, 2);
+
+    // Route then closing, in order: the order is withdrawn, and a late
+    // redelivered route of that hop does not bring it back.
+    f.ticket("t-withdrawn", Channel::App, "", false).await;
+    f.route("t-withdrawn", "t-withdrawn", "", "crew-a", 1).await;
+    f.hear_routing(&TicketRoutingClosed {
+        case_id: "t-withdrawn".into(),
+        reason: "returned: not ours".into(),
+        closed_at: Some(at(20)),
+        hop: 1,
+    })
+    .await;
+    f.route("t-withdrawn", "t-withdrawn", "", "crew-b", 1).await;
+    let order = f.order("t-withdrawn").await;
+    assert_eq!(order.status(), OrderStatus::Withdrawn);
+    assert_eq!(order.crew_id, "crew-a");
+}
+
+/// Watches are bounded per crew and in all; a phone reconnecting with the
+/// same device id replaces its old watch (which ends ABORTED) instead of
+/// holding a second slot; a closed watch gives its slot back.
+#[tokio::test]
+async fn watches_are_bounded_and_a_device_replaces_its_own() {
+    use lineguard_dispatch::watch::MAX_WATCHES_PER_CREW;
+    let f = start().await;
+    let mut client = f.client.clone();
+    f.ticket("t-w", Channel::App, "", false).await;
+    f.route("t-w", "t-w", "", "crew-a", 1).await;
+    let watch = |device: &str| {
+        let mut client = client.clone();
+        let device = device.to_string();
+        async move {
+            client
+                .watch_dispatches(WatchDispatchesRequest {
+                    crew_id: "crew-a".into(),
+                    after_sequence: 0,
+                    device_id: device,
+                })
+                .await
+        }
+    };
+    let mut open = Vec::new();
+    for i in 0..MAX_WATCHES_PER_CREW {
+        let mut stream = watch(&format!("phone-{i}"))
+            .await
+            .expect("watch")
+            .into_inner();
+        assert_eq!(take(&mut stream, 1).await[0].sequence, 1);
+        open.push(stream);
+    }
+    assert_eq!(f.watchers.count(), MAX_WATCHES_PER_CREW);
+    let refused = watch("phone-extra").await.map(|_| ()).unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("crew-a"),
+        "{}",
+        refused.message()
+    );
+
+    // phone-0 reconnects: its old watch ends, the new one takes its slot.
+    let mut again = watch("phone-0")
+        .await
+        .expect("replacing watch")
+        .into_inner();
+    assert_eq!(take(&mut again, 1).await[0].sequence, 1);
+    let ended = tokio::time::timeout(Duration::from_secs(10), open[0].next())
+        .await
+        .expect("the old watch ends")
+        .expect("an item")
+        .expect_err("ended with a status");
+    assert_eq!(ended.code(), Code::Aborted);
+    assert_eq!(f.watchers.count(), MAX_WATCHES_PER_CREW);
+
+    // A new event reaches every open watch.
+    f.ticket("t-w2", Channel::App, "", false).await;
+    f.route("t-w2", "t-w2", "", "crew-a", 1).await;
+    assert_eq!(take(&mut again, 1).await[0].sequence, 2);
+    assert_eq!(take(&mut open[1], 1).await[0].sequence, 2);
+
+    // Closed watches give their slots back.
+    drop(open);
+    drop(again);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while f.watchers.count() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "slots never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = &mut client;
+}
+
+/// A phone's clock is believed only within the rule of
+/// `lineguard_dispatch::device_clock`: an arrival stamped far in the future
+/// counts at receipt plus the skew, one stamped before the order existed
+/// counts at the assignment, and both say the clock was adjusted; the
+/// order's clocks and on-time flags follow the judged times.
+#[tokio::test]
+async fn device_times_are_judged_within_the_skew_of_receipt() {
+    use lineguard_protos::dispatch::v1::CrewArrived;
+    let mut f = start().await;
+    f.ticket("ticket-c1", Channel::App, "", false).await;
+    f.route("ticket-c1", "ticket-c1", "", "crew-a", 1).await;
+    // A phone 24 minutes fast acknowledges at 60 s: counted at 60 + 120 s.
+    f.clock.set(at(60));
+    let acked = f
+        .client
+        .acknowledge(AcknowledgeRequest {
+            header: header("crew-a", "ticket-c1", "c1", 60 + 24 * 60),
+        })
+        .await
+        .expect("ack")
+        .into_inner();
+    assert_eq!(acked.acknowledged_at, Some(at(180)));
+    // The arrival limit is 45 min (2,700 s). A phone that arrives at 50
+    // minutes but claims 40 is held to the skew: counted at 48 min, late.
+    f.clock.set(at(3_000));
+    let arrived = f
+        .client
+        .arrive(ArriveRequest {
+            header: header("crew-a", "ticket-c1", "c2", 2_400),
+            position: None,
+        })
+        .await
+        .expect("arrive")
+        .into_inner();
+    assert_eq!(arrived.arrived_at, Some(at(2_880)));
+    let event = f
+        .dispatcher
+        .log()
+        .read_stream("ticket-c1", 1, ReadDirection::Forward, 100)
+        .expect("read")
+        .events
+        .into_iter()
+        .find_map(|e| decode_payload::<CrewArrived>(&e).ok())
+        .expect("arrival recorded");
+    assert_eq!(
+        event.device_time,
+        Some(at(2_400)),
+        "the phone's time is kept"
+    );
+    assert_eq!(event.received_at, Some(at(3_000)));
+    assert_eq!(event.judged_at, Some(at(2_880)));
+    assert!(event.device_clock_adjusted);
+    assert!(!event.on_time, "judged late: 48 min against 45");
+    let order = f.order("ticket-c1").await;
+    assert_eq!(order.arrived_at, Some(at(2_880)));
+    assert_eq!(order.restoration_due_at, Some(at(2_880 + 3 * 3_600)));
+
+    // Offline: a batch sent over an hour later keeps its older times, but
+    // none before the order was assigned.
+    f.ticket("ticket-c2", Channel::App, "", false).await;
+    f.clock.set(at(4_000));
+    f.route("ticket-c2", "ticket-c2", "", "crew-b", 1).await;
+    f.clock.set(at(8_000));
+    let outcomes = f
+        .client
+        .submit_actions(SubmitActionsRequest {
+            actions: vec![
+                act(Action::Acknowledge(AcknowledgeRequest {
+                    header: header("crew-b", "ticket-c2", "d1", 3_900),
+                })),
+                act(Action::Depart(DepartRequest {
+                    header: header("crew-b", "ticket-c2", "d2", 4_200),
+                })),
+                act(Action::Arrive(ArriveRequest {
+                    header: header("crew-b", "ticket-c2", "d3", 4_300),
+                    position: None,
+                })),
+            ],
+        })
+        .await
+        .expect("batch")
+        .into_inner()
+        .outcomes;
+    assert!(outcomes.iter().all(|o| o.code == "OK"), "{outcomes:?}");
+    let order = f.order("ticket-c2").await;
+    assert_eq!(
+        order.acknowledged_at,
+        Some(at(4_000)),
+        "not before the assignment"
+    );
+    assert_eq!(order.departed_at, Some(at(4_200)));
+    assert_eq!(order.arrived_at, Some(at(4_300)));
 }

@@ -83,6 +83,13 @@ pub enum Error {
     #[error("storage: {0}")]
     Storage(#[from] rocksdb::Error),
 
+    /// A rebuild of the projections failed part way: the log refuses commits
+    /// until a rebuild completes (ask for one, or restart the process).
+    #[error(
+        "projections are incomplete after a failed rebuild ({reason}); commits refused until a rebuild completes"
+    )]
+    ProjectionsIncomplete { reason: String },
+
     /// The log has been closed.
     #[error("the event log is closed")]
     Closed,
@@ -113,6 +120,9 @@ impl Error {
         match self {
             Error::Storage(e) => Error::Storage(e.clone()),
             Error::Injected(at) => Error::Injected(at),
+            Error::ProjectionsIncomplete { reason } => Error::ProjectionsIncomplete {
+                reason: reason.clone(),
+            },
             other => Error::invalid("commit", other.to_string()),
         }
     }
@@ -125,6 +135,7 @@ impl Error {
                 | Error::OutboxFull { .. }
                 | Error::TooManySubscribers { .. }
                 | Error::Injected(_)
+                | Error::ProjectionsIncomplete { .. }
         )
     }
 }
@@ -144,7 +155,7 @@ impl From<Error> for tonic::Status {
             Error::OutboxFull { .. } | Error::TooManySubscribers { .. } => Code::ResourceExhausted,
             Error::Projection { .. } => Code::FailedPrecondition,
             Error::Storage(_) | Error::Injected(_) => Code::Unavailable,
-            Error::Closed => Code::Unavailable,
+            Error::Closed | Error::ProjectionsIncomplete { .. } => Code::Unavailable,
         };
         tonic::Status::new(code, err.to_string())
     }

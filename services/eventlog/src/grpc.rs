@@ -12,7 +12,6 @@ use lineguard_protos::eventlog::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::error::Error;
 use crate::log::{EventLog, ReadDirection};
 
 /// Serves reads of one log.
@@ -28,13 +27,21 @@ impl EventLogService {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Status> {
+/// Runs `work` (RocksDB reads, a scan) on tokio's blocking pool, so a slow
+/// read never holds one of the async runtime's few worker threads while
+/// other calls wait for it. Every gRPC handler that reads more than a key
+/// or two goes through here.
+pub async fn blocking<T, E>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Status>
+where
+    T: Send + 'static,
+    E: Into<Status> + Send + 'static,
+{
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| Status::internal(format!("read task failed: {e}")))?
-        .map_err(Status::from)
+        .map_err(Into::into)
 }
 
 #[tonic::async_trait]

@@ -30,6 +30,7 @@
 //! crash or power loss after that loses none of them, and a crash before it
 //! leaves none of them.
 
+pub mod clock;
 pub mod codec;
 pub mod command;
 pub mod error;
@@ -47,12 +48,12 @@ mod writer;
 pub use writer::Rebuilt;
 
 pub use error::{Error, Result};
-pub use grpc::EventLogService;
+pub use grpc::{EventLogService, blocking};
 pub use limits::Limits;
 pub use lineguard_protos::eventlog::v1::{
     Actor, CommitReceipt, EventEnvelope, actor::Kind as ActorKind,
 };
-pub use log::{EventLog, LogConfig, ReadDirection, StreamSlice, open_raw_store};
+pub use log::{EventLog, LogConfig, ProjectionPages, ReadDirection, StreamSlice, open_raw_store};
 pub use projection::{NoProjections, ProjectionView, Projector};
 pub use stored::StoredEvent;
 pub use subscribe::Subscription;

@@ -22,7 +22,8 @@ pub struct Limits {
     pub max_idempotent_response_bytes: usize,
     /// Most events one read returns.
     pub max_read_page: usize,
-    /// Events buffered per subscriber before the reader waits for it.
+    /// Events buffered per subscriber before the reader waits for it (and
+    /// the most it reads ahead): what an idle subscription holds at most.
     pub subscriber_buffer: usize,
     /// Live subscriptions at once.
     pub max_subscribers: usize,
@@ -50,7 +51,7 @@ impl Default for Limits {
             max_idempotency_key_len: 256,
             max_idempotent_response_bytes: 64 * 1024,
             max_read_page: 1_000,
-            subscriber_buffer: 256,
+            subscriber_buffer: 64,
             max_subscribers: 1_024,
             max_pending_commits: 4_096,
             max_group_commits: 512,

@@ -186,6 +186,7 @@ impl EventLog {
             head_tx,
             outbox_backlog: outbox_backlog.clone(),
             stream_heads: StreamHeads::new(config.limits.max_cached_stream_heads),
+            projections_incomplete: None,
         };
         let stored = load_projection_state(&db)?;
         let projector = &config.projector;
@@ -675,6 +676,12 @@ impl EventLog {
             .is_some())
     }
 
+    /// The highest position in its source's log of a message `consumer`
+    /// has applied (0 if none was recorded): where a catch-up starts.
+    pub fn consumer_position(&self, consumer: &str) -> Result<u64> {
+        load_consumer_position(&self.inner.db, consumer)
+    }
+
     /// One projection value.
     pub fn projection_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         read_projection(&self.inner.db, key)
@@ -706,6 +713,18 @@ impl EventLog {
             out.push((key.to_vec(), body.to_vec()));
         }
         Ok(out)
+    }
+
+    /// The projection entries under `prefix`, read `page` at a time (see
+    /// [`ProjectionPages`]): for scans that may be longer than one read.
+    pub fn projection_pages(&self, prefix: &[u8], page: usize) -> ProjectionPages<'_> {
+        ProjectionPages {
+            log: self,
+            prefix: prefix.to_vec(),
+            page: page.max(1),
+            after: None,
+            done: false,
+        }
     }
 
     /// SHA-256 over every projection entry in key order: equal digests mean
@@ -780,6 +799,50 @@ impl EventLog {
 }
 
 /// The idempotency record under `key`, if any.
+/// Projection entries under a prefix, a page at a time, each page after the
+/// last key of the one before (entries written meanwhile past that key are
+/// seen; none is seen twice).
+pub struct ProjectionPages<'a> {
+    log: &'a EventLog,
+    prefix: Vec<u8>,
+    page: usize,
+    after: Option<Vec<u8>>,
+    done: bool,
+}
+
+impl ProjectionPages<'_> {
+    /// The next page of (key, value) pairs; empty once the prefix is read.
+    pub fn next_page(&mut self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if self.done {
+            return Ok(Vec::new());
+        }
+        let page = self
+            .log
+            .projection_scan(&self.prefix, self.after.as_deref(), self.page)?;
+        self.done = page.len() < self.page;
+        self.after = page.last().map(|(key, _)| key.clone());
+        Ok(page)
+    }
+}
+
+pub(crate) fn load_consumer_position(db: &DB, consumer: &str) -> Result<u64> {
+    let key = crate::codec::consumer_position_key(consumer);
+    match db.get_pinned_cf(cf(db, CF_META)?, &key)? {
+        Some(value) => {
+            let body = crate::codec::unseal(CF_META, &key, &value, || {
+                format!("consumer position of {consumer}")
+            })?;
+            let bytes: [u8; 8] = body.try_into().map_err(|_| Error::Corrupted {
+                column: CF_META,
+                location: format!("consumer position of {consumer}"),
+                reason: "not 8 bytes".into(),
+            })?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+        None => Ok(0),
+    }
+}
+
 pub(crate) fn load_idempotency(db: &DB, key: &str) -> Result<Option<IdempotencyRecord>> {
     let Some(value) = db.get_pinned_cf(cf(db, CF_IDEMPOTENCY)?, key.as_bytes())? else {
         return Ok(None);

@@ -75,6 +75,20 @@ impl<'a> ProjectionView<'a> {
         read_projection(self.db, key)
     }
 
+    /// The value at `key` decoded as `M` (an error names the key when it
+    /// does not decode): what every projector reads its views with.
+    pub fn get_message<M: prost::Message + Default>(
+        &self,
+        key: &[u8],
+    ) -> std::result::Result<Option<M>, String> {
+        match self.get(key).map_err(|e| e.to_string())? {
+            Some(bytes) => M::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|e| format!("undecodable view at {}: {e}", String::from_utf8_lossy(key))),
+            None => Ok(None),
+        }
+    }
+
     /// Sets `key` to `value`.
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         self.writes.insert(key.into(), Some(value.into()));

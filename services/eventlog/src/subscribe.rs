@@ -4,7 +4,9 @@
 //! while catching up and once live: the head watch only says "there is more".
 //! That is why there can be no gap and no duplicate between the two phases.
 //! The channel to the subscriber is bounded; when it is full the reader task
-//! simply waits, so a slow subscriber costs one buffer, never a growing queue.
+//! simply waits, and it reads no more than the channel has room for, so a
+//! slow or idle subscriber costs one small buffer, never a page beside it or
+//! a growing queue.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -48,8 +50,22 @@ async fn follow(log: EventLog, mut next: u64, tx: mpsc::Sender<Result<EventEnvel
     loop {
         let last = *head.borrow_and_update();
         while next <= last {
+            // Read only what the subscriber has room for: a subscriber that
+            // does not keep up (or has gone idle) holds at most its
+            // channel's events, never a page read ahead beside them.
+            let room = loop {
+                let room = tx.capacity();
+                if room > 0 {
+                    break room;
+                }
+                match tx.reserve().await {
+                    Ok(permit) => drop(permit),
+                    Err(_) => return,
+                }
+            };
+            let want = room.min(page);
             let reader = log.clone();
-            let read = tokio::task::spawn_blocking(move || reader.read_all(next, page)).await;
+            let read = tokio::task::spawn_blocking(move || reader.read_all(next, want)).await;
             let events = match read {
                 Ok(Ok(events)) => events,
                 Ok(Err(err)) => {

@@ -54,12 +54,77 @@ pub fn fire_at_of(key: &[u8]) -> Option<i128> {
 /// Up to `limit` timers due at `now` (their key and stored value), earliest
 /// first. Firing them removes them, so the next call sees the next ones.
 pub fn due(log: &EventLog, now: &Timestamp, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let now = nanos(now);
-    let page = log.projection_scan(TIMER_PREFIX, None, limit)?;
-    Ok(page
-        .into_iter()
-        .take_while(|(key, _)| fire_at_of(key).is_some_and(|at| at <= now))
-        .collect())
+    let mut due = DueTimers::new(log, now, limit, limit);
+    let mut out = Vec::new();
+    while let Some(timer) = due.next_timer()? {
+        out.push(timer);
+    }
+    Ok(out)
+}
+
+/// The timers due at one instant, earliest first, read a page at a time,
+/// each page after the last key of the one before. A timer the service
+/// cannot fire now (a conflict, a case that moved on) is passed over and
+/// never stands in the way of those behind it; at most `max_looked_at` are
+/// looked at in one scan, so one scan's work is bounded.
+pub struct DueTimers<'a> {
+    log: &'a EventLog,
+    now_nanos: i128,
+    page_size: usize,
+    left_to_look_at: usize,
+    after: Option<Vec<u8>>,
+    page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)>,
+    exhausted: bool,
+}
+
+impl<'a> DueTimers<'a> {
+    /// The timers of `log` due at `now`, read `page_size` at a time (at
+    /// least 1), at most `max_looked_at` of them.
+    pub fn new(log: &'a EventLog, now: &Timestamp, page_size: usize, max_looked_at: usize) -> Self {
+        DueTimers {
+            log,
+            now_nanos: nanos(now),
+            page_size: page_size.max(1),
+            left_to_look_at: max_looked_at,
+            after: None,
+            page: Vec::new().into_iter(),
+            exhausted: false,
+        }
+    }
+
+    /// The next due timer (its key and stored value); `None` when no timer
+    /// is left due, or the scan has looked at its maximum.
+    pub fn next_timer(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        if self.left_to_look_at == 0 {
+            return Ok(None);
+        }
+        if let Some(timer) = self.page.next() {
+            self.left_to_look_at -= 1;
+            return Ok(Some(timer));
+        }
+        if self.exhausted {
+            return Ok(None);
+        }
+        let wanted = self.page_size.min(self.left_to_look_at);
+        let scanned = self
+            .log
+            .projection_scan(TIMER_PREFIX, self.after.as_deref(), wanted)?;
+        let full = scanned.len() == wanted;
+        let due: Vec<_> = scanned
+            .into_iter()
+            .take_while(|(key, _)| fire_at_of(key).is_some_and(|at| at <= self.now_nanos))
+            .collect();
+        self.exhausted = !full || due.len() < wanted;
+        self.after = due.last().map(|(key, _)| key.clone());
+        self.page = due.into_iter();
+        match self.page.next() {
+            Some(timer) => {
+                self.left_to_look_at -= 1;
+                Ok(Some(timer))
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 /// One owner's (a case's, an order's) pending timers, as the projector sees

@@ -156,6 +156,9 @@ impl Idempotency {
 pub struct InboxMark {
     pub consumer: String,
     pub message_id: String,
+    /// The message's position in its source's log (0: not known). The log
+    /// keeps the highest one per consumer ([`EventLog::consumer_position`](crate::EventLog::consumer_position)).
+    pub source_position: u64,
 }
 
 /// One atomic write: appends to one or more streams, each with its expected
@@ -221,6 +224,23 @@ impl Transaction {
         self.inbox = Some(InboxMark {
             consumer: consumer.into(),
             message_id: message_id.into(),
+            source_position: 0,
+        });
+        self
+    }
+
+    /// Records that `consumer` processed `message_id`, which stands at
+    /// `source_position` in its source's log.
+    pub fn consuming_at(
+        mut self,
+        consumer: impl Into<String>,
+        message_id: impl Into<String>,
+        source_position: u64,
+    ) -> Self {
+        self.inbox = Some(InboxMark {
+            consumer: consumer.into(),
+            message_id: message_id.into(),
+            source_position,
         });
         self
     }

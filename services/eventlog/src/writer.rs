@@ -11,7 +11,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
 
 use lineguard_protos::eventlog::v1::{
     CommitReceipt, EventEnvelope, IdempotencyRecord, ProjectionState, StreamCommit,
@@ -22,12 +21,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codec::{
     CF_CORRELATIONS, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS,
-    CF_STREAMS, IndexRun, META_PROJECTION_STATE, OutboxRun, correlation_key, inbox_key,
-    needs_correlation_entry, position_key, seal, seal_message, stream_key,
+    CF_STREAMS, IndexRun, META_PROJECTION_STATE, OutboxRun, consumer_position_key, correlation_key,
+    inbox_key, needs_correlation_entry, position_key, seal, seal_message, stream_key,
 };
 use crate::error::{Error, Result};
 use crate::limits::Limits;
-use crate::log::{cf, digest_projections, load_idempotency, load_stream_head, read_events_from};
+use crate::log::{
+    cf, digest_projections, load_consumer_position, load_idempotency, load_stream_head,
+    read_events_from,
+};
 use crate::projection::{self, Overlay, ProjectionView, Projector, write_overlay};
 use crate::txn::{CommitOutcome, Transaction};
 
@@ -61,6 +63,11 @@ pub(crate) struct Writer {
     pub head_tx: watch::Sender<u64>,
     pub outbox_backlog: Arc<AtomicU64>,
     pub stream_heads: StreamHeads,
+    /// Why the projections are incomplete, when a rebuild failed part way:
+    /// every commit is refused until a rebuild completes (here, or when the
+    /// log is opened again), because a commit records the projections as
+    /// applied through its head and would make half-built ones look whole.
+    pub projections_incomplete: Option<String>,
 }
 
 /// The last version of recently written streams, as committed.
@@ -133,6 +140,8 @@ struct Group {
     stream_heads: HashMap<String, u64>,
     idempotency: HashMap<String, IdempotencyRecord>,
     inbox: HashSet<Vec<u8>>,
+    /// Highest source position per consumer, as the group leaves it.
+    consumer_positions: HashMap<String, u64>,
     projections: Overlay,
     batch: WriteBatch,
     outbox_added: u64,
@@ -161,6 +170,14 @@ impl Writer {
                                 digest_after: digest_projections(&self.db)?,
                             })
                         });
+                        match &rebuilt {
+                            Ok(_) => self.projections_incomplete = None,
+                            Err(e) => {
+                                tracing::error!(service = %self.service, error = %e,
+                                    "projection rebuild failed; commits refused until a rebuild completes");
+                                self.projections_incomplete = Some(e.to_string());
+                            }
+                        }
                         let _ = reply.send(rebuilt);
                     }
                     WriterRequest::Shutdown => {
@@ -182,11 +199,20 @@ impl Writer {
         if commits.is_empty() {
             return;
         }
+        if let Some(reason) = &self.projections_incomplete {
+            for (_, reply) in commits.drain(..) {
+                let _ = reply.send(Err(Error::ProjectionsIncomplete {
+                    reason: reason.clone(),
+                }));
+            }
+            return;
+        }
         let mut group = Group {
             next_position: self.head + 1,
             stream_heads: HashMap::new(),
             idempotency: HashMap::new(),
             inbox: HashSet::new(),
+            consumer_positions: HashMap::new(),
             projections: Overlay::new(),
             // Sized up front: growing a batch of hundreds of events copies it
             // again and again.
@@ -309,7 +335,7 @@ impl Writer {
         let Transaction {
             appends,
             idempotency,
-            ..
+            inbox: inbox_mark,
         } = txn;
         let mut ops: Vec<(&'static str, Vec<u8>, Vec<u8>)> =
             Vec::with_capacity(3 * count as usize + 2);
@@ -319,7 +345,7 @@ impl Writer {
         // The commit's published events as runs of consecutive positions:
         // one outbox entry per run rather than one per event.
         let mut outbox_runs: Vec<OutboxRun> = Vec::new();
-        let recorded_at = prost_types::Timestamp::from(SystemTime::now());
+        let recorded_at = crate::clock::now();
         for append in appends {
             let current = match group.stream_heads.get(&append.stream_id) {
                 Some(&v) => v,
@@ -420,6 +446,20 @@ impl Writer {
             let value = seal(key, &receipt.last_position.to_be_bytes());
             ops.push((CF_INBOX, key.clone(), value));
         }
+        let consumer_position = match &inbox_mark {
+            Some(mark) if mark.source_position > 0 => {
+                let stored = match group.consumer_positions.get(&mark.consumer) {
+                    Some(&p) => p,
+                    None => load_consumer_position(&self.db, &mark.consumer)?,
+                };
+                let highest = stored.max(mark.source_position);
+                let key = consumer_position_key(&mark.consumer);
+                let value = seal(&key, &highest.to_be_bytes());
+                ops.push((CF_META, key, value));
+                Some((mark.consumer.clone(), highest))
+            }
+            _ => None,
+        };
         let idempotency_record = idempotency.map(|idem| {
             let record = IdempotencyRecord {
                 request_fingerprint: idem.fingerprint.to_vec().into(),
@@ -448,6 +488,9 @@ impl Writer {
         }
         if let Some(key) = inbox {
             group.inbox.insert(key);
+        }
+        if let Some((consumer, highest)) = consumer_position {
+            group.consumer_positions.insert(consumer, highest);
         }
         if let Some((key, record)) = idempotency_record {
             group.idempotency.insert(key, record);

@@ -118,6 +118,68 @@ async fn a_rebuild_cut_short_is_completed_when_the_log_is_opened_again() {
     scenario.teardown();
 }
 
+/// A rebuild that fails part way leaves the live log refusing commits (a
+/// commit would record half-built projections as complete through the
+/// head) until a rebuild completes; then it commits again and its
+/// projections are the ones a whole replay gives.
+#[tokio::test]
+async fn a_failed_rebuild_refuses_commits_until_a_rebuild_completes() {
+    let scenario = fail::FailScenario::setup();
+    let limits = lineguard_eventlog::Limits {
+        max_read_page: 10,
+        ..lineguard_eventlog::Limits::default()
+    };
+    for point in [
+        "eventlog::rebuild_after_clear",
+        "eventlog::replay_after_page",
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open_with_limits(dir.path(), limits.clone());
+        for i in 0..20 {
+            let stream = format!("ticket-{}", i % 3);
+            log.commit(Transaction::append(
+                &stream,
+                ExpectedVersion::Any,
+                vec![noted(&stream, "x")],
+            ))
+            .await
+            .expect("commit");
+        }
+        let digest = log.projection_digest().expect("digest");
+
+        fail::cfg(point, "return").expect("configure fail point");
+        assert!(log.rebuild_projections().await.is_err(), "{point}");
+        fail::remove(point);
+        let refused = log
+            .commit(Transaction::append(
+                "ticket-0",
+                ExpectedVersion::Any,
+                vec![noted("ticket-0", "late")],
+            ))
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(lineguard_eventlog::Error::ProjectionsIncomplete { .. })
+            ),
+            "{point}: {refused:?}"
+        );
+        assert_eq!(log.head(), 20, "{point}: nothing written while incomplete");
+
+        let rebuilt = log.rebuild_projections_checked().await.expect("rebuild");
+        assert_eq!(rebuilt.digest_after, digest, "{point}");
+        log.commit(Transaction::append(
+            "ticket-0",
+            ExpectedVersion::Any,
+            vec![noted("ticket-0", "after")],
+        ))
+        .await
+        .expect("commits again after a whole rebuild");
+        assert_eq!(count(&log, "ticket-0"), 8, "{point}");
+    }
+    scenario.teardown();
+}
+
 /// Runs only as the child of `a_killed_writer_leaves_only_whole_commits`:
 /// commits forever until it is killed.
 #[tokio::test]

@@ -2,9 +2,10 @@
 //! own log as an `EventObserved` (stream `observed-<source>`, never
 //! published again), from which the projector derives every record.
 //!
-//! Causal order across three consumers: an event about a case waits (the
-//! consumer retries) until feedback has seen the case routed, and a route
-//! waits until feedback has seen its lead ticket reported. A completion or
+//! Causal order across three consumers: an event about a case is parked
+//! until feedback has seen the case routed (`case:<id>`), and a route until
+//! feedback has seen its lead ticket reported (`ticket:<id>`); each is
+//! applied the moment what it waits for is. A completion or
 //! an answer makes follow-ups due, in the same commit as its copy.
 
 use lineguard_bus::{Handled, Handler, HandlerError, subjects::event_type_filter};
@@ -187,17 +188,34 @@ impl Observer {
 }
 
 impl Handler for Observer {
+    fn satisfies(&self, event: &EventEnvelope) -> Vec<String> {
+        let t = event.event_type.as_str();
+        if t == TicketReported::full_name() {
+            return decode_payload::<TicketReported>(event)
+                .map(|e| vec![format!("ticket:{}", e.ticket_id)])
+                .unwrap_or_default();
+        }
+        if t == TicketRouted::full_name() {
+            return decode_payload::<TicketRouted>(event)
+                .map(|e| vec![format!("case:{}", e.case_id)])
+                .unwrap_or_default();
+        }
+        Vec::new()
+    }
+
     async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
         match self.prerequisite(event)? {
             Some((true, case)) if self.0.case(&case).map_err(retry)?.is_none() => {
-                return Err(HandlerError::Retry(format!(
-                    "case {case} not yet seen routed"
-                )));
+                return Err(HandlerError::Waiting {
+                    key: format!("case:{case}"),
+                    reason: format!("case {case} not yet seen routed"),
+                });
             }
             Some((false, ticket)) if self.0.ticket(&ticket).map_err(retry)?.is_none() => {
-                return Err(HandlerError::Retry(format!(
-                    "ticket {ticket} not yet seen reported"
-                )));
+                return Err(HandlerError::Waiting {
+                    key: format!("ticket:{ticket}"),
+                    reason: format!("ticket {ticket} not yet seen reported"),
+                });
             }
             _ => {}
         }

@@ -6,7 +6,7 @@
 //! timer (or two retries) never both act on the same follow-up.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use lineguard_eventlog::{
     Actor, ActorKind, EventLog, ExpectedVersion, NewEvent, Transaction, actor, timers,
@@ -30,7 +30,7 @@ pub const SCAN_BATCH: usize = 256;
 
 /// The current time.
 pub fn now() -> Timestamp {
-    Timestamp::from(SystemTime::now())
+    lineguard_eventlog::clock::now()
 }
 
 /// `at` plus `span`.
@@ -194,7 +194,10 @@ impl Feedback {
     /// returns how many.
     pub async fn mark_overdue(&self, now: &Timestamp) -> Result<usize, Status> {
         let mut marked = 0;
-        for (key, value) in timers::due(&self.log, now, SCAN_BATCH).map_err(Status::from)? {
+        let mut due = timers::DueTimers::new(&self.log, now, SCAN_BATCH, 64 * SCAN_BATCH);
+        while marked < SCAN_BATCH
+            && let Some((key, value)) = due.next_timer().map_err(Status::from)?
+        {
             let timer =
                 FollowUpTimer::decode(value.as_slice()).map_err(|e| undecodable(&key, e))?;
             let _guard = self

@@ -79,13 +79,10 @@ async fn main() -> ExitCode {
                 consumers::dispatch_subjects(),
             ),
         ] {
-            let mut config = ConsumerConfig::new(name, source).filtered(subjects);
             // An event waiting for one of the other two consumers (a route
-            // for a ticket not yet seen) always gets what it waits for, so
-            // it is never given up on: a catch-up after downtime may take
-            // many rounds.
-            config.max_deliver = -1;
-            config.retry_delay = Duration::from_millis(500);
+            // for a ticket not yet seen) is parked and applied when what it
+            // waits for lands (see lineguard_bus::parking).
+            let config = ConsumerConfig::new(name, source).filtered(subjects);
             host.add_consumer(config, Observer(feedback.clone()));
         }
         let overdue = feedback.spawn_overdue_timer(tick);

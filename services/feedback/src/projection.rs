@@ -61,15 +61,6 @@ pub fn account_complaint_key(account: &str) -> Vec<u8> {
     format!("account-complaint/{account}").into_bytes()
 }
 
-fn load<M: Message + Default>(view: &ProjectionView<'_>, key: &[u8]) -> Result<Option<M>, String> {
-    match view.get(key).map_err(|e| e.to_string())? {
-        Some(bytes) => M::decode(bytes.as_slice())
-            .map(Some)
-            .map_err(|e| format!("undecodable record {}: {e}", String::from_utf8_lossy(key))),
-        None => Ok(None),
-    }
-}
-
 fn store<M: Message>(view: &mut ProjectionView<'_>, key: Vec<u8>, value: &M) {
     view.put(key, value.encode_to_vec());
 }
@@ -100,10 +91,12 @@ impl Projector for FeedbackProjector {
         }
         if t == FollowUpScheduled::full_name() {
             let e: FollowUpScheduled = decode_payload(event)?;
-            let Some(mut ticket) = load::<TicketRecord>(view, &ticket_key(&e.ticket_id))? else {
+            let Some(mut ticket) = view.get_message::<TicketRecord>(&ticket_key(&e.ticket_id))?
+            else {
                 return Err(format!("follow-up of unknown ticket {}", e.ticket_id));
             };
-            let station = load::<CaseRecord>(view, &case_key(&e.case_id))?
+            let station = view
+                .get_message::<CaseRecord>(&case_key(&e.case_id))?
                 .map(|c| c.station_id)
                 .unwrap_or_default();
             close_open_follow_up(view, &ticket)?;
@@ -147,7 +140,8 @@ impl Projector for FeedbackProjector {
             drop_follow_up_timer(view, &e.ticket_id)?;
         } else if t == FollowUpRecorded::full_name() {
             let e: FollowUpRecorded = decode_payload(event)?;
-            let Some(mut ticket) = load::<TicketRecord>(view, &ticket_key(&e.ticket_id))? else {
+            let Some(mut ticket) = view.get_message::<TicketRecord>(&ticket_key(&e.ticket_id))?
+            else {
                 return Err(format!("follow-up of unknown ticket {}", e.ticket_id));
             };
             close_open_follow_up(view, &ticket)?;
@@ -206,7 +200,7 @@ fn previous_complaint(
     if account.is_empty() {
         return Ok(None);
     }
-    let previous = load::<Timestamp>(view, &account_complaint_key(account))?;
+    let previous = view.get_message::<Timestamp>(&account_complaint_key(account))?;
     store(view, account_complaint_key(account), at);
     Ok(previous)
 }
@@ -239,7 +233,7 @@ fn update_ticket(
     ticket: &str,
     change: impl FnOnce(&mut TicketRecord),
 ) -> Result<(), String> {
-    let Some(mut record) = load::<TicketRecord>(view, &ticket_key(ticket))? else {
+    let Some(mut record) = view.get_message::<TicketRecord>(&ticket_key(ticket))? else {
         return Err(format!("event of unknown ticket {ticket}"));
     };
     change(&mut record);
@@ -255,7 +249,7 @@ fn update_case(
     case: &str,
     change: impl FnOnce(&mut CaseRecord),
 ) -> Result<(), String> {
-    if let Some(mut record) = load::<CaseRecord>(view, &case_key(case))? {
+    if let Some(mut record) = view.get_message::<CaseRecord>(&case_key(case))? {
         change(&mut record);
         store(view, case_key(case), &record);
     }
@@ -425,7 +419,7 @@ fn reported(view: &mut ProjectionView<'_>, e: TicketReported) -> Result<(), Stri
 }
 
 fn routed(view: &mut ProjectionView<'_>, e: TicketRouted) -> Result<(), String> {
-    let mut case = match load::<CaseRecord>(view, &case_key(&e.case_id))? {
+    let mut case = match view.get_message::<CaseRecord>(&case_key(&e.case_id))? {
         Some(case) => case,
         None => {
             let reported_at = e.reported_at.unwrap_or_default();

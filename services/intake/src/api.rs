@@ -1,11 +1,11 @@
 //! The `lineguard.intake.v1.Intake` gRPC service.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use lineguard_eventlog::{
-    ActorKind, EventLog, ExpectedVersion, Idempotency, NewEvent, Transaction, actor,
+    ActorKind, EventLog, ExpectedVersion, Idempotency, NewEvent, Transaction, actor, blocking,
 };
 use lineguard_protos::intake::v1::{
     CancelTicketRequest, CancelTicketResponse, Channel, Disposition, GetTicketRequest,
@@ -54,7 +54,10 @@ pub const MAX_PAGE: usize = 1_000;
 /// matching little costs a bounded amount per call (the token resumes).
 pub const MAX_SCANNED_PER_LIST: usize = 20_000;
 
-/// Serves intake over one [`EventLog`].
+/// Serves intake over one [`EventLog`]. Cheap to clone (the log and the
+/// locks are shared): a handler hands a clone to the blocking pool, so no
+/// RocksDB read ever runs on one of the async runtime's worker threads.
+#[derive(Clone)]
 pub struct IntakeService {
     log: EventLog,
     config: IntakeConfig,
@@ -124,6 +127,61 @@ impl IntakeService {
                 None => (String::new(), ""),
             },
         )
+    }
+
+    /// One page of `ListTickets`: reads up to [`MAX_SCANNED_PER_LIST`]
+    /// index entries, so run it on the blocking pool.
+    fn list_page(
+        &self,
+        req: &ListTicketsRequest,
+        page_size: usize,
+        mut cursor: Option<Vec<u8>>,
+    ) -> Result<ListTicketsResponse, Status> {
+        let from = req.reported_from.map(|t| nanos(&t));
+        let to = req.reported_to.map(|t| nanos(&t));
+        let mut tickets = Vec::with_capacity(page_size.min(64));
+        let mut scanned = 0;
+        let mut exhausted = false;
+        while tickets.len() < page_size && scanned < MAX_SCANNED_PER_LIST {
+            let batch = self
+                .log
+                .projection_scan(BY_TIME_PREFIX, cursor.as_deref(), 256)
+                .map_err(Status::from)?;
+            if batch.is_empty() {
+                exhausted = true;
+                break;
+            }
+            for (key, _) in batch {
+                scanned += 1;
+                cursor = Some(key.clone());
+                let Some(ticket_id) = ticket_id_of_by_time_key(&key) else {
+                    continue;
+                };
+                let Some(ticket) = self.ticket(ticket_id)? else {
+                    continue;
+                };
+                if matches(req, &ticket, from, to) {
+                    tickets.push(ticket);
+                    if tickets.len() == page_size {
+                        break;
+                    }
+                }
+            }
+        }
+        let more = !exhausted
+            && cursor.as_deref().is_some_and(|c| {
+                self.log
+                    .projection_scan(BY_TIME_PREFIX, Some(c), 1)
+                    .is_ok_and(|next| !next.is_empty())
+            });
+        let next_page_token = match (more, cursor) {
+            (true, Some(c)) => String::from_utf8_lossy(&c).into_owned(),
+            _ => String::new(),
+        };
+        Ok(ListTicketsResponse {
+            tickets,
+            next_page_token,
+        })
     }
 
     /// Decides what a validated report becomes; returns the writes and the answer.
@@ -323,7 +381,7 @@ fn system() -> lineguard_eventlog::Actor {
 }
 
 fn now() -> Timestamp {
-    Timestamp::from(SystemTime::now())
+    lineguard_eventlog::clock::now()
 }
 
 #[tonic::async_trait]
@@ -332,12 +390,18 @@ impl Intake for IntakeService {
         &self,
         request: Request<ReportTicketRequest>,
     ) -> Result<Response<ReportTicketResponse>, Status> {
-        let req = request.into_inner();
+        let req = Arc::new(request.into_inner());
         let (channel, kind) = validate::report(&req)?;
         let fingerprint = req.encode_to_vec();
         let key = format!("report:{}", req.idempotency_key);
         let probe = Idempotency::new(key.clone(), &fingerprint, Bytes::new());
-        if let Some(answer) = earlier_answer::<ReportTicketResponse>(&self.log, &probe)? {
+        let (this, request) = (self.clone(), req.clone());
+        let (earlier, (district_id, district_source)) = blocking(move || {
+            let earlier = earlier_answer::<ReportTicketResponse>(&this.log, &probe)?;
+            Ok::<_, Status>((earlier, this.locate(&request)?))
+        })
+        .await?;
+        if let Some(answer) = earlier {
             return Ok(Response::new(answer));
         }
         let phone = req.caller.as_ref().map_or("", |c| c.phone.as_str());
@@ -347,19 +411,22 @@ impl Intake for IntakeService {
             lock_keys.push(format!("customer/{customer}"));
         }
         // Located once: the district locked on is the district decided on.
-        let (district_id, district_source) = self.locate(&req)?;
         if kind == TicketKind::FaultRepair && !district_id.is_empty() {
             lock_keys.push(format!("district/{district_id}"));
         }
         let _guards = self.locks.lock(&lock_keys).await;
-        let (txn, response) = self.decide_report(
-            &req,
-            channel,
-            kind,
-            customer.as_deref(),
-            (&district_id, district_source),
-            now(),
-        )?;
+        let (this, request) = (self.clone(), req.clone());
+        let (txn, response) = blocking(move || {
+            this.decide_report(
+                &request,
+                channel,
+                kind,
+                customer.as_deref(),
+                (&district_id, district_source),
+                now(),
+            )
+        })
+        .await?;
         let idempotency =
             Idempotency::new(key, &fingerprint, Bytes::from(response.encode_to_vec()));
         let answer: ReportTicketResponse = commit_idempotent(&self.log, txn, idempotency).await?;
@@ -374,8 +441,10 @@ impl Intake for IntakeService {
     ) -> Result<Response<GetTicketResponse>, Status> {
         let ticket_id = request.into_inner().ticket_id;
         validate::id("ticket_id", &ticket_id)?;
-        let ticket = self
-            .ticket(&ticket_id)?
+        let this = self.clone();
+        let id = ticket_id.clone();
+        let ticket = blocking(move || this.ticket(&id))
+            .await?
             .ok_or_else(|| Status::not_found(format!("ticket {ticket_id} not found")))?;
         Ok(Response::new(GetTicketResponse {
             ticket: Some(ticket),
@@ -397,7 +466,7 @@ impl Intake for IntakeService {
             }
             n => n,
         };
-        let mut cursor = if req.page_token.is_empty() {
+        let cursor = if req.page_token.is_empty() {
             None
         } else if req.page_token.as_bytes().starts_with(BY_TIME_PREFIX)
             && req.page_token.len() <= 256
@@ -409,51 +478,9 @@ impl Intake for IntakeService {
                 "not a token this service issued",
             ));
         };
-        let from = req.reported_from.map(|t| nanos(&t));
-        let to = req.reported_to.map(|t| nanos(&t));
-        let mut tickets = Vec::with_capacity(page_size.min(64));
-        let mut scanned = 0;
-        let mut exhausted = false;
-        while tickets.len() < page_size && scanned < MAX_SCANNED_PER_LIST {
-            let batch = self
-                .log
-                .projection_scan(BY_TIME_PREFIX, cursor.as_deref(), 256)
-                .map_err(Status::from)?;
-            if batch.is_empty() {
-                exhausted = true;
-                break;
-            }
-            for (key, _) in batch {
-                scanned += 1;
-                cursor = Some(key.clone());
-                let Some(ticket_id) = ticket_id_of_by_time_key(&key) else {
-                    continue;
-                };
-                let Some(ticket) = self.ticket(ticket_id)? else {
-                    continue;
-                };
-                if matches(&req, &ticket, from, to) {
-                    tickets.push(ticket);
-                    if tickets.len() == page_size {
-                        break;
-                    }
-                }
-            }
-        }
-        let more = !exhausted
-            && cursor.as_deref().is_some_and(|c| {
-                self.log
-                    .projection_scan(BY_TIME_PREFIX, Some(c), 1)
-                    .is_ok_and(|next| !next.is_empty())
-            });
-        let next_page_token = match (more, cursor) {
-            (true, Some(c)) => String::from_utf8_lossy(&c).into_owned(),
-            _ => String::new(),
-        };
-        Ok(Response::new(ListTicketsResponse {
-            tickets,
-            next_page_token,
-        }))
+        let this = self.clone();
+        let page = blocking(move || this.list_page(&req, page_size, cursor)).await?;
+        Ok(Response::new(page))
     }
 
     async fn cancel_ticket(
@@ -467,15 +494,19 @@ impl Intake for IntakeService {
         let fingerprint = req.encode_to_vec();
         let key = format!("cancel:{}", req.idempotency_key);
         let probe = Idempotency::new(key.clone(), &fingerprint, Bytes::new());
-        if let Some(answer) = earlier_answer::<CancelTicketResponse>(&self.log, &probe)? {
+        let this = self.clone();
+        if let Some(answer) =
+            blocking(move || earlier_answer::<CancelTicketResponse>(&this.log, &probe)).await?
+        {
             return Ok(Response::new(answer));
         }
         let _guard = self
             .locks
             .lock(&[format!("ticket/{}", req.ticket_id)])
             .await;
-        let mut ticket = self
-            .ticket(&req.ticket_id)?
+        let (this, id) = (self.clone(), req.ticket_id.clone());
+        let mut ticket = blocking(move || this.ticket(&id))
+            .await?
             .ok_or_else(|| Status::not_found(format!("ticket {} not found", req.ticket_id)))?;
         if !is_open(ticket.status()) {
             return Err(Status::failed_precondition(format!(

@@ -18,8 +18,8 @@
 
 use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, decode_payload};
 use lineguard_protos::dispatch::v1::{
-    ClockAlerted, CrewArrived, CrewDeparted, EtrUpdated, OrderAcknowledged, OrderAssigned,
-    PowerRestored, WorkCompleted,
+    ClockAlerted, CrewArrived, CrewDeparted, EtrUpdated, JudgedTime, OrderAcknowledged,
+    OrderAssigned, PowerRestored, WorkCompleted,
 };
 use lineguard_protos::intake::v1::{
     ClockAlert, Deadline, EventObserved, IncidentMarkedProbableOutage, IncidentOpened,
@@ -133,17 +133,9 @@ pub fn follow_incident(child: &mut TicketView, lead: &TicketView) {
     }
 }
 
-fn load<M: Message + Default>(view: &ProjectionView<'_>, key: &[u8]) -> Result<Option<M>, String> {
-    match view.get(key).map_err(|e| e.to_string())? {
-        Some(bytes) => M::decode(bytes.as_slice())
-            .map(Some)
-            .map_err(|e| e.to_string()),
-        None => Ok(None),
-    }
-}
-
 fn load_ticket(view: &ProjectionView<'_>, ticket_id: &str) -> Result<TicketView, String> {
-    load(view, &ticket_key(ticket_id))?.ok_or_else(|| format!("unknown ticket {ticket_id}"))
+    view.get_message(&ticket_key(ticket_id))?
+        .ok_or_else(|| format!("unknown ticket {ticket_id}"))
 }
 
 fn store(view: &mut ProjectionView<'_>, key: Vec<u8>, message: &impl Message) {
@@ -156,7 +148,8 @@ impl Projector for IntakeProjector {
     }
 
     fn version(&self) -> u32 {
-        2
+        // 3: crew actions stop clocks at their judged time.
+        3
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
@@ -222,8 +215,9 @@ impl Projector for IntakeProjector {
             }
             t if t == TicketJoinedIncident::full_name() => {
                 let e: TicketJoinedIncident = decode_payload(event)?;
-                let mut incident: IncidentView = load(view, &incident_key(&e.incident_id))?
-                    .ok_or_else(|| format!("unknown incident {}", e.incident_id))?;
+                let mut incident: IncidentView =
+                    view.get_message(&incident_key(&e.incident_id))?
+                        .ok_or_else(|| format!("unknown incident {}", e.incident_id))?;
                 incident.ticket_count = e.ticket_count;
                 incident.last_call_at = Some(at);
                 store(view, incident_key(&e.incident_id), &incident);
@@ -236,8 +230,9 @@ impl Projector for IntakeProjector {
             }
             t if t == IncidentMarkedProbableOutage::full_name() => {
                 let e: IncidentMarkedProbableOutage = decode_payload(event)?;
-                let mut incident: IncidentView = load(view, &incident_key(&e.incident_id))?
-                    .ok_or_else(|| format!("unknown incident {}", e.incident_id))?;
+                let mut incident: IncidentView =
+                    view.get_message(&incident_key(&e.incident_id))?
+                        .ok_or_else(|| format!("unknown incident {}", e.incident_id))?;
                 incident.probable_outage = true;
                 store(view, incident_key(&e.incident_id), &incident);
             }
@@ -274,7 +269,9 @@ impl Projector for IntakeProjector {
 /// The ticket a routing case is about: the ticket itself, or an incident's lead.
 fn lead_of(view: &ProjectionView<'_>, case: &str) -> Result<Option<String>, String> {
     if case.starts_with("incident-") {
-        Ok(load::<IncidentView>(view, &incident_key(case))?.map(|i| i.lead_ticket_id))
+        Ok(view
+            .get_message::<IncidentView>(&incident_key(case))?
+            .map(|i| i.lead_ticket_id))
     } else {
         Ok(Some(case.to_string()))
     }
@@ -445,7 +442,7 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
                 if is_open(ticket.status()) {
                     ticket.status = TicketStatus::OnSite as i32;
                 }
-                stop_clock(ticket, "arrival", e.device_time);
+                stop_clock(ticket, "arrival", e.judged_time());
             }),
         )
     } else if t == EtrUpdated::full_name() {
@@ -464,7 +461,7 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
                 if is_open(ticket.status()) {
                     ticket.status = TicketStatus::Restored as i32;
                 }
-                stop_clock(ticket, "restoration", e.device_time);
+                stop_clock(ticket, "restoration", e.judged_time());
             }),
         )
     } else if t == WorkCompleted::full_name() {
@@ -475,7 +472,7 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
                 if is_open(ticket.status()) || ticket.status() == TicketStatus::Restored {
                     ticket.status = TicketStatus::Completed as i32;
                 }
-                stop_clock(ticket, "restoration", e.device_time);
+                stop_clock(ticket, "restoration", e.judged_time());
             }),
         )
     } else if t == ClockAlerted::full_name() {
@@ -498,7 +495,7 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
     let Some(ticket_id) = lead_of(view, &case)? else {
         return Ok(());
     };
-    let Some(mut ticket) = load::<TicketView>(view, &ticket_key(&ticket_id))? else {
+    let Some(mut ticket) = view.get_message::<TicketView>(&ticket_key(&ticket_id))? else {
         // Routing knows a ticket intake does not: nothing to show it on.
         return Ok(());
     };

@@ -29,6 +29,15 @@ pub mod eventlog {
     }
 }
 
+/// `lineguard.bus.*`: parked events and dead letters of the consumers.
+pub mod bus {
+    /// `lineguard.bus.v1`.
+    pub mod v1 {
+        #![allow(missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/lineguard.bus.v1.rs"));
+    }
+}
+
 /// `lineguard.routing.*`: the directory, availability, the time-limit policy,
 /// routes and escalations.
 pub mod routing {
@@ -45,6 +54,35 @@ pub mod dispatch {
     pub mod v1 {
         #![allow(missing_docs)]
         include!(concat!(env!("OUT_DIR"), "/lineguard.dispatch.v1.rs"));
+
+        /// The time a crew action counts at, for every clock, view and
+        /// scorecard: its `judged_at` (the device's time as dispatch's rule
+        /// bounds it), or, in events written before that was recorded, the
+        /// device's own time.
+        pub trait JudgedTime {
+            /// `judged_at`, else `device_time`.
+            fn judged_time(&self) -> Option<prost_types::Timestamp>;
+        }
+
+        macro_rules! judged_time {
+            ($($action:ty),*) => {$(
+                impl JudgedTime for $action {
+                    fn judged_time(&self) -> Option<prost_types::Timestamp> {
+                        self.judged_at.or(self.device_time)
+                    }
+                }
+            )*};
+        }
+        judged_time!(
+            OrderAcknowledged,
+            CrewDeparted,
+            CrewArrived,
+            EtrUpdated,
+            PowerRestored,
+            WorkCompleted,
+            OrderReturned,
+            NoteAdded
+        );
     }
 }
 

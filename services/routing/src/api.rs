@@ -15,7 +15,7 @@ use lineguard_protos::routing::v1::{
     GetRouteRequest, ImportAccountsRequest, ImportAccountsResponse, LookupOwnerRequest,
     LookupOwnerResponse, Manager, ManagerDefined, PolicyAdopted, ReturnReason, ReturnTicketRequest,
     RouteStatus, RouteView, SetAvailabilityRequest, Station, StationDefined, TicketAccepted,
-    TicketAnswered,
+    TicketAnswered, VerifyLoadsRequest, VerifyLoadsResponse,
     routing_server::{Routing, RoutingServer},
 };
 use prost::{Message, Name};
@@ -744,5 +744,21 @@ impl Routing for RoutingService {
             Status::not_found(format!("policy version {version} was never adopted"))
         })?;
         Ok(Response::new(adopted))
+    }
+
+    async fn verify_loads(
+        &self,
+        _request: Request<VerifyLoadsRequest>,
+    ) -> Result<Response<VerifyLoadsResponse>, Status> {
+        let log = self.router.log().clone();
+        let checked =
+            lineguard_eventlog::blocking(move || crate::loads::verify_loads(&log)).await?;
+        if !checked.mismatches.is_empty() {
+            tracing::error!(
+                mismatches = checked.mismatches.len(),
+                "stored loads differ from the recount"
+            );
+        }
+        Ok(Response::new(checked))
     }
 }

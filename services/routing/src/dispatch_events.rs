@@ -1,14 +1,18 @@
 //! What routing does with dispatch's events: a crew's acknowledgement of
 //! its work order is the acceptance of the ticket (it stops the acceptance
 //! clock, as `AcceptTicket` does for desk work); a crew's return (退单) is
-//! handled as `ReturnTicket` is: re-routed to the right district or closed.
+//! handled as `ReturnTicket` is: re-routed to the right district or closed;
+//! a crew's completion ends the hop's field work (`TicketWorkCompleted`),
+//! so the case no longer counts in its holder's or its crew's load.
 
 use lineguard_bus::{Handled, Handler, HandlerError, subjects::event_type_filter};
 use lineguard_eventlog::{
     ActorKind, EventEnvelope, ExpectedVersion, NewEvent, Transaction, actor, decode_payload,
 };
-use lineguard_protos::dispatch::v1::{OrderAcknowledged, OrderReturned};
-use lineguard_protos::routing::v1::{ReturnReason, RouteStatus, TicketAccepted};
+use lineguard_protos::dispatch::v1::{OrderAcknowledged, OrderReturned, WorkCompleted};
+use lineguard_protos::routing::v1::{
+    ReturnReason, RouteStatus, TicketAccepted, TicketWorkCompleted,
+};
 use prost::Name;
 
 use crate::projection::nanos;
@@ -22,6 +26,7 @@ pub fn subjects() -> Vec<String> {
     vec![
         event_type_filter("dispatch", &OrderAcknowledged::full_name()),
         event_type_filter("dispatch", &OrderReturned::full_name()),
+        event_type_filter("dispatch", &WorkCompleted::full_name()),
     ]
 }
 
@@ -93,10 +98,51 @@ impl DispatchEvents {
     }
 }
 
+impl DispatchEvents {
+    fn work_completed(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
+        let done: WorkCompleted = decode_payload(event).map_err(HandlerError::Reject)?;
+        let route = self
+            .router
+            .route(&done.order_id)
+            .map_err(|e| HandlerError::Retry(e.to_string()))?;
+        // Only the work of the hop that sent this crew, while it is open: a
+        // completion of an older hop's order (the case moved on) ends nothing.
+        let Some(route) = route.filter(|r| {
+            matches!(r.status(), RouteStatus::Routed | RouteStatus::Accepted)
+                && r.field_work
+                && r.crew_id == done.crew_id
+        }) else {
+            return Ok(Handled::Ignore);
+        };
+        let completed = TicketWorkCompleted {
+            case_id: route.case_id.clone(),
+            hop: route.hop,
+            assignee_id: route.assignee_id.clone(),
+            crew_id: done.crew_id.clone(),
+            completed_at: done.device_time.or(event.recorded_at),
+        };
+        Ok(Handled::Commit(Transaction::append(
+            &route.case_id,
+            ExpectedVersion::Exact(route.version),
+            vec![
+                NewEvent::new(
+                    &completed,
+                    &route.case_id,
+                    actor(ActorKind::Crew, &done.crew_id),
+                )
+                .caused_by(&event.event_id),
+            ],
+        )))
+    }
+}
+
 impl Handler for DispatchEvents {
     async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
         if event.event_type == OrderReturned::full_name() {
             return self.crew_returned(event);
+        }
+        if event.event_type == WorkCompleted::full_name() {
+            return self.work_completed(event);
         }
         if event.event_type != OrderAcknowledged::full_name() {
             return Ok(Handled::Ignore);

@@ -94,6 +94,7 @@ impl Handler for IntakeEvents {
                 case_id: route.case_id.clone(),
                 reason: format!("cancelled by the customer: {}", cancelled.reason),
                 closed_at: Some(now()),
+                hop: route.hop,
             };
             return Ok(Handled::Commit(Transaction::append(
                 &route.case_id,

@@ -14,8 +14,10 @@
 //!
 //! - [`api`]: the `lineguard.routing.v1.Routing` gRPC service.
 //! - [`intake_events`]: the consumer that routes what intake takes in.
-//! - [`dispatch_events`]: a crew's acknowledgement accepts the ticket; its return hands it back.
+//! - [`dispatch_events`]: a crew's acknowledgement accepts the ticket; its return hands it
+//!   back; its completion ends the hop (the case no longer counts in anyone's load).
 //! - [`feedback_events`]: a ticket reopened at follow-up goes back to its owner.
+//! - [`loads`]: every assignee's and crew's open tickets recounted from the log.
 //! - [`router`]: [`Router`](router::Router), the decision of who holds a ticket.
 //! - [`timers`]: durable timers: escalation, warnings, breaches, exactly once.
 //! - [`directory`]: the directory file, its checks, and reads of it.
@@ -28,6 +30,7 @@ pub mod directory;
 pub mod dispatch_events;
 pub mod feedback_events;
 pub mod intake_events;
+pub mod loads;
 pub mod policy;
 pub mod projection;
 pub mod router;
@@ -38,7 +41,7 @@ use lineguard_eventlog::EventTypes;
 use lineguard_protos::routing::v1::{
     AccountsAssigned, AvailabilityChanged, ClockBreached, ClockWarned, CompanyDefined, CrewDefined,
     DistrictDefined, ManagerDefined, PolicyAdopted, StationDefined, TicketAccepted, TicketAnswered,
-    TicketFollowedIncident, TicketReturned, TicketRouted, TicketRoutingClosed,
+    TicketFollowedIncident, TicketReturned, TicketRouted, TicketRoutingClosed, TicketWorkCompleted,
 };
 
 /// The service's name: its log's `source`, its stream `LINEGUARD_ROUTING`.
@@ -61,6 +64,7 @@ pub fn event_types() -> EventTypes {
         .with::<TicketReturned>(1)
         .with::<TicketAnswered>(1)
         .with::<TicketRoutingClosed>(1)
+        .with::<TicketWorkCompleted>(1)
         .with::<ClockWarned>(1)
         .with::<ClockBreached>(1)
 }

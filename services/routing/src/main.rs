@@ -51,10 +51,12 @@ async fn main() -> ExitCode {
         mirror: None,
         api_services: vec!["lineguard.routing.v1.Routing"],
     };
-    let config = RoutingConfig {
-        overload_threshold: args.overload_threshold,
-    };
+    let overload_threshold = args.overload_threshold;
     lineguard_runtime::run(spec, args.common, async move |host| {
+        let config = RoutingConfig {
+            overload_threshold,
+            calendar: host.calendar.clone(),
+        };
         let router = Router::new(host.log.clone(), config);
         let setup = |e: lineguard_routing::router::RouterError| HostError::Setup(e.to_string());
         if let Some(path) = &args.policy {

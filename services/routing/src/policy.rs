@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use lineguard_protos::intake::v1::{ServiceRequestType, TicketKind};
 use lineguard_protos::routing::v1::{AreaClass, ClockLimit, Deadline};
+use lineguard_runtime::calendar::Calendar;
 use prost_types::Timestamp;
 use serde::Deserialize;
 
@@ -33,8 +34,8 @@ pub struct PolicyError(pub String);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Span {
     Seconds(u64),
-    /// Monday to Friday, counted in China Standard Time (UTC+8). Public
-    /// holidays are not modelled.
+    /// Working days of the service's calendar (`deploy/calendar.toml`:
+    /// weekdays in local time, less public holidays, plus make-up days).
     WorkingDays(u32),
 }
 
@@ -71,30 +72,14 @@ impl Span {
         Ok(Span::Seconds(seconds))
     }
 
-    /// `start` plus this span.
-    pub fn after(self, start: &Timestamp) -> Timestamp {
+    /// `start` plus this span; working days as `calendar` counts them.
+    pub fn after(self, start: &Timestamp, calendar: &Calendar) -> Timestamp {
         match self {
             Span::Seconds(s) => Timestamp {
                 seconds: start.seconds + s as i64,
                 nanos: start.nanos,
             },
-            Span::WorkingDays(days) => {
-                const CST: i64 = 8 * 3_600;
-                let mut local = start.seconds + CST;
-                let mut left = days;
-                while left > 0 {
-                    local += 86_400;
-                    // 1970-01-01 was a Thursday: day 0 is weekday 4 (0 = Sunday).
-                    let weekday = (local.div_euclid(86_400) + 4).rem_euclid(7);
-                    if weekday != 0 && weekday != 6 {
-                        left -= 1;
-                    }
-                }
-                Timestamp {
-                    seconds: local - CST,
-                    nanos: start.nanos,
-                }
-            }
+            Span::WorkingDays(days) => calendar.add_working_days(start, days),
         }
     }
 
@@ -333,12 +318,13 @@ impl Policy {
         area: AreaClass,
         reported_at: &Timestamp,
         routed_at: &Timestamp,
+        calendar: &Calendar,
     ) -> (Vec<Deadline>, Vec<ClockLimit>) {
         let limits = self.limits(kind, sub_type);
         let mut deadlines = Vec::new();
         let mut clock_limits = Vec::new();
         let acceptance = limits.acceptance.get(area);
-        deadlines.push(deadline(ACCEPTANCE, acceptance.after(routed_at)));
+        deadlines.push(deadline(ACCEPTANCE, acceptance.after(routed_at, calendar)));
         clock_limits.push(acceptance.to_limit(ACCEPTANCE, "routed"));
         for (clock, limit) in [
             (ARRIVAL, limits.arrival),
@@ -347,7 +333,7 @@ impl Policy {
         ] {
             if let Some(limit) = limit {
                 let span = limit.get(area);
-                deadlines.push(deadline(clock, span.after(reported_at)));
+                deadlines.push(deadline(clock, span.after(reported_at, calendar)));
                 clock_limits.push(span.to_limit(clock, "reported"));
             }
         }
@@ -405,10 +391,11 @@ mod tests {
             seconds: 1_795_140_000,
             nanos: 0,
         };
-        let due = Span::WorkingDays(1).after(&friday);
+        let calendar = Calendar::default();
+        let due = Span::WorkingDays(1).after(&friday, &calendar);
         // Monday 2026-11-23 10:00 CST.
         assert_eq!(due.seconds - friday.seconds, 3 * 86_400);
-        let due = Span::WorkingDays(4).after(&friday);
+        let due = Span::WorkingDays(4).after(&friday, &calendar);
         assert_eq!(due.seconds - friday.seconds, 6 * 86_400, "Thursday");
     }
 

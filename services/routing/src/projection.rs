@@ -5,7 +5,7 @@
 //! | `company/<id>`, `station/<id>`, `district/<id>`, `manager/<id>`, `crew/<id>` | the directory entry |
 //! | `station-crew/<station>/<crew>` | empty: a station's crews |
 //! | `account/<account number>` | the district id |
-//! | `assignee/<id>` | [`AvailabilityView`]: role, availability, open tickets |
+//! | `assignee/<id>` | [`AvailabilityView`]: role, availability, open tickets (see [`holders`]) |
 //! | `policy/<version>` | [`PolicyAdopted`]; `policy-current`: the newest version |
 //! | `route/<case id>` | [`RouteView`] of a ticket or incident |
 //! | `follows/<ticket id>` | the incident a child ticket follows |
@@ -22,7 +22,7 @@ use lineguard_protos::routing::v1::{
     AccountsAssigned, AssigneeRole, AvailabilityChanged, AvailabilityView, ClockBreached,
     ClockWarned, CompanyDefined, CrewDefined, DistrictDefined, Hop, ManagerDefined, PolicyAdopted,
     RouteStatus, RouteView, StationDefined, TicketAccepted, TicketAnswered, TicketFollowedIncident,
-    TicketReturned, TicketRouted, TicketRoutingClosed, Timer,
+    TicketReturned, TicketRouted, TicketRoutingClosed, TicketWorkCompleted, Timer,
 };
 use prost::{Message, Name};
 use prost_types::Timestamp;
@@ -69,21 +69,13 @@ pub fn follows_key(ticket: &str) -> Vec<u8> {
 }
 pub use lineguard_eventlog::timers::nanos;
 
-fn load<M: Message + Default>(view: &ProjectionView<'_>, key: &[u8]) -> Result<Option<M>, String> {
-    match view.get(key).map_err(|e| e.to_string())? {
-        Some(bytes) => M::decode(bytes.as_slice())
-            .map(Some)
-            .map_err(|e| e.to_string()),
-        None => Ok(None),
-    }
-}
-
 fn store(view: &mut ProjectionView<'_>, key: Vec<u8>, message: &impl Message) {
     view.put(key, message.encode_to_vec());
 }
 
 fn load_route(view: &ProjectionView<'_>, case: &str) -> Result<RouteView, String> {
-    load(view, &route_key(case))?.ok_or_else(|| format!("no route for {case}"))
+    view.get_message(&route_key(case))?
+        .ok_or_else(|| format!("no route for {case}"))
 }
 
 /// A route as it stands after `e`: the one place a hop changes a route.
@@ -134,24 +126,64 @@ fn define_assignee(
     if id.is_empty() {
         return Ok(());
     }
-    let mut a: AvailabilityView = load(view, &assignee_key(id))?.unwrap_or_default();
+    let mut a: AvailabilityView = view.get_message(&assignee_key(id))?.unwrap_or_default();
     a.assignee_id = id.to_string();
     a.role = role as i32;
     store(view, assignee_key(id), &a);
     Ok(())
 }
 
-fn add_load(view: &mut ProjectionView<'_>, id: &str, delta: i32) -> Result<(), String> {
-    if id.is_empty() {
-        return Ok(());
+/// Who a route holds now: its assignee and, for field work, its crew,
+/// while the route is open (routed or accepted). A person's open tickets
+/// are exactly the routes that hold them, so every load is a function of
+/// the routes: [`recount_loads`] derives it again from the log.
+pub fn holders(route: &RouteView) -> Vec<&str> {
+    if !matches!(route.status(), RouteStatus::Routed | RouteStatus::Accepted) {
+        return Vec::new();
     }
+    let mut who = Vec::with_capacity(2);
+    if !route.assignee_id.is_empty() {
+        who.push(route.assignee_id.as_str());
+    }
+    if route.field_work && !route.crew_id.is_empty() && route.crew_id != route.assignee_id {
+        who.push(route.crew_id.as_str());
+    }
+    who
+}
+
+fn add_load(view: &mut ProjectionView<'_>, id: &str, delta: i32) -> Result<(), String> {
     let mut a: AvailabilityView =
-        load(view, &assignee_key(id))?.unwrap_or_else(|| AvailabilityView {
-            assignee_id: id.to_string(),
-            ..AvailabilityView::default()
-        });
-    a.open_tickets = a.open_tickets.saturating_add_signed(delta);
+        view.get_message(&assignee_key(id))?
+            .unwrap_or_else(|| AvailabilityView {
+                assignee_id: id.to_string(),
+                ..AvailabilityView::default()
+            });
+    let Some(open) = a.open_tickets.checked_add_signed(delta) else {
+        // Loads are derived from routes (see `holders`): a release without
+        // a hold is a bug in this projector, not a state to carry on from.
+        return Err(format!("{id}'s open tickets would fall below zero"));
+    };
+    a.open_tickets = open;
     store(view, assignee_key(id), &a);
+    Ok(())
+}
+
+/// Stores a case's route, moving the loads from whoever `before` held to
+/// whoever `after` holds: the one place a load changes.
+fn store_route(
+    view: &mut ProjectionView<'_>,
+    before: Option<&RouteView>,
+    after: &RouteView,
+) -> Result<(), String> {
+    let held_before = before.map(holders).unwrap_or_default();
+    let held_after = holders(after);
+    for id in held_before.iter().filter(|id| !held_after.contains(id)) {
+        add_load(view, id, -1)?;
+    }
+    for id in held_after.iter().filter(|id| !held_before.contains(id)) {
+        add_load(view, id, 1)?;
+    }
+    store(view, route_key(&after.case_id), after);
     Ok(())
 }
 
@@ -190,7 +222,8 @@ impl Projector for RoutingProjector {
 
     fn version(&self) -> u32 {
         // 2: timers moved to the event log's shared timer table.
-        2
+        // 3: loads are the routes' holders (crews included), work completion.
+        3
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
@@ -218,7 +251,7 @@ impl Projector for RoutingProjector {
             let e: CrewDefined = decode_payload(event)?;
             let crew = e.crew.unwrap_or_default();
             if let Some(old) =
-                load::<lineguard_protos::routing::v1::Crew>(view, &crew_key(&crew.crew_id))?
+                view.get_message::<lineguard_protos::routing::v1::Crew>(&crew_key(&crew.crew_id))?
                 && old.station_id != crew.station_id
             {
                 let mut key = station_crews_prefix(&old.station_id);
@@ -237,8 +270,9 @@ impl Projector for RoutingProjector {
             }
         } else if t == AvailabilityChanged::full_name() {
             let e: AvailabilityChanged = decode_payload(event)?;
-            let mut a: AvailabilityView =
-                load(view, &assignee_key(&e.assignee_id))?.unwrap_or_default();
+            let mut a: AvailabilityView = view
+                .get_message(&assignee_key(&e.assignee_id))?
+                .unwrap_or_default();
             a.assignee_id = e.assignee_id.clone();
             a.role = e.role;
             a.availability = e.availability;
@@ -251,14 +285,12 @@ impl Projector for RoutingProjector {
             store(view, policy_key(&e.version), &e);
         } else if t == TicketRouted::full_name() {
             let e: TicketRouted = decode_payload(event)?;
-            let previous: Option<RouteView> = load(view, &route_key(&e.case_id))?;
+            let previous: Option<RouteView> = view.get_message(&route_key(&e.case_id))?;
             let first = previous.is_none();
-            let mut route = previous.unwrap_or_default();
+            let mut route = previous.clone().unwrap_or_default();
             let routed_at = e.routed_at.unwrap_or_default();
             apply_routed(&mut route, &e);
             route.version = event.stream_version;
-            add_load(view, &e.previous_assignee_id, -1)?;
-            add_load(view, &e.assignee_id, 1)?;
 
             let mut timers = timers_of(view, &e.case_id)?;
             timers.drop_where(|clock, _| clock == ACCEPTANCE);
@@ -280,27 +312,28 @@ impl Projector for RoutingProjector {
                 }
             }
             timers.save();
-            store(view, route_key(&e.case_id), &route);
+            store_route(view, previous.as_ref(), &route)?;
         } else if t == TicketFollowedIncident::full_name() {
             let e: TicketFollowedIncident = decode_payload(event)?;
             view.put(
                 follows_key(&e.ticket_id),
                 e.incident_id.clone().into_bytes(),
             );
-            if let Some(mut route) = load::<RouteView>(view, &route_key(&e.incident_id))? {
+            if let Some(mut route) = view.get_message::<RouteView>(&route_key(&e.incident_id))? {
                 route.children += 1;
                 store(view, route_key(&e.incident_id), &route);
             }
         } else if t == TicketAccepted::full_name() {
             let e: TicketAccepted = decode_payload(event)?;
-            let mut route = load_route(view, &e.case_id)?;
+            let before = load_route(view, &e.case_id)?;
+            let mut route = before.clone();
             route.status = RouteStatus::Accepted as i32;
             route.accepted_at = e.accepted_at;
             route.version = event.stream_version;
             let mut timers = timers_of(view, &e.case_id)?;
             timers.drop_where(|clock, _| clock == ACCEPTANCE);
             timers.save();
-            store(view, route_key(&e.case_id), &route);
+            store_route(view, Some(&before), &route)?;
         } else if t == TicketReturned::full_name() {
             // The route it leads to (or its closing) comes in the same commit.
             let e: TicketReturned = decode_payload(event)?;
@@ -315,15 +348,27 @@ impl Projector for RoutingProjector {
                 let e: TicketRoutingClosed = decode_payload(event)?;
                 (e.case_id, RouteStatus::Closed, e.reason)
             };
-            let mut route = load_route(view, &case)?;
+            let before = load_route(view, &case)?;
+            let mut route = before.clone();
             route.status = status as i32;
             route.closed_reason = reason;
             route.version = event.stream_version;
-            add_load(view, &route.assignee_id, -1)?;
             let mut timers = timers_of(view, &case)?;
             timers.drop_where(|_, _| true);
             timers.save();
-            store(view, route_key(&case), &route);
+            store_route(view, Some(&before), &route)?;
+        } else if t == TicketWorkCompleted::full_name() {
+            let e: TicketWorkCompleted = decode_payload(event)?;
+            let before = load_route(view, &e.case_id)?;
+            let mut route = before.clone();
+            route.status = RouteStatus::WorkCompleted as i32;
+            route.version = event.stream_version;
+            // Every clock of the hop stops with the work: none may be left
+            // to fire (or to stand in the timer scan's way).
+            let mut timers = timers_of(view, &e.case_id)?;
+            timers.drop_where(|_, _| true);
+            timers.save();
+            store_route(view, Some(&before), &route)?;
         } else if t == ClockWarned::full_name() {
             let e: ClockWarned = decode_payload(event)?;
             let mut route = load_route(view, &e.case_id)?;

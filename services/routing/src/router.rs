@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use lineguard_eventlog::{Error as LogError, EventLog, NewEvent};
 use lineguard_protos::intake::v1::{ServiceRequestType, TicketKind, TicketReported};
@@ -26,18 +25,22 @@ use crate::policy::{ACCEPTANCE, Policy, PolicyError};
 use crate::projection::{
     POLICY_CURRENT, apply_routed, assignee_key, follows_key, nanos, policy_key, route_key,
 };
+use lineguard_runtime::calendar::Calendar;
 
 /// Routing's knobs.
 #[derive(Debug, Clone)]
 pub struct RoutingConfig {
     /// An assignee holding more open tickets than this is passed over.
     pub overload_threshold: u32,
+    /// The working calendar limits in working days are counted by.
+    pub calendar: Arc<Calendar>,
 }
 
 impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
             overload_threshold: 50,
+            calendar: Arc::new(Calendar::default()),
         }
     }
 }
@@ -77,7 +80,7 @@ impl From<RouterError> for tonic::Status {
 
 /// The current time as a protobuf timestamp.
 pub fn now() -> Timestamp {
-    Timestamp::from(SystemTime::now())
+    lineguard_eventlog::clock::now()
 }
 
 /// Whole seconds from `from` to `to`, never negative.
@@ -417,7 +420,14 @@ impl Router {
             .as_ref()
             .map_or(AreaClass::Urban, District::area_class);
         let reported_at = reported.reported_at.unwrap_or(*now);
-        let (deadlines, limits) = policy.clocks(kind, sub_type, area, &reported_at, now);
+        let (deadlines, limits) = policy.clocks(
+            kind,
+            sub_type,
+            area,
+            &reported_at,
+            now,
+            &self.config.calendar,
+        );
         let field_work = policy.limits(kind, sub_type).field_work;
         let (reason, detail) = if place.district.is_none() {
             (
@@ -475,7 +485,7 @@ impl Router {
         let acceptance = policy.limits(kind, sub_type).acceptance.get(area);
         let mut deadlines = route.deadlines.clone();
         for d in deadlines.iter_mut().filter(|d| d.clock == ACCEPTANCE) {
-            d.due_at = Some(acceptance.after(now));
+            d.due_at = Some(acceptance.after(now, &self.config.calendar));
         }
         let detail = if choice.passed_over.is_empty() {
             detail
@@ -534,6 +544,7 @@ impl Router {
             routed.area_class(),
             now,
             now,
+            &self.config.calendar,
         );
         routed.acceptance_due_at = deadlines
             .iter()
@@ -601,6 +612,7 @@ impl Router {
                     case_id: route.case_id.clone(),
                     reason: why.to_string(),
                     closed_at: Some(*at),
+                    hop: route.hop,
                 };
                 view.status = RouteStatus::Closed as i32;
                 view.closed_reason = why.to_string();

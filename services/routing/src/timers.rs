@@ -23,14 +23,22 @@ use prost_types::Timestamp;
 use crate::policy::ACCEPTANCE;
 use crate::router::{Router, RouterError, now, seconds_between};
 
-/// Due timers acted on per call (the rest wait for the next tick).
+/// Due timers read per page, and acted on per call (the rest wait for the
+/// next tick).
 pub const SCAN_BATCH: usize = 256;
+/// Due timers looked at per call: a timer that cannot fire now (its case
+/// changed meanwhile) is passed over, so at most this many stand between
+/// the earliest and the first that can fire.
+pub const SCAN_LOOK_AT: usize = 64 * SCAN_BATCH;
 
 /// Acts on the timers due at `now` (at most [`SCAN_BATCH`]); returns how
 /// many fired. A timer whose case changed meanwhile is left for next time.
 pub async fn fire_due(router: &Router, now: &Timestamp) -> Result<usize, RouterError> {
     let mut fired = 0;
-    for (key, value) in timers::due(router.log(), now, SCAN_BATCH)? {
+    let mut due = timers::DueTimers::new(router.log(), now, SCAN_BATCH, SCAN_LOOK_AT);
+    while fired < SCAN_BATCH
+        && let Some((key, value)) = due.next_timer()?
+    {
         let timer = Timer::decode(value.as_slice())
             .map_err(|e| RouterError::Precondition(format!("undecodable timer {key:02x?}: {e}")))?;
         if fire(router, &timer, now).await? {

@@ -267,6 +267,7 @@ async fn a_manager_on_leave_or_overloaded_is_passed_over_in_the_same_hop() {
         router.log().clone(),
         RoutingConfig {
             overload_threshold: 1,
+            ..RoutingConfig::default()
         },
     );
     let account = router_account_in(&router, "d-xihe-01");
@@ -921,6 +922,7 @@ async fn the_crews_acknowledgement_accepts_field_work() {
         action_id: "a1".into(),
         device_time: Some(now()),
         recorded_at: Some(now()),
+        ..OrderAcknowledged::default()
     };
     let handler = DispatchEvents::new(router.clone());
     let mut from_dispatch = envelope(&ack("crew-somebody-else"), &route.case_id);
@@ -950,4 +952,176 @@ async fn the_crews_acknowledgement_accepts_field_work() {
         0,
         "no escalation once the crew has it"
     );
+}
+
+/// An assignee's or crew's open tickets, as `GetAvailability` shows them.
+async fn open_tickets(router: &Router, who: &str) -> u32 {
+    service(router)
+        .get_availability(Request::new(GetAvailabilityRequest {
+            assignee_id: who.into(),
+        }))
+        .await
+        .expect("availability")
+        .into_inner()
+        .open_tickets
+}
+
+/// A person's load is exactly the open cases they hold: field work
+/// completed by the crew, a cancellation, an answer and an escalation away
+/// all release it; a reopen takes it again. The recount from the log equals
+/// the stored loads at every step, and is zero once everything is done.
+#[tokio::test]
+async fn loads_fall_with_completion_cancellation_answer_and_escalation() {
+    use lineguard_protos::dispatch::v1::{OrderAcknowledged, WorkCompleted};
+    use lineguard_protos::feedback::v1::TicketReopened;
+    use lineguard_protos::routing::v1::VerifyLoadsRequest;
+    use lineguard_routing::dispatch_events::{CONSUMER as FROM_DISPATCH, DispatchEvents};
+    use lineguard_routing::feedback_events::{CONSUMER as FROM_FEEDBACK, FeedbackEvents};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = router(dir.path()).await;
+    let svc = service(&router);
+    let check = || async {
+        let checked = svc
+            .verify_loads(Request::new(VerifyLoadsRequest {}))
+            .await
+            .expect("verify loads")
+            .into_inner();
+        assert!(checked.mismatches.is_empty(), "{:?}", checked.mismatches);
+        checked.open_tickets
+    };
+    let from = |source: &str, mut e: EventEnvelope| {
+        e.source = source.into();
+        e
+    };
+    let account = router_account_in(&router, "d-dongpo-04");
+
+    // Field work: the manager and the crew each hold it until the crew completes.
+    let fault = report(
+        &router,
+        &reported(TicketKind::FaultRepair, Channel::App, &account),
+    )
+    .await;
+    let (manager, crew) = (fault.assignee_id.clone(), fault.crew_id.clone());
+    assert!(!crew.is_empty());
+    assert_eq!(open_tickets(&router, &manager).await, 1);
+    assert_eq!(open_tickets(&router, &crew).await, 1);
+    assert_eq!(check().await, 2);
+    let dispatch = DispatchEvents::new(router.clone());
+    let ack = OrderAcknowledged {
+        order_id: fault.case_id.clone(),
+        crew_id: crew.clone(),
+        action_id: "a1".into(),
+        device_time: Some(now()),
+        recorded_at: Some(now()),
+        ..OrderAcknowledged::default()
+    };
+    let event = from("dispatch", envelope(&ack, &fault.case_id));
+    apply_event(router.log(), FROM_DISPATCH, &dispatch, &event, 3)
+        .await
+        .expect("ack");
+    assert_eq!(
+        open_tickets(&router, &manager).await,
+        1,
+        "accepted: still held"
+    );
+    let done = WorkCompleted {
+        order_id: fault.case_id.clone(),
+        crew_id: crew.clone(),
+        action_id: "a2".into(),
+        device_time: Some(now()),
+        cause: "fuse".into(),
+        result: "replaced".into(),
+        ..WorkCompleted::default()
+    };
+    let event = from("dispatch", envelope(&done, &fault.case_id));
+    apply_event(router.log(), FROM_DISPATCH, &dispatch, &event, 3)
+        .await
+        .expect("completed");
+    let route = router.route(&fault.case_id).expect("read").expect("route");
+    assert_eq!(route.status(), RouteStatus::WorkCompleted);
+    assert_eq!(open_tickets(&router, &manager).await, 0);
+    assert_eq!(open_tickets(&router, &crew).await, 0);
+    assert_eq!(check().await, 0);
+    assert_eq!(
+        fire_due(
+            &router,
+            &at_plus(&route.routed_at.expect("routed"), 30 * 86_400)
+        )
+        .await
+        .expect("fire"),
+        0,
+        "completed work leaves no clock behind"
+    );
+
+    // A dissatisfied customer reopens it: held again, by a new hop.
+    let reopened = TicketReopened {
+        ticket_id: fault.lead_ticket_id.clone(),
+        case_id: fault.case_id.clone(),
+        reason: "still flickering".into(),
+        reopened_at: Some(now()),
+    };
+    let event = from("feedback", envelope(&reopened, &fault.case_id));
+    apply_event(
+        router.log(),
+        FROM_FEEDBACK,
+        &FeedbackEvents::new(router.clone()),
+        &event,
+        3,
+    )
+    .await
+    .expect("reopen");
+    let route = router.route(&fault.case_id).expect("read").expect("route");
+    assert_eq!((route.status(), route.hop), (RouteStatus::Routed, 2));
+    assert_eq!(open_tickets(&router, &route.assignee_id).await, 1);
+    assert_eq!(open_tickets(&router, &route.crew_id).await, 1);
+    assert_eq!(check().await, 2);
+    // ... and the customer cancels it.
+    let cancelled = TicketCancelled {
+        ticket_id: fault.lead_ticket_id.clone(),
+        reason: "fixed itself".into(),
+        cancelled_at: Some(now()),
+    };
+    deliver(&router, &cancelled, &fault.lead_ticket_id).await;
+    assert_eq!(open_tickets(&router, &route.assignee_id).await, 0);
+    assert_eq!(open_tickets(&router, &route.crew_id).await, 0);
+
+    // Desk work nobody accepts climbs to the station desk: the load moves
+    // with it; the answer releases it.
+    let complaint = report(
+        &router,
+        &reported(TicketKind::Complaint, Channel::Hotline95598, &account),
+    )
+    .await;
+    assert_eq!(open_tickets(&router, &complaint.assignee_id).await, 1);
+    let t0 = complaint.routed_at.expect("routed");
+    let acceptance_due = complaint.acceptance_due_at.expect("acceptance window");
+    fire_due(&router, &at_plus(&acceptance_due, 1))
+        .await
+        .expect("fire");
+    let escalated = router
+        .route(&complaint.case_id)
+        .expect("read")
+        .expect("route");
+    assert_eq!(escalated.hop, 2, "escalated from {t0:?}");
+    assert_ne!(escalated.assignee_id, complaint.assignee_id);
+    assert_eq!(open_tickets(&router, &complaint.assignee_id).await, 0);
+    assert_eq!(open_tickets(&router, &escalated.assignee_id).await, 1);
+    assert_eq!(check().await, 1);
+    svc.answer_ticket(Request::new(AnswerTicketRequest {
+        ticket_id: complaint.case_id.clone(),
+        assignee_id: escalated.assignee_id.clone(),
+        answer: "Apologised; the worker was spoken to.".into(),
+        outcome: "resolved".into(),
+        idempotency_key: "answer-1".into(),
+    }))
+    .await
+    .expect("answer");
+    assert_eq!(open_tickets(&router, &escalated.assignee_id).await, 0);
+    assert_eq!(check().await, 0, "every ticket done: every load is 0");
+
+    // The loads are projections: a rebuild gives the same.
+    let digest = router.log().projection_digest().expect("digest");
+    router.log().rebuild_projections().await.expect("rebuild");
+    assert_eq!(router.log().projection_digest().expect("digest"), digest);
 }

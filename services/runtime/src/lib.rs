@@ -8,11 +8,13 @@
 //! - connects to NATS (retrying in the background: a service starts, and
 //!   keeps committing, while NATS is down) and runs the outbox relay;
 //! - serves gRPC with `grpc.health.v1` health, server reflection (v1 and
-//!   v1alpha), the `EventLog` read API and the service's own API;
+//!   v1alpha), the `EventLog` read API, the consumers' parked events and
+//!   dead letters (`lineguard.bus.v1.Consumers`) and the service's own API;
 //! - on SIGTERM or Ctrl-C: reports NOT_SERVING, finishes in-flight requests,
 //!   stops the consumers, flushes the outbox (bounded by
 //!   `--shutdown-timeout`), and closes the log.
 
+pub mod calendar;
 pub mod locks;
 pub mod periodic;
 
@@ -23,8 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use lineguard_bus::admin::ConsumersService;
 use lineguard_bus::{
-    ConsumerConfig, ConsumerHandle, Handler, Mirror, OutboxRelay, RelayConfig, spawn_consumer,
+    ConsumerConfig, ConsumerHandle, Handler, Mirror, OutboxRelay, ParkingLot, ParkingProjector,
+    RelayConfig, spawn_consumer, with_parking_events,
 };
 use lineguard_eventlog::{EventLog, EventLogService, EventTypes, LogConfig, Projector};
 use tonic::service::RoutesBuilder;
@@ -56,6 +60,62 @@ pub struct CommonArgs {
     /// (logs the digests before and after).
     #[arg(long)]
     pub rebuild_projections: bool,
+    /// Start this process's clock at this instant (RFC 3339, e.g.
+    /// 2026-12-31T08:00:00+08:00) instead of the wall clock: for tests and
+    /// demos. Every service of one run must be given the same.
+    #[arg(long, env = "LINEGUARD_CLOCK_START")]
+    pub clock_start: Option<String>,
+    /// Let this process's clock run this many times as fast as real time
+    /// (1 to 1000), from `--clock-start` or from now.
+    #[arg(long, env = "LINEGUARD_CLOCK_SPEED", default_value_t = 1)]
+    pub clock_speed: u32,
+    /// The real instant (RFC 3339) at which the clock read `--clock-start`
+    /// [default: when the process started]: processes started at different
+    /// moments but given the same start, anchor and speed agree.
+    #[arg(long, env = "LINEGUARD_CLOCK_ANCHOR")]
+    pub clock_anchor: Option<String>,
+    /// How long JetStream keeps this service's (and, for its consumers,
+    /// its sources') messages; the logs keep every event regardless.
+    #[arg(long, env = "LINEGUARD_STREAM_MAX_AGE", default_value = "14d", value_parser = parse_duration)]
+    pub stream_max_age: Duration,
+    /// How many messages JetStream keeps per stream at most (-1: no count
+    /// limit, only age and 2 GiB); small values are for tests of catch-up.
+    #[arg(long, env = "LINEGUARD_STREAM_MAX_MESSAGES", default_value_t = -1, allow_negative_numbers = true)]
+    pub stream_max_messages: i64,
+    /// Where another service's gRPC API is, as SERVICE=URL (repeatable, or
+    /// comma-separated in the variable), e.g. intake=http://127.0.0.1:50051.
+    /// A consumer of that service reads what the bus dropped (a stream's
+    /// retention passed while it was away) from the service's own log.
+    #[arg(long = "peer", env = "LINEGUARD_PEERS", value_delimiter = ',', value_parser = parse_peer)]
+    pub peers: Vec<(String, String)>,
+    /// Working calendar (TOML: holidays and make-up working days, e.g.
+    /// deploy/calendar.toml) for limits counted in working days
+    /// [default: Monday to Friday, UTC+8, no holidays].
+    #[arg(long, env = "LINEGUARD_CALENDAR")]
+    pub calendar: Option<PathBuf>,
+}
+
+/// Sets the process's clock from `--clock-start` and `--clock-speed`
+/// (see [`lineguard_eventlog::clock`]); the wall clock when neither is given.
+pub fn configure_clock(args: &CommonArgs) -> Result<(), String> {
+    if args.clock_start.is_none() && args.clock_speed == 1 {
+        return Ok(());
+    }
+    let start = match &args.clock_start {
+        Some(text) => text
+            .parse::<prost_types::Timestamp>()
+            .map_err(|e| format!("invalid --clock-start {text:?}: {e} (use RFC 3339)"))?,
+        None => lineguard_eventlog::clock::now(),
+    };
+    let anchor = match &args.clock_anchor {
+        Some(text) => Some(
+            text.parse::<prost_types::Timestamp>()
+                .map_err(|e| format!("invalid --clock-anchor {text:?}: {e} (use RFC 3339)"))?,
+        ),
+        None => None,
+    };
+    lineguard_eventlog::clock::configure(start, anchor, args.clock_speed)
+        .map_err(|e| format!("invalid clock: {e}"))
 }
 
 /// How logs are written.
@@ -65,6 +125,49 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// Parses a `--peer` value, `SERVICE=URL`.
+pub fn parse_peer(text: &str) -> Result<(String, String), String> {
+    let (service, url) = text
+        .split_once('=')
+        .ok_or_else(|| format!("invalid --peer {text:?}: use SERVICE=URL"))?;
+    if service.is_empty()
+        || !service.bytes().all(|b| b.is_ascii_lowercase())
+        || !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(format!(
+            "invalid --peer {text:?}: a service name, '=', and an http:// or https:// URL"
+        ));
+    }
+    Ok((service.to_string(), url.to_string()))
+}
+
+/// A peer service's own log, read over its `EventLog` gRPC API.
+struct PeerLog {
+    service: String,
+    client:
+        lineguard_protos::eventlog::v1::event_log_client::EventLogClient<tonic::transport::Channel>,
+}
+
+impl lineguard_bus::SourceLog for PeerLog {
+    fn read_from(&self, from_position: u64, max: usize) -> lineguard_bus::catchup::SourcePage<'_> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let page = client
+                .read_all(lineguard_protos::eventlog::v1::ReadAllRequest {
+                    from_position,
+                    max_count: u32::try_from(max).unwrap_or(u32::MAX),
+                })
+                .await;
+            match page {
+                Ok(page) => Ok(page.into_inner().events),
+                // Past the head: nothing (yet) to read.
+                Err(status) if status.code() == tonic::Code::OutOfRange => Ok(Vec::new()),
+                Err(status) => Err(format!("{}'s log: {status}", self.service)),
+            }
+        })
+    }
 }
 
 /// Parses `250ms`, `10s` (or a bare number of seconds), `2m`, `24h` and `30d`.
@@ -130,11 +233,19 @@ pub struct Host {
     pub jetstream: jetstream::Context,
     /// The NATS connection.
     pub nats: async_nats::Client,
+    /// The working calendar (`--calendar`).
+    pub calendar: Arc<calendar::Calendar>,
     name: &'static str,
     grpc_addr: SocketAddr,
     shutdown_timeout: Duration,
     api_services: Vec<&'static str>,
     relay: OutboxRelay,
+    /// The other services' logs, by service name (`--peer`).
+    peers: std::collections::HashMap<String, lineguard_bus::SourceLogHandle>,
+    /// Wakes between the service's consumers (parked events).
+    parking: ParkingLot,
+    /// JetStream limits of the streams this process creates.
+    stream: lineguard_bus::StreamSettings,
     consumers: Vec<ConsumerHandle>,
     shutdown_steps: Vec<ShutdownStep>,
 }
@@ -157,14 +268,28 @@ impl Host {
     /// Opens the log, connects to NATS in the background and starts the relay.
     pub async fn start(spec: ServiceSpec, args: CommonArgs) -> Result<Host, HostError> {
         init_tracing(args.log_format, &args.log_level);
+        configure_clock(&args).map_err(HostError::Setup)?;
+        let calendar = match &args.calendar {
+            Some(path) => {
+                calendar::Calendar::load(path).map_err(|e| HostError::Setup(e.to_string()))?
+            }
+            None => calendar::Calendar::default(),
+        };
+        tracing::info!(service = spec.name, calendar = %calendar.version, "working calendar");
+        if args.clock_start.is_some() || args.clock_speed != 1 {
+            tracing::warn!(service = spec.name, clock_start = ?args.clock_start,
+                clock_speed = args.clock_speed, "running on an accelerated clock (tests and demos only)");
+        }
         let data_dir = args
             .data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(".lineguard").join(spec.name));
         std::fs::create_dir_all(&data_dir)?;
+        // Every service's consumers park events and dead-letter them in the
+        // service's own log: their events and records sit beside its own.
         let log_config = LogConfig::new(data_dir.join("eventlog"), spec.name)
-            .with_event_types(spec.event_types)
-            .with_projector(spec.projector);
+            .with_event_types(with_parking_events(spec.event_types))
+            .with_projector(ParkingProjector::wrap(spec.projector));
         let log = tokio::task::spawn_blocking(move || EventLog::open(log_config))
             .await
             .map_err(|e| HostError::Io(std::io::Error::other(e)))??;
@@ -182,14 +307,37 @@ impl Host {
             .await
             .map_err(|e| HostError::Nats(e.to_string()))?;
         let jetstream = jetstream::new(nats.clone());
+        let stream = lineguard_bus::StreamSettings {
+            max_age: args.stream_max_age,
+            max_messages: args.stream_max_messages,
+            ..lineguard_bus::StreamSettings::default()
+        };
         let relay = OutboxRelay::spawn(
             log.clone(),
             jetstream.clone(),
             RelayConfig {
                 mirror: spec.mirror.clone(),
+                stream: stream.clone(),
                 ..RelayConfig::default()
             },
         );
+        let mut peers = std::collections::HashMap::new();
+        for (service, url) in &args.peers {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                .map_err(|e| HostError::Setup(format!("--peer {service}={url}: {e}")))?
+                .connect_timeout(Duration::from_secs(5))
+                .connect_lazy();
+            let log = PeerLog {
+                service: service.clone(),
+                client: lineguard_protos::eventlog::v1::event_log_client::EventLogClient::new(
+                    channel,
+                ),
+            };
+            peers.insert(
+                service.clone(),
+                lineguard_bus::SourceLogHandle(Arc::new(log)),
+            );
+        }
         let grpc_addr = args
             .grpc_addr
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], spec.default_grpc_port)));
@@ -199,23 +347,34 @@ impl Host {
             log,
             jetstream,
             nats,
+            calendar: Arc::new(calendar),
             name: spec.name,
             grpc_addr,
             shutdown_timeout: args.shutdown_timeout,
             api_services: spec.api_services,
             relay,
+            peers,
+            parking: ParkingLot::new(),
+            stream,
             consumers: Vec::new(),
             shutdown_steps: Vec::new(),
         })
     }
 
-    /// Starts a durable consumer committing into this service's log.
-    pub fn add_consumer<H: Handler>(&mut self, config: ConsumerConfig, handler: H) {
+    /// Starts a durable consumer committing into this service's log; it
+    /// catches up from its source's own log (if `--peer` names it) when the
+    /// bus has dropped what it missed.
+    pub fn add_consumer<H: Handler>(&mut self, mut config: ConsumerConfig, handler: H) {
+        if config.source_log.is_none() {
+            config.source_log = self.peers.get(&config.source_service).cloned();
+        }
+        config.stream = self.stream.clone();
         self.consumers.push(spawn_consumer(
             self.jetstream.clone(),
             self.log.clone(),
             config,
             handler,
+            self.parking.clone(),
         ));
     }
 
@@ -243,11 +402,19 @@ impl Host {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(EventLogService::server(self.log.clone()));
+            .add_service(EventLogService::server(self.log.clone()))
+            .add_service(ConsumersService::server(
+                self.log.clone(),
+                self.parking.clone(),
+            ));
 
         let listener = tokio::net::TcpListener::bind(self.grpc_addr).await?;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let mut names = vec!["", "lineguard.eventlog.v1.EventLog"];
+        let mut names = vec![
+            "",
+            "lineguard.eventlog.v1.EventLog",
+            "lineguard.bus.v1.Consumers",
+        ];
         names.extend(self.api_services.iter().copied());
         set_status(&health, &names, ServingStatus::Serving).await;
         tracing::info!(service = self.name, grpc_addr = %self.grpc_addr, "serving");

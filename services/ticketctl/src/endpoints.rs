@@ -101,6 +101,11 @@ impl Clients {
             .ok_or_else(|| Error::Usage(format!("unknown service {service}")))
     }
 
+    /// The channel to `service` (one of [`SERVICES`]).
+    pub fn channel(&self, service: &str) -> Result<Channel, Error> {
+        Ok(self.channels[Self::index(service)?].clone())
+    }
+
     /// The `EventLog` service of `service`.
     pub fn log(&self, service: &str) -> Result<EventLogClient<Channel>, Error> {
         Ok(EventLogClient::new(

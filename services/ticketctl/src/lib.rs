@@ -19,7 +19,11 @@
 //! - [`verify`]: every ticket replayed and compared with intake's view.
 //! - [`tail`]: live events from all four services, filtered.
 //! - [`simulate`]: a storm of realistic traffic, with latencies.
+//! - [`county`]: a seeded county of any size (directory and accounts).
+//! - [`consumers`]: parked events and dead letters of every service.
 
+pub mod consumers;
+pub mod county;
 pub mod endpoints;
 pub mod replay;
 pub mod simulate;

@@ -13,7 +13,7 @@ use lineguard_ticketctl::endpoints::{Clients, Endpoints, SERVICES};
 use lineguard_ticketctl::simulate::{self, StormConfig};
 use lineguard_ticketctl::state::ticket_state;
 use lineguard_ticketctl::tail::{self, Filter};
-use lineguard_ticketctl::{Error, parse_instant, replay, timeline, verify};
+use lineguard_ticketctl::{Error, consumers, parse_instant, replay, timeline, verify};
 use serde::Serialize;
 
 /// The operator's CLI for Lineguard: the whole life of any ticket or
@@ -77,6 +77,59 @@ enum Command {
     Simulate {
         #[command(subcommand)]
         what: SimulateWhat,
+    },
+    /// Write generated files (a county of any size) for routing to load.
+    Generate {
+        #[command(subcommand)]
+        what: GenerateWhat,
+    },
+    /// Events each service's consumers parked until what they wait for
+    /// arrives (they are applied then, or at the next sweep).
+    Parked {
+        /// Only these services (repeatable).
+        #[arg(long)]
+        service: Vec<String>,
+        /// Listed per service at most (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Events each service's consumers could not apply (dead letters);
+    /// exits 1 if there is any. `deadletters retry` sends one back.
+    Deadletters {
+        #[command(subcommand)]
+        what: Option<DeadlettersWhat>,
+        /// Only these services (repeatable).
+        #[arg(long)]
+        service: Vec<String>,
+        /// Listed per service at most (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GenerateWhat {
+    /// A county: directory TOML and accounts CSV (`county.toml`,
+    /// `county-accounts.csv`), for `lineguard-routing --directory`.
+    County {
+        #[command(flatten)]
+        config: lineguard_ticketctl::county::CountyConfig,
+        /// Directory to write the two files into.
+        #[arg(long)]
+        out: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadlettersWhat {
+    /// Send a dead letter back through its consumer (after fixing its cause).
+    Retry {
+        /// intake, routing, dispatch or feedback.
+        service: String,
+        /// The consumer that dead-lettered it.
+        consumer: String,
+        /// The event's id.
+        event_id: String,
     },
 }
 
@@ -331,8 +384,20 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         m.ticket_id, m.field, m.replayed, m.live
                     );
                 }
+                println!(
+                    "{} loads recounted ({} open tickets held): {} mismatches",
+                    report.loads_checked,
+                    report.open_tickets_held,
+                    report.load_mismatches.len()
+                );
+                for m in &report.load_mismatches {
+                    println!(
+                        "  {}: stored {}, recounted {}",
+                        m.assignee_id, m.stored, m.recounted
+                    );
+                }
             }
-            if !report.mismatches.is_empty() {
+            if !report.is_clean() {
                 return Ok(ExitCode::from(1));
             }
         }
@@ -362,6 +427,57 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 );
             }
         }
+        Command::Generate {
+            what: GenerateWhat::County { config, out },
+        } => {
+            let generated =
+                lineguard_ticketctl::county::generate(&config, std::path::Path::new(&out))?;
+            if cli.json {
+                print_json(&generated)?;
+            } else {
+                println!(
+                    "{} stations, {} districts, {} managers, {} crews, {} accounts: {} and {}",
+                    generated.stations,
+                    generated.districts,
+                    generated.managers,
+                    generated.crews,
+                    generated.account_count,
+                    generated.directory.display(),
+                    generated.accounts.display()
+                );
+            }
+        }
+        Command::Parked { service, limit } => {
+            let held = consumers::parked(&clients, &service, limit).await?;
+            print_held(cli.json, "parked", &held)?;
+        }
+        Command::Deadletters {
+            what:
+                Some(DeadlettersWhat::Retry {
+                    service,
+                    consumer,
+                    event_id,
+                }),
+            ..
+        } => {
+            consumers::retry(&clients, &service, &consumer, &event_id).await?;
+            if cli.json {
+                print_json(&serde_json::json!({ "requeued": event_id }))?;
+            } else {
+                println!("{event_id} sent back to {service}'s consumer {consumer}");
+            }
+        }
+        Command::Deadletters {
+            what: None,
+            service,
+            limit,
+        } => {
+            let held = consumers::dead_letters(&clients, &service, limit).await?;
+            print_held(cli.json, "dead letters", &held)?;
+            if held.iter().any(|h| h.total > 0) {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::Simulate {
             what: SimulateWhat::Storm { config },
         } => {
@@ -376,6 +492,22 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_held(json: bool, what: &str, held: &[consumers::Held]) -> Result<(), Error> {
+    if json {
+        return print_json(&held);
+    }
+    for h in held {
+        println!("{}: {} {what}", h.service, h.total);
+        for e in &h.entries {
+            println!(
+                "  {} {} {} ({}): {}",
+                e.consumer, e.event_id, e.event_type, e.correlation_id, e.detail
+            );
+        }
+    }
+    Ok(())
 }
 
 fn print_storm(r: &simulate::StormReport) {

@@ -5,7 +5,9 @@
 //! otherwise in the order it was recorded.
 //!
 //! Copies one service keeps of another's events (`EventObserved`) are left
-//! out: each fact appears once, from the log that owns it.
+//! out: each fact appears once, from the log that owns it. So are the
+//! consumers' records of events they parked or dead-lettered
+//! (`lineguard.bus.v1`): bookkeeping of the bus, not facts of the ticket.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
@@ -54,7 +56,7 @@ pub fn short_type(e: &EventEnvelope) -> &str {
 }
 
 fn is_copy(e: &EventEnvelope) -> bool {
-    short_type(e) == "EventObserved"
+    short_type(e) == "EventObserved" || e.event_type.starts_with("lineguard.bus.")
 }
 
 /// Every event of `correlation` in `service`'s log, in log order.

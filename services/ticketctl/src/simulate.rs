@@ -13,12 +13,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lineguard_protos::dispatch::v1::{
-    AcknowledgeRequest, ActionHeader, ArriveRequest, CompleteRequest, DepartRequest, OrderAssigned,
-    RestoreRequest, ReturnOrderRequest, WatchDispatchesRequest,
+    AcknowledgeRequest, ActionHeader, ArriveRequest, CompleteRequest, CrewAction, DepartRequest,
+    OrderAssigned, RestoreRequest, ReturnOrderRequest, SubmitActionsRequest,
+    WatchDispatchesRequest, crew_action,
 };
 use lineguard_protos::eventlog::v1::{ReadDirection, ReadStreamRequest};
 use lineguard_protos::feedback::v1::{ListDueFollowUpsRequest, RecordFollowUpRequest};
@@ -70,6 +71,81 @@ pub struct StormConfig {
     /// After the last call, how long to let the work finish.
     #[arg(long, default_value = "30s", value_parser = parse_span)]
     pub settle: Duration,
+    /// The backend's clock, when its services run from a chosen start
+    /// (their `--clock-start`, RFC 3339): the crews then live in that
+    /// clock's time, travelling and repairing for minutes of it.
+    #[arg(long)]
+    pub clock_start: Option<String>,
+    /// The services' `--clock-anchor` (RFC 3339).
+    #[arg(long)]
+    pub clock_anchor: Option<String>,
+    /// The services' `--clock-speed`.
+    #[arg(long, default_value_t = 1)]
+    pub clock_speed: u32,
+    /// Each crew's phone clock is wrong by up to this many minutes, either way.
+    #[arg(long, default_value_t = 0)]
+    pub phone_skew_minutes: u32,
+    /// After the last call, wait (up to --settle) until no ticket is held by
+    /// anyone and no follow-up is due, not only until the crews are done.
+    #[arg(long)]
+    pub until_done: bool,
+    /// Share of crews whose phones are offline in the field: they queue
+    /// acknowledge, depart and arrive and send them in one batch on arrival.
+    #[arg(long, default_value_t = 0.0)]
+    pub offline_share: f64,
+}
+
+impl StormConfig {
+    /// Whether crews act in the backend's accelerated time (sleeping its
+    /// minutes) rather than stamping the minutes ahead on their phones.
+    fn paced(&self) -> bool {
+        self.clock_start.is_some() || self.clock_speed > 1
+    }
+
+    /// Waits `minutes` of the backend's clock (nothing when not paced).
+    async fn wait_minutes(&self, minutes: i64) {
+        if self.paced() && minutes > 0 {
+            let span = Duration::from_secs(u64::try_from(minutes).unwrap_or(0) * 60);
+            tokio::time::sleep(span / self.clock_speed.max(1)).await;
+        }
+    }
+
+    /// `at` moved on by `minutes`: the backend's time now when paced (the
+    /// minutes were waited), else the minutes stamped ahead.
+    fn after_minutes(&self, at: &Timestamp, minutes: i64) -> Timestamp {
+        if self.paced() {
+            now()
+        } else {
+            plus_minutes(at, minutes)
+        }
+    }
+}
+
+/// Sets this process's clock as the backend's (`--clock-start`, …), so the
+/// crews' phones read the time the services read.
+fn configure_clock(config: &StormConfig) -> Result<(), Error> {
+    if !config.paced() {
+        return Ok(());
+    }
+    let parse = |flag: &str, text: &str| {
+        text.parse::<Timestamp>()
+            .map_err(|e| Error::Usage(format!("{flag} {text:?}: {e} (use RFC 3339)")))
+    };
+    let start = match &config.clock_start {
+        Some(text) => parse("--clock-start", text)?,
+        None => now(),
+    };
+    let anchor = config
+        .clock_anchor
+        .as_deref()
+        .map(|t| parse("--clock-anchor", t))
+        .transpose()?;
+    match lineguard_eventlog::clock::configure(start, anchor, config.clock_speed) {
+        Ok(()) => Ok(()),
+        // Already set (a second storm in one process): the same clock.
+        Err(e) if e.contains("already") => Ok(()),
+        Err(e) => Err(Error::Usage(e)),
+    }
 }
 
 /// Parses `500ms`, `6s`, `2m`.
@@ -125,12 +201,16 @@ pub struct StormReport {
     pub urges: usize,
     pub desk_answered: usize,
     pub orders_received: usize,
+    /// Orders a phone received a second time (must stay 0).
+    pub orders_received_twice: usize,
     pub acknowledged: usize,
     pub slow_acknowledgements: usize,
     pub arrived_on_time: usize,
     pub arrived_late: usize,
     pub returned: usize,
     pub completed: usize,
+    /// Offline phones' queued actions sent as one batch.
+    pub offline_batches: usize,
     pub follow_ups_satisfied: usize,
     pub follow_ups_dissatisfied: usize,
     pub reopened: usize,
@@ -192,6 +272,8 @@ struct Tally {
     crew_ms: Vec<f64>,
     /// When each ticket's call was sent.
     sent: HashMap<String, Instant>,
+    /// Orders (id, hop) the crews' phones have received.
+    received: std::collections::HashSet<(String, u32)>,
 }
 
 type Shared = Arc<Mutex<Tally>>;
@@ -207,8 +289,10 @@ fn error(tally: &Shared, what: &str, status: &tonic::Status) {
     count(tally, |r| *r.errors.entry(key).or_default() += 1);
 }
 
+/// The time by this process's clock: the backend's, once
+/// [`configure_clock`] has set it.
 fn now() -> Timestamp {
-    Timestamp::from(SystemTime::now())
+    lineguard_eventlog::clock::now()
 }
 
 fn plus_minutes(t: &Timestamp, minutes: i64) -> Timestamp {
@@ -252,6 +336,12 @@ pub async fn storm(
             "--rate must be more than 0 and at most 10000".into(),
         ));
     }
+    if !(0.0..=1.0).contains(&config.offline_share) || config.phone_skew_minutes > 24 * 60 {
+        return Err(Error::Usage(
+            "--offline-share must be within 0..=1 and --phone-skew-minutes at most 1440".into(),
+        ));
+    }
+    configure_clock(config)?;
     let accounts = read_accounts(&config.accounts)?;
     let crews = read_crews(&config.directory)?;
     let tally: Shared = Arc::new(Mutex::new(Tally::default()));
@@ -259,11 +349,21 @@ pub async fn storm(
     let started = Instant::now();
     let mut workers = Vec::new();
     for (i, crew) in crews.iter().enumerate() {
-        let dice = Dice::new(config.seed ^ (0xC0FFEE + i as u64));
+        let mut dice = Dice::new(config.seed ^ (0xC0FFEE + i as u64));
+        let skew = i64::from(config.phone_skew_minutes);
+        let phone = Phone {
+            skew_minutes: if skew == 0 {
+                0
+            } else {
+                dice.below(2 * skew as usize + 1) as i64 - skew
+            },
+            offline: dice.chance(config.offline_share),
+        };
         workers.push(tokio::spawn(crew_phone(
             clients.clone(),
             crew.clone(),
             config.clone(),
+            phone,
             dice,
             tally.clone(),
             stop.clone(),
@@ -356,11 +456,12 @@ pub async fn storm(
     // Let the crews and desks finish.
     let deadline = Instant::now() + config.settle;
     loop {
-        let done = tally.lock().map(|t| {
+        let crews_done = tally.lock().map(|t| {
             let r = &t.report;
             r.orders_received > 0 && r.completed + r.returned >= r.orders_received
         });
-        if done.unwrap_or(true) || Instant::now() > deadline {
+        let done = crews_done.unwrap_or(true) && (!config.until_done || all_done(clients).await);
+        if done || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -379,6 +480,25 @@ pub async fn storm(
     report.report_latency_ms = Percentiles::of(std::mem::take(&mut t.report_ms));
     report.report_to_crew_ms = Percentiles::of(std::mem::take(&mut t.crew_ms));
     Ok(report)
+}
+
+/// Whether the backend holds no open work: no ticket held by anyone (routing's
+/// recount of loads from its log) and no follow-up waiting to be made.
+async fn all_done(clients: &Clients) -> bool {
+    let held = clients
+        .routing()
+        .verify_loads(lineguard_protos::routing::v1::VerifyLoadsRequest {})
+        .await
+        .map(|r| r.into_inner().open_tickets);
+    let due = clients
+        .feedback()
+        .list_due_follow_ups(ListDueFollowUpsRequest {
+            page_size: 1,
+            ..ListDueFollowUpsRequest::default()
+        })
+        .await
+        .map(|r| r.into_inner().follow_ups.len());
+    matches!((held, due), (Ok(0), Ok(0)))
 }
 
 /// One customer's call; desk work is then accepted and answered by its owner.
@@ -438,7 +558,7 @@ async fn call(
 
 async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
     let mut routing = clients.routing();
-    for _ in 0..50 {
+    for _ in 0..150 {
         let route = match routing
             .get_route(GetRouteRequest {
                 ticket_id: ticket.to_string(),
@@ -451,6 +571,18 @@ async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
                 continue;
             }
         };
+        if route.field_work {
+            return; // a crew's to do, not a desk's
+        }
+        if !matches!(
+            route.status(),
+            lineguard_protos::routing::v1::RouteStatus::Routed
+                | lineguard_protos::routing::v1::RouteStatus::Accepted
+        ) {
+            // Not (yet, or no longer) with an owner: a reopen still on its way.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         let accepted = routing
             .accept_ticket(AcceptTicketRequest {
                 ticket_id: ticket.to_string(),
@@ -469,7 +601,8 @@ async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
                 assignee_id: route.assignee_id,
                 answer: "explained on the phone".into(),
                 outcome: "explained".into(),
-                idempotency_key: format!("storm-answer-{ticket}"),
+                // One answer per hop: a reopened ticket is answered again.
+                idempotency_key: format!("storm-answer-{ticket}-{}", route.hop),
             })
             .await
         {
@@ -506,11 +639,22 @@ fn header(crew: &str, order: &str, action: &str, device_time: Timestamp) -> Opti
     })
 }
 
+/// How a crew's phone is wrong: its clock, its network.
+#[derive(Debug, Clone, Copy)]
+struct Phone {
+    /// Minutes its clock is ahead (negative: behind).
+    skew_minutes: i64,
+    /// Queues its actions and sends them in one batch on arrival.
+    offline: bool,
+}
+
 /// A crew's phone: follows the crew's orders and works each one.
+#[allow(clippy::too_many_arguments)]
 async fn crew_phone(
     clients: Clients,
     crew: String,
     config: StormConfig,
+    phone: Phone,
     mut dice: Dice,
     tally: Shared,
     mut stop: watch::Receiver<bool>,
@@ -522,6 +666,7 @@ async fn crew_phone(
             .watch_dispatches(WatchDispatchesRequest {
                 crew_id: crew.clone(),
                 after_sequence: after,
+                ..WatchDispatchesRequest::default()
             })
             .await;
         let mut stream = match stream {
@@ -549,6 +694,12 @@ async fn crew_phone(
             };
             let received = Instant::now();
             if let Ok(mut t) = tally.lock() {
+                if !t.received.insert((order.order_id.clone(), order.hop)) {
+                    // A phone resuming from its last sequence never sees an
+                    // order again: this would be a bug.
+                    t.report.orders_received_twice += 1;
+                    continue;
+                }
                 t.report.orders_received += 1;
                 let first_call = order
                     .tickets
@@ -573,7 +724,8 @@ async fn crew_phone(
                 crew.clone(),
                 order,
                 plan,
-                config.slow_ack,
+                config.clone(),
+                phone,
                 tally.clone(),
             ));
         }
@@ -594,19 +746,34 @@ async fn work_order(
     crew: String,
     order: OrderAssigned,
     plan: OrderPlan,
-    slow_ack: Duration,
+    config: StormConfig,
+    phone: Phone,
     tally: Shared,
 ) {
-    let mut dispatch = clients.dispatch();
+    let dispatch = clients.dispatch();
     let id = order.order_id.as_str();
     let round = format!("{}-h{}", crew, order.hop);
-    tokio::time::sleep(if plan.slow { slow_ack } else { plan.ack_after }).await;
+    // What the phone's clock says when the true time is `at`.
+    let device = |at: &Timestamp| plus_minutes(at, phone.skew_minutes);
+    let action =
+        |what: &str, at: &Timestamp| header(&crew, id, &format!("{what}-{round}"), device(at));
+    tokio::time::sleep(if plan.slow {
+        config.slow_ack
+    } else {
+        plan.ack_after
+    })
+    .await;
     let t0 = now();
-    match dispatch
-        .acknowledge(AcknowledgeRequest {
-            header: header(&crew, id, &format!("ack-{round}"), t0),
-        })
-        .await
+    // Every phone acknowledges from the depot; an offline one loses
+    // coverage on the road and queues what follows until it is on site.
+    let ack = AcknowledgeRequest {
+        header: action("ack", &t0),
+    };
+    match resend(|| {
+        let (mut dispatch, ack) = (dispatch.clone(), ack.clone());
+        async move { dispatch.acknowledge(ack).await }
+    })
+    .await
     {
         Ok(_) => count(&tally, |r| {
             r.acknowledged += 1;
@@ -616,50 +783,86 @@ async fn work_order(
         Err(s) => return error(&tally, "acknowledge", &s),
     }
     if plan.give_back {
-        match dispatch
-            .return_order(ReturnOrderRequest {
-                header: header(&crew, id, &format!("return-{round}"), now()),
-                reason: "customer_side_fault".into(),
-                note: "the fault is inside the house".into(),
-                ..ReturnOrderRequest::default()
-            })
-            .await
+        let give_back = ReturnOrderRequest {
+            header: action("return", &now()),
+            reason: "customer_side_fault".into(),
+            note: "the fault is inside the house".into(),
+            ..ReturnOrderRequest::default()
+        };
+        match resend(|| {
+            let (mut dispatch, give_back) = (dispatch.clone(), give_back.clone());
+            async move { dispatch.return_order(give_back).await }
+        })
+        .await
         {
             Ok(_) => count(&tally, |r| r.returned += 1),
             Err(s) => error(&tally, "return", &s),
         }
         return;
     }
-    // Device times run ahead: the simulated drive and repair take minutes
-    // of the crew's clock, not of the storm's.
+    // Unpaced, the drive and the repair take minutes of the crew's clock,
+    // stamped ahead; paced, they take minutes of the backend's clock.
     let arrival_due = order
         .arrival_due_at
         .unwrap_or_else(|| plus_minutes(&t0, 45));
-    let arrived_at = if plan.late {
-        plus_minutes(&arrival_due, 5 + plan.travel_minutes)
+    let travel = if plan.late {
+        (arrival_due.seconds - t0.seconds) / 60 + 5 + plan.travel_minutes
     } else {
-        plus_minutes(&t0, plan.travel_minutes.min(30))
+        plan.travel_minutes.min(30)
     };
-    let steps: [(&str, Timestamp); 2] = [("depart", plus_minutes(&t0, 1)), ("arrive", arrived_at)];
-    for (what, at) in steps {
-        let result = if what == "depart" {
-            dispatch
-                .depart(DepartRequest {
-                    header: header(&crew, id, &format!("{what}-{round}"), at),
-                })
-                .await
-                .map(|_| ())
-        } else {
-            dispatch
-                .arrive(ArriveRequest {
-                    header: header(&crew, id, &format!("{what}-{round}"), at),
-                    position: None,
-                })
-                .await
-                .map(|_| ())
+    config.wait_minutes(1).await;
+    let departed = config.after_minutes(&t0, 1);
+    let depart = DepartRequest {
+        header: action("depart", &departed),
+    };
+    config.wait_minutes(travel - 1).await;
+    let arrived_at = config.after_minutes(&t0, travel);
+    let arrive = ArriveRequest {
+        header: action("arrive", &arrived_at),
+        position: None,
+    };
+    if phone.offline {
+        // Back in coverage on site: the queue goes in one batch.
+        let queued = vec![
+            CrewAction {
+                action: Some(crew_action::Action::Depart(depart)),
+            },
+            CrewAction {
+                action: Some(crew_action::Action::Arrive(arrive)),
+            },
+        ];
+        let batch = SubmitActionsRequest { actions: queued };
+        let outcomes = match resend(|| {
+            let (mut dispatch, batch) = (dispatch.clone(), batch.clone());
+            async move { dispatch.submit_actions(batch).await }
+        })
+        .await
+        {
+            Ok(r) => r.outcomes,
+            Err(s) => return error(&tally, "submit actions", &s),
         };
-        if let Err(s) = result {
-            return error(&tally, what, &s);
+        if let Some(failed) = outcomes.iter().find(|o| o.code != "OK") {
+            let status =
+                tonic::Status::new(tonic::Code::FailedPrecondition, failed.message.clone());
+            return error(&tally, "offline batch", &status);
+        }
+        count(&tally, |r| r.offline_batches += 1);
+    } else {
+        let departed = resend(|| {
+            let (mut dispatch, depart) = (dispatch.clone(), depart.clone());
+            async move { dispatch.depart(depart).await }
+        })
+        .await;
+        if let Err(s) = departed {
+            return error(&tally, "depart", &s);
+        }
+        let arrived = resend(|| {
+            let (mut dispatch, arrive) = (dispatch.clone(), arrive.clone());
+            async move { dispatch.arrive(arrive).await }
+        })
+        .await;
+        if let Err(s) = arrived {
+            return error(&tally, "arrive", &s);
         }
     }
     count(&tally, |r| {
@@ -669,31 +872,61 @@ async fn work_order(
             r.arrived_on_time += 1;
         }
     });
-    let restored_at = plus_minutes(&arrived_at, plan.repair_minutes);
-    if let Err(s) = dispatch
-        .restore(RestoreRequest {
-            header: header(&crew, id, &format!("restore-{round}"), restored_at),
-        })
-        .await
+    config.wait_minutes(plan.repair_minutes).await;
+    let restored_at = config.after_minutes(&arrived_at, plan.repair_minutes);
+    let restore = RestoreRequest {
+        header: action("restore", &restored_at),
+    };
+    if let Err(s) = resend(|| {
+        let (mut dispatch, restore) = (dispatch.clone(), restore.clone());
+        async move { dispatch.restore(restore).await }
+    })
+    .await
     {
         return error(&tally, "restore", &s);
     }
-    match dispatch
-        .complete(CompleteRequest {
-            header: header(
-                &crew,
-                id,
-                &format!("complete-{round}"),
-                plus_minutes(&restored_at, 5),
-            ),
-            cause: "blown fuse".into(),
-            result: "replaced".into(),
-            ..CompleteRequest::default()
-        })
-        .await
+    config.wait_minutes(5).await;
+    let complete = CompleteRequest {
+        header: action("complete", &config.after_minutes(&restored_at, 5)),
+        cause: "blown fuse".into(),
+        result: "replaced".into(),
+        ..CompleteRequest::default()
+    };
+    match resend(|| {
+        let (mut dispatch, complete) = (dispatch.clone(), complete.clone());
+        async move { dispatch.complete(complete).await }
+    })
+    .await
     {
         Ok(_) => count(&tally, |r| r.completed += 1),
         Err(s) => error(&tally, "complete", &s),
+    }
+}
+
+/// Sends a crew action, again while dispatch cannot be reached (a restart):
+/// the action's id makes a resend safe, as a phone resends after a lost
+/// connection.
+async fn resend<T, F, Fut>(mut send: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut attempt = 0;
+    loop {
+        match send().await {
+            Ok(answer) => return Ok(answer.into_inner()),
+            Err(s)
+                if attempt < 120
+                    && matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+                    ) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(s) => return Err(s),
+        }
     }
 }
 
@@ -743,14 +976,26 @@ async fn follow_up_desk(
                 })
                 .await
             {
-                Ok(_) => count(&tally, |r| {
-                    if satisfied {
-                        r.follow_ups_satisfied += 1;
-                    } else {
-                        r.follow_ups_dissatisfied += 1;
+                Ok(_) => {
+                    count(&tally, |r| {
+                        if satisfied {
+                            r.follow_ups_satisfied += 1;
+                        } else {
+                            r.follow_ups_dissatisfied += 1;
+                        }
+                        r.reopened += usize::from(reopen);
+                    });
+                    if reopen {
+                        // Back with its owner: desk work is answered again
+                        // (field work comes back to a crew as a new order).
+                        let (clients, tally, ticket) =
+                            (clients.clone(), tally.clone(), f.ticket_id.clone());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            answer_desk_work(&clients, &ticket, &tally).await;
+                        });
                     }
-                    r.reopened += usize::from(reopen);
-                }),
+                }
                 Err(s) => error(&tally, "follow-up", &s),
             }
         }

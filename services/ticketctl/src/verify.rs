@@ -1,13 +1,16 @@
 //! `verify`: every ticket intake knows, replayed from the four logs and
 //! folded ([`state`](crate::state)), compared with intake's live view. A
 //! ticket still moving (its view behind its events for a moment) is looked
-//! at again before it counts as a mismatch.
+//! at again before it counts as a mismatch. Then routing recounts every
+//! assignee's and crew's open tickets from its log
+//! (`Routing/VerifyLoads`): a stored load that differs is a mismatch too.
 
 use std::time::Duration;
 
 use futures::{StreamExt, stream};
 use indicatif::ProgressBar;
 use lineguard_protos::intake::v1::{GetTicketRequest, ListTicketsRequest, TicketView};
+use lineguard_protos::routing::v1::VerifyLoadsRequest;
 use serde::Serialize;
 
 use crate::endpoints::Clients;
@@ -28,11 +31,32 @@ pub struct Mismatch {
     pub live: String,
 }
 
+/// An assignee's or crew's stored open tickets that differ from routing's
+/// recount from its log.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadMismatch {
+    pub assignee_id: String,
+    pub stored: u32,
+    pub recounted: u32,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub tickets: usize,
     pub events_replayed: usize,
     pub mismatches: Vec<Mismatch>,
+    /// Assignees and crews whose loads were recounted.
+    pub loads_checked: u64,
+    /// Open tickets held in all, by the recount (0 once every ticket is done).
+    pub open_tickets_held: u64,
+    pub load_mismatches: Vec<LoadMismatch>,
+}
+
+impl Report {
+    /// Whether everything replayed and recounted as the live views say.
+    pub fn is_clean(&self) -> bool {
+        self.mismatches.is_empty() && self.load_mismatches.is_empty()
+    }
 }
 
 /// Every ticket id intake lists.
@@ -125,5 +149,22 @@ pub async fn verify(clients: &Clients, progress: &ProgressBar) -> Result<Report,
     report
         .mismatches
         .sort_by(|a, b| a.ticket_id.cmp(&b.ticket_id));
+    let loads = clients
+        .routing()
+        .verify_loads(VerifyLoadsRequest {})
+        .await
+        .map_err(Error::service("routing"))?
+        .into_inner();
+    report.loads_checked = loads.assignees;
+    report.open_tickets_held = loads.open_tickets;
+    report.load_mismatches = loads
+        .mismatches
+        .into_iter()
+        .map(|m| LoadMismatch {
+            assignee_id: m.assignee_id,
+            stored: m.stored,
+            recounted: m.recounted,
+        })
+        .collect();
     Ok(report)
 }

@@ -295,6 +295,19 @@ impl ServiceProcess {
         extra: &[String],
     ) -> Result<ServiceProcess> {
         let grpc_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        Self::start_on(binary, grpc_addr, data_dir, nats_url, extra)
+    }
+
+    /// As [`ServiceProcess::start_with_args`], serving on `grpc_addr` (chosen
+    /// beforehand, e.g. with [`free_port`], so that the services can be
+    /// told each other's addresses with `--peer`).
+    pub fn start_on(
+        binary: PathBuf,
+        grpc_addr: SocketAddr,
+        data_dir: &Path,
+        nats_url: &str,
+        extra: &[String],
+    ) -> Result<ServiceProcess> {
         std::fs::create_dir_all(data_dir)?;
         let mut args = vec![
             "--grpc-addr".to_string(),

@@ -56,6 +56,7 @@ async fn a_crew_gets_every_order_across_a_dispatch_crash_and_completes_an_incide
                 .watch_dispatches(WatchDispatchesRequest {
                     crew_id: CREW.into(),
                     after_sequence: 0,
+                    ..WatchDispatchesRequest::default()
                 })
                 .await
                 .ok()
@@ -157,6 +158,7 @@ async fn a_crew_gets_every_order_across_a_dispatch_crash_and_completes_an_incide
         .watch_dispatches(WatchDispatchesRequest {
             crew_id: CREW.into(),
             after_sequence: seen,
+            ..WatchDispatchesRequest::default()
         })
         .await
         .expect("resume")

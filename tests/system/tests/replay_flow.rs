@@ -7,13 +7,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use lineguard_harness::workspace_binary;
-use lineguard_protos::eventlog::v1::{
-    GetLogInfoRequest, RebuildProjectionsRequest, event_log_client::EventLogClient,
-};
+use lineguard_protos::eventlog::v1::RebuildProjectionsRequest;
 use lineguard_protos::routing::v1::{RouteReason, TicketRouted};
 use lineguard_ticketctl::endpoints::{Clients, Endpoints, SERVICES};
 use lineguard_ticketctl::replay::{self, recorded_nanos, short_type};
@@ -61,27 +59,7 @@ async fn quiet(backend: &Backend) {
         backend.dispatch.as_ref().expect("dispatch"),
         backend.feedback.as_ref().expect("feedback"),
     ];
-    let mut last = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut heads = Vec::new();
-        for p in processes {
-            let mut log = EventLogClient::new(p.channel().await.expect("channel"));
-            heads.push(
-                log.get_log_info(GetLogInfoRequest {})
-                    .await
-                    .expect("info")
-                    .into_inner()
-                    .head_position,
-            );
-        }
-        if heads == last {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the backend never went quiet");
-        last = heads;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    common::quiet(&processes, Duration::from_secs(1), Duration::from_secs(60)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -102,6 +80,12 @@ async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
         return_share: 0.03,
         dissatisfied_share: 0.1,
         settle: Duration::from_secs(40),
+        clock_start: None,
+        clock_anchor: None,
+        clock_speed: 1,
+        phone_skew_minutes: 0,
+        offline_share: 0.0,
+        until_done: false,
     };
     let report = storm(&clients, &config, &indicatif::ProgressBar::hidden())
         .await
@@ -126,6 +110,11 @@ async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
         .await
         .expect("verify");
     assert!(checked.tickets >= 1_000, "{} tickets", checked.tickets);
+    assert!(
+        checked.load_mismatches.is_empty(),
+        "every stored load equals routing's recount: {:?}",
+        checked.load_mismatches
+    );
     assert!(
         checked.mismatches.is_empty(),
         "{} mismatches, first: {:?}",

@@ -323,3 +323,29 @@ pub fn seconds(t: &Option<Timestamp>) -> f64 {
     t.as_ref()
         .map_or(0.0, |t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
 }
+
+/// Waits until no process's log head has moved for `still`, at most `limit`.
+pub async fn quiet(processes: &[&ServiceProcess], still: Duration, limit: Duration) {
+    use lineguard_protos::eventlog::v1::GetLogInfoRequest;
+    let mut last = Vec::new();
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut heads = Vec::new();
+        for p in processes {
+            let mut log = EventLogClient::new(p.channel().await.expect("channel"));
+            heads.push(
+                log.get_log_info(GetLogInfoRequest {})
+                    .await
+                    .expect("info")
+                    .into_inner()
+                    .head_position,
+            );
+        }
+        if heads == last {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the backend never went quiet");
+        last = heads;
+        tokio::time::sleep(still).await;
+    }
+}

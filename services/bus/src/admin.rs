@@ -1,0 +1,221 @@
+//! `lineguard.bus.v1.Consumers`: what a service's consumers hold back, for
+//! operators. Lists parked events and dead letters (with counts), and sends
+//! a dead letter back through its consumer. Served by every service beside
+//! its `EventLog`.
+
+use lineguard_eventlog::{
+    ActorKind, EventEnvelope, EventLog, ExpectedVersion, NewEvent, Transaction, actor, blocking,
+};
+use lineguard_protos::bus::v1::consumers_server::{Consumers, ConsumersServer};
+use lineguard_protos::bus::v1::{
+    DeadLetterEntry, DeadLetterRetried, EventDeadLettered, EventParked, ListDeadLettersRequest,
+    ListDeadLettersResponse, ListParkedRequest, ListParkedResponse, ParkedEntry,
+    RetryDeadLetterRequest, RetryDeadLetterResponse,
+};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::parking::{
+    ParkingLot, consumer_stream, count_prefix, dead_key, dead_prefix, decode_count, parked_prefix,
+    retry_key,
+};
+
+/// Most entries one list returns.
+pub const MAX_PAGE: u32 = 1_000;
+/// Entries listed when the request does not say.
+pub const DEFAULT_PAGE: u32 = 100;
+
+/// Serves the consumers' parked events and dead letters of one log.
+pub struct ConsumersService {
+    log: EventLog,
+    lot: ParkingLot,
+}
+
+impl ConsumersService {
+    /// The service over `log`, waking its consumers through `lot`.
+    pub fn new(log: EventLog, lot: ParkingLot) -> Self {
+        ConsumersService { log, lot }
+    }
+
+    /// The tonic server over `log`, waking its consumers through `lot`.
+    pub fn server(log: EventLog, lot: ParkingLot) -> ConsumersServer<ConsumersService> {
+        ConsumersServer::new(ConsumersService::new(log, lot))
+    }
+}
+
+fn check_consumer(consumer: &str, required: bool) -> Result<(), Status> {
+    if consumer.is_empty() {
+        return if required {
+            Err(Status::invalid_argument("invalid consumer: required"))
+        } else {
+            Ok(())
+        };
+    }
+    if consumer.len() > 128
+        || !consumer
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Status::invalid_argument(
+            "invalid consumer: at most 128 characters of [A-Za-z0-9_-]",
+        ));
+    }
+    Ok(())
+}
+
+fn page_size(requested: u32) -> Result<usize, Status> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE as usize),
+        n if n <= MAX_PAGE => Ok(n as usize),
+        n => Err(Status::invalid_argument(format!(
+            "invalid page_size: {n} is over the limit of {MAX_PAGE}"
+        ))),
+    }
+}
+
+/// The total of the counters of `what` (`parked`, `dead`) for `consumer`,
+/// or for every consumer.
+fn total(log: &EventLog, what: &str, consumer: &str) -> Result<u64, lineguard_eventlog::Error> {
+    let prefix = count_prefix(what);
+    if !consumer.is_empty() {
+        let mut key = prefix;
+        key.extend_from_slice(consumer.as_bytes());
+        return Ok(log.projection_get(&key)?.map_or(0, |b| decode_count(&b)));
+    }
+    // One counter per consumer: a handful per service.
+    Ok(log
+        .projection_scan(&prefix, None, 10_000)?
+        .iter()
+        .map(|(_, v)| decode_count(v))
+        .sum())
+}
+
+/// The event type and correlation id inside a kept envelope, if it decodes.
+fn described(envelope: &[u8]) -> (String, String) {
+    EventEnvelope::decode(envelope).map_or_else(
+        |_| ("(undecodable)".to_string(), String::new()),
+        |e| (e.event_type, e.correlation_id),
+    )
+}
+
+#[tonic::async_trait]
+impl Consumers for ConsumersService {
+    async fn list_parked(
+        &self,
+        request: Request<ListParkedRequest>,
+    ) -> Result<Response<ListParkedResponse>, Status> {
+        let req = request.into_inner();
+        check_consumer(&req.consumer, false)?;
+        let page = page_size(req.page_size)?;
+        let log = self.log.clone();
+        let listed = blocking(move || {
+            let total = total(&log, "parked", &req.consumer)?;
+            let parked = log
+                .projection_scan(&parked_prefix(&req.consumer), None, page)?
+                .into_iter()
+                .filter_map(|(_, v)| EventParked::decode(v.as_slice()).ok())
+                .map(|p| {
+                    let (event_type, correlation_id) = described(&p.envelope);
+                    ParkedEntry {
+                        consumer: p.consumer,
+                        event_id: p.event_id,
+                        event_type,
+                        correlation_id,
+                        waiting_for: p.waiting_for,
+                        reason: p.reason,
+                        parked_at: p.parked_at,
+                    }
+                })
+                .collect();
+            Ok::<_, lineguard_eventlog::Error>(ListParkedResponse { total, parked })
+        })
+        .await?;
+        Ok(Response::new(listed))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        let req = request.into_inner();
+        check_consumer(&req.consumer, false)?;
+        let page = page_size(req.page_size)?;
+        let log = self.log.clone();
+        let listed = blocking(move || {
+            let total = total(&log, "dead", &req.consumer)?;
+            let dead_letters = log
+                .projection_scan(&dead_prefix(&req.consumer), None, page)?
+                .into_iter()
+                .filter_map(|(_, v)| EventDeadLettered::decode(v.as_slice()).ok())
+                .map(|d| {
+                    let (event_type, correlation_id) = described(&d.envelope);
+                    DeadLetterEntry {
+                        consumer: d.consumer,
+                        event_id: d.event_id,
+                        event_type,
+                        correlation_id,
+                        error: d.error,
+                        subject: d.subject,
+                        deliveries: d.deliveries,
+                        dead_lettered_at: d.dead_lettered_at,
+                    }
+                })
+                .collect();
+            Ok::<_, lineguard_eventlog::Error>(ListDeadLettersResponse {
+                total,
+                dead_letters,
+            })
+        })
+        .await?;
+        Ok(Response::new(listed))
+    }
+
+    async fn retry_dead_letter(
+        &self,
+        request: Request<RetryDeadLetterRequest>,
+    ) -> Result<Response<RetryDeadLetterResponse>, Status> {
+        let req = request.into_inner();
+        check_consumer(&req.consumer, true)?;
+        if req.event_id.is_empty() || req.event_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "invalid event_id: required, at most 128 characters",
+            ));
+        }
+        let dead = self
+            .log
+            .projection_get(&dead_key(&req.consumer, &req.event_id))
+            .map_err(Status::from)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no dead letter {} of consumer {}",
+                    req.event_id, req.consumer
+                ))
+            })?;
+        let correlation = EventDeadLettered::decode(dead.as_slice())
+            .ok()
+            .map(|d| described(&d.envelope).1)
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| req.event_id.clone());
+        let retried = DeadLetterRetried {
+            consumer: req.consumer.clone(),
+            event_id: req.event_id.clone(),
+            requested_by: "operator".to_string(),
+            retried_at: Some(lineguard_eventlog::clock::now()),
+        };
+        let record = NewEvent::new(&retried, correlation, actor(ActorKind::Person, "operator"))
+            .unpublished();
+        // A concurrent retry of the same letter: the second finds no dead
+        // letter in the projector and the whole commit is refused.
+        self.log
+            .commit(Transaction::append(
+                consumer_stream(&req.consumer),
+                ExpectedVersion::Any,
+                vec![record],
+            ))
+            .await
+            .map_err(Status::from)?;
+        tracing::info!(consumer = %req.consumer, event_id = %req.event_id, "dead letter sent back to its consumer");
+        self.lot.wake(vec![retry_key(&req.event_id)]);
+        Ok(Response::new(RetryDeadLetterResponse { requeued: true }))
+    }
+}

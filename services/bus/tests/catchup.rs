@@ -1,0 +1,189 @@
+//! A bus that forgets: a consumer stopped while its source writes past the
+//! stream's retention catches up from the source's own log, against a real
+//! nats-server, and applies everything exactly once.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lineguard_bus::{
+    ConsumerConfig, Handled, Handler, HandlerError, OutboxRelay, ParkingLot, ParkingProjector,
+    RelayConfig, SourceLogHandle, StreamSettings, spawn_consumer, subjects, with_parking_events,
+};
+use lineguard_eventlog::{
+    EventEnvelope, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent, NoProjections,
+    Transaction,
+};
+use lineguard_harness::NatsServer;
+
+const REPORTED: &str = "lineguard.test.v1.Reported";
+const IGNORED: &str = "lineguard.test.v1.Ignored";
+const ROUTED: &str = "lineguard.test.v1.Routed";
+
+fn event(event_type: &str, correlation: &str, publish: bool) -> NewEvent {
+    NewEvent {
+        publish,
+        ..common::event(event_type, correlation)
+    }
+}
+
+struct RouteEverything;
+
+impl Handler for RouteEverything {
+    async fn handle(&self, reported: &EventEnvelope) -> Result<Handled, HandlerError> {
+        let mut routed = event(ROUTED, &reported.correlation_id, false);
+        routed.causation_id = reported.event_id.clone();
+        Ok(Handled::Commit(Transaction::append(
+            format!("route-{}", reported.correlation_id),
+            ExpectedVersion::NoStream,
+            vec![routed],
+        )))
+    }
+}
+
+fn routes(log: &EventLog) -> Vec<EventEnvelope> {
+    let mut out = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = log.read_all(from, 1_000).expect("read");
+        let Some(last) = page.last() else {
+            return out;
+        };
+        from = last.global_position + 1;
+        out.extend(page.into_iter().filter(|e| e.event_type == ROUTED));
+    }
+}
+
+async fn report(log: &EventLog, range: std::ops::Range<usize>) {
+    for i in range {
+        let ticket = format!("t{i}");
+        // Each report comes with an event of a type this consumer does not
+        // take: a catch-up must skip those as the bus's filter does.
+        log.commit(
+            Transaction::append(
+                &ticket,
+                ExpectedVersion::NoStream,
+                vec![event(REPORTED, &ticket, true)],
+            )
+            .and_append(
+                format!("other-{i}"),
+                ExpectedVersion::NoStream,
+                vec![event(IGNORED, &ticket, true)],
+            ),
+        )
+        .await
+        .expect("report");
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_away_longer_than_the_streams_retention_catches_up_from_the_source_log() {
+    let nats = NatsServer::start().expect("nats");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(nats.url())
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let intake = EventLog::open(
+        LogConfig::new(dir.path().join("intake"), "intake").with_event_types(
+            EventTypes::new()
+                .with_name(REPORTED, 1)
+                .with_name(IGNORED, 1),
+        ),
+    )
+    .expect("intake log");
+    let routing = EventLog::open(
+        LogConfig::new(dir.path().join("routing"), "routing")
+            .with_event_types(with_parking_events(EventTypes::new().with_name(ROUTED, 1)))
+            .with_projector(ParkingProjector::wrap(Arc::new(NoProjections))),
+    )
+    .expect("routing log");
+    // A stream that forgets everything but its last 6 messages.
+    let tiny = StreamSettings {
+        max_messages: 6,
+        ..StreamSettings::default()
+    };
+    let relay = OutboxRelay::spawn(
+        intake.clone(),
+        js.clone(),
+        RelayConfig {
+            stream: tiny.clone(),
+            ..RelayConfig::default()
+        },
+    );
+    let config = {
+        let mut c = ConsumerConfig::new("routing-from-intake", "intake")
+            .filtered(vec![subjects::event_type_filter("intake", REPORTED)]);
+        c.stream = tiny.clone();
+        c.source_log = Some(SourceLogHandle(Arc::new(intake.clone())));
+        c
+    };
+    let lot = ParkingLot::new();
+
+    report(&intake, 0..3).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        config.clone(),
+        RouteEverything,
+        lot.clone(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while routes(&routing).len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "first routes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    consumer.stop().await;
+
+    // Away while intake writes 40 more reports (80 messages): the stream
+    // keeps the last 6, so 37 reports are gone from the bus.
+    report(&intake, 3..43).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    let mut stream = js
+        .get_stream(subjects::stream_name("intake"))
+        .await
+        .expect("stream");
+    let state = stream.info().await.expect("info").state.clone();
+    assert_eq!(state.messages, 6);
+    assert!(state.first_sequence > 7, "the bus forgot: {state:?}");
+
+    let consumer = spawn_consumer(js.clone(), routing.clone(), config, RouteEverything, lot);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while routes(&routing).len() < 43 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "caught up only {} of 43",
+            routes(&routing).len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the bus's own copies of the last reports come and be recognised.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    consumer.stop().await;
+    relay.stop().await;
+
+    let routed = routes(&routing);
+    assert_eq!(routed.len(), 43, "everything applied, nothing twice");
+    let causes: HashSet<_> = routed.iter().map(|e| e.causation_id.clone()).collect();
+    assert_eq!(causes.len(), 43);
+    let reported: HashSet<_> = intake
+        .read_all(1, 1_000)
+        .expect("read")
+        .into_iter()
+        .filter(|e| e.event_type == REPORTED)
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(causes, reported, "exactly the reports, none of the others");
+    assert_eq!(
+        routing
+            .consumer_position("routing-from-intake")
+            .expect("position"),
+        intake.head() - 1,
+        "the last report's position (the last event is an ignored one)"
+    );
+}
