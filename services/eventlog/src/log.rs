@@ -107,6 +107,10 @@ struct Inner {
     commits: mpsc::Sender<WriterRequest>,
     head: watch::Receiver<u64>,
     outbox_backlog: Arc<AtomicU64>,
+    /// Set while the projections are not whole (being rebuilt, or a
+    /// rebuild failed): reads of them are refused rather than answered
+    /// from half a rebuild.
+    projections_unavailable: Arc<std::sync::atomic::AtomicBool>,
     outbox_clearing: std::sync::Mutex<()>,
     subscribers: Arc<Semaphore>,
     writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -176,6 +180,7 @@ impl EventLog {
         let head = last_position(&db)?;
         ensure_correlation_index(&db, head, config.limits.max_read_page)?;
         let outbox_backlog = Arc::new(AtomicU64::new(count_outbox(&db)?));
+        let projections_unavailable = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (head_tx, head_rx) = watch::channel(head);
         let mut writer = Writer {
             db: db.clone(),
@@ -185,6 +190,7 @@ impl EventLog {
             head,
             head_tx,
             outbox_backlog: outbox_backlog.clone(),
+            projections_unavailable: projections_unavailable.clone(),
             stream_heads: StreamHeads::new(config.limits.max_cached_stream_heads),
             projections_incomplete: None,
         };
@@ -220,6 +226,7 @@ impl EventLog {
                 commits,
                 head: head_rx,
                 outbox_backlog,
+                projections_unavailable,
                 outbox_clearing: std::sync::Mutex::new(()),
                 writer: std::sync::Mutex::new(Some(thread)),
             }),
@@ -682,8 +689,20 @@ impl EventLog {
         load_consumer_position(&self.inner.db, consumer)
     }
 
-    /// One projection value.
+    /// Refuses a projection read while the projections are not whole.
+    fn projections_readable(&self) -> Result<()> {
+        if self.inner.projections_unavailable.load(Ordering::Acquire) {
+            return Err(Error::ProjectionsIncomplete {
+                reason: "the projections are being rebuilt".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// One projection value. Refused (`ProjectionsIncomplete`, a transient
+    /// error) while a rebuild is under way.
     pub fn projection_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.projections_readable()?;
         read_projection(&self.inner.db, key)
     }
 
@@ -695,6 +714,7 @@ impl EventLog {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.projections_readable()?;
         let db = &self.inner.db;
         let from = start_after.unwrap_or(prefix);
         let mut out = Vec::new();

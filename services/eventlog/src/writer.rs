@@ -68,6 +68,9 @@ pub(crate) struct Writer {
     /// log is opened again), because a commit records the projections as
     /// applied through its head and would make half-built ones look whole.
     pub projections_incomplete: Option<String>,
+    /// Shared with readers: set from the start of a rebuild until one
+    /// completes.
+    pub projections_unavailable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The last version of recently written streams, as committed.
@@ -162,6 +165,7 @@ impl Writer {
                         self.commit_group(&mut commits);
                         // Both digests between the same two commits: equal
                         // unless the rebuild changed something.
+                        self.projections_unavailable.store(true, Ordering::Release);
                         let rebuilt = digest_projections(&self.db).and_then(|digest_before| {
                             let events_replayed = self.rebuild_projections()?;
                             Ok(Rebuilt {
@@ -171,7 +175,10 @@ impl Writer {
                             })
                         });
                         match &rebuilt {
-                            Ok(_) => self.projections_incomplete = None,
+                            Ok(_) => {
+                                self.projections_incomplete = None;
+                                self.projections_unavailable.store(false, Ordering::Release);
+                            }
                             Err(e) => {
                                 tracing::error!(service = %self.service, error = %e,
                                     "projection rebuild failed; commits refused until a rebuild completes");

@@ -165,6 +165,13 @@ async fn a_failed_rebuild_refuses_commits_until_a_rebuild_completes() {
             "{point}: {refused:?}"
         );
         assert_eq!(log.head(), 20, "{point}: nothing written while incomplete");
+        assert!(
+            matches!(
+                log.projection_get(b"count/ticket-0"),
+                Err(lineguard_eventlog::Error::ProjectionsIncomplete { .. })
+            ),
+            "{point}: half-built projections are not served"
+        );
 
         let rebuilt = log.rebuild_projections_checked().await.expect("rebuild");
         assert_eq!(rebuilt.digest_after, digest, "{point}");

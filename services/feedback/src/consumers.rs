@@ -242,12 +242,19 @@ impl Handler for Observer {
             .0
             .schedule(&case, &tickets, what, &at, &event.event_id)
             .map_err(retry)?;
-        let mut txn = txn;
-        for (stream, e) in scheduled {
-            tracing::info!(ticket_id = %stream, correlation_id = %case, resolution = what,
+        // One stream, the case's, for all of a resolution's follow-ups: an
+        // incident covers any number of tickets, a commit at most 16 streams.
+        let mut follow_ups = Vec::with_capacity(scheduled.len());
+        for (ticket_id, e) in scheduled {
+            tracing::info!(ticket_id = %ticket_id, correlation_id = %case, resolution = what,
                 "follow-up due");
-            txn = txn.and_append(stream, ExpectedVersion::Any, vec![e]);
+            follow_ups.push(e);
         }
+        let txn = if follow_ups.is_empty() {
+            txn
+        } else {
+            txn.and_append(&case, ExpectedVersion::Any, follow_ups)
+        };
         Ok(Handled::CommitHolding(txn, Box::new(guards)))
     }
 }

@@ -590,10 +590,21 @@ async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
                 idempotency_key: format!("storm-accept-{ticket}-{}", route.hop),
             })
             .await;
-        if let Err(status) = &accepted
-            && status.code() != tonic::Code::FailedPrecondition
-        {
-            return error(tally, "accept", status);
+        match &accepted {
+            // Routing is busy (rebuilding its views) or restarting: again.
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(status) if status.code() != tonic::Code::FailedPrecondition => {
+                return error(tally, "accept", status);
+            }
+            _ => {}
         }
         match routing
             .answer_ticket(AnswerTicketRequest {
@@ -607,8 +618,19 @@ async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
             .await
         {
             Ok(_) => return count(tally, |r| r.desk_answered += 1),
-            // Moved on meanwhile (escalated): ask again.
-            Err(s) if s.code() == tonic::Code::PermissionDenied => continue,
+            // Moved on meanwhile (escalated), or routing busy: ask again.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied
+                        | tonic::Code::Unavailable
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             Err(s) => return error(tally, "answer", &s),
         }
     }
