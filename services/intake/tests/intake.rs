@@ -878,3 +878,80 @@ async fn a_reopen_shows_right_whichever_of_routing_and_dispatch_is_seen_first() 
     observe_routing(&f.log, &done, &case).await;
     assert_eq!(status(&mut f.client).await, (TicketStatus::Completed, 2));
 }
+
+/// A list that reads for a long time never holds the runtime: on a runtime
+/// of a single thread, a `GetTicket` sent while a `ListTickets` scans
+/// 20,000 tickets is answered before the list is (the scan runs on the
+/// blocking pool, not on the thread that serves calls).
+#[tokio::test(flavor = "current_thread")]
+async fn a_long_list_does_not_stall_other_calls() {
+    use lineguard_eventlog::{ActorKind, ExpectedVersion, NewEvent, Transaction, actor};
+    use lineguard_protos::intake::v1::TicketReported;
+    let f = start(IntakeConfig::default()).await;
+    // 20,000 tickets written straight to the log, 16 a commit (a stream
+    // each), many commits at once.
+    let mut writers = Vec::new();
+    for w in 0..25 {
+        let log = f.log.clone();
+        writers.push(tokio::spawn(async move {
+            for c in 0..50 {
+                let mut txn = Transaction::default();
+                for k in 0..16 {
+                    let id = format!("ticket-{w:02}-{c:02}-{k:02}");
+                    let reported = TicketReported {
+                        ticket_id: id.clone(),
+                        channel: Channel::App as i32,
+                        kind: TicketKind::Inquiry as i32,
+                        district_id: "D-1".into(),
+                        reported_at: Some(prost_types::Timestamp {
+                            seconds: 1_800_000_000,
+                            nanos: 0,
+                        }),
+                        ..TicketReported::default()
+                    };
+                    txn = txn.and_append(
+                        &id,
+                        ExpectedVersion::NoStream,
+                        vec![NewEvent::new(&reported, &id, actor(ActorKind::System, "t"))],
+                    );
+                }
+                log.commit(txn).await.expect("commit");
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let started = std::time::Instant::now();
+    let mut lister = f.client.clone();
+    let list = tokio::spawn(async move {
+        lister
+            .list_tickets(ListTicketsRequest {
+                district_id: "nowhere".into(),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("list");
+        started.elapsed()
+    });
+    // Let the list reach the server first.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut getter = f.client.clone();
+    getter
+        .get_ticket(GetTicketRequest {
+            ticket_id: "ticket-00-00-00".into(),
+        })
+        .await
+        .expect("get");
+    let got = started.elapsed();
+    let listed = list.await.expect("list task");
+    assert!(
+        listed > Duration::from_millis(50),
+        "the list must take a while for this test to mean anything: {listed:?}"
+    );
+    assert!(
+        got < listed,
+        "the get ({got:?}) waited for the list ({listed:?})"
+    );
+}

@@ -401,12 +401,15 @@ pub async fn storm(
             (callers[dice.below(callers.len())], TicketKind::FaultRepair)
         } else {
             let pick = dice.below(accounts.len());
+            // Every kind of ticket, faults the most.
             let kind = match dice.below(100) {
                 0..=69 => TicketKind::FaultRepair,
-                70..=79 => TicketKind::Complaint,
-                80..=89 => TicketKind::Inquiry,
-                90..=94 => TicketKind::ServiceRequest,
-                _ => TicketKind::Report,
+                70..=78 => TicketKind::Complaint,
+                79..=86 => TicketKind::Inquiry,
+                87..=92 => TicketKind::ServiceRequest,
+                93..=96 => TicketKind::Report,
+                97..=98 => TicketKind::Praise,
+                _ => TicketKind::Suggestion,
             };
             if kind == TicketKind::FaultRepair && dice.chance(0.05) {
                 outage = Some((accounts[pick].1.clone(), 3 + dice.below(6)));
@@ -427,7 +430,12 @@ pub async fn storm(
             channel: channel as i32,
             kind: kind as i32,
             service_request_type: if kind == TicketKind::ServiceRequest {
-                ServiceRequestType::MeterFault as i32
+                [
+                    ServiceRequestType::Reconnection,
+                    ServiceRequestType::SurgeDamage,
+                    ServiceRequestType::MeterFault,
+                    ServiceRequestType::Other,
+                ][n % 4] as i32
             } else {
                 0
             },
@@ -440,7 +448,13 @@ pub async fn storm(
             description: "simulated".into(),
             ..ReportTicketRequest::default()
         };
-        let desk_delay = Duration::from_millis(200 + dice.below(1_500) as u64);
+        // A desk picks a call up within seconds, or (in the backend's
+        // accelerated time) within its first few minutes.
+        let desk_delay = if config.paced() {
+            Duration::from_secs(60 + dice.below(120) as u64) / config.clock_speed.max(1)
+        } else {
+            Duration::from_millis(200 + dice.below(1_500) as u64)
+        };
         calls.push(tokio::spawn(call(
             clients.clone(),
             request,
@@ -737,7 +751,11 @@ async fn crew_phone(
                 slow: dice.chance(config.slow_share),
                 late: dice.chance(config.late_share),
                 give_back: dice.chance(config.return_share),
-                ack_after: Duration::from_millis(50 + dice.below(400) as u64),
+                ack_after: if config.paced() {
+                    Duration::from_secs(30 + dice.below(150) as u64) / config.clock_speed.max(1)
+                } else {
+                    Duration::from_millis(50 + dice.below(400) as u64)
+                },
                 travel_minutes: 10 + dice.below(25) as i64,
                 repair_minutes: 20 + dice.below(90) as i64,
             };

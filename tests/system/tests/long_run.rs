@@ -194,7 +194,7 @@ async fn a_long_run_keeps_every_promise() {
         late_share: 0.1,
         return_share: 0.03,
         dissatisfied_share: 0.08,
-        settle: Duration::from_secs(240),
+        settle: Duration::from_secs(env_or("LINEGUARD_LONG_RUN_SETTLE_SECONDS", 300)),
         clock_start: Some(CLOCK_START.into()),
         clock_anchor: Some(anchor.clone()),
         clock_speed: speed,
@@ -230,8 +230,10 @@ async fn a_long_run_keeps_every_promise() {
         rebuilt.digest_before, rebuilt.digest_after,
         "a rebuild from the log gives the same projections"
     );
+    // A graceful stop: in-flight calls get the shutdown timeout (10 s), then
+    // the outbox is flushed (up to 10 s more).
     feedback
-        .terminate(Duration::from_secs(20))
+        .terminate(Duration::from_secs(60))
         .expect("stop feedback");
     tokio::time::sleep(Duration::from_secs_f64((call_seconds * 0.3).max(8.0))).await;
     feedback.restart().expect("feedback back");
