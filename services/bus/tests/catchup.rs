@@ -82,12 +82,7 @@ async fn report(log: &EventLog, range: std::ops::Range<usize>) {
 async fn a_consumer_away_longer_than_the_streams_retention_catches_up_from_the_source_log() {
     let nats = NatsServer::start().expect("nats");
     let dir = tempfile::tempdir().expect("tempdir");
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(nats.url())
-        .await
-        .expect("connect");
-    let js = async_nats::jetstream::new(client);
+    let js = nats.jetstream().await.expect("jetstream");
     let intake = EventLog::open(
         LogConfig::new(dir.path().join("intake"), "intake").with_event_types(
             EventTypes::new()

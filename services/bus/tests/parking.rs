@@ -141,12 +141,7 @@ fn impatient(name: &str, source: &str, event_type: &str) -> ConsumerConfig {
 async fn routes_held_past_every_retry_budget_reach_their_orders_when_the_reports_land() {
     let nats = NatsServer::start().expect("nats");
     let dir = tempfile::tempdir().expect("tempdir");
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(nats.url())
-        .await
-        .expect("connect");
-    let js = async_nats::jetstream::new(client);
+    let js = nats.jetstream().await.expect("jetstream");
     let intake = source_log(dir.path(), "intake");
     let routing = source_log(dir.path(), "routing");
     let dispatch = consumer_log(dir.path());

@@ -64,12 +64,7 @@ fn orders(log: &EventLog) -> Vec<OrderAssigned> {
 async fn routes_held_past_every_budget_become_orders_when_intake_catches_up() {
     let nats = NatsServer::start().expect("nats");
     let dir = tempfile::tempdir().expect("tempdir");
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(nats.url())
-        .await
-        .expect("connect");
-    let js = async_nats::jetstream::new(client);
+    let js = nats.jetstream().await.expect("jetstream");
     let routing = source(
         dir.path(),
         "routing",

@@ -160,6 +160,17 @@ impl NatsServer {
     }
 
     /// `nats://127.0.0.1:<port>`.
+    /// A JetStream context on a new connection to this server (the
+    /// connection retries until the server answers).
+    pub async fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(self.url())
+            .await
+            .map_err(|e| HarnessError::Failed(format!("connect to {}: {e}", self.url())))?;
+        Ok(async_nats::jetstream::new(client))
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
