@@ -32,6 +32,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // A body that does not decode is the caller's error (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .compile_fds_with_config(fds, config)?;
     Ok(())
 }

@@ -263,6 +263,9 @@ struct Context<'a, H> {
     config: &'a ConsumerConfig,
     handler: &'a H,
     lot: &'a ParkingLot,
+    /// Set when the consumer is asked to stop: long loops (a sweep, a
+    /// wake, a catch-up) end at the next event instead of running on.
+    stopping: watch::Receiver<bool>,
 }
 
 fn now() -> prost_types::Timestamp {
@@ -296,6 +299,11 @@ fn consumer_event(
 impl<H: Handler> Context<'_, H> {
     fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Whether the consumer has been asked to stop.
+    fn stopping(&self) -> bool {
+        *self.stopping.borrow()
     }
 
     /// Whether the consumer's log already holds the event, parked or
@@ -532,6 +540,10 @@ impl<H: Handler> Context<'_, H> {
                 break;
             };
             for event in &page {
+                if self.stopping() {
+                    // What was applied is recorded; the next session goes on.
+                    return Ok(());
+                }
                 if event.source != self.config.source_service {
                     return Err(format!(
                         "the source log configured for {} holds {}'s events",
@@ -717,6 +729,9 @@ impl<H: Handler> Context<'_, H> {
                     break;
                 }
                 for (waiting, _) in &page {
+                    if self.stopping() {
+                        return Ok(());
+                    }
                     let event_id = String::from_utf8_lossy(&waiting[prefix.len()..]).into_owned();
                     self.apply_parked_one(&event_id).await;
                 }
@@ -738,6 +753,9 @@ impl<H: Handler> Context<'_, H> {
                 break;
             }
             for (_, value) in page {
+                if self.stopping() {
+                    return Ok(tried);
+                }
                 match EventParked::decode(value.as_slice()) {
                     Ok(parked) => self.apply_parked(parked).await,
                     Err(e) => tracing::error!(consumer = %self.name(), error = %e,
@@ -813,6 +831,7 @@ async fn run<H: Handler>(
                     config: &config,
                     handler: handler.as_ref(),
                     lot: &lot,
+                    stopping: stopped.clone(),
                 };
                 consume(&jetstream, &context, &mut stopped).await
             }

@@ -18,6 +18,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
     log: EventLog,
     client: IntakeClient<GrpcChannel>,
+    channel: GrpcChannel,
 }
 
 fn open_log(path: &std::path::Path) -> EventLog {
@@ -39,7 +40,8 @@ async fn start(config: IntakeConfig) -> Fixture {
     Fixture {
         _dir: dir,
         log,
-        client: IntakeClient::new(channel),
+        client: IntakeClient::new(channel.clone()),
+        channel,
     }
 }
 
@@ -954,4 +956,108 @@ async fn a_long_list_does_not_stall_other_calls() {
         got < listed,
         "the get ({got:?}) waited for the list ({listed:?})"
     );
+}
+
+/// Sends raw bytes as the body of a unary call and reads nothing back.
+#[derive(Clone, Default)]
+struct RawBytes;
+
+#[derive(Clone, Default)]
+struct RawEncoder;
+
+#[derive(Clone, Default)]
+struct RawDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+/// A body that is not a protobuf message of the RPC's type is the caller's
+/// error, named as such, on every unary RPC; nothing is written and the
+/// service keeps serving.
+#[tokio::test]
+async fn a_body_that_does_not_decode_is_invalid_argument() {
+    let f = start(IntakeConfig::default()).await;
+    let head = f.log.head();
+    // Field 1 as a varint of 11 bytes, a truncated length-delimited field,
+    // and a field number 0: none is a message.
+    let garbage: [&[u8]; 3] = [
+        &[
+            0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ],
+        &[0x0a, 0x40, b'x'],
+        &[0x00, 0x01],
+    ];
+    for path in [
+        "/lineguard.intake.v1.Intake/ReportTicket",
+        "/lineguard.intake.v1.Intake/GetTicket",
+        "/lineguard.intake.v1.Intake/ListTickets",
+        "/lineguard.intake.v1.Intake/CancelTicket",
+    ] {
+        for body in garbage {
+            let mut grpc = tonic::client::Grpc::new(f.channel.clone());
+            grpc.ready().await.expect("ready");
+            let status = grpc
+                .unary(
+                    tonic::Request::new(body.to_vec()),
+                    path.parse().expect("path"),
+                    RawBytes,
+                )
+                .await
+                .expect_err("garbage refused");
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "{path}: {status:?}"
+            );
+            assert!(
+                status.message().contains("not a valid"),
+                "{path}: {}",
+                status.message()
+            );
+        }
+    }
+    assert_eq!(f.log.head(), head, "nothing written");
+    f.client
+        .clone()
+        .list_tickets(ListTicketsRequest::default())
+        .await
+        .expect("still serving");
 }

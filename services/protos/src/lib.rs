@@ -7,6 +7,8 @@
 //! Every message implements [`prost::Name`], whose full name is the event type
 //! recorded in an [`eventlog::v1::EventEnvelope`].
 
+pub mod codec;
+
 /// The encoded `FileDescriptorSet` of every Lineguard proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/lineguard_descriptor.bin"));

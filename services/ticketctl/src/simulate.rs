@@ -845,8 +845,11 @@ async fn work_order(
     let arrival_due = order
         .arrival_due_at
         .unwrap_or_else(|| plus_minutes(&t0, 45));
-    let travel = if plan.late {
-        (arrival_due.seconds - t0.seconds) / 60 + 5 + plan.travel_minutes
+    // Late: past the arrival limit, if that limit is a matter of hours
+    // (a service visit due in a day is not made late on purpose).
+    let minutes_to_due = (arrival_due.seconds - t0.seconds) / 60;
+    let travel = if plan.late && minutes_to_due <= 3 * 60 {
+        minutes_to_due.max(0) + 5 + plan.travel_minutes
     } else {
         plan.travel_minutes.min(30)
     };

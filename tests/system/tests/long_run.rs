@@ -274,6 +274,9 @@ async fn a_long_run_keeps_every_promise() {
         .expect("verify loads")
         .into_inner();
     assert!(loads.mismatches.is_empty(), "{:?}", loads.mismatches);
+    if loads.open_tickets > 0 {
+        eprintln!("still open: {:?}", open_cases(&read_all(&routing).await));
+    }
     assert_eq!(loads.open_tickets, 0, "every ticket worked to its end");
 
     // Nothing parked or dead anywhere.
@@ -382,6 +385,50 @@ async fn a_long_run_keeps_every_promise() {
         checked.mismatches,
         checked.load_mismatches
     );
+}
+
+/// The cases routing's log leaves open (routed or accepted): their kind,
+/// hop, holder and crew, to say what a run left undone.
+fn open_cases(events: &[EventEnvelope]) -> Vec<String> {
+    use lineguard_protos::routing::v1::{TicketAnswered, TicketRoutingClosed, TicketWorkCompleted};
+    let mut cases: HashMap<String, (String, bool)> = HashMap::new();
+    for e in events {
+        let t = e.event_type.as_str();
+        let payload = e.payload.as_ref();
+        if t == TicketRouted::full_name() {
+            let r = TicketRouted::decode(payload).expect("route");
+            let what = format!(
+                "{} {:?} hop {} held by {} crew {} field {}",
+                r.case_id,
+                r.kind(),
+                r.hop,
+                r.assignee_id,
+                r.crew_id,
+                r.field_work
+            );
+            cases.insert(r.case_id, (what, true));
+        } else {
+            let closed = if t == TicketAnswered::full_name() {
+                TicketAnswered::decode(payload).ok().map(|e| e.case_id)
+            } else if t == TicketRoutingClosed::full_name() {
+                TicketRoutingClosed::decode(payload).ok().map(|e| e.case_id)
+            } else if t == TicketWorkCompleted::full_name() {
+                TicketWorkCompleted::decode(payload).ok().map(|e| e.case_id)
+            } else {
+                None
+            };
+            if let Some(case) = closed
+                && let Some(entry) = cases.get_mut(&case)
+            {
+                entry.1 = false;
+            }
+        }
+    }
+    cases
+        .into_values()
+        .filter(|(_, open)| *open)
+        .map(|(what, _)| what)
+        .collect()
 }
 
 /// Just what this test needs of the generated directory file.
