@@ -266,6 +266,11 @@ struct Context<'a, H> {
     /// Set when the consumer is asked to stop: long loops (a sweep, a
     /// wake, a catch-up) end at the next event instead of running on.
     stopping: watch::Receiver<bool>,
+    /// Source positions of messages handed back to JetStream (nak'ed) and
+    /// not applied since: a catch-up starts below the lowest, so a message
+    /// that expires from the stream before its redelivery is read from the
+    /// source's log. Kept across sessions of one process.
+    retrying: &'a std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 fn now() -> prost_types::Timestamp {
@@ -304,6 +309,33 @@ impl<H: Handler> Context<'_, H> {
     /// Whether the consumer has been asked to stop.
     fn stopping(&self) -> bool {
         *self.stopping.borrow()
+    }
+
+    /// Records that the message at `position` went back to JetStream
+    /// (`retrying`) or has its outcome in the log.
+    fn note_retrying(&self, position: u64, retrying: bool) {
+        let mut set = self
+            .retrying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if retrying {
+            set.insert(position);
+        } else {
+            set.remove(&position);
+        }
+    }
+
+    /// The highest source position below which every message this process
+    /// was given has its outcome in the log, as far as it knows.
+    fn applied_floor(&self, applied_through: u64) -> u64 {
+        let set = self
+            .retrying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match set.first() {
+            Some(&lowest) => applied_through.min(lowest.saturating_sub(1)),
+            None => applied_through,
+        }
     }
 
     /// Whether the consumer's log already holds the event, parked or
@@ -416,10 +448,12 @@ impl<H: Handler> Context<'_, H> {
                     .await;
             }
         };
-        match self
+        let position = event.global_position;
+        let settled = self
             .settle(&event, message.payload.clone(), &subject, deliveries)
-            .await
-        {
+            .await;
+        self.note_retrying(position, !matches!(settled, Settled::Recorded));
+        match settled {
             Settled::Recorded => self.answer(message, Ok(())).await,
             Settled::NotRecorded(reason) => self.answer(message, Err(reason)).await,
             Settled::RetryLater(reason) => {
@@ -532,7 +566,7 @@ impl<H: Handler> Context<'_, H> {
             .log
             .consumer_position(self.name())
             .map_err(|e| e.to_string())?;
-        let mut from = applied_through.max(*caught_up_to) + 1;
+        let mut from = self.applied_floor(applied_through).max(*caught_up_to) + 1;
         let mut applied = 0u64;
         loop {
             let page = source.0.read_from(from, CATCH_UP_PAGE).await?;
@@ -559,7 +593,10 @@ impl<H: Handler> Context<'_, H> {
                     .settle(event, Bytes::from(event.encode_to_vec()), &subject, 1)
                     .await
                 {
-                    Settled::Recorded => applied += 1,
+                    Settled::Recorded => {
+                        self.note_retrying(event.global_position, false);
+                        applied += 1;
+                    }
                     Settled::NotRecorded(reason) | Settled::RetryLater(reason) => {
                         return Err(format!(
                             "catch-up stopped at {}: {reason}",
@@ -813,17 +850,19 @@ async fn run<H: Handler>(
     stopped: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let retrying = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     while !*stopped.borrow() {
         // Each session is a task of its own: if it panics, the consumer
         // says so and starts again instead of stopping without a word.
         let session = tokio::spawn({
-            let (jetstream, log, config, handler, lot, mut stopped) = (
+            let (jetstream, log, config, handler, lot, mut stopped, retrying) = (
                 jetstream.clone(),
                 log.clone(),
                 config.clone(),
                 handler.clone(),
                 lot.clone(),
                 stopped.clone(),
+                retrying.clone(),
             );
             async move {
                 let context = Context {
@@ -832,6 +871,7 @@ async fn run<H: Handler>(
                     handler: handler.as_ref(),
                     lot: &lot,
                     stopping: stopped.clone(),
+                    retrying: &retrying,
                 };
                 consume(&jetstream, &context, &mut stopped).await
             }
