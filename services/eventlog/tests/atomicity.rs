@@ -72,6 +72,17 @@ async fn each_fail_point_on_a_fresh_log_leaves_nothing_behind() {
     scenario.teardown();
 }
 
+/// Twenty commits over streams ticket-0..2 in turn, each of one event per text.
+async fn commit_round_robin(log: &lineguard_eventlog::EventLog, texts: &[&str]) {
+    for i in 0..20 {
+        let stream = format!("ticket-{}", i % 3);
+        let events = texts.iter().map(|t| noted(&stream, t)).collect();
+        log.commit(Transaction::append(&stream, ExpectedVersion::Any, events))
+            .await
+            .expect("commit");
+    }
+}
+
 /// A rebuild of the projections cut short (between clearing them and
 /// replaying, or after one replayed page) is completed when the log is
 /// opened again: the same projections as before, no event applied twice.
@@ -89,13 +100,7 @@ async fn a_rebuild_cut_short_is_completed_when_the_log_is_opened_again() {
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = open_with_limits(dir.path(), limits.clone());
-        for i in 0..20 {
-            let stream = format!("ticket-{}", i % 3);
-            let events = vec![noted(&stream, "x"), noted(&stream, "y")];
-            log.commit(Transaction::append(&stream, ExpectedVersion::Any, events))
-                .await
-                .expect("commit");
-        }
+        commit_round_robin(&log, &["x", "y"]).await;
         let digest = log.projection_digest().expect("digest");
         assert_eq!(count(&log, "ticket-0"), 14, "{point}");
 
@@ -135,16 +140,7 @@ async fn a_failed_rebuild_refuses_commits_until_a_rebuild_completes() {
     ] {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = open_with_limits(dir.path(), limits.clone());
-        for i in 0..20 {
-            let stream = format!("ticket-{}", i % 3);
-            log.commit(Transaction::append(
-                &stream,
-                ExpectedVersion::Any,
-                vec![noted(&stream, "x")],
-            ))
-            .await
-            .expect("commit");
-        }
+        commit_round_robin(&log, &["x"]).await;
         let digest = log.projection_digest().expect("digest");
 
         fail::cfg(point, "return").expect("configure fail point");

@@ -75,47 +75,59 @@ fn dead_entry(d: DeadLetterEntry) -> Entry {
     }
 }
 
-/// Every service's parked events (up to `page` listed each).
-pub async fn parked(clients: &Clients, only: &[String], page: u32) -> Result<Vec<Held>, Error> {
-    let mut out = Vec::new();
-    for service in services(only)? {
-        let listed = client(clients, service)?
-            .list_parked(ListParkedRequest {
-                consumer: String::new(),
-                page_size: page,
-            })
-            .await
-            .map_err(Error::service(service))?
-            .into_inner();
-        out.push(Held {
-            service: service.to_string(),
-            total: listed.total,
-            entries: listed.parked.into_iter().map(parked_entry).collect(),
-        });
-    }
-    Ok(out)
+/// Which of a service's held events to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Events parked until what they wait for arrives.
+    Parked,
+    /// Events a consumer could not apply.
+    DeadLetters,
 }
 
-/// Every service's dead letters (up to `page` listed each).
-pub async fn dead_letters(
+/// Every service's parked events or dead letters (up to `page` listed each).
+pub async fn held(
     clients: &Clients,
     only: &[String],
     page: u32,
+    kind: Kind,
 ) -> Result<Vec<Held>, Error> {
     let mut out = Vec::new();
     for service in services(only)? {
-        let listed = client(clients, service)?
-            .list_dead_letters(ListDeadLettersRequest {
-                consumer: String::new(),
-                page_size: page,
-            })
-            .await
-            .map_err(Error::service(service))?
-            .into_inner();
+        let mut consumers = client(clients, service)?;
+        let (total, entries) = match kind {
+            Kind::Parked => {
+                let listed = consumers
+                    .list_parked(ListParkedRequest {
+                        consumer: String::new(),
+                        page_size: page,
+                    })
+                    .await
+                    .map_err(Error::service(service))?
+                    .into_inner();
+                (
+                    listed.total,
+                    listed.parked.into_iter().map(parked_entry).collect(),
+                )
+            }
+            Kind::DeadLetters => {
+                let listed = consumers
+                    .list_dead_letters(ListDeadLettersRequest {
+                        consumer: String::new(),
+                        page_size: page,
+                    })
+                    .await
+                    .map_err(Error::service(service))?
+                    .into_inner();
+                (
+                    listed.total,
+                    listed.dead_letters.into_iter().map(dead_entry).collect(),
+                )
+            }
+        };
         out.push(Held {
             service: service.to_string(),
-            total: listed.total,
-            entries: listed.dead_letters.into_iter().map(dead_entry).collect(),
+            total,
+            entries,
         });
     }
     Ok(out)

@@ -448,7 +448,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             }
         }
         Command::Parked { service, limit } => {
-            let held = consumers::parked(&clients, &service, limit).await?;
+            let held = consumers::held(&clients, &service, limit, consumers::Kind::Parked).await?;
             print_held(cli.json, "parked", &held)?;
         }
         Command::Deadletters {
@@ -472,7 +472,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             service,
             limit,
         } => {
-            let held = consumers::dead_letters(&clients, &service, limit).await?;
+            let held =
+                consumers::held(&clients, &service, limit, consumers::Kind::DeadLetters).await?;
             print_held(cli.json, "dead letters", &held)?;
             if held.iter().any(|h| h.total > 0) {
                 return Ok(ExitCode::from(1));
