@@ -33,14 +33,27 @@ pub const CATCH_UP_PAGE: usize = 1_000;
 pub type SourcePage<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<EventEnvelope>, String>> + Send + 'a>>;
 
+/// Whether a source's outbox was empty when asked, or why it could not tell.
+pub type SourceDrained<'a> = Pin<Box<dyn Future<Output = Result<bool, String>> + Send + 'a>>;
+
 /// A source service's own event log, read from a position on.
 pub trait SourceLog: Send + Sync + 'static {
     /// Up to `max` events from `from_position` (empty past the head).
     fn read_from(&self, from_position: u64, max: usize) -> SourcePage<'_>;
+
+    /// Whether the source's outbox is empty now: everything it had
+    /// committed is in its stream. A consumer's readiness waits for this
+    /// once (see [`crate::consumer::ConsumerHandle::caught_up`]).
+    fn drained(&self) -> SourceDrained<'_>;
 }
 
 /// The source's log in the same process (tests, tools).
 impl SourceLog for EventLog {
+    fn drained(&self) -> SourceDrained<'_> {
+        let backlog = self.outbox_backlog();
+        Box::pin(async move { Ok(backlog == 0) })
+    }
+
     fn read_from(&self, from_position: u64, max: usize) -> SourcePage<'_> {
         let log = self.clone();
         Box::pin(async move {

@@ -139,6 +139,11 @@ pub struct ConsumerConfig {
     /// this consumer never acknowledged (see [`crate::catchup`]); without
     /// it such a gap is only reported.
     pub source_log: Option<SourceLogHandle>,
+    /// How long readiness waits for the source's log to say its outbox is
+    /// empty (so that what it had committed before this start is in the
+    /// stream) before it settles for the stream as it is. Only with a
+    /// `source_log`.
+    pub source_drain_wait: Duration,
 }
 
 impl ConsumerConfig {
@@ -157,6 +162,7 @@ impl ConsumerConfig {
             retry_delay: Duration::from_secs(1),
             stream: StreamSettings::default(),
             source_log: None,
+            source_drain_wait: Duration::from_secs(30),
         }
     }
 
@@ -180,9 +186,20 @@ pub enum Applied {
 pub struct ConsumerHandle {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    caught_up: watch::Receiver<bool>,
 }
 
 impl ConsumerHandle {
+    /// Turns `true`, once and for good, when the consumer has applied what
+    /// its source had published when it started: the source stream's last
+    /// message then (taken after the source's log, if known, said its
+    /// outbox was empty) is at or below the consumer's ack floor, or
+    /// nothing is pending or unacknowledged at all. A service is not ready
+    /// before every consumer of its is.
+    pub fn caught_up(&self) -> watch::Receiver<bool> {
+        self.caught_up.clone()
+    }
+
     /// Stops after the message in hand.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
@@ -271,6 +288,16 @@ struct Context<'a, H> {
     /// that expires from the stream before its redelivery is read from the
     /// source's log. Kept across sessions of one process.
     retrying: &'a std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Whether the consumer has caught up with its start-up backlog.
+    readiness: &'a Readiness,
+}
+
+/// A consumer's progress towards what its source held when it started.
+struct Readiness {
+    caught_up: watch::Sender<bool>,
+    /// The source stream's last sequence to reach, once chosen.
+    target: std::sync::Mutex<Option<u64>>,
+    started: tokio::time::Instant,
 }
 
 fn now() -> prost_types::Timestamp {
@@ -528,6 +555,66 @@ impl<H: Handler> Context<'_, H> {
                 }
             }
         }
+    }
+
+    fn caught_up(&self) -> bool {
+        *self.readiness.caught_up.borrow()
+    }
+
+    /// Sees whether the consumer has caught up with its start-up backlog
+    /// (see [`ConsumerHandle::caught_up`]) and says so once it has.
+    async fn check_caught_up(
+        &self,
+        stream: &mut jetstream::stream::Stream,
+        consumer: &mut jetstream::consumer::PullConsumer,
+    ) -> Result<(), String> {
+        if self.caught_up() {
+            return Ok(());
+        }
+        let chosen = *self
+            .readiness
+            .target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let target = match chosen {
+            Some(target) => target,
+            None => {
+                if let Some(source) = &self.config.source_log
+                    && self.readiness.started.elapsed() < self.config.source_drain_wait
+                {
+                    match source.0.drained().await {
+                        Ok(true) => {}
+                        Ok(false) => return Ok(()),
+                        Err(reason) => {
+                            tracing::debug!(consumer = %self.name(), %reason,
+                                "source log not answering yet; readiness waits");
+                            return Ok(());
+                        }
+                    }
+                }
+                let last = stream
+                    .info()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .state
+                    .last_sequence;
+                *self
+                    .readiness
+                    .target
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(last);
+                last
+            }
+        };
+        let info = consumer.info().await.map_err(|e| e.to_string())?;
+        let idle = info.num_pending == 0 && info.num_ack_pending == 0;
+        if idle || info.ack_floor.stream_sequence >= target {
+            self.readiness.caught_up.send_replace(true);
+            tracing::info!(consumer = %self.name(), target, ack_floor = info.ack_floor.stream_sequence,
+                waited_ms = self.readiness.started.elapsed().as_millis() as u64,
+                "caught up with what the source held at start-up");
+        }
+        Ok(())
     }
 
     /// Looks for a gap the bus left (messages dropped before this consumer
@@ -812,6 +899,9 @@ pub const SWEEP_MAX: usize = 10_000;
 
 /// Messages asked for per pull request.
 pub const PULL_BATCH: usize = 64;
+/// How often a consumer not yet caught up with its start-up backlog looks.
+const READINESS_CHECK: Duration = Duration::from_millis(250);
+
 /// How long one pull request waits for messages before the next is made.
 pub const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
@@ -837,8 +927,26 @@ pub fn spawn_consumer<H: Handler>(
     lot: ParkingLot,
 ) -> ConsumerHandle {
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(run(jetstream, log, config, Arc::new(handler), lot, stopped));
-    ConsumerHandle { stop, task }
+    let (caught_up_tx, caught_up) = watch::channel(false);
+    let readiness = Arc::new(Readiness {
+        caught_up: caught_up_tx,
+        target: std::sync::Mutex::new(None),
+        started: tokio::time::Instant::now(),
+    });
+    let task = tokio::spawn(run(
+        jetstream,
+        log,
+        config,
+        Arc::new(handler),
+        lot,
+        stopped,
+        readiness,
+    ));
+    ConsumerHandle {
+        stop,
+        task,
+        caught_up,
+    }
 }
 
 async fn run<H: Handler>(
@@ -848,6 +956,7 @@ async fn run<H: Handler>(
     handler: Arc<H>,
     lot: ParkingLot,
     stopped: watch::Receiver<bool>,
+    readiness: Arc<Readiness>,
 ) {
     let mut backoff = Duration::from_millis(100);
     let retrying = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
@@ -855,7 +964,7 @@ async fn run<H: Handler>(
         // Each session is a task of its own: if it panics, the consumer
         // says so and starts again instead of stopping without a word.
         let session = tokio::spawn({
-            let (jetstream, log, config, handler, lot, mut stopped, retrying) = (
+            let (jetstream, log, config, handler, lot, mut stopped, retrying, readiness) = (
                 jetstream.clone(),
                 log.clone(),
                 config.clone(),
@@ -863,6 +972,7 @@ async fn run<H: Handler>(
                 lot.clone(),
                 stopped.clone(),
                 retrying.clone(),
+                readiness.clone(),
             );
             async move {
                 let context = Context {
@@ -872,6 +982,7 @@ async fn run<H: Handler>(
                     lot: &lot,
                     stopping: stopped.clone(),
                     retrying: &retrying,
+                    readiness: &readiness,
                 };
                 consume(&jetstream, &context, &mut stopped).await
             }
@@ -933,9 +1044,12 @@ async fn consume<H: Handler>(
         .catch_up_if_gap(&mut stream, &mut consumer, &mut caught_up_to)
         .await?;
     context.sweep().await?;
+    context.check_caught_up(&mut stream, &mut consumer).await?;
     let mut sweep = tokio::time::interval(config.parked_sweep);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     sweep.tick().await;
+    let mut readiness_check = tokio::time::interval(READINESS_CHECK);
+    readiness_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One pull request at a time, each for a bounded batch that expires:
     // the long-lived `messages()` stream was seen to stop asking for more
     // under load (server: no waiting request, messages delivered to the
@@ -960,6 +1074,10 @@ async fn consume<H: Handler>(
                     .catch_up_if_gap(&mut stream, &mut consumer, &mut caught_up_to)
                     .await?;
                 context.sweep().await?;
+                continue;
+            }
+            _ = readiness_check.tick(), if !context.caught_up() => {
+                context.check_caught_up(&mut stream, &mut consumer).await?;
                 continue;
             }
             _ = stopped.changed() => return Ok(()),

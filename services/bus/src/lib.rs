@@ -32,13 +32,19 @@ pub use consumer::{
     spawn_consumer,
 };
 pub use parking::{ParkingLot, ParkingProjector, with_parking_events};
-pub use relay::{Mirror, OutboxRelay, RelayConfig};
+pub use relay::{Mirror, OutboxRelay, RelayConfig, RelayHealth, RelayMonitor};
 pub use streams::{StreamSettings, ensure_stream};
 
 /// A bus failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A stream could not be created or updated.
+    /// A stream could not be created or updated (NATS unreachable, a
+    /// timeout: trying again may succeed).
     #[error("stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
+    /// JetStream refused the stream for a reason that trying again will not
+    /// heal: not enough storage for its limits, JetStream not enabled, a
+    /// configuration it rejects. An operator must change NATS or the flags.
+    #[error("NATS refused stream {stream}: {reason}")]
+    StreamRefused { stream: String, reason: String },
 }

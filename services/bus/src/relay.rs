@@ -8,9 +8,11 @@
 //! exponential backoff; commits keep landing in the log's outbox meanwhile
 //! (up to [`Limits::max_outbox_backlog`](lineguard_eventlog::Limits)).
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
 use lineguard_eventlog::{EventLog, StoredEvent};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -20,15 +22,19 @@ use crate::subjects::event_subject;
 
 /// A second subject some events are also published on, in another
 /// JetStream stream (`LINEGUARD_<STREAM_NAME>`, capturing
-/// `lineguard.<stream_name>.>`). Dispatch uses it to put each crew's events
-/// on `lineguard.crew.<crew id>.…` as well. An outbox entry is cleared only
-/// when every subject it goes to has acknowledged it.
+/// `lineguard.<stream_name>.>`), as a message of the mirror's own making.
+/// Dispatch uses it to put each crew's events on `lineguard.crew.<crew
+/// id>.…` as typed `CrewEvent`s. An outbox entry is cleared only when every
+/// subject it goes to has acknowledged it.
 #[derive(Debug, Clone)]
 pub struct Mirror {
     /// The second stream's name, as a service name is used: `crew`.
     pub stream_name: &'static str,
-    /// The event's second subject, or `None` to publish it once.
-    pub subject: fn(&StoredEvent) -> Option<String>,
+    /// The event's second subject and the payload published there, or
+    /// `None` to publish it once. An `Err` (an event that cannot be made
+    /// into the mirror's message) stops the relay at that event, retrying,
+    /// as a failed publish does: nothing is skipped.
+    pub message: fn(&StoredEvent) -> Result<Option<(String, Bytes)>, String>,
 }
 
 /// How the relay paces itself.
@@ -60,14 +66,58 @@ pub struct OutboxRelay {
     log: EventLog,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    progress: Arc<Mutex<Progress>>,
+}
+
+/// When the relay last got somewhere, and the last reason it could not.
+#[derive(Debug)]
+struct Progress {
+    /// The last time the outbox was empty or a batch was acknowledged.
+    at: Instant,
+    last_error: Option<String>,
+}
+
+/// The relay's state, for health: is the outbox draining?
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayHealth {
+    /// Events committed and not yet acknowledged by JetStream.
+    pub backlog: u64,
+    /// With a backlog: how long since the relay last got an event
+    /// acknowledged (or last saw the outbox empty). Zero without one.
+    pub stalled_for: Duration,
+    /// Why the last attempt failed, if it did and nothing has gone since.
+    pub last_error: Option<String>,
 }
 
 impl OutboxRelay {
     /// Starts relaying `log`'s outbox to `jetstream`.
     pub fn spawn(log: EventLog, jetstream: jetstream::Context, config: RelayConfig) -> Self {
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(relay(log.clone(), jetstream, config, stopped));
-        OutboxRelay { log, stop, task }
+        let progress = Arc::new(Mutex::new(Progress {
+            at: Instant::now(),
+            last_error: None,
+        }));
+        let task = tokio::spawn(relay(
+            log.clone(),
+            jetstream,
+            config,
+            stopped,
+            progress.clone(),
+        ));
+        OutboxRelay {
+            log,
+            stop,
+            task,
+            progress,
+        }
+    }
+
+    /// A handle that reads the relay's health (see [`RelayMonitor`]).
+    pub fn monitor(&self) -> RelayMonitor {
+        RelayMonitor {
+            log: self.log.clone(),
+            progress: self.progress.clone(),
+        }
     }
 
     /// Waits until the outbox is empty, or `timeout` passes. Returns whether it emptied.
@@ -89,12 +139,51 @@ impl OutboxRelay {
     }
 }
 
+/// Reads a relay's health from another task (a health reporter). Once the
+/// relay is stopped, a waiting backlog reads as stuck.
+#[derive(Debug, Clone)]
+pub struct RelayMonitor {
+    log: EventLog,
+    progress: Arc<Mutex<Progress>>,
+}
+
+impl RelayMonitor {
+    /// Whether the outbox is draining: its backlog and how long it has
+    /// been stuck.
+    pub fn health(&self) -> RelayHealth {
+        let backlog = self.log.outbox_backlog();
+        let progress = self
+            .progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        RelayHealth {
+            backlog,
+            stalled_for: if backlog == 0 {
+                Duration::ZERO
+            } else {
+                progress.at.elapsed()
+            },
+            last_error: progress.last_error.clone(),
+        }
+    }
+}
+
 async fn relay(
     log: EventLog,
     jetstream: jetstream::Context,
     config: RelayConfig,
     mut stopped: watch::Receiver<bool>,
+    progress: Arc<Mutex<Progress>>,
 ) {
+    let went = |error: Option<String>| {
+        let mut p = progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if error.is_none() {
+            p.at = Instant::now();
+        }
+        p.last_error = error;
+    };
     let mut head = log.watch_head();
     let mut backoff = config.initial_backoff;
     let mut stream_ready = false;
@@ -125,8 +214,12 @@ async fn relay(
             _ = stopped.changed() => return,
         };
         match outcome {
-            Ok(Published::Some) => backoff = config.initial_backoff,
+            Ok(Published::Some) => {
+                went(None);
+                backoff = config.initial_backoff;
+            }
             Ok(Published::Nothing) => {
+                went(None);
                 backoff = config.initial_backoff;
                 tokio::select! {
                     changed = head.changed() => if changed.is_err() { return },
@@ -136,6 +229,7 @@ async fn relay(
             Err(reason) => {
                 tracing::warn!(service = log.service(), backlog = log.outbox_backlog(),
                     retry_in_ms = backoff.as_millis() as u64, %reason, "outbox relay cannot publish");
+                went(Some(reason));
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {},
                     _ = stopped.changed() => {},
@@ -171,12 +265,18 @@ async fn publish_batch(
     'events: for event in &events {
         // The envelope exactly as committed: nothing decoded, nothing copied.
         let payload = event.envelope_bytes();
-        let second = mirror.and_then(|m| (m.subject)(event));
+        let second = match mirror.map(|m| (m.message)(event)).transpose() {
+            Ok(second) => second.flatten(),
+            Err(e) => {
+                failure = Some(format!("event {}: {e}", event.event_id()));
+                break 'events;
+            }
+        };
         let mut acks = Vec::with_capacity(2);
         let subject = event_subject(event.source(), event.event_type(), event.correlation_id());
-        for subject in std::iter::once(subject).chain(second) {
+        for (subject, payload) in std::iter::once((subject, payload.clone())).chain(second) {
             let publish = PublishMessage::build()
-                .payload(payload.clone())
+                .payload(payload)
                 .message_id(event.event_id());
             match jetstream.send_publish(subject, publish).await {
                 Ok(ack) => acks.push(ack),

@@ -58,9 +58,47 @@ pub async fn ensure_stream(
     jetstream
         .create_or_update_stream(config)
         .await
-        .map_err(|e| Error::Stream {
-            stream: stream_name(service),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| stream_error(service, settings, &e))?;
     Ok(())
+}
+
+/// JetStream's error codes that trying again does not heal.
+const PERMANENT: [jetstream::ErrorCode; 8] = [
+    jetstream::ErrorCode::INSUFFICIENT_RESOURCES,
+    jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED,
+    jetstream::ErrorCode::MAXIMUM_STREAMS_LIMIT,
+    jetstream::ErrorCode::STREAM_INVALID_CONFIG,
+    jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP,
+    jetstream::ErrorCode::JETSTREAM_NOT_ENABLED,
+    jetstream::ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
+    jetstream::ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED,
+];
+
+fn stream_error(
+    service: &str,
+    settings: &StreamSettings,
+    e: &jetstream::context::CreateStreamError,
+) -> Error {
+    let stream = stream_name(service);
+    if let jetstream::context::CreateStreamErrorKind::JetStream(js) = e.kind()
+        && PERMANENT.contains(&js.error_code())
+    {
+        let hint = match js.error_code() {
+            jetstream::ErrorCode::INSUFFICIENT_RESOURCES
+            | jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED => format!(
+                " (the stream reserves max_bytes = {} bytes: raise the server's \
+                 jetstream max_file_store, or lower --stream-max-bytes)",
+                settings.max_bytes
+            ),
+            _ => String::new(),
+        };
+        return Error::StreamRefused {
+            stream,
+            reason: format!("{js}{hint}"),
+        };
+    }
+    Error::Stream {
+        stream,
+        reason: e.to_string(),
+    }
 }

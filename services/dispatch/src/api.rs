@@ -194,8 +194,7 @@ impl Dispatch for DispatchService {
         let req = request.into_inner();
         validate::id("order_id", &req.order_id)?;
         self.dispatcher
-            .order(&req.order_id)?
+            .resolve_order(&req.order_id)
             .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("work order {} not found", req.order_id)))
     }
 }

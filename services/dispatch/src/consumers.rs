@@ -118,11 +118,17 @@ impl Handler for IntakeEvents {
         }
         if t == TicketUrged::full_name() {
             let e: TicketUrged = decode_payload(event).map_err(HandlerError::Reject)?;
+            if !self.0.ticket_noted(&e.ticket_id).map_err(failed)? {
+                return Err(HandlerError::Waiting {
+                    key: ticket_key(&e.ticket_id),
+                    reason: format!("ticket {} not yet heard of from intake", e.ticket_id),
+                });
+            }
             return self
                 .0
                 .ticket_urged(&e, &event.event_id)
                 .await
-                .map(commit)
+                .map(|decided| commit(Some(decided)))
                 .map_err(failed);
         }
         Ok(Handled::Ignore)

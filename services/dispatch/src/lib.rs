@@ -30,7 +30,7 @@ use lineguard_protos::dispatch::v1::{
     CaseClosedNoted, ClockAlerted, CrewArrived, CrewDeparted, CrewNoted,
     CustomerNotificationRequested, CustomerUrged, EtrUpdated, IncidentGrew, NoteAdded,
     OrderAcknowledged, OrderAssigned, OrderReturned, OrderWithdrawn, PowerRestored, TicketNoted,
-    WorkCompleted,
+    TicketUrgeNoted, WorkCompleted,
 };
 
 /// The service's name: its log's `source`, its stream `LINEGUARD_DISPATCH`.
@@ -42,6 +42,7 @@ pub fn event_types() -> EventTypes {
         .with::<CaseClosedNoted>(1)
         .with::<CrewNoted>(1)
         .with::<TicketNoted>(1)
+        .with::<TicketUrgeNoted>(1)
         .with::<OrderAssigned>(1)
         .with::<OrderWithdrawn>(1)
         .with::<IncidentGrew>(1)

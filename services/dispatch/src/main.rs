@@ -9,7 +9,7 @@ use lineguard_bus::{ConsumerConfig, Mirror};
 use lineguard_dispatch::api::DispatchService;
 use lineguard_dispatch::consumers::{self, IntakeEvents, RoutingEvents};
 use lineguard_dispatch::orders::Dispatcher;
-use lineguard_dispatch::projection::{DispatchProjector, crew_subject};
+use lineguard_dispatch::projection::{DispatchProjector, crew_message};
 use lineguard_runtime::{CommonArgs, ServiceSpec, parse_duration};
 use tonic::service::RoutesBuilder;
 
@@ -39,7 +39,7 @@ async fn main() -> ExitCode {
         api_services: vec!["lineguard.dispatch.v1.Dispatch"],
         mirror: Some(Mirror {
             stream_name: "crew",
-            subject: crew_subject,
+            message: crew_message,
         }),
     };
     let tick = args.timer_tick;

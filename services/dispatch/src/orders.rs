@@ -14,11 +14,13 @@ use lineguard_eventlog::{
     Actor, ActorKind, CommitOutcome, Error as LogError, EventLog, ExpectedVersion, Idempotency,
     NewEvent, Transaction, actor,
 };
+use lineguard_protos::case_ids::{self, KnownAs};
 use lineguard_protos::dispatch::v1::{
     CaseClosedNoted, CoveredTicket, CrewArrived, CrewDeparted, CrewNoted,
     CustomerNotificationRequested, CustomerUrged, EtrUpdated, IncidentGrew, NoteAdded,
     NotificationMedium, OrderAcknowledged, OrderAssigned, OrderReturned, OrderStatus,
-    OrderWithdrawn, PowerRestored, TicketNoted, WorkCompleted, WorkOrderView, crew_action::Action,
+    OrderWithdrawn, PowerRestored, TicketNoted, TicketUrgeNoted, WorkCompleted, WorkOrderView,
+    crew_action::Action,
 };
 use lineguard_protos::intake::v1::{Channel, TicketReported, TicketUrged};
 use lineguard_protos::routing::v1::{Crew, TicketRouted, TicketRoutingClosed};
@@ -140,6 +142,26 @@ impl Dispatcher {
     /// An order's view.
     pub fn order(&self, order_id: &str) -> Result<Option<WorkOrderView>, Status> {
         self.get(&order_key(order_id))
+    }
+
+    /// The order `id` names: an order (a case) id, or a ticket whose case
+    /// (the ticket itself, or the incident it leads or joined) has one.
+    /// `NOT_FOUND` says what `id` is when there is no such order.
+    pub fn resolve_order(&self, id: &str) -> Result<WorkOrderView, Status> {
+        if let Some(order) = self.order(id)? {
+            return Ok(order);
+        }
+        let known_as = match self.get::<TicketNoted>(&ticket_key(id))? {
+            Some(noted) if !noted.incident_id.is_empty() => {
+                if let Some(order) = self.order(&noted.incident_id)? {
+                    return Ok(order);
+                }
+                KnownAs::TicketOfIncident(noted.incident_id)
+            }
+            Some(_) => KnownAs::Ticket,
+            None => KnownAs::Unknown,
+        };
+        Err(case_ids::not_found("dispatch", "work order", id, &known_as))
     }
 
     /// The last hop routing closed `case` at, as dispatch heard of it.
@@ -388,10 +410,16 @@ impl Dispatcher {
         reported: &TicketReported,
         cause: &str,
     ) -> Result<(Transaction, Hold), Status> {
+        let caller = reported.caller.clone().unwrap_or_default();
         let ticket = CoveredTicket {
             ticket_id: reported.ticket_id.clone(),
             channel: reported.channel,
             account_number: reported.account_number.clone(),
+            address: reported.address.clone(),
+            description: reported.description.clone(),
+            caller_name: caller.name,
+            callback_phone: caller.phone,
+            urge_count: 0,
         };
         let noted = TicketNoted {
             ticket: Some(ticket.clone()),
@@ -430,32 +458,57 @@ impl Dispatcher {
         Ok((transaction(events), hold))
     }
 
-    /// A customer chased a ticket: the crew holding it hears of it.
+    /// A customer chased a ticket (already noted: see
+    /// [`Dispatcher::ticket_noted`]): the urge is counted on the ticket, so
+    /// an order made later starts with it, and the crew holding the ticket
+    /// now, if any, hears of it.
     pub async fn ticket_urged(
         &self,
         urged: &TicketUrged,
         cause: &str,
-    ) -> Result<Option<(Transaction, Hold)>, Status> {
-        let order_id = match self.get::<TicketNoted>(&ticket_key(&urged.ticket_id))? {
-            Some(n) if !n.incident_id.is_empty() => n.incident_id,
-            _ => urged.ticket_id.clone(),
+    ) -> Result<(Transaction, Hold), Status> {
+        let incident_id = self
+            .get::<TicketNoted>(&ticket_key(&urged.ticket_id))?
+            .map(|n| n.incident_id)
+            .unwrap_or_default();
+        let order_id = if incident_id.is_empty() {
+            urged.ticket_id.clone()
+        } else {
+            incident_id.clone()
         };
+        // Held until committed: an assignment being decided now either sees
+        // this urge noted, or is seen here and its crew told.
         let hold = self.locks.lock_owned(std::slice::from_ref(&order_id)).await;
-        let Some(o) = self.order(&order_id)?.filter(|o| is_active(o.status())) else {
-            return Ok(None);
-        };
-        let event = CustomerUrged {
-            order_id: order_id.clone(),
-            crew_id: o.crew_id.clone(),
+        let noted = TicketUrgeNoted {
             ticket_id: urged.ticket_id.clone(),
+            incident_id,
             urge_count: urged.urge_count,
+            urged_at: urged.urged_at,
         };
-        let txn = Transaction::append(
-            crew_stream(&o.crew_id),
-            ExpectedVersion::Any,
-            vec![NewEvent::new(&event, &order_id, system()).caused_by(cause)],
-        );
-        Ok(Some((txn, hold)))
+        let mut events = vec![(
+            urged.ticket_id.clone(),
+            NewEvent::new(&noted, &urged.ticket_id, system())
+                .caused_by(cause)
+                .unpublished(),
+        )];
+        if let Some(o) = self.order(&order_id)?.filter(|o| is_active(o.status())) {
+            let event = CustomerUrged {
+                order_id: order_id.clone(),
+                crew_id: o.crew_id.clone(),
+                ticket_id: urged.ticket_id.clone(),
+                urge_count: urged.urge_count,
+            };
+            events.push((
+                crew_stream(&o.crew_id),
+                NewEvent::new(&event, &order_id, system()).caused_by(cause),
+            ));
+        }
+        Ok((transaction(events), hold))
+    }
+
+    /// Whether intake's report of `ticket_id` has been noted here.
+    pub fn ticket_noted(&self, ticket_id: &str) -> Result<bool, Status> {
+        Ok(self.get::<TicketNoted>(&ticket_key(ticket_id))?.is_some())
     }
 
     /// Applies one crew action: checks who may do what when, commits its
@@ -475,11 +528,12 @@ impl Dispatcher {
             }
             Err(e) => return Err(e.into()),
         }
-        let order_id = header.order_id.as_str();
+        // The id may name the order's ticket or incident: lock the order
+        // itself, then read it again under the lock.
+        let order_id = self.resolve_order(&header.order_id)?.order_id;
+        let order_id = order_id.as_str();
         let _guard = self.locks.lock(&[order_id.to_string()]).await;
-        let order = self
-            .order(order_id)?
-            .ok_or_else(|| Status::not_found(format!("work order {order_id} not found")))?;
+        let order = self.resolve_order(order_id)?;
         if !self.crew_known(&header.crew_id)? {
             return Err(Status::not_found(format!(
                 "crew {} not found",

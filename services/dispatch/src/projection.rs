@@ -13,14 +13,16 @@
 //! stream in the log (`crew-<id>`), so it is as durable and gap-free as the
 //! log itself.
 
+use bytes::Bytes;
 use lineguard_eventlog::timers::OwnerTimers;
 use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, StoredEvent, decode_payload};
+use lineguard_protos::dispatch::v1::CrewEvent;
 use lineguard_protos::dispatch::v1::DispatchTimer;
 use lineguard_protos::dispatch::v1::{
     CaseClosedNoted, ClockAlerted, CrewArrived, CrewDeparted, CrewNoted,
     CustomerNotificationRequested, CustomerUrged, EtrUpdated, IncidentGrew, JudgedTime, NoteAdded,
     OrderAcknowledged, OrderAssigned, OrderReturned, OrderStatus, OrderWithdrawn, PowerRestored,
-    TicketNoted, WorkCompleted, WorkOrderView,
+    TicketNoted, TicketUrgeNoted, WorkCompleted, WorkOrderView,
 };
 use prost::{Message, Name};
 use prost_types::Timestamp;
@@ -101,11 +103,20 @@ pub fn crew_stream(crew_id: &str) -> String {
 
 /// The subject a crew's event is also published on, for gateways that
 /// speak NATS: `lineguard.crew.<crew id>.<EventType>` (JetStream stream
-/// `LINEGUARD_CREW`).
-pub fn crew_subject(event: &StoredEvent) -> Option<String> {
-    let crew = event.stream_id().strip_prefix(CREW_STREAM_PREFIX)?;
-    let short = event.event_type().rsplit('.').next()?;
-    Some(format!("lineguard.crew.{crew}.{short}"))
+/// `LINEGUARD_CREW`), and its payload there: the typed [`CrewEvent`] a
+/// phone gets from `WatchDispatches`, with the crew's sequence number.
+pub fn crew_message(event: &StoredEvent) -> Result<Option<(String, Bytes)>, String> {
+    let Some(crew) = event.stream_id().strip_prefix(CREW_STREAM_PREFIX) else {
+        return Ok(None);
+    };
+    let short = event.event_type().rsplit('.').next().unwrap_or_default();
+    let envelope = event.to_envelope().map_err(|e| e.to_string())?;
+    let typed = CrewEvent::typed(crew, event.stream_version(), envelope)
+        .map_err(|e| format!("undecodable crew event: {e}"))?;
+    Ok(Some((
+        format!("lineguard.crew.{crew}.{short}"),
+        Bytes::from(typed.encode_to_vec()),
+    )))
 }
 
 /// Applies `change` to an order's view (which must exist).
@@ -133,7 +144,8 @@ impl Projector for DispatchProjector {
         // 2: timers moved to the event log's shared timer table.
         // 3: closed cases remembered by hop.
         // 4: crew actions count at their judged time (device clocks bounded).
-        4
+        // 5: urges noted per ticket, carried into orders made later.
+        5
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
@@ -153,6 +165,15 @@ impl Projector for DispatchProjector {
                 view.put(key, Vec::new());
             }
             view.put(ticket_key(&ticket.ticket_id), e.encode_to_vec());
+        } else if t == TicketUrgeNoted::full_name() {
+            let e: TicketUrgeNoted = decode_payload(event)?;
+            if let Some(mut noted) = view.get_message::<TicketNoted>(&ticket_key(&e.ticket_id))?
+                && let Some(ticket) = noted.ticket.as_mut()
+            {
+                // Intake's count is absolute: a late duplicate never lowers it.
+                ticket.urge_count = ticket.urge_count.max(e.urge_count);
+                view.put(ticket_key(&e.ticket_id), noted.encode_to_vec());
+            }
         } else if t == OrderAssigned::full_name() {
             let e: OrderAssigned = decode_payload(event)?;
             let previous: Option<WorkOrderView> = view.get_message(&order_key(&e.order_id))?;
@@ -166,7 +187,7 @@ impl Projector for DispatchProjector {
                 station_id: e.station_id,
                 line: e.line,
                 hop: e.hop,
-                tickets: e.tickets,
+                tickets: e.tickets.clone(),
                 reported_at: e.reported_at,
                 assigned_at: e.assigned_at,
                 arrival_due_at: e.arrival_due_at,
@@ -174,7 +195,13 @@ impl Projector for DispatchProjector {
                 restoration_limit_working_days: e.restoration_limit_working_days,
                 policy_version: e.policy_version,
                 warn_at_percent: e.warn_at_percent,
-                urge_count: previous.as_ref().map_or(0, |p| p.urge_count),
+                // The urges made before the order, by then noted per ticket.
+                urge_count: e
+                    .tickets
+                    .iter()
+                    .map(|t| t.urge_count)
+                    .sum::<u32>()
+                    .max(previous.as_ref().map_or(0, |p| p.urge_count)),
                 version: event.global_position,
                 ..WorkOrderView::default()
             };
@@ -198,12 +225,18 @@ impl Projector for DispatchProjector {
                 if let Some(ticket) = e.ticket
                     && !o.tickets.iter().any(|t| t.ticket_id == ticket.ticket_id)
                 {
+                    o.urge_count += ticket.urge_count;
                     o.tickets.push(ticket);
                 }
             })?;
         } else if t == CustomerUrged::full_name() {
             let e: CustomerUrged = decode_payload(event)?;
-            update(view, &e.order_id, event, |o| o.urge_count += 1)?;
+            update(view, &e.order_id, event, |o| {
+                o.urge_count += 1;
+                if let Some(ticket) = o.tickets.iter_mut().find(|t| t.ticket_id == e.ticket_id) {
+                    ticket.urge_count = ticket.urge_count.max(e.urge_count);
+                }
+            })?;
         } else if t == ClockAlerted::full_name() {
             let e: ClockAlerted = decode_payload(event)?;
             update(view, &e.order_id, event, |_| {})?;

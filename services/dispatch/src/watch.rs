@@ -275,10 +275,17 @@ async fn follow(
         }
         for event in events {
             next = event.stream_version + 1;
-            let crew_event = CrewEvent {
-                crew_id: crew_id.clone(),
-                sequence: event.stream_version,
-                event: Some(event),
+            let sequence = event.stream_version;
+            let crew_event = match CrewEvent::typed(&crew_id, sequence, event) {
+                Ok(crew_event) => crew_event,
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Status::data_loss(format!(
+                            "crew event {sequence} does not decode: {e}"
+                        ))))
+                        .await;
+                    return;
+                }
             };
             tokio::select! {
                 sent = tx.send(Ok(crew_event)) => if sent.is_err() { return },

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use lineguard_bus::{Applied, Handler, apply_event};
+use lineguard_bus::{Applied, Handler, HandlerError, apply_event};
 use lineguard_dispatch::api::DispatchService;
 use lineguard_dispatch::clocks::fire_due;
 use lineguard_dispatch::consumers::{FROM_INTAKE, FROM_ROUTING, IntakeEvents, RoutingEvents};
@@ -20,10 +20,10 @@ use lineguard_protos::dispatch::v1::{
     AcknowledgeRequest, ActionHeader, ArriveRequest, ClockAlerted, CompleteRequest, CrewAction,
     CrewEvent, CustomerNotificationRequested, DepartRequest, GetWorkOrderRequest, IncidentGrew,
     NotificationMedium, OrderAssigned, OrderStatus, OrderWithdrawn, RestoreRequest,
-    SubmitActionsRequest, WatchDispatchesRequest, WorkCompleted, crew_action::Action,
+    SubmitActionsRequest, WatchDispatchesRequest, WorkCompleted, crew_action::Action, crew_event,
     dispatch_client::DispatchClient,
 };
-use lineguard_protos::intake::v1::{Channel, TicketKind, TicketReported};
+use lineguard_protos::intake::v1::{Channel, TicketKind, TicketReported, TicketUrged};
 use lineguard_protos::routing::v1::{
     ClockLimit, Crew, CrewDefined, Deadline, TicketRouted, TicketRoutingClosed,
 };
@@ -1033,4 +1033,108 @@ async fn device_times_are_judged_within_the_skew_of_receipt() {
     );
     assert_eq!(order.departed_at, Some(at(4_200)));
     assert_eq!(order.arrived_at, Some(at(4_300)));
+}
+
+#[tokio::test]
+async fn urges_made_before_the_order_reach_the_crew_in_it() {
+    let mut f = start().await;
+    f.ticket("t-1", Channel::Hotline95598, "inc-1", true).await;
+    f.ticket("t-2", Channel::App, "inc-1", false).await;
+    // The customers chase before any crew has the order: t-2 twice, t-1 once.
+    for (ticket, count) in [("t-2", 1), ("t-2", 2), ("t-1", 1)] {
+        f.hear_intake(&TicketUrged {
+            ticket_id: ticket.into(),
+            channel: Channel::App as i32,
+            urge_count: count,
+            urged_at: Some(at(60)),
+        })
+        .await;
+    }
+    assert!(f.crew_events("crew-a").is_empty(), "no crew holds it yet");
+    // An urge for a ticket dispatch has not heard of waits for the report.
+    let early = apply_event(
+        f.dispatcher.log(),
+        FROM_INTAKE,
+        &IntakeEvents(f.dispatcher.clone()),
+        &envelope(
+            &TicketUrged {
+                ticket_id: "t-unheard".into(),
+                urge_count: 1,
+                ..TicketUrged::default()
+            },
+            "intake",
+        ),
+        3,
+    )
+    .await;
+    assert!(
+        matches!(early, Err(HandlerError::Waiting { .. })),
+        "{early:?}"
+    );
+
+    f.route("inc-1", "t-1", "inc-1", "crew-a", 1).await;
+    let events = f.crew_events("crew-a");
+    assert_eq!(events.len(), 1);
+    let assigned: OrderAssigned = decode_payload(&events[0]).expect("order");
+    let urges: Vec<(&str, u32)> = assigned
+        .tickets
+        .iter()
+        .map(|t| (t.ticket_id.as_str(), t.urge_count))
+        .collect();
+    assert_eq!(
+        urges,
+        [("t-1", 1), ("t-2", 2)],
+        "each ticket's urges so far"
+    );
+    assert_eq!(f.order("inc-1").await.urge_count, 3);
+
+    // Once the crew holds it, an urge is news for the crew as well.
+    f.hear_intake(&TicketUrged {
+        ticket_id: "t-2".into(),
+        channel: Channel::App as i32,
+        urge_count: 3,
+        urged_at: Some(at(120)),
+    })
+    .await;
+    let events = f.crew_events("crew-a");
+    assert_eq!(short(&events[1]), "CustomerUrged");
+    let order = f.order("t-2").await;
+    assert_eq!(
+        order.order_id, "inc-1",
+        "a caller's ticket id names the order"
+    );
+    assert_eq!(order.urge_count, 4);
+    assert_eq!(
+        order
+            .tickets
+            .iter()
+            .find(|t| t.ticket_id == "t-2")
+            .map(|t| t.urge_count),
+        Some(3)
+    );
+}
+
+#[tokio::test]
+async fn a_crew_s_events_arrive_typed() {
+    let mut f = start().await;
+    f.ticket("t-1", Channel::Hotline95598, "", false).await;
+    f.route("t-1", "t-1", "", "crew-a", 1).await;
+    let mut stream = f
+        .client
+        .watch_dispatches(WatchDispatchesRequest {
+            crew_id: "crew-a".into(),
+            ..WatchDispatchesRequest::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = take(&mut stream, 1).await.remove(0);
+    let Some(crew_event::Body::OrderAssigned(order)) = first.body else {
+        panic!("typed: {:?}", first.body);
+    };
+    assert_eq!(order.order_id, "t-1");
+    assert_eq!(order.tickets[0].account_number, "acct-t-1");
+    let envelope = first.event.expect("the envelope with its ids");
+    assert!(!envelope.event_id.is_empty());
+    assert_eq!(envelope.correlation_id, "t-1");
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use lineguard_eventlog::{
     ActorKind, EventLog, ExpectedVersion, Idempotency, NewEvent, Transaction, actor,
 };
+use lineguard_protos::case_ids::{self, KnownAs};
 use lineguard_protos::feedback::v1::feedback_server::{Feedback as FeedbackApi, FeedbackServer};
 use lineguard_protos::feedback::v1::{
     ComplaintFiled, CsvRow, ExportScorecardsRequest, FileComplaintRequest, FileComplaintResponse,
@@ -132,10 +133,30 @@ fn push_unique(list: &mut Vec<Subject>, s: Subject) {
 type CsvStream = Pin<Box<dyn Stream<Item = Result<CsvRow, Status>> + Send>>;
 
 impl FeedbackService {
+    /// The one customer's ticket `ticket_id` names. An incident id is
+    /// refused with its lead ticket named: a follow-up, complaint or praise
+    /// is one customer's, and an incident has many.
     fn ticket_or_not_found(&self, ticket_id: &str) -> Result<TicketRecord, Status> {
-        self.feedback
-            .ticket(ticket_id)?
-            .ok_or_else(|| Status::not_found(format!("ticket {ticket_id} not known to feedback")))
+        if let Some(ticket) = self.feedback.ticket(ticket_id)? {
+            return Ok(ticket);
+        }
+        let known_as = match self.feedback.case(ticket_id)? {
+            Some(case) if case.lead_ticket_id != ticket_id => {
+                return Err(case_ids::incident_not_a_ticket(
+                    "ticket_id",
+                    ticket_id,
+                    &case.lead_ticket_id,
+                ));
+            }
+            Some(_) => KnownAs::Ticket,
+            None => KnownAs::Unknown,
+        };
+        Err(case_ids::not_found(
+            "feedback",
+            "ticket record",
+            ticket_id,
+            &known_as,
+        ))
     }
 
     /// Whom a complaint counts against: a named worker and their station and

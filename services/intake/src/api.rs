@@ -7,6 +7,7 @@ use bytes::Bytes;
 use lineguard_eventlog::{
     ActorKind, EventLog, ExpectedVersion, Idempotency, NewEvent, Transaction, actor, blocking,
 };
+use lineguard_protos::case_ids::{self, KnownAs};
 use lineguard_protos::intake::v1::{
     CancelTicketRequest, CancelTicketResponse, Channel, Disposition, GetTicketRequest,
     GetTicketResponse, IncidentMarkedProbableOutage, IncidentOpened, IncidentView,
@@ -110,6 +111,47 @@ impl IntakeService {
             ticket.waiting_seconds = u64::try_from(waited / 1_000_000_000).unwrap_or(0);
         }
         Ok(Some(ticket))
+    }
+
+    /// The ticket `id` names, with the case it belongs to: a ticket id, or
+    /// an incident id (its lead ticket). `NOT_FOUND` says which it is not.
+    fn ticket_or_incident(&self, id: &str) -> Result<GetTicketResponse, Status> {
+        let (ticket, incident) = match self.ticket(id)? {
+            Some(ticket) => {
+                let incident = if ticket.incident_id.is_empty() {
+                    None
+                } else {
+                    self.view::<IncidentView>(&incident_key(&ticket.incident_id))?
+                };
+                (ticket, incident)
+            }
+            None => {
+                let Some(incident) = self.view::<IncidentView>(&incident_key(id))? else {
+                    return Err(case_ids::not_found(
+                        "intake",
+                        "ticket",
+                        id,
+                        &KnownAs::Unknown,
+                    ));
+                };
+                let ticket = self.ticket(&incident.lead_ticket_id)?.ok_or_else(|| {
+                    Status::data_loss(format!(
+                        "incident {id} names lead ticket {}, which intake has no view of",
+                        incident.lead_ticket_id
+                    ))
+                })?;
+                (ticket, Some(incident))
+            }
+        };
+        let case_id = match &incident {
+            Some(incident) => incident.incident_id.clone(),
+            None => ticket.ticket_id.clone(),
+        };
+        Ok(GetTicketResponse {
+            ticket: Some(ticket),
+            case_id,
+            incident,
+        })
     }
 
     /// The report's district and where it came from: the caller's, else the
@@ -442,13 +484,8 @@ impl Intake for IntakeService {
         let ticket_id = request.into_inner().ticket_id;
         validate::id("ticket_id", &ticket_id)?;
         let this = self.clone();
-        let id = ticket_id.clone();
-        let ticket = blocking(move || this.ticket(&id))
-            .await?
-            .ok_or_else(|| Status::not_found(format!("ticket {ticket_id} not found")))?;
-        Ok(Response::new(GetTicketResponse {
-            ticket: Some(ticket),
-        }))
+        let answer = blocking(move || this.ticket_or_incident(&ticket_id)).await?;
+        Ok(Response::new(answer))
     }
 
     async fn list_tickets(
@@ -505,9 +542,20 @@ impl Intake for IntakeService {
             .lock(&[format!("ticket/{}", req.ticket_id)])
             .await;
         let (this, id) = (self.clone(), req.ticket_id.clone());
-        let mut ticket = blocking(move || this.ticket(&id))
-            .await?
-            .ok_or_else(|| Status::not_found(format!("ticket {} not found", req.ticket_id)))?;
+        let mut ticket = match blocking(move || this.ticket_or_incident(&id)).await? {
+            GetTicketResponse {
+                ticket: Some(ticket),
+                ..
+            } if ticket.ticket_id == req.ticket_id => ticket,
+            GetTicketResponse { ticket, .. } => {
+                let lead = ticket.map(|t| t.ticket_id).unwrap_or_default();
+                return Err(case_ids::incident_not_a_ticket(
+                    "ticket_id",
+                    &req.ticket_id,
+                    &lead,
+                ));
+            }
+        };
         if !is_open(ticket.status()) {
             return Err(Status::failed_precondition(format!(
                 "ticket {} is {} and can no longer be cancelled",

@@ -7,6 +7,7 @@
 //! Every message implements [`prost::Name`], whose full name is the event type
 //! recorded in an [`eventlog::v1::EventEnvelope`].
 
+pub mod case_ids;
 pub mod codec;
 
 /// The encoded `FileDescriptorSet` of every Lineguard proto, for gRPC reflection.
@@ -85,6 +86,51 @@ pub mod dispatch {
             OrderReturned,
             NoteAdded
         );
+
+        impl CrewEvent {
+            /// The crew event of sequence `sequence` that `event` (an event
+            /// of the crew's stream) is: the envelope with its payload typed
+            /// in `body`. An event type this version does not know leaves
+            /// `body` unset; a payload that does not decode is an error.
+            pub fn typed(
+                crew_id: &str,
+                sequence: u64,
+                event: crate::eventlog::v1::EventEnvelope,
+            ) -> Result<CrewEvent, prost::DecodeError> {
+                use prost::{Message, Name};
+                let payload = event.payload.as_ref();
+                let t = event.event_type.as_str();
+                let body = if t == OrderAssigned::full_name() {
+                    Some(crew_event::Body::OrderAssigned(OrderAssigned::decode(
+                        payload,
+                    )?))
+                } else if t == OrderWithdrawn::full_name() {
+                    Some(crew_event::Body::OrderWithdrawn(OrderWithdrawn::decode(
+                        payload,
+                    )?))
+                } else if t == IncidentGrew::full_name() {
+                    Some(crew_event::Body::IncidentGrew(IncidentGrew::decode(
+                        payload,
+                    )?))
+                } else if t == CustomerUrged::full_name() {
+                    Some(crew_event::Body::CustomerUrged(CustomerUrged::decode(
+                        payload,
+                    )?))
+                } else if t == ClockAlerted::full_name() {
+                    Some(crew_event::Body::ClockAlerted(ClockAlerted::decode(
+                        payload,
+                    )?))
+                } else {
+                    None
+                };
+                Ok(CrewEvent {
+                    crew_id: crew_id.to_string(),
+                    sequence,
+                    event: Some(event),
+                    body,
+                })
+            }
+        }
     }
 }
 

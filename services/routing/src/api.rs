@@ -8,6 +8,7 @@ use lineguard_eventlog::{
     ActorKind, CommitOutcome, Error as LogError, ExpectedVersion, Idempotency, NewEvent,
     Transaction, actor,
 };
+use lineguard_protos::case_ids::{self, KnownAs};
 use lineguard_protos::routing::v1::{
     AcceptTicketRequest, AccountsAssigned, AnswerTicketRequest, AssigneeRole, Availability,
     AvailabilityChanged, AvailabilityView, Company, CompanyDefined, Crew, CrewDefined,
@@ -17,6 +18,10 @@ use lineguard_protos::routing::v1::{
     RouteStatus, RouteView, SetAvailabilityRequest, Station, StationDefined, TicketAccepted,
     TicketAnswered, VerifyLoadsRequest, VerifyLoadsResponse,
     routing_server::{Routing, RoutingServer},
+};
+use lineguard_protos::routing::v1::{
+    Contact, ListDistrictAccountsRequest, ListDistrictAccountsResponse, WhoServesRequest,
+    WhoServesResponse,
 };
 use prost::{Message, Name};
 use tonic::{Request, Response, Status, Streaming};
@@ -81,6 +86,19 @@ impl RoutingService {
         Ok(Response::new(DirectoryChangeResponse { changed }))
     }
 
+    /// The route of the case `id` names: a ticket on its own, an incident, or
+    /// a ticket that leads or follows one (its incident's route).
+    fn route_of(&self, id: &str) -> Result<RouteView, Status> {
+        if let Some(route) = self.router.case_of(id)? {
+            return Ok(route);
+        }
+        let known_as = match self.router.incident_of(id)? {
+            Some(incident) => KnownAs::TicketOfIncident(incident),
+            None => KnownAs::Unknown,
+        };
+        Err(case_ids::not_found("routing", "route", id, &known_as))
+    }
+
     /// Runs a command against a case: reads the route, lets `decide` build
     /// the events and the answer, and commits them with the route's version
     /// and the idempotency record, retrying if another writer got there first.
@@ -99,10 +117,7 @@ impl RoutingService {
             Err(e) => return Err(e.into()),
         }
         for _ in 0..CONFLICT_ATTEMPTS {
-            let route = self
-                .router
-                .case_of(ticket_id)?
-                .ok_or_else(|| Status::not_found(format!("no route for {ticket_id}")))?;
+            let route = self.route_of(ticket_id)?;
             let (events, mut answer) = decide(&route)?;
             answer.version = route.version + events.len() as u64;
             let txn = Transaction::append(
@@ -450,6 +465,122 @@ impl Routing for RoutingService {
         }))
     }
 
+    async fn who_serves(
+        &self,
+        request: Request<WhoServesRequest>,
+    ) -> Result<Response<WhoServesResponse>, Status> {
+        let req = request.into_inner();
+        if req.account_number.is_empty() && req.district_id.is_empty() {
+            return Err(invalid("account_number", "this or district_id is required"));
+        }
+        if !req.account_number.is_empty() {
+            id("account_number", &req.account_number)?;
+        }
+        if !req.district_id.is_empty() {
+            id("district_id", &req.district_id)?;
+        }
+        let district = self
+            .router
+            .locate(&req.district_id, &req.account_number)?
+            .ok_or_else(|| {
+                Status::not_found("neither the district nor the account is in the directory")
+            })?;
+        let at = now();
+        let place = self.router.place(Some(district.clone()))?;
+        // The same rule as a new ticket's first hop: who would take it now.
+        let choice = self.router.choose(&place, 1, &at)?;
+        let dir = self.router.directory();
+        let manager = dir
+            .manager(&district.manager_id)
+            .map_err(RouterError::from)?
+            .map(|m| Contact {
+                line: 1,
+                role: AssigneeRole::DistrictManager as i32,
+                id: m.manager_id,
+                name: m.name,
+                phone: m.phone,
+            });
+        let station = dir
+            .station(&place.station_id)
+            .map_err(RouterError::from)?
+            .map(|s| Contact {
+                line: 2,
+                role: AssigneeRole::StationDesk as i32,
+                id: s.duty_desk_id,
+                name: s.name,
+                phone: s.duty_phone,
+            });
+        let company = place.company.as_ref().map(|c| Contact {
+            line: 3,
+            role: AssigneeRole::CompanyDesk as i32,
+            id: c.supervisor_desk_id.clone(),
+            name: c.name.clone(),
+            phone: c.supervision_phone.clone(),
+        });
+        let serving = [&manager, &station, &company]
+            .into_iter()
+            .flatten()
+            .find(|c| c.line == choice.line)
+            .cloned();
+        Ok(Response::new(WhoServesResponse {
+            district_id: district.district_id,
+            district_name: district.name,
+            serving,
+            reason: choice.passed_over.join("; "),
+            manager,
+            station,
+            company,
+            as_of: Some(at),
+        }))
+    }
+
+    async fn list_district_accounts(
+        &self,
+        request: Request<ListDistrictAccountsRequest>,
+    ) -> Result<Response<ListDistrictAccountsResponse>, Status> {
+        const DEFAULT_PAGE: usize = 1_000;
+        const MAX_PAGE: usize = 10_000;
+        let req = request.into_inner();
+        id("district_id", &req.district_id)?;
+        let page_size = match req.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n if n > MAX_PAGE => {
+                return Err(invalid(
+                    "page_size",
+                    format!("{n} is over the limit of {MAX_PAGE}"),
+                ));
+            }
+            n => n,
+        };
+        if !req.page_token.is_empty() {
+            id("page_token", &req.page_token)?;
+        }
+        let dir = self.router.directory();
+        if dir
+            .district(&req.district_id)
+            .map_err(RouterError::from)?
+            .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "district {} is not in the directory",
+                req.district_id
+            )));
+        }
+        let after = (!req.page_token.is_empty()).then_some(req.page_token.as_str());
+        let account_numbers = dir
+            .district_accounts(&req.district_id, after, page_size)
+            .map_err(RouterError::from)?;
+        let next_page_token = if account_numbers.len() == page_size {
+            account_numbers.last().cloned().unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListDistrictAccountsResponse {
+            account_numbers,
+            next_page_token,
+        }))
+    }
+
     async fn set_availability(
         &self,
         request: Request<SetAvailabilityRequest>,
@@ -721,10 +852,7 @@ impl Routing for RoutingService {
     ) -> Result<Response<RouteView>, Status> {
         let req = request.into_inner();
         id("ticket_id", &req.ticket_id)?;
-        let route = self
-            .router
-            .case_of(&req.ticket_id)?
-            .ok_or_else(|| Status::not_found(format!("no route for {}", req.ticket_id)))?;
+        let route = self.route_of(&req.ticket_id)?;
         Ok(Response::new(route))
     }
 

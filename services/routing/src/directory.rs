@@ -19,8 +19,8 @@ use prost::Message;
 use serde::Deserialize;
 
 use crate::projection::{
-    account_key, company_key, crew_key, district_key, manager_key, station_crews_prefix,
-    station_key,
+    account_key, company_key, crew_key, district_accounts_prefix, district_key, manager_key,
+    station_crews_prefix, station_key,
 };
 
 /// The stream holding every directory event.
@@ -119,6 +119,29 @@ impl DirectoryReader {
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
+    /// Up to `limit` of a district's accounts in order, after `after`.
+    pub fn district_accounts(
+        &self,
+        district: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, DirectoryError> {
+        let prefix = district_accounts_prefix(district);
+        let start = after.map(|a| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(a.as_bytes());
+            key
+        });
+        let keys = self
+            .log
+            .projection_scan(&prefix, start.as_deref(), limit)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(keys
+            .into_iter()
+            .map(|(key, _)| String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            .collect())
+    }
+
     /// A station's crews, in id order (at most [`MAX_CREW_LIST`]).
     pub fn station_crews(&self, station: &str) -> Result<Vec<Crew>, DirectoryError> {
         let prefix = station_crews_prefix(station);
@@ -162,6 +185,8 @@ struct CompanyFile {
     company_id: String,
     name: String,
     supervisor_desk_id: String,
+    #[serde(default)]
+    supervision_phone: String,
 }
 
 #[derive(Deserialize)]
@@ -171,6 +196,8 @@ struct StationFile {
     company_id: String,
     name: String,
     duty_desk_id: String,
+    #[serde(default)]
+    duty_phone: String,
 }
 
 #[derive(Deserialize)]
@@ -190,6 +217,8 @@ struct ManagerFile {
     manager_id: String,
     station_id: String,
     name: String,
+    #[serde(default)]
+    phone: String,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +269,7 @@ impl Directory {
                     company_id: c.company_id,
                     name: c.name,
                     supervisor_desk_id: c.supervisor_desk_id,
+                    supervision_phone: c.supervision_phone,
                 })
                 .collect(),
             stations: file
@@ -250,6 +280,7 @@ impl Directory {
                     company_id: s.company_id,
                     name: s.name,
                     duty_desk_id: s.duty_desk_id,
+                    duty_phone: s.duty_phone,
                 })
                 .collect(),
             districts: Vec::new(),
@@ -260,6 +291,7 @@ impl Directory {
                     manager_id: m.manager_id,
                     station_id: m.station_id,
                     name: m.name,
+                    phone: m.phone,
                 })
                 .collect(),
             crews: file
@@ -390,13 +422,37 @@ impl Directory {
 pub fn check_company(c: &Company) -> Result<(), DirectoryError> {
     check_id("company_id", &c.company_id)?;
     check_id("supervisor_desk_id", &c.supervisor_desk_id)?;
+    check_phone("supervision_phone", &c.supervision_phone)?;
     check_name("name", &c.name)
+}
+
+/// Longest public phone number, in characters.
+pub const MAX_PHONE_CHARS: usize = 24;
+
+/// A public contact number: empty, or 3 to 24 characters of digits and
+/// '-' with an optional leading '+', holding at least 3 digits.
+pub fn check_phone(field: &str, phone: &str) -> Result<(), DirectoryError> {
+    if phone.is_empty() {
+        return Ok(());
+    }
+    let body = phone.strip_prefix('+').unwrap_or(phone);
+    let digits = body.bytes().filter(u8::is_ascii_digit).count();
+    if phone.len() > MAX_PHONE_CHARS
+        || digits < 3
+        || !body.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+    {
+        return Err(err(format!(
+            "{field}: {phone:?} is not a phone number (digits and '-', an optional leading '+', at most {MAX_PHONE_CHARS})"
+        )));
+    }
+    Ok(())
 }
 
 pub fn check_station(s: &Station) -> Result<(), DirectoryError> {
     check_id("station_id", &s.station_id)?;
     check_id("company_id", &s.company_id)?;
     check_id("duty_desk_id", &s.duty_desk_id)?;
+    check_phone("duty_phone", &s.duty_phone)?;
     check_name("name", &s.name)
 }
 
@@ -414,6 +470,7 @@ pub fn check_district(d: &District) -> Result<(), DirectoryError> {
 pub fn check_manager(m: &Manager) -> Result<(), DirectoryError> {
     check_id("manager_id", &m.manager_id)?;
     check_id("station_id", &m.station_id)?;
+    check_phone("phone", &m.phone)?;
     check_name("name", &m.name)
 }
 
@@ -616,6 +673,7 @@ mod tests {
                 company_id: "co-1".into(),
                 name: "Co".into(),
                 supervisor_desk_id: "desk-co-1".into(),
+                supervision_phone: String::new(),
             }],
             ..Directory::default()
         };
@@ -624,6 +682,7 @@ mod tests {
             company_id: "co-9".into(),
             name: "St".into(),
             duty_desk_id: "desk-st-1".into(),
+            duty_phone: String::new(),
         });
         let e = dir.check().unwrap_err().to_string();
         assert!(e.contains("station st-1") && e.contains("co-9"), "{e}");

@@ -5,10 +5,11 @@
 //! | `company/<id>`, `station/<id>`, `district/<id>`, `manager/<id>`, `crew/<id>` | the directory entry |
 //! | `station-crew/<station>/<crew>` | empty: a station's crews |
 //! | `account/<account number>` | the district id |
+//! | `district-account/<district id>/<account number>` | empty: a district's accounts |
 //! | `assignee/<id>` | [`AvailabilityView`]: role, availability, open tickets (see [`holders`]) |
 //! | `policy/<version>` | [`PolicyAdopted`]; `policy-current`: the newest version |
 //! | `route/<case id>` | [`RouteView`] of a ticket or incident |
-//! | `follows/<ticket id>` | the incident a child ticket follows |
+//! | `follows/<ticket id>` | the incident a ticket leads or follows |
 //! | `timer/…`, `timers-of/<case id>` | [`Timer`]s, see [`lineguard_eventlog::timers`] |
 //!
 //! Timers are projections too: a route writes its timers in the same batch
@@ -50,6 +51,10 @@ pub fn crew_key(id: &str) -> Vec<u8> {
 }
 pub fn station_crews_prefix(station: &str) -> Vec<u8> {
     format!("station-crew/{station}/").into_bytes()
+}
+/// Prefix of a district's accounts, `district-account/<district>/`.
+pub fn district_accounts_prefix(district: &str) -> Vec<u8> {
+    format!("district-account/{district}/").into_bytes()
 }
 pub fn account_key(account: &str) -> Vec<u8> {
     format!("account/{account}").into_bytes()
@@ -223,7 +228,9 @@ impl Projector for RoutingProjector {
     fn version(&self) -> u32 {
         // 2: timers moved to the event log's shared timer table.
         // 3: loads are the routes' holders (crews included), work completion.
-        3
+        // 4: an incident's lead ticket is indexed like its children; each
+        //    district's accounts are listed.
+        4
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
@@ -266,6 +273,19 @@ impl Projector for RoutingProjector {
         } else if t == AccountsAssigned::full_name() {
             let e: AccountsAssigned = decode_payload(event)?;
             for a in e.accounts {
+                // An account moved to another district leaves the old one's list.
+                if let Some(old) = view
+                    .get(&account_key(&a.account_number))
+                    .map_err(|e| e.to_string())?
+                    && old != a.district_id.as_bytes()
+                {
+                    let mut key = district_accounts_prefix(&String::from_utf8_lossy(&old));
+                    key.extend_from_slice(a.account_number.as_bytes());
+                    view.delete(key);
+                }
+                let mut key = district_accounts_prefix(&a.district_id);
+                key.extend_from_slice(a.account_number.as_bytes());
+                view.put(key, Vec::new());
                 view.put(account_key(&a.account_number), a.district_id.into_bytes());
             }
         } else if t == AvailabilityChanged::full_name() {
@@ -292,6 +312,13 @@ impl Projector for RoutingProjector {
             apply_routed(&mut route, &e);
             route.version = event.stream_version;
 
+            // The lead's ticket id names the incident's case too.
+            if first && !e.lead_ticket_id.is_empty() && e.lead_ticket_id != e.case_id {
+                view.put(
+                    follows_key(&e.lead_ticket_id),
+                    e.case_id.clone().into_bytes(),
+                );
+            }
             let mut timers = timers_of(view, &e.case_id)?;
             timers.drop_where(|clock, _| clock == ACCEPTANCE);
             if let Some(due) = e.acceptance_due_at {

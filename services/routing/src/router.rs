@@ -199,10 +199,18 @@ impl Router {
         if let Some(route) = self.route(ticket_or_incident)? {
             return Ok(Some(route));
         }
-        match self.log.projection_get(&follows_key(ticket_or_incident))? {
-            Some(incident) => self.route(&String::from_utf8_lossy(&incident)),
+        match self.incident_of(ticket_or_incident)? {
+            Some(incident) => self.route(&incident),
             None => Ok(None),
         }
+    }
+
+    /// The incident a ticket leads or follows, if routing has heard of it.
+    pub fn incident_of(&self, ticket: &str) -> Result<Option<String>, RouterError> {
+        Ok(self
+            .log
+            .projection_get(&follows_key(ticket))?
+            .map(|incident| String::from_utf8_lossy(&incident).into_owned()))
     }
 
     /// An assignee's availability record (role, leave, load).

@@ -82,6 +82,15 @@ pub struct CommonArgs {
     /// limit, only age and 2 GiB); small values are for tests of catch-up.
     #[arg(long, env = "LINEGUARD_STREAM_MAX_MESSAGES", default_value_t = -1, allow_negative_numbers = true)]
     pub stream_max_messages: i64,
+    /// Bytes JetStream reserves for and keeps of each stream this process
+    /// creates (the server's max_file_store must hold them all).
+    #[arg(long, env = "LINEGUARD_STREAM_MAX_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
+    pub stream_max_bytes: i64,
+    /// Health service `lineguard.bus` turns NOT_SERVING when the outbox has
+    /// had events JetStream did not take for this long (NATS down, its store
+    /// full); the service itself stays SERVING, keeping what it commits.
+    #[arg(long, env = "LINEGUARD_BUS_STALL_LIMIT", default_value = "30s", value_parser = parse_duration)]
+    pub bus_stall_limit: Duration,
     /// Where another service's gRPC API is, as SERVICE=URL (repeatable, or
     /// comma-separated in the variable), e.g. intake=http://127.0.0.1:50051.
     /// A consumer of that service reads what the bus dropped (a stream's
@@ -151,6 +160,17 @@ struct PeerLog {
 }
 
 impl lineguard_bus::SourceLog for PeerLog {
+    fn drained(&self) -> lineguard_bus::catchup::SourceDrained<'_> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            client
+                .get_log_info(lineguard_protos::eventlog::v1::GetLogInfoRequest {})
+                .await
+                .map(|info| info.into_inner().outbox_backlog == 0)
+                .map_err(|status| format!("{}'s log: {status}", self.service))
+        })
+    }
+
     fn read_from(&self, from_position: u64, max: usize) -> lineguard_bus::catchup::SourcePage<'_> {
         let mut client = self.client.clone();
         Box::pin(async move {
@@ -246,6 +266,8 @@ pub struct Host {
     parking: ParkingLot,
     /// JetStream limits of the streams this process creates.
     stream: lineguard_bus::StreamSettings,
+    /// How long the outbox may be stuck before `lineguard.bus` is NOT_SERVING.
+    bus_stall_limit: Duration,
     consumers: Vec<ConsumerHandle>,
     shutdown_steps: Vec<ShutdownStep>,
 }
@@ -310,8 +332,10 @@ impl Host {
         let stream = lineguard_bus::StreamSettings {
             max_age: args.stream_max_age,
             max_messages: args.stream_max_messages,
+            max_bytes: args.stream_max_bytes,
             ..lineguard_bus::StreamSettings::default()
         };
+        ensure_streams_at_start(&jetstream, spec.name, spec.mirror.as_ref(), &stream).await?;
         let relay = OutboxRelay::spawn(
             log.clone(),
             jetstream.clone(),
@@ -356,6 +380,7 @@ impl Host {
             peers,
             parking: ParkingLot::new(),
             stream,
+            bus_stall_limit: args.bus_stall_limit,
             consumers: Vec::new(),
             shutdown_steps: Vec::new(),
         })
@@ -416,10 +441,31 @@ impl Host {
             "lineguard.bus.v1.Consumers",
         ];
         names.extend(self.api_services.iter().copied());
-        set_status(&health, &names, ServingStatus::Serving).await;
-        tracing::info!(service = self.name, grpc_addr = %self.grpc_addr, "serving");
+        // Answering, not yet ready: NOT_SERVING until every consumer has
+        // applied what its source held at start-up (see `ConsumerHandle::
+        // caught_up`), so that, say, intake's copy of the directory is loaded.
+        set_status(&health, &names, ServingStatus::NotServing).await;
+        tracing::info!(service = self.name, grpc_addr = %self.grpc_addr,
+            consumers = self.consumers.len(), "answering; ready once the consumers have caught up");
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(report_ready(
+            self.name,
+            health.clone(),
+            names.clone(),
+            self.consumers
+                .iter()
+                .map(ConsumerHandle::caught_up)
+                .collect(),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(report_bus(
+            self.name,
+            health.clone(),
+            self.relay.monitor(),
+            self.bus_stall_limit,
+            stop_rx.clone(),
+        ));
         let health_on_stop = health.clone();
         let names_on_stop = names.clone();
         let service = self.name;
@@ -509,6 +555,124 @@ pub async fn run(
             tracing::error!(service = name, error = %err, "service failed");
             eprintln!("lineguard-{name}: {err}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The health service name of the bus: SERVING while the outbox drains.
+pub const BUS_HEALTH_NAME: &str = "lineguard.bus";
+
+/// How often the bus's health is looked at.
+const BUS_HEALTH_CHECK: Duration = Duration::from_secs(1);
+
+/// Creates (or updates) the service's streams once before anything else,
+/// so that a refusal that cannot heal (no room in NATS's store for their
+/// limits, JetStream off) stops the start with a message saying what to
+/// change. NATS unreachable or slow is not such a refusal: the relay goes
+/// on trying in the background, as it does whenever NATS is down.
+async fn ensure_streams_at_start(
+    jetstream: &jetstream::Context,
+    service: &str,
+    mirror: Option<&Mirror>,
+    settings: &lineguard_bus::StreamSettings,
+) -> Result<(), HostError> {
+    const START_TRY: Duration = Duration::from_secs(5);
+    let names = std::iter::once(service).chain(mirror.map(|m| m.stream_name));
+    for name in names {
+        match tokio::time::timeout(
+            START_TRY,
+            lineguard_bus::ensure_stream(jetstream, name, settings),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(refused @ lineguard_bus::Error::StreamRefused { .. })) => {
+                return Err(HostError::Setup(refused.to_string()));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(service, error = %e, "stream not ready at start-up; the relay keeps trying");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    service,
+                    "NATS did not answer at start-up; the relay keeps trying"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Turns the service SERVING once every consumer has caught up (unless it
+/// is stopping by then).
+async fn report_ready(
+    service: &'static str,
+    health: HealthReporter,
+    names: Vec<&'static str>,
+    mut caught_up: Vec<tokio::sync::watch::Receiver<bool>>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let started = tokio::time::Instant::now();
+    for consumer in &mut caught_up {
+        let go_on = tokio::select! {
+            done = consumer.wait_for(|caught_up| *caught_up) => done.is_ok(),
+            _ = stopping.wait_for(|stop| *stop) => false,
+        };
+        if !go_on {
+            return;
+        }
+    }
+    if *stopping.borrow() {
+        return;
+    }
+    set_status(&health, &names, ServingStatus::Serving).await;
+    tracing::info!(
+        service,
+        waited_ms = started.elapsed().as_millis() as u64,
+        "ready: serving"
+    );
+}
+
+/// Keeps [`BUS_HEALTH_NAME`] SERVING while the outbox drains, NOT_SERVING
+/// while it has been stuck for longer than `stall_limit`.
+async fn report_bus(
+    service: &'static str,
+    health: HealthReporter,
+    relay: lineguard_bus::RelayMonitor,
+    stall_limit: Duration,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut serving = None;
+    let mut tick = tokio::time::interval(BUS_HEALTH_CHECK);
+    loop {
+        let stop = tokio::select! {
+            _ = tick.tick() => false,
+            stopped = stopping.wait_for(|stop| *stop) => stopped.is_ok(),
+        };
+        if stop {
+            health
+                .set_service_status(BUS_HEALTH_NAME, ServingStatus::NotServing)
+                .await;
+            return;
+        }
+        let state = relay.health();
+        let draining = state.stalled_for < stall_limit;
+        if serving != Some(draining) {
+            let status = if draining {
+                tracing::info!(service, backlog = state.backlog, "bus: the outbox drains");
+                ServingStatus::Serving
+            } else {
+                tracing::error!(
+                    service,
+                    backlog = state.backlog,
+                    stalled_s = state.stalled_for.as_secs(),
+                    last_error = state.last_error.as_deref().unwrap_or(""),
+                    "bus: the outbox has not drained for longer than the limit; events are kept and sent when NATS takes them"
+                );
+                ServingStatus::NotServing
+            };
+            health.set_service_status(BUS_HEALTH_NAME, status).await;
+            serving = Some(draining);
         }
     }
 }

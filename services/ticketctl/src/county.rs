@@ -110,12 +110,13 @@ pub fn generate(config: &CountyConfig, dir: &Path) -> Result<Generated, Error> {
     );
     let _ = writeln!(
         toml,
-        "[[companies]]\ncompany_id = \"co-gen\"\nname = \"Generated County Power Supply Company\"\nsupervisor_desk_id = \"desk-co-gen\"\n"
+        "[[companies]]\ncompany_id = \"co-gen\"\nname = \"Generated County Power Supply Company\"\nsupervisor_desk_id = \"desk-co-gen\"\nsupervision_phone = \"0900-5595598\"\n"
     );
     for s in 0..config.stations {
         let _ = writeln!(
             toml,
-            "[[stations]]\nstation_id = \"st-{:03}\"\ncompany_id = \"co-gen\"\nname = \"Station {}\"\nduty_desk_id = \"desk-st-{:03}\"\n",
+            "[[stations]]\nstation_id = \"st-{:03}\"\ncompany_id = \"co-gen\"\nname = \"Station {}\"\nduty_desk_id = \"desk-st-{:03}\"\nduty_phone = \"0900-52{:05}\"\n",
+            s + 1,
             s + 1,
             s + 1,
             s + 1
@@ -125,9 +126,10 @@ pub fn generate(config: &CountyConfig, dir: &Path) -> Result<Generated, Error> {
         let s = group_of(m, config.managers, config.stations);
         let _ = writeln!(
             toml,
-            "[[managers]]\nmanager_id = \"m-{:04}\"\nstation_id = \"st-{:03}\"\nname = \"Manager {}\"\n",
+            "[[managers]]\nmanager_id = \"m-{:04}\"\nstation_id = \"st-{:03}\"\nname = \"Manager {}\"\nphone = \"139-{:08}\"\n",
             m + 1,
             s + 1,
+            m + 1,
             m + 1
         );
     }

@@ -21,11 +21,13 @@
 //! - [`simulate`]: a storm of realistic traffic, with latencies.
 //! - [`county`]: a seeded county of any size (directory and accounts).
 //! - [`consumers`]: parked events and dead letters of every service.
+//! - [`sheet`]: a district's printable meter-box labels (numbers, QR code).
 
 pub mod consumers;
 pub mod county;
 pub mod endpoints;
 pub mod replay;
+pub mod sheet;
 pub mod simulate;
 pub mod state;
 pub mod tail;

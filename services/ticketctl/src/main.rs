@@ -83,6 +83,19 @@ enum Command {
         #[command(subcommand)]
         what: GenerateWhat,
     },
+    /// A district's printable meter-box labels (A4 SVG pages): the
+    /// manager's, the station's and the supervision line's numbers and a QR
+    /// code to report a fault online for each account.
+    Sheet {
+        /// The district.
+        district_id: String,
+        /// Directory to write `<district>-p01.svg`, … into.
+        #[arg(long)]
+        out: String,
+        /// The online report page; each label's QR code adds `?account=…`.
+        #[arg(long, default_value = "https://www.95598.cn/report")]
+        report_url: String,
+    },
     /// Events each service's consumers parked until what they wait for
     /// arrives (they are applied then, or at the next sweep).
     Parked {
@@ -262,6 +275,26 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 print_json(&laid_out)?;
             } else {
                 print!("{}", timeline::render_text(&laid_out));
+            }
+        }
+        Command::Sheet {
+            district_id,
+            out,
+            report_url,
+        } => {
+            let pages = lineguard_ticketctl::sheet::write_sheet(
+                &clients,
+                &district_id,
+                &report_url,
+                std::path::Path::new(&out),
+            )
+            .await?;
+            if cli.json {
+                print_json(&pages)?;
+            } else {
+                for page in &pages {
+                    println!("{}", page.display());
+                }
             }
         }
         Command::Tail {

@@ -38,9 +38,19 @@ pub struct Step {
     pub at: String,
     #[serde(skip)]
     pub at_nanos: i128,
+    /// The log (service) the event is in.
     pub service: String,
     pub event: String,
+    /// The event's own id, and the id of the event that caused it (empty
+    /// for a command from outside): a client follows causes by these.
+    pub event_id: String,
+    pub causation_id: String,
     pub correlation_id: String,
+    /// Where the event is in `service`'s log: its global position, and its
+    /// stream with the version within it.
+    pub position: u64,
+    pub stream_id: String,
+    pub stream_version: u64,
     pub actor: String,
     pub what: String,
     pub since_previous_seconds: f64,
@@ -339,7 +349,12 @@ pub fn build(replayed: &Replayed) -> Timeline {
             at_nanos: t,
             service: e.source.clone(),
             event: short_type(e).to_string(),
+            event_id: e.event_id.clone(),
+            causation_id: e.causation_id.clone(),
             correlation_id: e.correlation_id.clone(),
+            position: e.global_position,
+            stream_id: e.stream_id.clone(),
+            stream_version: e.stream_version,
             actor: e.actor.as_ref().map(|a| a.id.clone()).unwrap_or_default(),
             what: describe(e),
             since_previous_seconds: (t - previous) as f64 / 1e9,

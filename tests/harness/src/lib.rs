@@ -410,6 +410,39 @@ impl ServiceProcess {
         }
     }
 
+    /// The health status the process answers for `service` ("" for the
+    /// whole process), or `None` while it does not answer.
+    pub async fn health(&self, service: &str) -> Option<i32> {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let channel = self.channel().await.ok()?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .ok()?;
+        Some(response.into_inner().status)
+    }
+
+    /// Waits for the process to exit on its own (at most `timeout`), and
+    /// says how it ended; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        let Some(child) = self.child.as_mut() else {
+            return Err(HarnessError::Failed("process not running".into()));
+        };
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills the process with SIGKILL: no shutdown code runs.
     pub fn kill9(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {

@@ -12,8 +12,8 @@ use async_nats::jetstream::{self, consumer::pull};
 use common::*;
 use futures::StreamExt;
 use lineguard_protos::dispatch::v1::{
-    AcknowledgeRequest, ActionHeader, ArriveRequest, CompleteRequest, CrewEvent, IncidentGrew,
-    OrderAssigned, RestoreRequest, WatchDispatchesRequest,
+    AcknowledgeRequest, ActionHeader, ArriveRequest, CompleteRequest, CrewEvent, OrderAssigned,
+    RestoreRequest, WatchDispatchesRequest, crew_event,
 };
 use lineguard_protos::intake::v1::{Channel, TicketKind, TicketStatus};
 use lineguard_protos::routing::v1::RouteStatus;
@@ -91,6 +91,18 @@ async fn a_crew_gets_every_order_across_a_dispatch_crash_and_completes_an_incide
     let assigned = OrderAssigned::decode(first.event.as_ref().expect("event").payload.as_ref())
         .expect("an order first");
     assert_eq!(assigned.order_id, incident);
+    // The same event, typed: a phone reads `body`, no descriptors needed;
+    // the order says where the fault is and how to call the customer back.
+    let Some(crew_event::Body::OrderAssigned(typed)) = &first.body else {
+        panic!("a typed OrderAssigned, got {:?}", first.body);
+    };
+    assert_eq!(typed, &assigned);
+    let caller = &typed.tickets[0];
+    assert_eq!(caller.ticket_id, tickets[0].ticket_id);
+    assert_eq!(caller.address, "No. 8 Riverside Road");
+    assert_eq!(caller.description, "No power in the whole building");
+    assert_eq!(caller.callback_phone, "13800138000");
+    assert_eq!(caller.caller_name, "Customer");
     // Callers dispatch heard of after the order reach the crew as IncidentGrew.
     let mut covered = assigned.tickets.len();
     let mut last_sequence = first.sequence;
@@ -98,8 +110,9 @@ async fn a_crew_gets_every_order_across_a_dispatch_crash_and_completes_an_incide
         let e = next_event(&mut watch).await;
         assert_eq!(e.sequence, last_sequence + 1, "no gap");
         last_sequence = e.sequence;
-        let grew = IncidentGrew::decode(e.event.as_ref().expect("event").payload.as_ref())
-            .expect("the incident grew");
+        let Some(crew_event::Body::IncidentGrew(grew)) = e.body else {
+            panic!("the incident grew, typed: {:?}", e.body);
+        };
         covered = grew.ticket_count as usize;
     }
 
@@ -238,10 +251,24 @@ async fn a_crew_gets_every_order_across_a_dispatch_crash_and_completes_an_incide
         .messages()
         .await
         .expect("fetch");
+    // Each message is the typed CrewEvent a phone watches, numbered.
     let mut subjects = Vec::new();
+    let mut sequences = Vec::new();
     while let Some(Ok(message)) = messages.next().await {
+        let event = CrewEvent::decode(message.payload.as_ref()).expect("a CrewEvent");
+        assert_eq!(event.crew_id, CREW);
+        assert!(event.body.is_some(), "typed: {event:?}");
+        let subject_type = message.subject.rsplit('.').next().unwrap_or("").to_string();
+        assert_eq!(subject_type, short(&event), "the subject names the event");
+        sequences.push(event.sequence);
         subjects.push(message.subject.to_string());
     }
+    sequences.sort_unstable();
+    assert_eq!(
+        sequences,
+        (1..=sequences.len() as u64).collect::<Vec<_>>(),
+        "every sequence number once"
+    );
     let assigned_on_nats = subjects
         .iter()
         .filter(|s| *s == &format!("lineguard.crew.{CREW}.OrderAssigned"))

@@ -225,7 +225,7 @@ async fn a_service_killed_with_sigkill_restarts_on_its_data() {
 }
 
 #[tokio::test]
-async fn a_service_starts_and_serves_while_nats_is_down() {
+async fn a_service_starts_while_nats_is_down_and_is_ready_once_it_is_back() {
     let mut nats = NatsServer::start().expect("nats");
     let url = nats.url();
     nats.stop().expect("stop nats");
@@ -233,10 +233,26 @@ async fn a_service_starts_and_serves_while_nats_is_down() {
     let binary = workspace_binary("lineguard-feedback");
     let mut process =
         ServiceProcess::start(binary, &dir.path().join("feedback"), &url).expect("start");
+    // It starts and answers (its log is open), but it cannot know what its
+    // sources published while it cannot reach the bus: NOT_SERVING.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let not_serving =
+        Some(tonic_health::pb::health_check_response::ServingStatus::NotServing as i32);
+    while process.health("").await != not_serving {
+        assert!(std::time::Instant::now() < deadline, "{}", process.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut log = EventLogClient::connect(process.endpoint())
+        .await
+        .expect("connect");
+    log.get_log_info(GetLogInfoRequest {})
+        .await
+        .expect("the log answers without NATS");
+    nats.restart().expect("nats back");
     process
         .wait_healthy(Duration::from_secs(60))
         .await
-        .expect("healthy without NATS");
+        .expect("ready once NATS is back");
     let status = process
         .terminate(Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", process.log()));

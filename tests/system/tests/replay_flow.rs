@@ -196,6 +196,39 @@ async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
     let live = TicketState::of_view(&backend.ticket(&lead).await);
     assert_eq!(end, live);
 
+    // The JSON replay a machine checks: every step carries its event id,
+    // its cause's id and its place in its service's log; causes are found
+    // by id, each before what it caused, and at least the escalation's
+    // chain (breach, re-route) is linked that way.
+    let out = ticketctl(&endpoints, &["--json", "replay", "incident", &incident]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let steps = json["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), replayed.events.len());
+    let mut seen = std::collections::HashSet::new();
+    let mut linked = 0;
+    for step in steps {
+        let id = step["event_id"].as_str().expect("event_id");
+        assert!(!id.is_empty(), "{step}");
+        assert!(step["position"].as_u64() > Some(0), "{step}");
+        assert!(step["stream_version"].as_u64() > Some(0), "{step}");
+        assert!(
+            !step["stream_id"].as_str().unwrap_or("").is_empty(),
+            "{step}"
+        );
+        let cause = step["causation_id"].as_str().expect("causation_id");
+        if index.contains_key(cause) {
+            assert!(seen.contains(cause), "a cause after its effect: {step}");
+            linked += 1;
+        }
+        seen.insert(id.to_string());
+    }
+    assert!(linked >= 2, "{linked} steps linked to their causes");
+
     // The HTML timeline: its lanes and its breaches.
     let laid_out = timeline::build(&replayed);
     assert!(laid_out.breaches >= 1);
