@@ -304,6 +304,21 @@ fn now() -> prost_types::Timestamp {
     lineguard_eventlog::clock::now()
 }
 
+/// Why `event` cannot have come on `subject`, if it cannot: the relay
+/// publishes an event only on the subject its envelope names (its source
+/// service, type and correlation), and a stream holds only its own
+/// service's subjects, so anything else was forged or smuggled onto the bus.
+fn forged(subject: &str, event: &EventEnvelope) -> Option<String> {
+    let expected = event_subject(&event.source, &event.event_type, &event.correlation_id);
+    (subject != expected).then(|| {
+        format!(
+            "the envelope does not match its subject: it came on {subject}, but its source \
+             {} and type {} belong on {expected}",
+            event.source, event.event_type
+        )
+    })
+}
+
 /// A correlation id for the consumer's own record of `event`.
 fn correlation_of(event: &EventEnvelope) -> &str {
     if event.correlation_id.is_empty() {
@@ -475,6 +490,29 @@ impl<H: Handler> Context<'_, H> {
                     .await;
             }
         };
+        if let Some(reason) = forged(&subject, &event) {
+            tracing::error!(%subject, source = %event.source, event_type = %event.event_type,
+                "an envelope on a subject it does not belong to: dead-lettered");
+            // Its own id, never the envelope's: a forged envelope that
+            // borrowed a real event's id must not make the real one look
+            // already handled.
+            let sequence = message.info().map_or(0, |i| i.stream_sequence);
+            let id = format!("forged-{sequence}");
+            let recorded = self
+                .dead_letter(
+                    &id,
+                    &id,
+                    None,
+                    message.payload.clone(),
+                    &subject,
+                    deliveries,
+                    &reason,
+                )
+                .await;
+            return self
+                .answer(message, recorded.map_err(|e| e.to_string()))
+                .await;
+        }
         let position = event.global_position;
         let settled = self
             .settle(&event, message.payload.clone(), &subject, deliveries)
@@ -567,9 +605,9 @@ impl<H: Handler> Context<'_, H> {
         &self,
         stream: &mut jetstream::stream::Stream,
         consumer: &mut jetstream::consumer::PullConsumer,
-    ) -> Result<(), String> {
+    ) {
         if self.caught_up() {
-            return Ok(());
+            return;
         }
         let chosen = *self
             .readiness
@@ -584,20 +622,22 @@ impl<H: Handler> Context<'_, H> {
                 {
                     match source.0.drained().await {
                         Ok(true) => {}
-                        Ok(false) => return Ok(()),
+                        Ok(false) => return,
                         Err(reason) => {
                             tracing::debug!(consumer = %self.name(), %reason,
                                 "source log not answering yet; readiness waits");
-                            return Ok(());
+                            return;
                         }
                     }
                 }
-                let last = stream
-                    .info()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .state
-                    .last_sequence;
+                let last = match stream.info().await {
+                    Ok(info) => info.state.last_sequence,
+                    Err(e) => {
+                        tracing::debug!(consumer = %self.name(), error = %e,
+                            "stream info unavailable; readiness looks again");
+                        return;
+                    }
+                };
                 *self
                     .readiness
                     .target
@@ -606,7 +646,15 @@ impl<H: Handler> Context<'_, H> {
                 last
             }
         };
-        let info = consumer.info().await.map_err(|e| e.to_string())?;
+        // A failed look is not the consumer's failure: it looks again.
+        let info = match consumer.info().await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(consumer = %self.name(), error = %e,
+                    "consumer info unavailable; readiness looks again");
+                return;
+            }
+        };
         let idle = info.num_pending == 0 && info.num_ack_pending == 0;
         if idle || info.ack_floor.stream_sequence >= target {
             self.readiness.caught_up.send_replace(true);
@@ -614,7 +662,6 @@ impl<H: Handler> Context<'_, H> {
                 waited_ms = self.readiness.started.elapsed().as_millis() as u64,
                 "caught up with what the source held at start-up");
         }
-        Ok(())
     }
 
     /// Looks for a gap the bus left (messages dropped before this consumer
@@ -761,6 +808,21 @@ impl<H: Handler> Context<'_, H> {
                 return;
             }
         };
+        // A forged dead letter sent back by an operator is still forged.
+        if let Some(reason) = forged(&parked.subject, &event) {
+            let _ = self
+                .dead_letter(
+                    &parked.event_id,
+                    &parked.event_id,
+                    None,
+                    parked.envelope.clone(),
+                    &parked.subject,
+                    0,
+                    &reason,
+                )
+                .await;
+            return;
+        }
         let applied_record = consumer_event(
             self.name(),
             &ParkedEventApplied {
@@ -1044,7 +1106,7 @@ async fn consume<H: Handler>(
         .catch_up_if_gap(&mut stream, &mut consumer, &mut caught_up_to)
         .await?;
     context.sweep().await?;
-    context.check_caught_up(&mut stream, &mut consumer).await?;
+    context.check_caught_up(&mut stream, &mut consumer).await;
     let mut sweep = tokio::time::interval(config.parked_sweep);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     sweep.tick().await;
@@ -1077,7 +1139,7 @@ async fn consume<H: Handler>(
                 continue;
             }
             _ = readiness_check.tick(), if !context.caught_up() => {
-                context.check_caught_up(&mut stream, &mut consumer).await?;
+                context.check_caught_up(&mut stream, &mut consumer).await;
                 continue;
             }
             _ = stopped.changed() => return Ok(()),

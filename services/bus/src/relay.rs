@@ -34,8 +34,11 @@ pub struct Mirror {
     /// `None` to publish it once. An `Err` (an event that cannot be made
     /// into the mirror's message) stops the relay at that event, retrying,
     /// as a failed publish does: nothing is skipped.
-    pub message: fn(&StoredEvent) -> Result<Option<(String, Bytes)>, String>,
+    pub message: fn(&StoredEvent) -> Result<Option<MirrorMessage>, String>,
 }
+
+/// A mirrored event as published: its subject and its payload.
+pub type MirrorMessage = (String, Bytes);
 
 /// How the relay paces itself.
 #[derive(Debug, Clone)]

@@ -8,6 +8,8 @@ use lineguard_eventlog::{
     ActorKind, EventLog, ExpectedVersion, Idempotency, NewEvent, Transaction, actor, blocking,
 };
 use lineguard_protos::case_ids::{self, KnownAs};
+
+use crate::customer::CustomerDigest;
 use lineguard_protos::intake::v1::{
     CancelTicketRequest, CancelTicketResponse, Channel, Disposition, GetTicketRequest,
     GetTicketResponse, IncidentMarkedProbableOutage, IncidentOpened, IncidentView,
@@ -22,8 +24,8 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::projection::{
-    BY_TIME_PREFIX, account_key, customer_key, district_incident_key, follow_incident,
-    incident_key, is_open, nanos, open_key, ticket_id_of_by_time_key, ticket_key,
+    BY_TIME_PREFIX, account_key, district_incident_key, follow_incident, incident_key, is_open,
+    nanos, open_key, ticket_id_of_by_time_key, ticket_key,
 };
 use crate::validate;
 use lineguard_eventlog::command::{commit_idempotent, earlier_answer};
@@ -63,15 +65,17 @@ pub struct IntakeService {
     log: EventLog,
     config: IntakeConfig,
     locks: Arc<StripedLocks>,
+    customers: CustomerDigest,
 }
 
 impl IntakeService {
-    /// A service over `log`.
-    pub fn new(log: EventLog, config: IntakeConfig) -> Self {
+    /// A service over `log`, recognising repeat callers by `customers`.
+    pub fn new(log: EventLog, config: IntakeConfig, customers: CustomerDigest) -> Self {
         IntakeService {
             log,
             config,
             locks: Arc::new(StripedLocks::new(1024)),
+            customers,
         }
     }
 
@@ -284,6 +288,7 @@ impl IntakeService {
             incident_id: String::new(),
             incident_lead: false,
             district_source: district_source.to_string(),
+            customer_key: customer.unwrap_or_default().to_string(),
         };
         let mut ticket_events = Vec::with_capacity(2);
         let mut response = ReportTicketResponse {
@@ -447,7 +452,7 @@ impl Intake for IntakeService {
             return Ok(Response::new(answer));
         }
         let phone = req.caller.as_ref().map_or("", |c| c.phone.as_str());
-        let customer = customer_key(&req.account_number, phone);
+        let customer = self.customers.key(&req.account_number, phone);
         let mut lock_keys = Vec::with_capacity(2);
         if let Some(customer) = &customer {
             lock_keys.push(format!("customer/{customer}"));

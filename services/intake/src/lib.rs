@@ -12,10 +12,12 @@
 //!
 //! - [`api`]: the `lineguard.intake.v1.Intake` gRPC service.
 //! - [`validate`]: field-level checks; every error names its field.
+//! - [`customer`]: the keyed digest that recognises a repeat caller by phone.
 //! - [`projection`]: [`IntakeProjector`](projection::IntakeProjector), the views.
 //! - [`observe`]: the consumer recording other services' events for the views.
 
 pub mod api;
+pub mod customer;
 pub mod observe;
 pub mod projection;
 pub mod validate;

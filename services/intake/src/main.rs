@@ -7,9 +7,10 @@ use std::time::Duration;
 use clap::Parser;
 use lineguard_bus::ConsumerConfig;
 use lineguard_intake::api::{IntakeConfig, IntakeService};
+use lineguard_intake::customer::CustomerDigest;
 use lineguard_intake::observe;
 use lineguard_intake::projection::IntakeProjector;
-use lineguard_runtime::{CommonArgs, ServiceSpec, parse_duration};
+use lineguard_runtime::{CommonArgs, HostError, ServiceSpec, parse_duration};
 use tonic::service::RoutesBuilder;
 
 /// The Lineguard intake service: tickets in from any door.
@@ -25,6 +26,12 @@ struct Args {
     /// Calls in one incident that mark it a probable outage.
     #[arg(long, env = "LINEGUARD_OUTAGE_THRESHOLD", default_value_t = 3)]
     outage_threshold: u32,
+    /// The secret (16 bytes or more) of the keyed digest that recognises a
+    /// repeat caller by phone [default: <data dir>/secrets/customer-digest.key,
+    /// made at first start]. Keep it with the data: another secret stops
+    /// recognising the callers of open tickets.
+    #[arg(long, env = "LINEGUARD_CUSTOMER_DIGEST_KEY_FILE")]
+    customer_digest_key_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -38,6 +45,12 @@ async fn main() -> ExitCode {
         mirror: None,
         api_services: vec!["lineguard.intake.v1.Intake"],
     };
+    let digest_file = args.customer_digest_key_file.clone().unwrap_or_else(|| {
+        args.common
+            .data_dir_of(lineguard_intake::SERVICE)
+            .join("secrets")
+            .join("customer-digest.key")
+    });
     let config = IntakeConfig {
         correlation_window: args.correlation_window,
         outage_threshold: args.outage_threshold,
@@ -52,8 +65,10 @@ async fn main() -> ExitCode {
                 .filtered(observe::dispatch_subjects()),
             observe::Observer,
         );
+        let customers = CustomerDigest::load_or_create(&digest_file)
+            .map_err(|e| HostError::Setup(e.to_string()))?;
         let mut routes = RoutesBuilder::default();
-        routes.add_service(IntakeService::new(host.log.clone(), config).server());
+        routes.add_service(IntakeService::new(host.log.clone(), config, customers).server());
         Ok(routes)
     })
     .await

@@ -13,8 +13,9 @@
 //! records its copy of each event it consumes in its own log, so the views
 //! are rebuilt from intake's log alone.
 //!
-//! The customer key is the account number, or a digest of the phone number
-//! when there is no account (a phone number never appears in a key).
+//! The customer key is the report's `customer_key`: the account number, or
+//! a keyed digest of the phone number when there is no account (see
+//! [`crate::customer`]; a phone number never appears in a key).
 
 use lineguard_eventlog::{EventEnvelope, ProjectionView, Projector, decode_payload};
 use lineguard_protos::dispatch::v1::{
@@ -69,9 +70,10 @@ pub fn ticket_id_of_by_time_key(key: &[u8]) -> Option<&str> {
     std::str::from_utf8(key).ok()?.rsplit('/').next()
 }
 
-/// Who a report is from, for spotting repeat calls; `None` when the report
-/// names neither an account nor a phone.
-pub fn customer_key(account_number: &str, phone: &str) -> Option<String> {
+/// The repeat-caller key of a report recorded before reports carried one
+/// (`TicketReported.customer_key`): the account, or the unkeyed digest of
+/// the phone those reports were kept under. Only for reading old logs.
+fn legacy_customer_key(account_number: &str, phone: &str) -> Option<String> {
     if !account_number.is_empty() {
         return Some(format!("acct-{account_number}"));
     }
@@ -149,7 +151,8 @@ impl Projector for IntakeProjector {
 
     fn version(&self) -> u32 {
         // 3: crew actions stop clocks at their judged time.
-        3
+        // 4: the view keeps its report's repeat-caller key.
+        4
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
@@ -158,7 +161,7 @@ impl Projector for IntakeProjector {
             t if t == TicketReported::full_name() => {
                 let e: TicketReported = decode_payload(event)?;
                 let reported_at = e.reported_at.unwrap_or(at);
-                let ticket = TicketView {
+                let mut ticket = TicketView {
                     ticket_id: e.ticket_id.clone(),
                     status: TicketStatus::Received as i32,
                     channel: e.channel,
@@ -174,10 +177,16 @@ impl Projector for IntakeProjector {
                     updated_at: Some(at),
                     ..TicketView::default()
                 };
-                let phone = e.caller.as_ref().map_or("", |c| c.phone.as_str());
-                if let Some(customer) = customer_key(&e.account_number, phone) {
-                    view.put(open_key(&customer, e.kind), e.ticket_id.as_bytes().to_vec());
+                let customer = if e.customer_key.is_empty() {
+                    let phone = e.caller.as_ref().map_or("", |c| c.phone.as_str());
+                    legacy_customer_key(&e.account_number, phone)
+                } else {
+                    Some(e.customer_key.clone())
+                };
+                if let Some(customer) = &customer {
+                    view.put(open_key(customer, e.kind), e.ticket_id.as_bytes().to_vec());
                 }
+                ticket.customer_key = customer.unwrap_or_default();
                 view.put(by_time_key(nanos(&reported_at), &e.ticket_id), Vec::new());
                 store(view, ticket_key(&e.ticket_id), &ticket);
             }
@@ -241,8 +250,13 @@ impl Projector for IntakeProjector {
                 let mut ticket = load_ticket(view, &e.ticket_id)?;
                 ticket.status = TicketStatus::Cancelled as i32;
                 ticket.updated_at = Some(at);
-                let phone = ticket.caller.as_ref().map_or("", |c| c.phone.as_str());
-                if let Some(customer) = customer_key(&ticket.account_number, phone) {
+                let customer = if ticket.customer_key.is_empty() {
+                    let phone = ticket.caller.as_ref().map_or("", |c| c.phone.as_str());
+                    legacy_customer_key(&ticket.account_number, phone)
+                } else {
+                    Some(ticket.customer_key.clone())
+                };
+                if let Some(customer) = customer {
                     let key = open_key(&customer, ticket.kind);
                     // Only if it still points at this ticket.
                     if view.get(&key).map_err(|e| e.to_string())?.as_deref()

@@ -5,13 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lineguard_eventlog::{EventLog, LogConfig};
+use lineguard_eventlog::{EventLog, LogConfig, ReadDirection, decode_payload};
 use lineguard_intake::api::{IntakeConfig, IntakeService};
+use lineguard_intake::customer::CustomerDigest;
 use lineguard_intake::projection::IntakeProjector;
 use lineguard_protos::intake::v1::{
     Caller, CancelTicketRequest, Channel, Disposition, GetTicketRequest, ListTicketsRequest,
-    ReportTicketRequest, ServiceRequestType, TicketKind, TicketStatus, intake_client::IntakeClient,
+    ReportTicketRequest, ServiceRequestType, TicketKind, TicketReported, TicketStatus,
+    intake_client::IntakeClient,
 };
+use sha2::Digest;
 use tonic::transport::Channel as GrpcChannel;
 
 struct Fixture {
@@ -33,7 +36,10 @@ fn open_log(path: &std::path::Path) -> EventLog {
 async fn start(config: IntakeConfig) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open_log(dir.path());
-    let routes = tonic::service::Routes::new(IntakeService::new(log.clone(), config).server());
+    let customers =
+        CustomerDigest::new(b"a test secret of 32 bytes, fixed".to_vec()).expect("secret");
+    let routes =
+        tonic::service::Routes::new(IntakeService::new(log.clone(), config, customers).server());
     let channel = lineguard_harness::serve_in_process(routes)
         .await
         .expect("serve");
@@ -208,7 +214,36 @@ async fn a_repeat_call_urges_the_open_ticket() {
         .into_inner();
     assert_eq!(
         (b.disposition(), b.ticket_id),
-        (Disposition::UrgedOpenTicket, a.ticket_id)
+        (Disposition::UrgedOpenTicket, a.ticket_id.clone())
+    );
+    // ... by a keyed digest: neither the phone nor its plain hash is a key,
+    // in the event or anywhere in the views.
+    let reported = f
+        .log
+        .read_stream(&a.ticket_id, 1, ReadDirection::Forward, 1)
+        .expect("read")
+        .events
+        .remove(0);
+    let reported: TicketReported = decode_payload(&reported).expect("reported");
+    assert!(
+        reported.customer_key.starts_with("caller-"),
+        "{}",
+        reported.customer_key
+    );
+    let plain: String = sha2::Sha256::digest(b"13800138000")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let keys = f.log.projection_scan(b"", None, 10_000).expect("scan");
+    for (key, _) in &keys {
+        let key = String::from_utf8_lossy(key);
+        assert!(!key.contains("13800138000"), "a phone in a key: {key}");
+        assert!(!key.contains(&plain[..24]), "a plain hash in a key: {key}");
+    }
+    assert!(
+        keys.iter()
+            .any(|(k, _)| String::from_utf8_lossy(k).contains(&reported.customer_key)),
+        "the keyed digest finds the open ticket"
     );
 }
 

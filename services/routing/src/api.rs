@@ -86,6 +86,25 @@ impl RoutingService {
         Ok(Response::new(DirectoryChangeResponse { changed }))
     }
 
+    /// The district a caller names by account number or district id (one
+    /// of the two is required).
+    fn district_of(&self, account_number: &str, district_id: &str) -> Result<District, Status> {
+        if account_number.is_empty() && district_id.is_empty() {
+            return Err(invalid("account_number", "this or district_id is required"));
+        }
+        if !account_number.is_empty() {
+            id("account_number", account_number)?;
+        }
+        if !district_id.is_empty() {
+            id("district_id", district_id)?;
+        }
+        self.router
+            .locate(district_id, account_number)?
+            .ok_or_else(|| {
+                Status::not_found("neither the district nor the account is in the directory")
+            })
+    }
+
     /// The route of the case `id` names: a ticket on its own, an incident, or
     /// a ticket that leads or follows one (its incident's route).
     fn route_of(&self, id: &str) -> Result<RouteView, Status> {
@@ -435,21 +454,7 @@ impl Routing for RoutingService {
         request: Request<LookupOwnerRequest>,
     ) -> Result<Response<LookupOwnerResponse>, Status> {
         let req = request.into_inner();
-        if req.account_number.is_empty() && req.district_id.is_empty() {
-            return Err(invalid("account_number", "this or district_id is required"));
-        }
-        if !req.account_number.is_empty() {
-            id("account_number", &req.account_number)?;
-        }
-        if !req.district_id.is_empty() {
-            id("district_id", &req.district_id)?;
-        }
-        let district = self
-            .router
-            .locate(&req.district_id, &req.account_number)?
-            .ok_or_else(|| {
-                Status::not_found("neither the district nor the account is in the directory")
-            })?;
+        let district = self.district_of(&req.account_number, &req.district_id)?;
         let dir = self.router.directory();
         let station = dir
             .station(&district.station_id)
@@ -470,21 +475,7 @@ impl Routing for RoutingService {
         request: Request<WhoServesRequest>,
     ) -> Result<Response<WhoServesResponse>, Status> {
         let req = request.into_inner();
-        if req.account_number.is_empty() && req.district_id.is_empty() {
-            return Err(invalid("account_number", "this or district_id is required"));
-        }
-        if !req.account_number.is_empty() {
-            id("account_number", &req.account_number)?;
-        }
-        if !req.district_id.is_empty() {
-            id("district_id", &req.district_id)?;
-        }
-        let district = self
-            .router
-            .locate(&req.district_id, &req.account_number)?
-            .ok_or_else(|| {
-                Status::not_found("neither the district nor the account is in the directory")
-            })?;
+        let district = self.district_of(&req.account_number, &req.district_id)?;
         let at = now();
         let place = self.router.place(Some(district.clone()))?;
         // The same rule as a new ticket's first hop: who would take it now.

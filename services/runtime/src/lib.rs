@@ -13,7 +13,12 @@
 //! - on SIGTERM or Ctrl-C: reports NOT_SERVING, finishes in-flight requests,
 //!   stops the consumers, flushes the outbox (bounded by
 //!   `--shutdown-timeout`), and closes the log.
+//!
+//! Health tells the truth: NOT_SERVING until every consumer has caught up
+//! with its source, `lineguard.bus` NOT_SERVING while the outbox is stuck.
+//! [`access`] holds the access policy every service enforces.
 
+pub mod access;
 pub mod calendar;
 pub mod locks;
 pub mod periodic;
@@ -102,6 +107,15 @@ pub struct CommonArgs {
     /// [default: Monday to Friday, UTC+8, no holidays].
     #[arg(long, env = "LINEGUARD_CALENDAR")]
     pub calendar: Option<PathBuf>,
+}
+
+impl CommonArgs {
+    /// The service's data directory: `--data-dir`, else `.lineguard/<service>`.
+    pub fn data_dir_of(&self, service: &str) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".lineguard").join(service))
+    }
 }
 
 /// Sets the process's clock from `--clock-start` and `--clock-speed`
@@ -302,10 +316,7 @@ impl Host {
             tracing::warn!(service = spec.name, clock_start = ?args.clock_start,
                 clock_speed = args.clock_speed, "running on an accelerated clock (tests and demos only)");
         }
-        let data_dir = args
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(".lineguard").join(spec.name));
+        let data_dir = args.data_dir_of(spec.name);
         std::fs::create_dir_all(&data_dir)?;
         // Every service's consumers park events and dead-letter them in the
         // service's own log: their events and records sit beside its own.

@@ -424,6 +424,23 @@ impl ServiceProcess {
         Some(response.into_inner().status)
     }
 
+    /// Waits until the process answers health checks at all (SERVING or
+    /// not): its API is up, whether or not it has caught up yet.
+    pub async fn wait_answering(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.health("").await.is_none() {
+            if Instant::now() > deadline {
+                return Err(HarnessError::Failed(format!(
+                    "{} not answering within {timeout:?}; log:\n{}",
+                    self.binary.display(),
+                    self.log()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// Waits for the process to exit on its own (at most `timeout`), and
     /// says how it ended; `None` if it is still running.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {

@@ -6,26 +6,22 @@
 mod common;
 
 use common::*;
-use lineguard_protos::dispatch::v1::{
-    ActionHeader, AddNoteRequest, GetWorkOrderRequest, WatchDispatchesRequest,
-};
+use lineguard_protos::dispatch::v1::{AddNoteRequest, GetWorkOrderRequest, WatchDispatchesRequest};
 use lineguard_protos::feedback::v1::RecordFollowUpRequest;
 use lineguard_protos::intake::v1::{
-    CancelTicketRequest, Channel, Disposition, GetTicketRequest, TicketKind,
+    CancelTicketRequest, Channel, Disposition, GetTicketRequest, ReportTicketRequest, TicketKind,
 };
 use lineguard_protos::routing::v1::{AcceptTicketRequest, GetRouteRequest, RouteStatus};
-use prost_types::Timestamp;
 use tonic::Code;
 
-const CREW: &str = "crew-chengguan-1";
+/// A caller's name no log line would hold by chance.
+const CALLER: &str = "Zhang Sanfeng";
 
-fn header(order: &str, action: &str) -> Option<ActionHeader> {
-    Some(ActionHeader {
-        crew_id: CREW.into(),
-        order_id: order.into(),
-        action_id: action.into(),
-        device_time: Some(Timestamp::from(std::time::SystemTime::now())),
-    })
+fn named(mut request: ReportTicketRequest) -> ReportTicketRequest {
+    if let Some(caller) = request.caller.as_mut() {
+        caller.name = CALLER.into();
+    }
+    request
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,12 +33,12 @@ async fn a_ticket_id_and_its_incident_id_name_one_case_in_every_service() {
 
     // One caller: an incident of one, led by this ticket.
     let lead = intake
-        .report_ticket(report(
+        .report_ticket(named(report(
             "ids-1",
             Channel::Hotline95598,
             TicketKind::FaultRepair,
             &accounts[0],
-        ))
+        )))
         .await
         .expect("report")
         .into_inner();
@@ -52,12 +48,12 @@ async fn a_ticket_id_and_its_incident_id_name_one_case_in_every_service() {
     );
     let incident = lead.incident_id.clone();
     let second = intake
-        .report_ticket(report(
+        .report_ticket(named(report(
             "ids-2",
             Channel::App,
             TicketKind::FaultRepair,
             &accounts[1],
-        ))
+        )))
         .await
         .expect("report")
         .into_inner();
@@ -258,4 +254,24 @@ async fn a_ticket_id_and_its_incident_id_name_one_case_in_every_service() {
         .expect_err("unknown ticket");
     assert_eq!(unknown.code(), Code::NotFound);
     assert!(unknown.message().contains("not a ticket or incident"));
+
+    // No process logged the customers' data, the order's new fields included.
+    let processes = [
+        ("intake", &backend.intake),
+        ("routing", &backend.routing),
+        ("dispatch", backend.dispatch.as_ref().expect("dispatch")),
+        ("feedback", backend.feedback.as_ref().expect("feedback")),
+    ];
+    for (name, process) in processes {
+        let log = process.log();
+        assert!(log.len() > 1_000, "{name} logged its work");
+        for data in [
+            CALLER,
+            "13800138000",
+            "No. 8 Riverside Road",
+            "No power in the whole building",
+        ] {
+            assert!(!log.contains(data), "{name} logged customer data: {data}");
+        }
+    }
 }

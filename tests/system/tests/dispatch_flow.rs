@@ -12,24 +12,12 @@ use async_nats::jetstream::{self, consumer::pull};
 use common::*;
 use futures::StreamExt;
 use lineguard_protos::dispatch::v1::{
-    AcknowledgeRequest, ActionHeader, ArriveRequest, CompleteRequest, CrewEvent, OrderAssigned,
-    RestoreRequest, WatchDispatchesRequest, crew_event,
+    AcknowledgeRequest, ArriveRequest, CompleteRequest, CrewEvent, OrderAssigned, RestoreRequest,
+    WatchDispatchesRequest, crew_event,
 };
 use lineguard_protos::intake::v1::{Channel, TicketKind, TicketStatus};
 use lineguard_protos::routing::v1::RouteStatus;
 use prost::Message;
-use prost_types::Timestamp;
-
-const CREW: &str = "crew-chengguan-1";
-
-fn header(order: &str, action: &str) -> Option<ActionHeader> {
-    Some(ActionHeader {
-        crew_id: CREW.into(),
-        order_id: order.into(),
-        action_id: action.into(),
-        device_time: Some(Timestamp::from(std::time::SystemTime::now())),
-    })
-}
 
 async fn next_event(stream: &mut tonic::Streaming<CrewEvent>) -> CrewEvent {
     tokio::time::timeout(Duration::from_secs(20), stream.next())

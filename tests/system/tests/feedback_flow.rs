@@ -10,8 +10,8 @@ mod common;
 use common::*;
 use lineguard_protos::dispatch::v1::dispatch_client::DispatchClient;
 use lineguard_protos::dispatch::v1::{
-    AcknowledgeRequest, ActionHeader, ArriveRequest, CompleteRequest, GetWorkOrderRequest,
-    OrderStatus, RestoreRequest, ReturnOrderRequest,
+    AcknowledgeRequest, ArriveRequest, CompleteRequest, GetWorkOrderRequest, OrderStatus,
+    RestoreRequest, ReturnOrderRequest,
 };
 use lineguard_protos::feedback::v1::{
     FollowUpStatus, FollowUpView, GetScorecardRequest, Level, ListDueFollowUpsRequest, Period,
@@ -22,17 +22,7 @@ use lineguard_protos::routing::v1::{RouteReason, RouteStatus};
 use prost_types::Timestamp;
 use tonic::transport::Channel as GrpcChannel;
 
-const CREW: &str = "crew-chengguan-1";
 const MANAGER: &str = "m-chengguan-01";
-
-fn header(order: &str, action: &str) -> Option<ActionHeader> {
-    Some(ActionHeader {
-        crew_id: CREW.into(),
-        order_id: order.into(),
-        action_id: action.into(),
-        device_time: Some(Timestamp::from(std::time::SystemTime::now())),
-    })
-}
 
 /// The crew goes, restores and completes the order, with `round` in its action ids.
 async fn crew_does_the_work(dispatch: &mut DispatchClient<GrpcChannel>, order: &str, round: u32) {

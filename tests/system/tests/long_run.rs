@@ -86,7 +86,8 @@ async fn a_long_run_keeps_every_promise() {
     // Small enough that the away consumer's sources move past it.
     let stream_max_messages: i64 = env_or("LINEGUARD_LONG_RUN_STREAM_MESSAGES", 150);
 
-    let dir = tempfile::tempdir().expect("tempdir");
+    let kept = KeepOnFailure(Some(tempfile::tempdir().expect("tempdir")));
+    let dir = kept.0.as_ref().expect("the run's directory");
     let generated = generate(&county, dir.path()).expect("county");
     let directory: toml_edit_free::Directory = toml_edit_free::read(&generated.directory);
 
@@ -216,8 +217,10 @@ async fn a_long_run_keeps_every_promise() {
     dispatch.kill9().expect("kill dispatch");
     tokio::time::sleep(Duration::from_secs(2)).await;
     dispatch.restart().expect("restart dispatch");
+    // Answering: its API is back (it is SERVING only once its consumers
+    // have caught up with the backlog, which under this load takes a while).
     dispatch
-        .wait_healthy(Duration::from_secs(60))
+        .wait_answering(Duration::from_secs(60))
         .await
         .expect("dispatch back");
     tokio::time::sleep(Duration::from_secs_f64(call_seconds * 0.1)).await;
@@ -238,9 +241,9 @@ async fn a_long_run_keeps_every_promise() {
     tokio::time::sleep(Duration::from_secs_f64((call_seconds * 0.3).max(8.0))).await;
     feedback.restart().expect("feedback back");
     feedback
-        .wait_healthy(Duration::from_secs(60))
+        .wait_answering(Duration::from_secs(60))
         .await
-        .expect("feedback healthy");
+        .expect("feedback answering");
 
     let report = driver.await.expect("driver").expect("storm");
     eprintln!("{}", serde_json::to_string(&report).expect("json"));
@@ -251,6 +254,12 @@ async fn a_long_run_keeps_every_promise() {
     )
     .await;
 
+    // Every service has caught up with its sources: SERVING again.
+    for p in [&intake, &routing, &dispatch, &feedback] {
+        p.wait_healthy(Duration::from_secs(120))
+            .await
+            .expect("every service ready at the end");
+    }
     // Feedback was away while the bus forgot: it caught up from the logs.
     assert!(
         feedback
@@ -389,6 +398,23 @@ async fn a_long_run_keeps_every_promise() {
 
 /// The cases routing's log leaves open (routed or accepted): their kind,
 /// hop, holder and crew, to say what a run left undone.
+/// The run's directory (every service's data and log), kept when the run
+/// fails so that what the services logged can be read afterwards.
+struct KeepOnFailure(Option<tempfile::TempDir>);
+
+impl Drop for KeepOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!(
+                "the run's data and service logs are kept in {}",
+                dir.keep().display()
+            );
+        }
+    }
+}
+
 fn open_cases(events: &[EventEnvelope]) -> Vec<String> {
     use lineguard_protos::routing::v1::{TicketAnswered, TicketRoutingClosed, TicketWorkCompleted};
     let mut cases: HashMap<String, (String, bool)> = HashMap::new();

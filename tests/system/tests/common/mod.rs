@@ -18,6 +18,20 @@ use lineguard_protos::routing::v1::{GetRouteRequest, RouteView, routing_client::
 use prost_types::Timestamp;
 use tonic::transport::Channel as GrpcChannel;
 
+/// The demo directory's crew of d-chengguan-01 … 05, the tests' crew.
+pub const CREW: &str = "crew-chengguan-1";
+
+/// The header of a crew action of [`CREW`] on `order` (a ticket or
+/// incident id), stamped now.
+pub fn header(order: &str, action: &str) -> Option<lineguard_protos::dispatch::v1::ActionHeader> {
+    Some(lineguard_protos::dispatch::v1::ActionHeader {
+        crew_id: CREW.into(),
+        order_id: order.into(),
+        action_id: action.into(),
+        device_time: Some(Timestamp::from(std::time::SystemTime::now())),
+    })
+}
+
 /// Fault repair's acceptance window in the test policy.
 pub const WINDOW: Duration = Duration::from_secs(4);
 
