@@ -472,46 +472,16 @@ impl<H: Handler> Context<'_, H> {
         let event = match decoded {
             Ok(event) => event,
             Err(e) => {
-                let sequence = message.info().map_or(0, |i| i.stream_sequence);
-                let id = format!("undecodable-{sequence}");
-                let recorded = self
-                    .dead_letter(
-                        &id,
-                        &id,
-                        None,
-                        message.payload.clone(),
-                        &subject,
-                        deliveries,
-                        &format!("undecodable envelope: {e}"),
-                    )
-                    .await;
+                let reason = format!("undecodable envelope: {e}");
                 return self
-                    .answer(message, recorded.map_err(|e| e.to_string()))
+                    .refuse(message, "undecodable", deliveries, &reason)
                     .await;
             }
         };
         if let Some(reason) = forged(&subject, &event) {
             tracing::error!(%subject, source = %event.source, event_type = %event.event_type,
                 "an envelope on a subject it does not belong to: dead-lettered");
-            // Its own id, never the envelope's: a forged envelope that
-            // borrowed a real event's id must not make the real one look
-            // already handled.
-            let sequence = message.info().map_or(0, |i| i.stream_sequence);
-            let id = format!("forged-{sequence}");
-            let recorded = self
-                .dead_letter(
-                    &id,
-                    &id,
-                    None,
-                    message.payload.clone(),
-                    &subject,
-                    deliveries,
-                    &reason,
-                )
-                .await;
-            return self
-                .answer(message, recorded.map_err(|e| e.to_string()))
-                .await;
+            return self.refuse(message, "forged", deliveries, &reason).await;
         }
         let position = event.global_position;
         let settled = self
@@ -529,6 +499,35 @@ impl<H: Handler> Context<'_, H> {
                     .map_err(|e| e.to_string())
             }
         }
+    }
+
+    /// Dead-letters a message that is no event of its source (it does not
+    /// decode, or it was forged onto the subject) under its own id,
+    /// `<kind>-<stream sequence>`, never the envelope's: one that borrowed a
+    /// real event's id must not make the real one look already handled.
+    async fn refuse(
+        &self,
+        message: jetstream::Message,
+        kind: &str,
+        deliveries: u64,
+        reason: &str,
+    ) -> Result<(), String> {
+        let sequence = message.info().map_or(0, |i| i.stream_sequence);
+        let id = format!("{kind}-{sequence}");
+        let subject = message.subject.to_string();
+        let recorded = self
+            .dead_letter(
+                &id,
+                &id,
+                None,
+                message.payload.clone(),
+                &subject,
+                deliveries,
+                reason,
+            )
+            .await;
+        self.answer(message, recorded.map_err(|e| e.to_string()))
+            .await
     }
 
     /// What becomes of one event (from the bus, or read from its source's

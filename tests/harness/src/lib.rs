@@ -384,30 +384,32 @@ impl ServiceProcess {
 
     /// Waits until the process answers health checks as SERVING.
     pub async fn wait_healthy(&self, timeout: Duration) -> Result<()> {
-        use tonic_health::pb::{
-            HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-        };
+        use tonic_health::pb::health_check_response::ServingStatus;
+        self.wait_health(timeout, "healthy", |status| {
+            status == Some(ServingStatus::Serving as i32)
+        })
+        .await
+    }
+
+    /// Waits until the process's overall health status satisfies `ok`.
+    async fn wait_health(
+        &self,
+        timeout: Duration,
+        what: &str,
+        ok: impl Fn(Option<i32>) -> bool,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(channel) = self.channel().await
-                && let Ok(response) = HealthClient::new(channel)
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                && response.into_inner().status == ServingStatus::Serving as i32
-            {
-                return Ok(());
-            }
+        while !ok(self.health("").await) {
             if Instant::now() > deadline {
                 return Err(HarnessError::Failed(format!(
-                    "{} not healthy within {timeout:?}; log:\n{}",
+                    "{} not {what} within {timeout:?}; log:\n{}",
                     self.binary.display(),
                     self.log()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        Ok(())
     }
 
     /// The health status the process answers for `service` ("" for the
@@ -427,18 +429,8 @@ impl ServiceProcess {
     /// Waits until the process answers health checks at all (SERVING or
     /// not): its API is up, whether or not it has caught up yet.
     pub async fn wait_answering(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while self.health("").await.is_none() {
-            if Instant::now() > deadline {
-                return Err(HarnessError::Failed(format!(
-                    "{} not answering within {timeout:?}; log:\n{}",
-                    self.binary.display(),
-                    self.log()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
+        self.wait_health(timeout, "answering", |status| status.is_some())
+            .await
     }
 
     /// Waits for the process to exit on its own (at most `timeout`), and
