@@ -283,11 +283,12 @@ struct Context<'a, H> {
     /// Set when the consumer is asked to stop: long loops (a sweep, a
     /// wake, a catch-up) end at the next event instead of running on.
     stopping: watch::Receiver<bool>,
-    /// Source positions of messages handed back to JetStream (nak'ed) and
-    /// not applied since: a catch-up starts below the lowest, so a message
-    /// that expires from the stream before its redelivery is read from the
-    /// source's log. Kept across sessions of one process.
-    retrying: &'a std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Messages handed back to JetStream (nak'ed) and not applied since:
+    /// source position → stream sequence. One that has left the stream
+    /// before its redelivery is a gap; a catch-up starts below the lowest
+    /// position, so it is read from the source's log. Kept across sessions
+    /// of one process.
+    retrying: &'a std::sync::Mutex<std::collections::BTreeMap<u64, u64>>,
     /// Whether the consumer has caught up with its start-up backlog.
     readiness: &'a Readiness,
 }
@@ -354,17 +355,29 @@ impl<H: Handler> Context<'_, H> {
     }
 
     /// Records that the message at `position` went back to JetStream
-    /// (`retrying`) or has its outcome in the log.
-    fn note_retrying(&self, position: u64, retrying: bool) {
-        let mut set = self
+    /// (`retrying`, at `stream_sequence` in its stream) or has its outcome
+    /// in the log.
+    fn note_retrying(&self, position: u64, stream_sequence: u64, retrying: bool) {
+        let mut map = self
             .retrying
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if retrying {
-            set.insert(position);
+            map.insert(position, stream_sequence);
         } else {
-            set.remove(&position);
+            map.remove(&position);
         }
+    }
+
+    /// Whether a message handed back to JetStream has left the stream
+    /// (its limits dropped it) before its redelivery: JetStream will never
+    /// deliver it again, so it must be read from the source's log.
+    fn handed_back_and_gone(&self, first_in_stream: u64) -> bool {
+        self.retrying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .any(|&sequence| sequence > 0 && sequence < first_in_stream)
     }
 
     /// The highest source position below which every message this process
@@ -374,7 +387,7 @@ impl<H: Handler> Context<'_, H> {
             .retrying
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match set.first() {
+        match set.keys().next() {
             Some(&lowest) => applied_through.min(lowest.saturating_sub(1)),
             None => applied_through,
         }
@@ -487,7 +500,8 @@ impl<H: Handler> Context<'_, H> {
         let settled = self
             .settle(&event, message.payload.clone(), &subject, deliveries)
             .await;
-        self.note_retrying(position, !matches!(settled, Settled::Recorded));
+        let sequence = message.info().map_or(0, |i| i.stream_sequence);
+        self.note_retrying(position, sequence, !matches!(settled, Settled::Recorded));
         match settled {
             Settled::Recorded => self.answer(message, Ok(())).await,
             Settled::NotRecorded(reason) => self.answer(message, Err(reason)).await,
@@ -686,7 +700,10 @@ impl<H: Handler> Context<'_, H> {
             .map_err(|e| e.to_string())?
             .ack_floor
             .stream_sequence;
-        if first <= ack_floor + 1 {
+        // A gap: messages this consumer never acknowledged were dropped
+        // (JetStream may also move the ack floor past a dropped message it
+        // had handed back: those are tracked here, not trusted to it).
+        if first <= ack_floor + 1 && !self.handed_back_and_gone(first) {
             return Ok(());
         }
         let Some(source) = &self.config.source_log else {
@@ -727,7 +744,7 @@ impl<H: Handler> Context<'_, H> {
                     .await
                 {
                     Settled::Recorded => {
-                        self.note_retrying(event.global_position, false);
+                        self.note_retrying(event.global_position, 0, false);
                         applied += 1;
                     }
                     Settled::NotRecorded(reason) | Settled::RetryLater(reason) => {
@@ -1020,7 +1037,7 @@ async fn run<H: Handler>(
     readiness: Arc<Readiness>,
 ) {
     let mut backoff = Duration::from_millis(100);
-    let retrying = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let retrying = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
     while !*stopped.borrow() {
         // Each session is a task of its own: if it panics, the consumer
         // says so and starts again instead of stopping without a word.

@@ -182,3 +182,92 @@ async fn a_consumer_away_longer_than_the_streams_retention_catches_up_from_the_s
         "the last report's position (the last event is an ignored one)"
     );
 }
+
+/// Routes every report but `t0`'s until healed (`Retry`: handed back).
+struct FailsOnceHealed(Arc<std::sync::atomic::AtomicBool>);
+
+impl Handler for FailsOnceHealed {
+    async fn handle(&self, reported: &EventEnvelope) -> Result<Handled, HandlerError> {
+        if reported.correlation_id == "t0" && !self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(HandlerError::Retry("not yet".into()));
+        }
+        RouteEverything.handle(reported).await
+    }
+}
+
+#[tokio::test]
+async fn a_message_handed_back_that_expires_before_its_redelivery_is_read_from_the_source_log() {
+    let nats = NatsServer::start().expect("nats");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let js = nats.jetstream().await.expect("jetstream");
+    let intake = EventLog::open(
+        LogConfig::new(dir.path().join("intake"), "intake").with_event_types(
+            EventTypes::new()
+                .with_name(REPORTED, 1)
+                .with_name(IGNORED, 1),
+        ),
+    )
+    .expect("intake log");
+    let routing = EventLog::open(
+        LogConfig::new(dir.path().join("routing"), "routing")
+            .with_event_types(with_parking_events(EventTypes::new().with_name(ROUTED, 1)))
+            .with_projector(ParkingProjector::wrap(Arc::new(NoProjections))),
+    )
+    .expect("routing log");
+    let tiny = StreamSettings {
+        max_messages: 6,
+        ..StreamSettings::default()
+    };
+    let relay = OutboxRelay::spawn(
+        intake.clone(),
+        js.clone(),
+        RelayConfig {
+            stream: tiny.clone(),
+            ..RelayConfig::default()
+        },
+    );
+    let config = {
+        let mut c = ConsumerConfig::new("routing-from-intake", "intake")
+            .filtered(vec![subjects::event_type_filter("intake", REPORTED)]);
+        c.stream = tiny.clone();
+        c.source_log = Some(SourceLogHandle(Arc::new(intake.clone())));
+        // Handed back for long enough that the stream forgets it meanwhile.
+        c.retry_delay = Duration::from_secs(4);
+        c.dead_letter_after = 1_000;
+        c.parked_sweep = Duration::from_millis(500);
+        c
+    };
+    let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        config,
+        FailsOnceHealed(healed.clone()),
+        ParkingLot::new(),
+    );
+    report(&intake, 0..1).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Twenty more reports (40 messages) while t0 waits: the stream keeps 6.
+    report(&intake, 1..21).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while routes(&routing).len() < 20 {
+        assert!(tokio::time::Instant::now() < deadline, "the later reports");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    healed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while routes(&routing).len() < 21 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "t0, handed back and gone from the bus, never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.stop().await;
+    relay.stop().await;
+    let routed = routes(&routing);
+    let causes: HashSet<_> = routed.iter().map(|e| e.causation_id.clone()).collect();
+    assert_eq!((routed.len(), causes.len()), (21, 21), "each once");
+}
