@@ -78,45 +78,77 @@ async fn report(log: &EventLog, range: std::ops::Range<usize>) {
     }
 }
 
+/// Intake's log relayed to a stream that keeps only its last 6 messages,
+/// routing's log, and routing's consumer of intake's reports (able to read
+/// intake's log).
+struct Fixture {
+    _nats: NatsServer,
+    _dir: tempfile::TempDir,
+    js: async_nats::jetstream::Context,
+    intake: EventLog,
+    routing: EventLog,
+    relay: OutboxRelay,
+    config: ConsumerConfig,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        let nats = NatsServer::start().expect("nats");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let js = nats.jetstream().await.expect("jetstream");
+        let intake = EventLog::open(
+            LogConfig::new(dir.path().join("intake"), "intake").with_event_types(
+                EventTypes::new()
+                    .with_name(REPORTED, 1)
+                    .with_name(IGNORED, 1),
+            ),
+        )
+        .expect("intake log");
+        let routing = EventLog::open(
+            LogConfig::new(dir.path().join("routing"), "routing")
+                .with_event_types(with_parking_events(EventTypes::new().with_name(ROUTED, 1)))
+                .with_projector(ParkingProjector::wrap(Arc::new(NoProjections))),
+        )
+        .expect("routing log");
+        let tiny = StreamSettings {
+            max_messages: 6,
+            ..StreamSettings::default()
+        };
+        let relay = OutboxRelay::spawn(
+            intake.clone(),
+            js.clone(),
+            RelayConfig {
+                stream: tiny.clone(),
+                ..RelayConfig::default()
+            },
+        );
+        let mut config = ConsumerConfig::new("routing-from-intake", "intake")
+            .filtered(vec![subjects::event_type_filter("intake", REPORTED)]);
+        config.stream = tiny;
+        config.source_log = Some(SourceLogHandle(Arc::new(intake.clone())));
+        Fixture {
+            _nats: nats,
+            _dir: dir,
+            js,
+            intake,
+            routing,
+            relay,
+            config,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_consumer_away_longer_than_the_streams_retention_catches_up_from_the_source_log() {
-    let nats = NatsServer::start().expect("nats");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let js = nats.jetstream().await.expect("jetstream");
-    let intake = EventLog::open(
-        LogConfig::new(dir.path().join("intake"), "intake").with_event_types(
-            EventTypes::new()
-                .with_name(REPORTED, 1)
-                .with_name(IGNORED, 1),
-        ),
-    )
-    .expect("intake log");
-    let routing = EventLog::open(
-        LogConfig::new(dir.path().join("routing"), "routing")
-            .with_event_types(with_parking_events(EventTypes::new().with_name(ROUTED, 1)))
-            .with_projector(ParkingProjector::wrap(Arc::new(NoProjections))),
-    )
-    .expect("routing log");
-    // A stream that forgets everything but its last 6 messages.
-    let tiny = StreamSettings {
-        max_messages: 6,
-        ..StreamSettings::default()
-    };
-    let relay = OutboxRelay::spawn(
-        intake.clone(),
-        js.clone(),
-        RelayConfig {
-            stream: tiny.clone(),
-            ..RelayConfig::default()
-        },
-    );
-    let config = {
-        let mut c = ConsumerConfig::new("routing-from-intake", "intake")
-            .filtered(vec![subjects::event_type_filter("intake", REPORTED)]);
-        c.stream = tiny.clone();
-        c.source_log = Some(SourceLogHandle(Arc::new(intake.clone())));
-        c
-    };
+    let Fixture {
+        _nats,
+        _dir,
+        js,
+        intake,
+        routing,
+        relay,
+        config,
+    } = Fixture::start().await;
     let lot = ParkingLot::new();
 
     report(&intake, 0..3).await;
@@ -197,46 +229,19 @@ impl Handler for FailsOnceHealed {
 
 #[tokio::test]
 async fn a_message_handed_back_that_expires_before_its_redelivery_is_read_from_the_source_log() {
-    let nats = NatsServer::start().expect("nats");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let js = nats.jetstream().await.expect("jetstream");
-    let intake = EventLog::open(
-        LogConfig::new(dir.path().join("intake"), "intake").with_event_types(
-            EventTypes::new()
-                .with_name(REPORTED, 1)
-                .with_name(IGNORED, 1),
-        ),
-    )
-    .expect("intake log");
-    let routing = EventLog::open(
-        LogConfig::new(dir.path().join("routing"), "routing")
-            .with_event_types(with_parking_events(EventTypes::new().with_name(ROUTED, 1)))
-            .with_projector(ParkingProjector::wrap(Arc::new(NoProjections))),
-    )
-    .expect("routing log");
-    let tiny = StreamSettings {
-        max_messages: 6,
-        ..StreamSettings::default()
-    };
-    let relay = OutboxRelay::spawn(
-        intake.clone(),
-        js.clone(),
-        RelayConfig {
-            stream: tiny.clone(),
-            ..RelayConfig::default()
-        },
-    );
-    let config = {
-        let mut c = ConsumerConfig::new("routing-from-intake", "intake")
-            .filtered(vec![subjects::event_type_filter("intake", REPORTED)]);
-        c.stream = tiny.clone();
-        c.source_log = Some(SourceLogHandle(Arc::new(intake.clone())));
-        // Handed back for long enough that the stream forgets it meanwhile.
-        c.retry_delay = Duration::from_secs(4);
-        c.dead_letter_after = 1_000;
-        c.parked_sweep = Duration::from_millis(500);
-        c
-    };
+    let Fixture {
+        _nats,
+        _dir,
+        js,
+        intake,
+        routing,
+        relay,
+        mut config,
+    } = Fixture::start().await;
+    // Handed back for long enough that the stream forgets it meanwhile.
+    config.retry_delay = Duration::from_secs(4);
+    config.dead_letter_after = 1_000;
+    config.parked_sweep = Duration::from_millis(500);
     let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let consumer = spawn_consumer(
         js.clone(),
