@@ -288,9 +288,19 @@ struct Context<'a, H> {
     /// before its redelivery is a gap; a catch-up starts below the lowest
     /// position, so it is read from the source's log. Kept across sessions
     /// of one process.
-    retrying: &'a std::sync::Mutex<std::collections::BTreeMap<u64, u64>>,
+    retrying: &'a std::sync::Mutex<std::collections::BTreeMap<u64, Retrying>>,
     /// Whether the consumer has caught up with its start-up backlog.
     readiness: &'a Readiness,
+}
+
+/// A message handed back and not applied since.
+#[derive(Debug, Clone, Copy, Default)]
+struct Retrying {
+    /// Its sequence in the stream; 0 once it is to be read from the source's
+    /// log (it left the stream, or a catch-up could not apply it yet).
+    stream_sequence: u64,
+    /// Times a catch-up tried it from the source's log.
+    attempts_from_log: u64,
 }
 
 /// A consumer's progress towards what its source held when it started.
@@ -363,10 +373,33 @@ impl<H: Handler> Context<'_, H> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if retrying {
-            map.insert(position, stream_sequence);
+            map.entry(position).or_default().stream_sequence = stream_sequence;
         } else {
             map.remove(&position);
         }
+    }
+
+    /// Times a catch-up has tried the message at `position` from the log.
+    fn attempts_from_log(&self, position: u64) -> u64 {
+        self.retrying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&position)
+            .map_or(0, |r| r.attempts_from_log)
+    }
+
+    /// A catch-up could not apply the message at `position` yet: the next
+    /// sweep's catch-up tries it again from the log (and, past
+    /// `dead_letter_after` tries, dead-letters it), while the consumer goes
+    /// on with everything else.
+    fn retry_from_log(&self, position: u64) {
+        let mut map = self
+            .retrying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = map.entry(position).or_default();
+        entry.stream_sequence = 0;
+        entry.attempts_from_log += 1;
     }
 
     /// Whether a message handed back to JetStream has left the stream
@@ -377,7 +410,7 @@ impl<H: Handler> Context<'_, H> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
-            .any(|&sequence| sequence > 0 && sequence < first_in_stream)
+            .any(|r| r.stream_sequence < first_in_stream)
     }
 
     /// The highest source position below which every message this process
@@ -718,6 +751,7 @@ impl<H: Handler> Context<'_, H> {
             .map_err(|e| e.to_string())?;
         let mut from = self.applied_floor(applied_through).max(*caught_up_to) + 1;
         let mut applied = 0u64;
+        let mut skipped_at: Option<u64> = None;
         loop {
             let page = source.0.read_from(from, CATCH_UP_PAGE).await?;
             let Some(last) = page.last().map(|e| e.global_position) else {
@@ -739,24 +773,31 @@ impl<H: Handler> Context<'_, H> {
                 }
                 let subject =
                     event_subject(&event.source, &event.event_type, &event.correlation_id);
+                let position = event.global_position;
+                let tries = self.attempts_from_log(position) + 1;
                 match self
-                    .settle(event, Bytes::from(event.encode_to_vec()), &subject, 1)
+                    .settle(event, Bytes::from(event.encode_to_vec()), &subject, tries)
                     .await
                 {
                     Settled::Recorded => {
-                        self.note_retrying(event.global_position, 0, false);
+                        self.note_retrying(position, 0, false);
                         applied += 1;
                     }
-                    Settled::NotRecorded(reason) | Settled::RetryLater(reason) => {
-                        return Err(format!(
-                            "catch-up stopped at {}: {reason}",
-                            event.global_position
-                        ));
+                    // Not yet: the rest goes on; the next catch-up starts
+                    // below it again.
+                    Settled::RetryLater(reason) => {
+                        tracing::warn!(consumer = %self.name(), position, tries, %reason,
+                            "event from the source's log not applied yet; tried again at the next sweep");
+                        self.retry_from_log(position);
+                        skipped_at.get_or_insert(position);
+                    }
+                    Settled::NotRecorded(reason) => {
+                        return Err(format!("catch-up stopped at {position}: {reason}"));
                     }
                 }
             }
             from = last + 1;
-            *caught_up_to = last;
+            *caught_up_to = skipped_at.map_or(last, |p| p.saturating_sub(1));
         }
         if applied > 0 {
             tracing::warn!(consumer = %self.name(), first_in_stream = first, ack_floor, applied,
