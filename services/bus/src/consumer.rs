@@ -848,9 +848,17 @@ impl<H: Handler> Context<'_, H> {
     /// the same commit), parked again for something else, left for later,
     /// or dead-lettered.
     async fn apply_parked(&self, parked: EventParked) {
-        let event = match EventEnvelope::decode(parked.envelope.as_ref()) {
+        // An envelope that does not decode, or a forged dead letter sent back
+        // by an operator, is dead-lettered again with the reason.
+        let checked = EventEnvelope::decode(parked.envelope.as_ref())
+            .map_err(|e| format!("undecodable parked envelope: {e}"))
+            .and_then(|event| match forged(&parked.subject, &event) {
+                Some(reason) => Err(reason),
+                None => Ok(event),
+            });
+        let event = match checked {
             Ok(event) => event,
-            Err(e) => {
+            Err(reason) => {
                 let _ = self
                     .dead_letter(
                         &parked.event_id,
@@ -859,27 +867,12 @@ impl<H: Handler> Context<'_, H> {
                         parked.envelope.clone(),
                         &parked.subject,
                         0,
-                        &format!("undecodable parked envelope: {e}"),
+                        &reason,
                     )
                     .await;
                 return;
             }
         };
-        // A forged dead letter sent back by an operator is still forged.
-        if let Some(reason) = forged(&parked.subject, &event) {
-            let _ = self
-                .dead_letter(
-                    &parked.event_id,
-                    &parked.event_id,
-                    None,
-                    parked.envelope.clone(),
-                    &parked.subject,
-                    0,
-                    &reason,
-                )
-                .await;
-            return;
-        }
         let applied_record = consumer_event(
             self.name(),
             &ParkedEventApplied {
