@@ -1,22 +1,29 @@
-//! Catching up from a source's own log when the bus has forgotten.
+//! Reconciling with a source's own log: the bus may forget, the log never.
 //!
 //! A stream keeps messages for a bounded time and size; a consumer stopped
-//! for longer finds that messages it never acknowledged have expired. The
-//! source's event log keeps everything, so such a consumer reads what it
-//! missed from there (`EventLog.ReadAll` of the source service) before it
-//! resumes the bus:
+//! for longer, or one that handed a message back (nak) and was restarted
+//! before JetStream delivered it again, finds messages it never applied gone
+//! from the bus. The source's event log keeps everything, so every consumer
+//! with a source log checks it against its own, at start and at every sweep:
 //!
-//! - **detecting the gap**: JetStream's first message of the stream is past
-//!   the consumer's ack floor plus one: something between was dropped before
-//!   this consumer acknowledged it (checked at every session start and every
-//!   sweep);
-//! - **where to start**: the highest source position this consumer has
-//!   applied, recorded in the same commit as each inbox mark
-//!   ([`EventLog::consumer_position`]);
-//! - **what to apply**: every event of the source from there to its head
-//!   whose subject the consumer's filters match, each exactly as a bus
-//!   delivery (inbox, parking, dead letters): what the bus still holds is
-//!   recognised by its inbox mark when it comes again.
+//! - **the mark**: the source position through which every event the
+//!   consumer takes has its outcome in the consumer's log (applied: its
+//!   inbox mark; parked; dead-lettered), kept in the consumer's log
+//!   ([`EventLog::reconciled_through`]) and only moved forward;
+//! - **how far**: up to the head the source had at the previous sweep, so
+//!   that what is still on its way through the bus is left to it; at once to
+//!   the head when the bus shows a gap (its first message is past the
+//!   consumer's ack floor, or a message handed back has left the stream);
+//! - **what to apply**: every event of the source in that range whose
+//!   subject the consumer's filters match and which has no outcome here,
+//!   each exactly as a bus delivery (inbox, parking, dead letters): what the
+//!   bus delivers later is recognised by its inbox mark. An event that cannot
+//!   be applied yet holds the mark below it and is tried again at the next
+//!   sweep (dead-lettered after `dead_letter_after` tries), while the rest
+//!   goes on.
+//!
+//! So a message the bus loses costs at most two sweeps' time, never the
+//! message: each event a consumer takes is applied, parked or dead-lettered.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,25 +40,39 @@ pub const CATCH_UP_PAGE: usize = 1_000;
 pub type SourcePage<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<EventEnvelope>, String>> + Send + 'a>>;
 
-/// Whether a source's outbox was empty when asked, or why it could not tell.
-pub type SourceDrained<'a> = Pin<Box<dyn Future<Output = Result<bool, String>> + Send + 'a>>;
+/// Where a source's log stands, or why it could not tell.
+pub type SourceStateFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<SourceState, String>> + Send + 'a>>;
+
+/// Where a source's log stands when asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SourceState {
+    /// Its last event's position (0: empty).
+    pub head_position: u64,
+    /// Events committed but not yet in its stream.
+    pub outbox_backlog: u64,
+}
 
 /// A source service's own event log, read from a position on.
 pub trait SourceLog: Send + Sync + 'static {
     /// Up to `max` events from `from_position` (empty past the head).
     fn read_from(&self, from_position: u64, max: usize) -> SourcePage<'_>;
 
-    /// Whether the source's outbox is empty now: everything it had
-    /// committed is in its stream. A consumer's readiness waits for this
-    /// once (see [`crate::consumer::ConsumerHandle::caught_up`]).
-    fn drained(&self) -> SourceDrained<'_>;
+    /// Its head and outbox now. A consumer's readiness waits once for an
+    /// empty outbox (everything the source had committed is in its stream;
+    /// see [`crate::consumer::ConsumerHandle::caught_up`]); its reconciling
+    /// reads up to a head it saw one sweep before.
+    fn state(&self) -> SourceStateFuture<'_>;
 }
 
 /// The source's log in the same process (tests, tools).
 impl SourceLog for EventLog {
-    fn drained(&self) -> SourceDrained<'_> {
-        let backlog = self.outbox_backlog();
-        Box::pin(async move { Ok(backlog == 0) })
+    fn state(&self) -> SourceStateFuture<'_> {
+        let state = SourceState {
+            head_position: self.head(),
+            outbox_backlog: self.outbox_backlog(),
+        };
+        Box::pin(async move { Ok(state) })
     }
 
     fn read_from(&self, from_position: u64, max: usize) -> SourcePage<'_> {

@@ -135,9 +135,9 @@ pub struct ConsumerConfig {
     pub retry_delay: Duration,
     /// The settings of the source's stream, should this consumer create it.
     pub stream: StreamSettings,
-    /// The source service's own log, read when the bus has dropped messages
-    /// this consumer never acknowledged (see [`crate::catchup`]); without
-    /// it such a gap is only reported.
+    /// The source service's own log, reconciled with this one at every
+    /// sweep so that nothing the bus dropped is missed (see
+    /// [`crate::catchup`]); without it a gap in the bus is only reported.
     pub source_log: Option<SourceLogHandle>,
     /// How long readiness waits for the source's log to say its outbox is
     /// empty (so that what it had committed before this start is in the
@@ -281,25 +281,29 @@ struct Context<'a, H> {
     handler: &'a H,
     lot: &'a ParkingLot,
     /// Set when the consumer is asked to stop: long loops (a sweep, a
-    /// wake, a catch-up) end at the next event instead of running on.
+    /// wake, a reconciling) end at the next event instead of running on.
     stopping: watch::Receiver<bool>,
     /// Messages handed back to JetStream (nak'ed) and not applied since:
     /// source position → stream sequence. One that has left the stream
-    /// before its redelivery is a gap; a catch-up starts below the lowest
-    /// position, so it is read from the source's log. Kept across sessions
-    /// of one process.
+    /// before its redelivery is a gap: the next reconciling reads it from
+    /// the source's log at once. Kept across sessions of one process; a
+    /// restart loses it, and the reconciling finds such a message a sweep
+    /// later.
     retrying: &'a std::sync::Mutex<std::collections::BTreeMap<u64, Retrying>>,
     /// Whether the consumer has caught up with its start-up backlog.
     readiness: &'a Readiness,
+    /// The source's head at the last reconciling (0: none yet in this
+    /// process): the next reconciles up to it.
+    seen_head: &'a std::sync::atomic::AtomicU64,
 }
 
 /// A message handed back and not applied since.
 #[derive(Debug, Clone, Copy, Default)]
 struct Retrying {
     /// Its sequence in the stream; 0 once it is to be read from the source's
-    /// log (it left the stream, or a catch-up could not apply it yet).
+    /// log (it left the stream, or a reconciling could not apply it yet).
     stream_sequence: u64,
-    /// Times a catch-up tried it from the source's log.
+    /// Times a reconciling tried it from the source's log.
     attempts_from_log: u64,
 }
 
@@ -379,7 +383,7 @@ impl<H: Handler> Context<'_, H> {
         }
     }
 
-    /// Times a catch-up has tried the message at `position` from the log.
+    /// Times a reconciling has tried the message at `position` from the log.
     fn attempts_from_log(&self, position: u64) -> u64 {
         self.retrying
             .lock()
@@ -388,8 +392,8 @@ impl<H: Handler> Context<'_, H> {
             .map_or(0, |r| r.attempts_from_log)
     }
 
-    /// A catch-up could not apply the message at `position` yet: the next
-    /// sweep's catch-up tries it again from the log (and, past
+    /// A reconciling could not apply the message at `position` yet: the next
+    /// sweep's reconciling tries it again from the log (and, past
     /// `dead_letter_after` tries, dead-letters it), while the consumer goes
     /// on with everything else.
     fn retry_from_log(&self, position: u64) {
@@ -411,19 +415,6 @@ impl<H: Handler> Context<'_, H> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
             .any(|r| r.stream_sequence < first_in_stream)
-    }
-
-    /// The highest source position below which every message this process
-    /// was given has its outcome in the log, as far as it knows.
-    fn applied_floor(&self, applied_through: u64) -> u64 {
-        let set = self
-            .retrying
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match set.keys().next() {
-            Some(&lowest) => applied_through.min(lowest.saturating_sub(1)),
-            None => applied_through,
-        }
     }
 
     /// Whether the consumer's log already holds the event, parked or
@@ -578,7 +569,7 @@ impl<H: Handler> Context<'_, H> {
     }
 
     /// What becomes of one event (from the bus, or read from its source's
-    /// log in a catch-up): applied, parked or dead-lettered in the log, or
+    /// log by a reconciling): applied, parked or dead-lettered in the log, or
     /// to be tried again.
     async fn settle(
         &self,
@@ -666,9 +657,9 @@ impl<H: Handler> Context<'_, H> {
                 if let Some(source) = &self.config.source_log
                     && self.readiness.started.elapsed() < self.config.source_drain_wait
                 {
-                    match source.0.drained().await {
-                        Ok(true) => {}
-                        Ok(false) => return,
+                    match source.0.state().await {
+                        Ok(state) if state.outbox_backlog == 0 => {}
+                        Ok(_) => return,
                         Err(reason) => {
                             tracing::debug!(consumer = %self.name(), %reason,
                                 "source log not answering yet; readiness waits");
@@ -710,17 +701,16 @@ impl<H: Handler> Context<'_, H> {
         }
     }
 
-    /// Looks for a gap the bus left (messages dropped before this consumer
-    /// acknowledged them) and, if there is one, applies what the source's
-    /// own log holds past what this consumer has applied (see
-    /// [`crate::catchup`]). `caught_up_to`: the source position a catch-up
-    /// of this session has reached.
-    async fn catch_up_if_gap(
+    /// Whether the bus has dropped messages this consumer never
+    /// acknowledged: JetStream's first message is past the consumer's ack
+    /// floor plus one, or a message handed back has left the stream
+    /// (JetStream may also move the ack floor past a dropped message it had
+    /// handed back: those are tracked here, not trusted to it).
+    async fn gap_in_bus(
         &self,
         stream: &mut jetstream::stream::Stream,
         consumer: &mut jetstream::consumer::PullConsumer,
-        caught_up_to: &mut u64,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let first = stream
             .info()
             .await
@@ -733,77 +723,132 @@ impl<H: Handler> Context<'_, H> {
             .map_err(|e| e.to_string())?
             .ack_floor
             .stream_sequence;
-        // A gap: messages this consumer never acknowledged were dropped
-        // (JetStream may also move the ack floor past a dropped message it
-        // had handed back: those are tracked here, not trusted to it).
-        if first <= ack_floor + 1 && !self.handed_back_and_gone(first) {
-            return Ok(());
-        }
+        Ok(first > ack_floor + 1 || self.handed_back_and_gone(first))
+    }
+
+    /// Whether `event` has its outcome in this log: applied (the inbox
+    /// holds it), parked or dead-lettered.
+    fn recorded(&self, event: &EventEnvelope) -> Result<bool, String> {
+        let applied = self
+            .log
+            .inbox_contains(self.name(), &event.event_id)
+            .map_err(|e| e.to_string())?;
+        Ok(applied
+            || self
+                .held_in_log(&event.event_id)
+                .map_err(|e| e.to_string())?)
+    }
+
+    /// Checks the source's own log against this one (see
+    /// [`crate::catchup`]): every event this consumer takes, from its
+    /// reconciled mark ([`EventLog::reconciled_through`]) up to the head
+    /// the source had one sweep ago (its head now if
+    /// the bus shows a gap), that has no outcome here is applied from the
+    /// source's log exactly as a delivery would be. The mark then moves to
+    /// the last position below which everything has its outcome.
+    async fn reconcile(
+        &self,
+        stream: &mut jetstream::stream::Stream,
+        consumer: &mut jetstream::consumer::PullConsumer,
+    ) -> Result<(), String> {
+        let gap = self.gap_in_bus(stream, consumer).await?;
         let Some(source) = &self.config.source_log else {
-            tracing::error!(consumer = %self.name(), first_in_stream = first, ack_floor,
-                "the bus dropped messages this consumer never acknowledged, and no source log \
-                 is configured to catch up from (--peer): they are missing");
+            if gap {
+                tracing::error!(consumer = %self.name(),
+                    "the bus dropped messages this consumer never acknowledged, and no source log \
+                     is configured to catch up from (--peer): they are missing");
+            }
             return Ok(());
         };
-        let applied_through = self
+        let head = source.0.state().await?.head_position;
+        let one_sweep_ago = self
+            .seen_head
+            .swap(head, std::sync::atomic::Ordering::Relaxed);
+        // An event younger than a sweep may still be on its way through the
+        // bus; with a gap, what the bus dropped is read at once.
+        let through = if gap { head } else { one_sweep_ago };
+        let mark = self
             .log
-            .consumer_position(self.name())
+            .reconciled_through(self.name())
             .map_err(|e| e.to_string())?;
-        let mut from = self.applied_floor(applied_through).max(*caught_up_to) + 1;
+        if through <= mark {
+            return Ok(());
+        }
+        let mut reconciled = mark;
+        let mut all_recorded = true;
         let mut applied = 0u64;
-        let mut skipped_at: Option<u64> = None;
-        loop {
+        let mut read = 0usize;
+        let mut from = mark + 1;
+        let mut stopped_by: Option<String> = None;
+        'pages: while from <= through && read < RECONCILE_MAX {
             let page = source.0.read_from(from, CATCH_UP_PAGE).await?;
             let Some(last) = page.last().map(|e| e.global_position) else {
                 break;
             };
             for event in &page {
-                if self.stopping() {
-                    // What was applied is recorded; the next session goes on.
-                    return Ok(());
+                let position = event.global_position;
+                if position > through || self.stopping() {
+                    break 'pages;
                 }
                 if event.source != self.config.source_service {
-                    return Err(format!(
+                    stopped_by = Some(format!(
                         "the source log configured for {} holds {}'s events",
                         self.config.source_service, event.source
                     ));
+                    break 'pages;
                 }
-                if !wanted(&self.config.filter_subjects, event) {
-                    continue;
+                if wanted(&self.config.filter_subjects, event) && !self.recorded(event)? {
+                    let subject =
+                        event_subject(&event.source, &event.event_type, &event.correlation_id);
+                    let tries = self.attempts_from_log(position) + 1;
+                    match self
+                        .settle(event, Bytes::from(event.encode_to_vec()), &subject, tries)
+                        .await
+                    {
+                        Settled::Recorded => {
+                            self.note_retrying(position, 0, false);
+                            applied += 1;
+                            tracing::debug!(consumer = %self.name(), event_id = %event.event_id,
+                                correlation_id = %event.correlation_id, position,
+                                "applied from the source's log");
+                        }
+                        // Not yet: the rest goes on; the mark stays below it
+                        // and the next sweep tries it again.
+                        Settled::RetryLater(reason) => {
+                            tracing::warn!(consumer = %self.name(), event_id = %event.event_id,
+                                position, tries, %reason,
+                                "event from the source's log not applied yet; tried again at the next sweep");
+                            self.retry_from_log(position);
+                            all_recorded = false;
+                        }
+                        Settled::NotRecorded(reason) => {
+                            stopped_by =
+                                Some(format!("reconciling stopped at {position}: {reason}"));
+                            break 'pages;
+                        }
+                    }
                 }
-                let subject =
-                    event_subject(&event.source, &event.event_type, &event.correlation_id);
-                let position = event.global_position;
-                let tries = self.attempts_from_log(position) + 1;
-                match self
-                    .settle(event, Bytes::from(event.encode_to_vec()), &subject, tries)
-                    .await
-                {
-                    Settled::Recorded => {
-                        self.note_retrying(position, 0, false);
-                        applied += 1;
-                    }
-                    // Not yet: the rest goes on; the next catch-up starts
-                    // below it again.
-                    Settled::RetryLater(reason) => {
-                        tracing::warn!(consumer = %self.name(), position, tries, %reason,
-                            "event from the source's log not applied yet; tried again at the next sweep");
-                        self.retry_from_log(position);
-                        skipped_at.get_or_insert(position);
-                    }
-                    Settled::NotRecorded(reason) => {
-                        return Err(format!("catch-up stopped at {position}: {reason}"));
-                    }
+                if all_recorded {
+                    reconciled = position;
                 }
             }
+            read += page.len();
             from = last + 1;
-            *caught_up_to = skipped_at.map_or(last, |p| p.saturating_sub(1));
         }
-        if applied > 0 {
-            tracing::warn!(consumer = %self.name(), first_in_stream = first, ack_floor, applied,
-                through = *caught_up_to, "caught up from the source's log after a gap in the bus");
+        self.log
+            .record_reconciled_through(self.name(), reconciled)
+            .map_err(|e| e.to_string())?;
+        if applied > 0 && gap {
+            tracing::warn!(consumer = %self.name(), applied, reconciled,
+                "caught up from the source's log after a gap in the bus");
+        } else if applied > 0 {
+            tracing::warn!(consumer = %self.name(), applied, reconciled,
+                "events the bus had not delivered were applied from the source's log");
         }
-        Ok(())
+        match stopped_by {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        }
     }
 
     /// Acks a message whose outcome is recorded in the log; naks it (to be
@@ -1004,6 +1049,10 @@ impl<H: Handler> Context<'_, H> {
     }
 }
 
+/// Source events read per reconciling, at most: the rest waits for the
+/// next sweep, so that the bus is not kept waiting.
+pub const RECONCILE_MAX: usize = 50_000;
+
 /// Parked records read per page of a wake or a sweep.
 pub const SWEEP_PAGE: usize = 256;
 /// Parked events tried per sweep; the rest wait for the next.
@@ -1072,20 +1121,21 @@ async fn run<H: Handler>(
 ) {
     let mut backoff = Duration::from_millis(100);
     let retrying = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    let seen_head = Arc::new(std::sync::atomic::AtomicU64::new(0));
     while !*stopped.borrow() {
         // Each session is a task of its own: if it panics, the consumer
         // says so and starts again instead of stopping without a word.
         let session = tokio::spawn({
-            let (jetstream, log, config, handler, lot, mut stopped, retrying, readiness) = (
+            let (jetstream, log, config, handler, lot, mut stopped) = (
                 jetstream.clone(),
                 log.clone(),
                 config.clone(),
                 handler.clone(),
                 lot.clone(),
                 stopped.clone(),
-                retrying.clone(),
-                readiness.clone(),
             );
+            let (retrying, readiness, seen_head) =
+                (retrying.clone(), readiness.clone(), seen_head.clone());
             async move {
                 let context = Context {
                     log: &log,
@@ -1095,6 +1145,7 @@ async fn run<H: Handler>(
                     stopping: stopped.clone(),
                     retrying: &retrying,
                     readiness: &readiness,
+                    seen_head: &seen_head,
                 };
                 consume(&jetstream, &context, &mut stopped).await
             }
@@ -1151,10 +1202,7 @@ async fn consume<H: Handler>(
         .map_err(|e| e.to_string())?;
     // What the bus dropped while this consumer was away comes from the
     // source's log; then whatever was parked before a restart.
-    let mut caught_up_to = 0;
-    context
-        .catch_up_if_gap(&mut stream, &mut consumer, &mut caught_up_to)
-        .await?;
+    context.reconcile(&mut stream, &mut consumer).await?;
     context.sweep().await?;
     context.check_caught_up(&mut stream, &mut consumer).await;
     let mut sweep = tokio::time::interval(config.parked_sweep);
@@ -1183,7 +1231,7 @@ async fn consume<H: Handler>(
             }
             _ = sweep.tick() => {
                 context
-                    .catch_up_if_gap(&mut stream, &mut consumer, &mut caught_up_to)
+                    .reconcile(&mut stream, &mut consumer)
                     .await?;
                 context.sweep().await?;
                 continue;

@@ -14,8 +14,8 @@
 //! - [`relay`]: [`OutboxRelay`], log → JetStream.
 //! - [`consumer`]: durable pull consumers, [`Handler`], effectively once.
 //! - [`parking`]: parked events and dead letters, kept in the consumer's log.
-//! - [`catchup`]: reading a source's own log when the bus dropped what a
-//!   consumer missed.
+//! - [`catchup`]: reconciling a consumer with its source's own log, so that
+//!   nothing the bus dropped is missed.
 //! - [`admin`]: `lineguard.bus.v1.Consumers`, listing and retrying them.
 
 pub mod admin;

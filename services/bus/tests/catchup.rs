@@ -213,6 +213,13 @@ async fn a_consumer_away_longer_than_the_streams_retention_catches_up_from_the_s
         intake.head() - 1,
         "the last report's position (the last event is an ignored one)"
     );
+    assert_eq!(
+        routing
+            .reconciled_through("routing-from-intake")
+            .expect("mark"),
+        intake.head(),
+        "a gap is reconciled through the source's head at once"
+    );
 }
 
 /// Routes every report but `t0`'s until healed (`Retry`: handed back).
@@ -275,4 +282,137 @@ async fn a_message_handed_back_that_expires_before_its_redelivery_is_read_from_t
     let routed = routes(&routing);
     let causes: HashSet<_> = routed.iter().map(|e| e.causation_id.clone()).collect();
     assert_eq!((routed.len(), causes.len()), (21, 21), "each once");
+}
+
+#[tokio::test]
+async fn a_message_handed_back_before_a_restart_and_dropped_while_away_is_read_from_the_source_log()
+{
+    let Fixture {
+        _nats,
+        _dir,
+        js,
+        intake,
+        routing,
+        relay,
+        mut config,
+    } = Fixture::start().await;
+    config.retry_delay = Duration::from_secs(4);
+    config.dead_letter_after = 1_000;
+    config.parked_sweep = Duration::from_millis(300);
+    let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        config.clone(),
+        FailsOnceHealed(healed.clone()),
+        ParkingLot::new(),
+    );
+    // t0 is handed back; t1 and t2 are applied after it, so the consumer's
+    // highest applied position is past t0 when the process goes.
+    report(&intake, 0..3).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while routes(&routing).len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "t1 and t2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    consumer.stop().await;
+    assert!(
+        routing
+            .consumer_position("routing-from-intake")
+            .expect("position")
+            > 1,
+        "applied past t0"
+    );
+
+    // Away (a new process knows nothing of what the old one handed back)
+    // while twenty more reports push t0 out of the six-message stream.
+    report(&intake, 3..23).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    healed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        config,
+        FailsOnceHealed(healed),
+        ParkingLot::new(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while routes(&routing).len() < 23 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 23 routed: t0 was lost with the process that handed it back",
+            routes(&routing).len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    consumer.stop().await;
+    relay.stop().await;
+    let routed = routes(&routing);
+    let causes: HashSet<_> = routed.iter().map(|e| e.causation_id.clone()).collect();
+    assert_eq!((routed.len(), causes.len()), (23, 23), "each once");
+    assert_eq!(
+        routing
+            .reconciled_through("routing-from-intake")
+            .expect("mark"),
+        intake.head(),
+        "checked through the source's head"
+    );
+}
+
+#[tokio::test]
+async fn a_message_the_bus_never_delivers_without_a_visible_gap_is_applied_from_the_source_log() {
+    let Fixture {
+        _nats,
+        _dir,
+        js,
+        intake,
+        routing,
+        relay,
+        mut config,
+    } = Fixture::start().await;
+    config.parked_sweep = Duration::from_millis(300);
+    report(&intake, 0..2).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    // t1's report is taken out of the middle of the stream before anyone
+    // reads it: the stream's first message and the consumer's ack floor show
+    // no gap, and JetStream will never deliver it.
+    let mut stream = js
+        .get_stream(subjects::stream_name("intake"))
+        .await
+        .expect("stream");
+    let t1 = stream
+        .get_last_raw_message_by_subject(&subjects::event_subject("intake", REPORTED, "t1"))
+        .await
+        .expect("t1 in the stream");
+    assert!(
+        stream.delete_message(t1.sequence).await.expect("delete"),
+        "t1 deleted"
+    );
+    report(&intake, 2..3).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    assert_eq!(stream.info().await.expect("info").state.first_sequence, 1);
+
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        config,
+        RouteEverything,
+        ParkingLot::new(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while routes(&routing).len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 3 routed: the report the bus lost was never applied",
+            routes(&routing).len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.stop().await;
+    relay.stop().await;
+    let routed = routes(&routing);
+    let causes: HashSet<_> = routed.iter().map(|e| e.causation_id.clone()).collect();
+    assert_eq!((routed.len(), causes.len()), (3, 3), "each once");
 }

@@ -252,13 +252,19 @@ impl OutboxRun {
     }
 }
 
-/// Key of a consumer's processed mark for one message.
 /// Key (in the meta column) of the highest source position a consumer has
-/// applied: where a catch-up from the source's own log starts.
+/// applied.
 pub fn consumer_position_key(consumer: &str) -> Vec<u8> {
     format!("consumer_position/{consumer}").into_bytes()
 }
 
+/// Key (in the meta column) of the source position through which a
+/// consumer has checked that every event it takes has its outcome here.
+pub fn reconciled_through_key(consumer: &str) -> Vec<u8> {
+    format!("consumer_reconciled/{consumer}").into_bytes()
+}
+
+/// Key of a consumer's processed mark for one message.
 pub fn inbox_key(consumer: &str, message_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(consumer.len() + message_id.len() + 1);
     key.extend_from_slice(consumer.as_bytes());

@@ -689,6 +689,34 @@ impl EventLog {
         load_consumer_position(&self.inner.db, consumer)
     }
 
+    /// The source position through which `consumer` has checked its
+    /// source's log: every event it takes at or below it has its outcome
+    /// in this log (applied, parked or dead-lettered). 0 if never checked.
+    pub fn reconciled_through(&self, consumer: &str) -> Result<u64> {
+        let key = crate::codec::reconciled_through_key(consumer);
+        load_meta_u64(&self.inner.db, &key, || {
+            format!("reconciled position of {consumer}")
+        })
+        .map(|p| p.unwrap_or(0))
+    }
+
+    /// Records that `consumer` has checked its source's log through
+    /// `position` (see [`EventLog::reconciled_through`]). The mark only
+    /// moves forward: a lower `position` leaves it as it is. One writer per
+    /// consumer (its own task) is assumed.
+    pub fn record_reconciled_through(&self, consumer: &str, position: u64) -> Result<()> {
+        if position <= self.reconciled_through(consumer)? {
+            return Ok(());
+        }
+        let db = &self.inner.db;
+        let key = crate::codec::reconciled_through_key(consumer);
+        let value = crate::codec::seal(&key, &position.to_be_bytes());
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        db.put_cf_opt(cf(db, CF_META)?, &key, value, &options)?;
+        Ok(())
+    }
+
     /// Refuses a projection read while the projections are not whole.
     fn projections_readable(&self) -> Result<()> {
         if self.inner.projections_unavailable.load(Ordering::Acquire) {
@@ -847,19 +875,22 @@ impl ProjectionPages<'_> {
 
 pub(crate) fn load_consumer_position(db: &DB, consumer: &str) -> Result<u64> {
     let key = crate::codec::consumer_position_key(consumer);
-    match db.get_pinned_cf(cf(db, CF_META)?, &key)? {
+    load_meta_u64(db, &key, || format!("consumer position of {consumer}")).map(|p| p.unwrap_or(0))
+}
+
+/// A big-endian u64 of the meta column, if there is one at `key`.
+fn load_meta_u64(db: &DB, key: &[u8], what: impl Fn() -> String) -> Result<Option<u64>> {
+    match db.get_pinned_cf(cf(db, CF_META)?, key)? {
         Some(value) => {
-            let body = crate::codec::unseal(CF_META, &key, &value, || {
-                format!("consumer position of {consumer}")
-            })?;
+            let body = crate::codec::unseal(CF_META, key, &value, &what)?;
             let bytes: [u8; 8] = body.try_into().map_err(|_| Error::Corrupted {
                 column: CF_META,
-                location: format!("consumer position of {consumer}"),
+                location: what(),
                 reason: "not 8 bytes".into(),
             })?;
-            Ok(u64::from_be_bytes(bytes))
+            Ok(Some(u64::from_be_bytes(bytes)))
         }
-        None => Ok(0),
+        None => Ok(None),
     }
 }
 

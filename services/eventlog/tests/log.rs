@@ -384,6 +384,26 @@ async fn an_inbox_mark_makes_a_redelivery_a_no_op() {
 }
 
 #[tokio::test]
+async fn a_consumers_reconciled_mark_only_moves_forward_and_survives_a_restart() {
+    let dir = tmp();
+    {
+        let log = open(dir.path());
+        assert_eq!(log.reconciled_through("c").expect("mark"), 0, "none yet");
+        log.record_reconciled_through("c", 40).expect("record");
+        log.record_reconciled_through("c", 12).expect("lower: kept");
+        assert_eq!(log.reconciled_through("c").expect("mark"), 40);
+        assert_eq!(
+            log.reconciled_through("other").expect("mark"),
+            0,
+            "per consumer"
+        );
+        log.close().await.expect("close");
+    }
+    let log = open(dir.path());
+    assert_eq!(log.reconciled_through("c").expect("mark"), 40, "kept");
+}
+
+#[tokio::test]
 async fn reads_past_the_end_and_of_missing_streams_are_clear_errors() {
     let dir = tmp();
     let log = open(dir.path());

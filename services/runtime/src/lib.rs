@@ -174,13 +174,19 @@ struct PeerLog {
 }
 
 impl lineguard_bus::SourceLog for PeerLog {
-    fn drained(&self) -> lineguard_bus::catchup::SourceDrained<'_> {
+    fn state(&self) -> lineguard_bus::catchup::SourceStateFuture<'_> {
         let mut client = self.client.clone();
         Box::pin(async move {
             client
                 .get_log_info(lineguard_protos::eventlog::v1::GetLogInfoRequest {})
                 .await
-                .map(|info| info.into_inner().outbox_backlog == 0)
+                .map(|info| {
+                    let info = info.into_inner();
+                    lineguard_bus::catchup::SourceState {
+                        head_position: info.head_position,
+                        outbox_backlog: info.outbox_backlog,
+                    }
+                })
                 .map_err(|status| format!("{}'s log: {status}", self.service))
         })
     }
