@@ -726,6 +726,21 @@ impl<H: Handler> Context<'_, H> {
         Ok(first > ack_floor + 1 || self.handed_back_and_gone(first))
     }
 
+    /// Reconciles (see [`Context::reconcile`]); a failure (the source's
+    /// log unreachable, this log refusing commits for a while) is logged
+    /// and tried again at the next sweep, while the consumer goes on with
+    /// the bus: a peer that is down must not stop what the bus delivers.
+    async fn reconcile_or_warn(
+        &self,
+        stream: &mut jetstream::stream::Stream,
+        consumer: &mut jetstream::consumer::PullConsumer,
+    ) {
+        if let Err(reason) = self.reconcile(stream, consumer).await {
+            tracing::warn!(consumer = %self.name(), %reason,
+                "reconciling with the source's log failed; tried again at the next sweep");
+        }
+    }
+
     /// Whether `event` has its outcome in this log: applied (the inbox
     /// holds it), parked or dead-lettered.
     fn recorded(&self, event: &EventEnvelope) -> Result<bool, String> {
@@ -1202,7 +1217,7 @@ async fn consume<H: Handler>(
         .map_err(|e| e.to_string())?;
     // What the bus dropped while this consumer was away comes from the
     // source's log; then whatever was parked before a restart.
-    context.reconcile(&mut stream, &mut consumer).await?;
+    context.reconcile_or_warn(&mut stream, &mut consumer).await;
     context.sweep().await?;
     context.check_caught_up(&mut stream, &mut consumer).await;
     let mut sweep = tokio::time::interval(config.parked_sweep);
@@ -1230,9 +1245,7 @@ async fn consume<H: Handler>(
                 continue;
             }
             _ = sweep.tick() => {
-                context
-                    .reconcile(&mut stream, &mut consumer)
-                    .await?;
+                context.reconcile_or_warn(&mut stream, &mut consumer).await;
                 context.sweep().await?;
                 continue;
             }

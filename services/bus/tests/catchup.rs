@@ -416,3 +416,51 @@ async fn a_message_the_bus_never_delivers_without_a_visible_gap_is_applied_from_
     let causes: HashSet<_> = routed.iter().map(|e| e.causation_id.clone()).collect();
     assert_eq!((routed.len(), causes.len()), (3, 3), "each once");
 }
+
+/// A source whose log cannot be reached (its process is down).
+struct Unreachable;
+
+impl lineguard_bus::SourceLog for Unreachable {
+    fn read_from(&self, _from: u64, _max: usize) -> lineguard_bus::catchup::SourcePage<'_> {
+        Box::pin(async { Err("intake's log: tcp connect error".to_string()) })
+    }
+
+    fn state(&self) -> lineguard_bus::catchup::SourceStateFuture<'_> {
+        Box::pin(async { Err("intake's log: tcp connect error".to_string()) })
+    }
+}
+
+#[tokio::test]
+async fn a_source_log_that_cannot_be_reached_does_not_stop_what_the_bus_delivers() {
+    let Fixture {
+        _nats,
+        _dir,
+        js,
+        intake,
+        routing,
+        relay,
+        mut config,
+    } = Fixture::start().await;
+    config.parked_sweep = Duration::from_millis(200);
+    config.source_log = Some(SourceLogHandle(Arc::new(Unreachable)));
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        config,
+        RouteEverything,
+        ParkingLot::new(),
+    );
+    report(&intake, 0..3).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while routes(&routing).len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 3 routed while the source's log is unreachable",
+            routes(&routing).len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.stop().await;
+    relay.stop().await;
+}
