@@ -66,14 +66,21 @@ declare -A extra=(
 )
 # Every clock counts working days by this year's holidays and make-up days.
 export LINEGUARD_CALENDAR="${LINEGUARD_CALENDAR:-deploy/calendar.toml}"
+# Development credentials, made once: a CA, each service's certificate,
+# admin:dev and intake_system:dev, a token key. Every call is TLS and
+# authenticated, and held to deploy/access.toml.
+"$BIN_DIR/ticketctl" credentials init --dir "$DATA/credentials" >/dev/null
+export LINEGUARD_CREDENTIALS="${LINEGUARD_CREDENTIALS:-$PWD/$DATA/credentials}"
+export LINEGUARD_ACCESS_POLICY="${LINEGUARD_ACCESS_POLICY:-$PWD/deploy/access.toml}"
 # A consumer away longer than the bus keeps messages catches up from the
 # source service's own log.
-export LINEGUARD_PEERS="${LINEGUARD_PEERS:-intake=http://127.0.0.1:50051,routing=http://127.0.0.1:50052,dispatch=http://127.0.0.1:50053,feedback=http://127.0.0.1:50054}"
+export LINEGUARD_PEERS="${LINEGUARD_PEERS:-intake=https://127.0.0.1:50051,routing=https://127.0.0.1:50052,dispatch=https://127.0.0.1:50053,feedback=https://127.0.0.1:50054}"
 for service in intake routing dispatch feedback; do
   # shellcheck disable=SC2086 # the extra flags are words
   "$BIN_DIR/lineguard-$service" --data-dir "$DATA/$service" --nats-url "$NATS_URL" ${extra[$service]:-} &
   pids+=($!)
 done
-echo "Lineguard is running: intake :50051, routing :50052, dispatch :50053, feedback :50054. Ctrl-C stops all." >&2
+echo "Lineguard is running: intake :50051, routing :50052, dispatch :50053, feedback :50054 (TLS)." >&2
+echo "Call it as admin:dev with: export LINEGUARD_CREDENTIALS=$LINEGUARD_CREDENTIALS; ticketctl ... Ctrl-C stops all." >&2
 wait -n "${pids[@]}" || true
 echo "a process exited; stopping the rest" >&2

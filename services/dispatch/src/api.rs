@@ -15,6 +15,8 @@ use lineguard_protos::dispatch::v1::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use lineguard_runtime::auth::{Principal, caller, check_crew};
+
 use crate::orders::Dispatcher;
 use crate::projection::crew_stream;
 use crate::validate;
@@ -49,7 +51,14 @@ impl DispatchService {
         DispatchServer::new(self)
     }
 
-    async fn act(&self, action: Action) -> Result<Response<WorkOrderView>, Status> {
+    /// One crew action, by `caller` (a crew's phone acts for its own crew only).
+    async fn act(
+        &self,
+        caller: Option<Principal>,
+        action: Action,
+    ) -> Result<Response<WorkOrderView>, Status> {
+        let header = validate::action(&action)?;
+        check_crew(caller.as_ref(), &header.crew_id)?;
         self.dispatcher.act(&action, false).await.map(Response::new)
     }
 }
@@ -64,8 +73,10 @@ impl Dispatch for DispatchService {
         &self,
         request: Request<WatchDispatchesRequest>,
     ) -> Result<Response<CrewEvents>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         validate::id("crew_id", &req.crew_id)?;
+        check_crew(caller.as_ref(), &req.crew_id)?;
         if !req.device_id.is_empty() {
             validate::id("device_id", &req.device_id)?;
         }
@@ -104,46 +115,50 @@ impl Dispatch for DispatchService {
         &self,
         r: Request<AcknowledgeRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
-        self.act(Action::Acknowledge(r.into_inner())).await
+        self.act(caller(&r), Action::Acknowledge(r.into_inner()))
+            .await
     }
     async fn depart(&self, r: Request<DepartRequest>) -> Result<Response<WorkOrderView>, Status> {
-        self.act(Action::Depart(r.into_inner())).await
+        self.act(caller(&r), Action::Depart(r.into_inner())).await
     }
     async fn arrive(&self, r: Request<ArriveRequest>) -> Result<Response<WorkOrderView>, Status> {
-        self.act(Action::Arrive(r.into_inner())).await
+        self.act(caller(&r), Action::Arrive(r.into_inner())).await
     }
     async fn update_etr(
         &self,
         r: Request<UpdateEtrRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
-        self.act(Action::UpdateEtr(r.into_inner())).await
+        self.act(caller(&r), Action::UpdateEtr(r.into_inner()))
+            .await
     }
     async fn restore(&self, r: Request<RestoreRequest>) -> Result<Response<WorkOrderView>, Status> {
-        self.act(Action::Restore(r.into_inner())).await
+        self.act(caller(&r), Action::Restore(r.into_inner())).await
     }
     async fn complete(
         &self,
         r: Request<CompleteRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
-        self.act(Action::Complete(r.into_inner())).await
+        self.act(caller(&r), Action::Complete(r.into_inner())).await
     }
     async fn return_order(
         &self,
         r: Request<ReturnOrderRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
-        self.act(Action::ReturnOrder(r.into_inner())).await
+        self.act(caller(&r), Action::ReturnOrder(r.into_inner()))
+            .await
     }
     async fn add_note(
         &self,
         r: Request<AddNoteRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
-        self.act(Action::AddNote(r.into_inner())).await
+        self.act(caller(&r), Action::AddNote(r.into_inner())).await
     }
 
     async fn submit_actions(
         &self,
         request: Request<SubmitActionsRequest>,
     ) -> Result<Response<SubmitActionsResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         if req.actions.len() > MAX_ACTIONS_PER_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -158,6 +173,9 @@ impl Dispatch for DispatchService {
             })?;
             let header = validate::action(&action)
                 .map_err(|e| Status::invalid_argument(format!("actions[{i}]: {}", e.message())))?;
+            // The whole batch is refused if any action is for another crew.
+            check_crew(caller.as_ref(), &header.crew_id)
+                .map_err(|e| Status::permission_denied(format!("actions[{i}]: {}", e.message())))?;
             let at = header.device_time.unwrap_or_default();
             actions.push(((at.seconds, at.nanos), i, action));
         }
@@ -191,10 +209,11 @@ impl Dispatch for DispatchService {
         &self,
         request: Request<GetWorkOrderRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         validate::id("order_id", &req.order_id)?;
-        self.dispatcher
-            .resolve_order(&req.order_id)
-            .map(Response::new)
+        let order = self.dispatcher.resolve_order(&req.order_id)?;
+        check_crew(caller.as_ref(), &order.crew_id)?;
+        Ok(Response::new(order))
     }
 }

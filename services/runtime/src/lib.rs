@@ -16,10 +16,13 @@
 //!
 //! Health tells the truth: NOT_SERVING until every consumer has caught up
 //! with its source, `lineguard.bus` NOT_SERVING while the outbox is stuck.
-//! [`access`] holds the access policy every service enforces.
+//! With `--credentials`, every call comes over TLS and is authenticated
+//! ([`auth`], [`credentials`]) and held to the access policy ([`access`]).
 
 pub mod access;
+pub mod auth;
 pub mod calendar;
+pub mod credentials;
 pub mod locks;
 pub mod periodic;
 
@@ -102,6 +105,20 @@ pub struct CommonArgs {
     /// retention passed while it was away) from the service's own log.
     #[arg(long = "peer", env = "LINEGUARD_PEERS", value_delimiter = ',', value_parser = parse_peer)]
     pub peers: Vec<(String, String)>,
+    /// Credentials directory (see the README's "Credentials"): this
+    /// service's certificate (`service-<name>.pem`, `.key`), `ca.pem` and the
+    /// token public keys. Every call then comes over TLS, authenticated,
+    /// and is held to `--access-policy`. Without it the service answers
+    /// plain, unauthenticated gRPC, and only on a loopback address.
+    #[arg(long, env = "LINEGUARD_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// Who may call what (see deploy/access.toml).
+    #[arg(
+        long,
+        env = "LINEGUARD_ACCESS_POLICY",
+        default_value = "deploy/access.toml"
+    )]
+    pub access_policy: PathBuf,
     /// Working calendar (TOML: holidays and make-up working days, e.g.
     /// deploy/calendar.toml) for limits counted in working days
     /// [default: Monday to Friday, UTC+8, no holidays].
@@ -288,8 +305,50 @@ pub struct Host {
     stream: lineguard_bus::StreamSettings,
     /// How long the outbox may be stuck before `lineguard.bus` is NOT_SERVING.
     bus_stall_limit: Duration,
+    /// TLS and the authentication layer, with `--credentials`.
+    security: Option<Security>,
     consumers: Vec<ConsumerHandle>,
     shutdown_steps: Vec<ShutdownStep>,
+}
+
+/// What a service with `--credentials` serves with.
+struct Security {
+    tls: tonic::transport::ServerTlsConfig,
+    authenticator: Arc<auth::Authenticator>,
+}
+
+/// Loads the credentials and the access policy, or refuses to serve
+/// without them anywhere but on loopback.
+fn load_security(
+    service: &str,
+    args: &CommonArgs,
+    grpc_addr: SocketAddr,
+) -> Result<Option<Security>, HostError> {
+    let Some(dir) = &args.credentials else {
+        if !grpc_addr.ip().is_loopback() {
+            return Err(HostError::Setup(format!(
+                "--grpc-addr {grpc_addr} is not a loopback address: serving there needs \
+                 --credentials (TLS and authentication)"
+            )));
+        }
+        tracing::warn!(service, %grpc_addr,
+            "no --credentials: plain, unauthenticated gRPC on loopback (development and tests only)");
+        return Ok(None);
+    };
+    let setup = |e: &dyn std::fmt::Display| HostError::Setup(e.to_string());
+    let rpcs = access::rpcs_of(&[lineguard_protos::FILE_DESCRIPTOR_SET]).map_err(|e| setup(&e))?;
+    let policy = access::AccessPolicy::load(&args.access_policy, &rpcs).map_err(|e| setup(&e))?;
+    let dir = credentials::CredentialsDir::new(dir);
+    let server = credentials::ServerCredentials::load(&dir, service).map_err(|e| setup(&e))?;
+    let token_keys = dir.token_public_keys().map_err(|e| setup(&e))?;
+    let authenticator =
+        auth::Authenticator::new(Arc::new(policy), &token_keys).map_err(|e| setup(&e))?;
+    tracing::info!(service, policy = %args.access_policy.display(), token_keys = token_keys.len(),
+        "TLS, authentication and the access policy on every call");
+    Ok(Some(Security {
+        tls: server.tls(),
+        authenticator: Arc::new(authenticator),
+    }))
 }
 
 /// Sets up `tracing` once for the process. Customer names and phone numbers
@@ -362,12 +421,34 @@ impl Host {
                 ..RelayConfig::default()
             },
         );
+        let grpc_addr = args
+            .grpc_addr
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], spec.default_grpc_port)));
+        let security = load_security(spec.name, &args, grpc_addr)?;
+        // Peers are called as this service (`service:<name>`) when there are
+        // credentials.
+        let peer_credentials = match &args.credentials {
+            Some(dir) => Some(
+                credentials::ClientCredentials::load(
+                    &credentials::CredentialsDir::new(dir),
+                    "service",
+                    spec.name,
+                )
+                .map_err(|e| HostError::Setup(e.to_string()))?,
+            ),
+            None => None,
+        };
         let mut peers = std::collections::HashMap::new();
         for (service, url) in &args.peers {
-            let channel = tonic::transport::Endpoint::from_shared(url.clone())
-                .map_err(|e| HostError::Setup(format!("--peer {service}={url}: {e}")))?
-                .connect_timeout(Duration::from_secs(5))
-                .connect_lazy();
+            let channel = match &peer_credentials {
+                Some(credentials) => credentials
+                    .channel(url)
+                    .map_err(|e| HostError::Setup(format!("--peer {service}={url}: {e}")))?,
+                None => tonic::transport::Endpoint::from_shared(url.clone())
+                    .map_err(|e| HostError::Setup(format!("--peer {service}={url}: {e}")))?
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect_lazy(),
+            };
             let log = PeerLog {
                 service: service.clone(),
                 client: lineguard_protos::eventlog::v1::event_log_client::EventLogClient::new(
@@ -379,9 +460,6 @@ impl Host {
                 lineguard_bus::SourceLogHandle(Arc::new(log)),
             );
         }
-        let grpc_addr = args
-            .grpc_addr
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], spec.default_grpc_port)));
         tracing::info!(service = spec.name, %grpc_addr, data_dir = %data_dir.display(),
             nats_url = %args.nats_url, "service starting");
         Ok(Host {
@@ -398,6 +476,7 @@ impl Host {
             parking: ParkingLot::new(),
             stream,
             bus_stall_limit: args.bus_stall_limit,
+            security,
             consumers: Vec::new(),
             shutdown_steps: Vec::new(),
         })
@@ -495,7 +574,18 @@ impl Host {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        let layer = match &self.security {
+            Some(security) => {
+                builder = builder
+                    .tls_config(security.tls.clone())
+                    .map_err(|e| HostError::Grpc(e.to_string()))?;
+                auth::AuthLayer::new(security.authenticator.clone())
+            }
+            None => auth::AuthLayer::disabled(),
+        };
+        let server = builder
+            .layer(layer)
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
         // Graceful shutdown waits for every connection to close, and a client

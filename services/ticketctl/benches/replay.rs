@@ -252,6 +252,9 @@ async fn main() {
         routing: serve(routing).await,
         dispatch: serve(dispatch).await,
         feedback: serve(feedback).await,
+        // In-process servers on loopback, without TLS.
+        credentials: None,
+        principal: "admin:dev".into(),
     };
     let clients = Clients::new(&endpoints).expect("clients");
     println!(

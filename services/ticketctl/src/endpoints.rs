@@ -5,6 +5,7 @@ use lineguard_protos::eventlog::v1::event_log_client::EventLogClient;
 use lineguard_protos::feedback::v1::feedback_client::FeedbackClient;
 use lineguard_protos::intake::v1::intake_client::IntakeClient;
 use lineguard_protos::routing::v1::routing_client::RoutingClient;
+use lineguard_runtime::credentials::{ClientCredentials, CredentialsDir};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::Error;
@@ -47,6 +48,18 @@ pub struct Endpoints {
         default_value = "http://127.0.0.1:50054"
     )]
     pub feedback: String,
+    /// Credentials directory (see the README's "Credentials"): with it,
+    /// calls go over TLS with the certificate of `--principal`.
+    #[arg(long, global = true, env = "LINEGUARD_CREDENTIALS")]
+    pub credentials: Option<std::path::PathBuf>,
+    /// Whose certificate in `--credentials` to call with, `<role>:<id>`.
+    #[arg(
+        long,
+        global = true,
+        env = "LINEGUARD_PRINCIPAL",
+        default_value = "admin:dev"
+    )]
+    pub principal: String,
 }
 
 impl Endpoints {
@@ -70,26 +83,51 @@ pub struct Clients {
     channels: [Channel; 4],
 }
 
-fn channel(address: &str) -> Result<Channel, Error> {
-    let address = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
+fn channel(address: &str, tls: Option<&ClientCredentials>) -> Result<Channel, Error> {
+    let address = match (address.split_once("://"), tls) {
+        // With credentials every call is TLS, whatever scheme was written.
+        (Some((_, rest)), Some(_)) => format!("https://{rest}"),
+        (Some(_), None) => address.to_string(),
+        (None, Some(_)) => format!("https://{address}"),
+        (None, None) => format!("http://{address}"),
     };
-    Ok(Endpoint::from_shared(address.clone())
-        .map_err(|e| Error::Usage(format!("bad address {address}: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect_lazy())
+    match tls {
+        Some(credentials) => credentials
+            .channel(&address)
+            .map_err(|e| Error::Usage(e.to_string())),
+        None => Ok(Endpoint::from_shared(address.clone())
+            .map_err(|e| Error::Usage(format!("bad address {address}: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect_lazy()),
+    }
 }
 
 impl Clients {
+    /// Channels to the four services of `endpoints`, over TLS as its
+    /// principal when it names credentials.
     pub fn new(endpoints: &Endpoints) -> Result<Clients, Error> {
+        let tls = match &endpoints.credentials {
+            Some(dir) => {
+                let (role, id) = endpoints.principal.split_once(':').ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--principal {:?}: use <role>:<id>, e.g. admin:dev",
+                        endpoints.principal
+                    ))
+                })?;
+                Some(
+                    ClientCredentials::load(&CredentialsDir::new(dir), role, id)
+                        .map_err(|e| Error::Usage(e.to_string()))?,
+                )
+            }
+            None => None,
+        };
+        let tls = tls.as_ref();
         Ok(Clients {
             channels: [
-                channel(&endpoints.intake)?,
-                channel(&endpoints.routing)?,
-                channel(&endpoints.dispatch)?,
-                channel(&endpoints.feedback)?,
+                channel(&endpoints.intake, tls)?,
+                channel(&endpoints.routing, tls)?,
+                channel(&endpoints.dispatch, tls)?,
+                channel(&endpoints.feedback, tls)?,
             ],
         })
     }

@@ -118,6 +118,105 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Make and issue credentials (see the README's "Credentials").
+    Credentials {
+        #[command(subcommand)]
+        what: CredentialsWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CredentialsWhat {
+    /// Make, once, a development set in DIR: a CA, every service's
+    /// certificate, `admin:dev` and `intake_system:dev`, a token key. A
+    /// directory that has a CA already is left as it is.
+    Init {
+        /// The credentials directory.
+        #[arg(long, default_value = ".lineguard/credentials")]
+        dir: std::path::PathBuf,
+    },
+    /// Issue a client (or, with --server-name, server) certificate for
+    /// `<role>:<id>`, signed by DIR's CA: `<role>-<id>.pem` and `.key`.
+    Certificate {
+        /// The credentials directory (with `ca.key`).
+        #[arg(long, default_value = ".lineguard/credentials")]
+        dir: std::path::PathBuf,
+        /// The principal's role (see deploy/access.toml).
+        #[arg(long)]
+        role: String,
+        /// The principal's id.
+        #[arg(long)]
+        id: String,
+        /// Names the certificate serves as a server (repeatable).
+        #[arg(long)]
+        server_name: Vec<String>,
+        /// Validity, e.g. 90d.
+        #[arg(long, default_value = "90d", value_parser = lineguard_runtime::parse_duration)]
+        valid_for: std::time::Duration,
+    },
+    /// Issue a token (printed) for a phone or an operator, signed by DIR's
+    /// token key.
+    Token {
+        /// The credentials directory (with `token.key`).
+        #[arg(long, default_value = ".lineguard/credentials")]
+        dir: std::path::PathBuf,
+        /// The principal's role (see deploy/access.toml).
+        #[arg(long)]
+        role: String,
+        /// Who: a person's or a phone's id.
+        #[arg(long)]
+        subject: String,
+        /// For a crew's phone: its crew.
+        #[arg(long, default_value = "")]
+        crew: String,
+        /// For a phone: its device id.
+        #[arg(long, default_value = "")]
+        device: String,
+        /// Lifetime, at most 7d.
+        #[arg(long, default_value = "24h", value_parser = lineguard_runtime::parse_duration)]
+        lifetime: std::time::Duration,
+    },
+}
+
+/// Runs a `credentials` command: nothing to call, only files.
+fn credentials(what: CredentialsWhat) -> Result<ExitCode, Error> {
+    use lineguard_runtime::credentials::{CredentialsDir, ensure_development_set};
+    let failed = |e: lineguard_runtime::auth::CredentialError| Error::Usage(e.to_string());
+    match what {
+        CredentialsWhat::Init { dir } => {
+            ensure_development_set(&dir).map_err(failed)?;
+            println!("{}", dir.display());
+        }
+        CredentialsWhat::Certificate {
+            dir,
+            role,
+            id,
+            server_name,
+            valid_for,
+        } => {
+            let names: Vec<&str> = server_name.iter().map(String::as_str).collect();
+            let dir = CredentialsDir::new(dir);
+            dir.issue_certificate(&role, &id, &names, valid_for)
+                .map_err(failed)?;
+            let (cert, key) = dir.principal(&role, &id);
+            println!("{}\n{}", cert.display(), key.display());
+        }
+        CredentialsWhat::Token {
+            dir,
+            role,
+            subject,
+            crew,
+            device,
+            lifetime,
+        } => {
+            let token = CredentialsDir::new(dir)
+                .token_issuer()
+                .and_then(|issuer| issuer.issue(&subject, &role, &crew, &device, lifetime))
+                .map_err(failed)?;
+            println!("{token}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,8 +317,14 @@ struct AsOf {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Error> {
+    let command = match cli.command {
+        Command::Credentials { what } => return credentials(what),
+        other => other,
+    };
     let clients = Clients::new(&cli.endpoints)?;
-    match cli.command {
+    match command {
+        // Handled above, before any client is made.
+        Command::Credentials { what } => return credentials(what),
         Command::Replay { what } => {
             let (replayed, as_of) = match what {
                 ReplayWhat::Ticket { id, as_of } => (replay::ticket(&clients, &id).await?, as_of),

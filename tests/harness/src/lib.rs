@@ -5,7 +5,10 @@
 //!   never touch the machine's shared NATS on port 4222.
 //! - [`ServiceProcess`]: a Lineguard service binary as a child process, with
 //!   its own port and data dir; wait for it to be healthy, kill it with
-//!   SIGKILL, stop it with SIGTERM, restart it on the same data.
+//!   SIGKILL, stop it with SIGTERM, restart it on the same data. Every
+//!   process is given the test run's development credentials
+//!   ([`test_credentials`]): it serves TLS and authenticates every call,
+//!   and the harness calls it as `admin:dev`.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -281,6 +284,33 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     profile_dir.join(name)
 }
 
+/// The development credentials of this test process (a CA, the services'
+/// certificates, `admin:dev`, `intake_system:dev`, a token key), made once
+/// in a temp dir that lives as long as the process.
+pub fn test_credentials() -> &'static lineguard_runtime::credentials::CredentialsDir {
+    static CREDENTIALS: OnceLock<(TempDir, lineguard_runtime::credentials::CredentialsDir)> =
+        OnceLock::new();
+    let (_, credentials) = CREDENTIALS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temp dir for the test credentials");
+        let credentials =
+            lineguard_runtime::credentials::ensure_development_set(&dir.path().join("credentials"))
+                .expect("development credentials");
+        (dir, credentials)
+    });
+    credentials
+}
+
+/// The client credentials tests call services with: `admin:dev`.
+pub fn admin_credentials() -> lineguard_runtime::credentials::ClientCredentials {
+    lineguard_runtime::credentials::ClientCredentials::load(test_credentials(), "admin", "dev")
+        .expect("admin credentials")
+}
+
+/// The repository's access policy.
+pub fn access_policy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/access.toml")
+}
+
 /// A Lineguard service running as a child process.
 pub struct ServiceProcess {
     child: Option<Child>,
@@ -327,6 +357,10 @@ impl ServiceProcess {
             data_dir.display().to_string(),
             "--nats-url".to_string(),
             nats_url.to_string(),
+            "--credentials".to_string(),
+            test_credentials().path.display().to_string(),
+            "--access-policy".to_string(),
+            access_policy().display().to_string(),
         ];
         args.extend(extra.iter().cloned());
         let mut process = ServiceProcess {
@@ -357,16 +391,18 @@ impl ServiceProcess {
         Ok(())
     }
 
-    /// The gRPC endpoint, `http://127.0.0.1:<port>`.
+    /// The gRPC endpoint, `https://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        format!("https://{}", self.grpc_addr)
     }
 
-    /// A gRPC channel to the process.
+    /// A gRPC channel to the process, as `admin:dev`.
     pub async fn channel(
         &self,
     ) -> std::result::Result<tonic::transport::Channel, tonic::transport::Error> {
+        let credentials = admin_credentials();
         tonic::transport::Endpoint::from_shared(self.endpoint())?
+            .tls_config(credentials.tls("127.0.0.1"))?
             .connect_timeout(Duration::from_secs(2))
             .connect()
             .await

@@ -126,6 +126,8 @@ async fn a_customer_finds_the_first_line_and_every_meter_box_says_it() {
     // The printable sheet: a label per account, the numbers on each.
     let dir = tempfile::tempdir().expect("tempdir");
     let out = std::process::Command::new(workspace_binary("ticketctl"))
+        .arg("--credentials")
+        .arg(&lineguard_harness::test_credentials().path)
         .args([
             "--routing",
             &backend.routing.endpoint(),

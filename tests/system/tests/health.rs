@@ -33,7 +33,7 @@ async fn intake_is_not_serving_until_its_copy_of_the_directory_is_loaded() {
         intake_addr,
         &dir.path().join("intake"),
         &nats.url(),
-        &["--peer".into(), format!("routing=http://{routing_addr}")],
+        &["--peer".into(), format!("routing=https://{routing_addr}")],
     )
     .expect("intake");
     let answering = Instant::now() + Duration::from_secs(20);

@@ -100,7 +100,7 @@ async fn a_long_run_keeps_every_promise() {
     let peers = names
         .iter()
         .zip(&addrs)
-        .map(|(n, a)| format!("{n}=http://{a}"))
+        .map(|(n, a)| format!("{n}=https://{a}"))
         .collect::<Vec<_>>()
         .join(",");
     let anchor = lineguard_ticketctl::timeline::rfc3339(
@@ -167,6 +167,8 @@ async fn a_long_run_keeps_every_promise() {
         routing: routing.endpoint(),
         dispatch: dispatch.endpoint(),
         feedback: feedback.endpoint(),
+        credentials: Some(lineguard_harness::test_credentials().path.clone()),
+        principal: "admin:dev".into(),
     };
     let clients = Clients::new(&endpoints).expect("clients");
 

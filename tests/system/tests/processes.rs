@@ -39,6 +39,8 @@ fn deploy_file(name: &str) -> String {
 async fn channel(endpoint: String) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(endpoint)
         .expect("endpoint")
+        .tls_config(lineguard_harness::admin_credentials().tls("127.0.0.1"))
+        .expect("tls")
         .connect()
         .await
         .expect("connect")
@@ -121,7 +123,7 @@ async fn every_service_serves_health_reflection_and_its_event_log() {
             }
         }
 
-        let mut log = EventLogClient::connect(endpoint).await.expect("connect");
+        let mut log = EventLogClient::new(process.channel().await.expect("connect"));
         let info = log
             .get_log_info(GetLogInfoRequest {})
             .await
@@ -213,9 +215,7 @@ async fn a_service_killed_with_sigkill_restarts_on_its_data() {
         .wait_healthy(Duration::from_secs(60))
         .await
         .expect("healthy after kill -9");
-    let mut log = EventLogClient::connect(process.endpoint())
-        .await
-        .expect("connect");
+    let mut log = EventLogClient::new(process.channel().await.expect("connect"));
     let info = log
         .get_log_info(GetLogInfoRequest {})
         .await
@@ -242,9 +242,7 @@ async fn a_service_starts_while_nats_is_down_and_is_ready_once_it_is_back() {
         assert!(std::time::Instant::now() < deadline, "{}", process.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut log = EventLogClient::connect(process.endpoint())
-        .await
-        .expect("connect");
+    let mut log = EventLogClient::new(process.channel().await.expect("connect"));
     log.get_log_info(GetLogInfoRequest {})
         .await
         .expect("the log answers without NATS");

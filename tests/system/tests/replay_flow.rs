@@ -28,12 +28,16 @@ fn endpoints(backend: &Backend) -> Endpoints {
         routing: backend.routing.endpoint(),
         dispatch: dispatch.endpoint(),
         feedback: feedback.endpoint(),
+        credentials: Some(lineguard_harness::test_credentials().path.clone()),
+        principal: "admin:dev".into(),
     }
 }
 
 /// Runs the `ticketctl` binary against the backend.
 fn ticketctl(endpoints: &Endpoints, args: &[&str]) -> std::process::Output {
     std::process::Command::new(workspace_binary("ticketctl"))
+        .arg("--credentials")
+        .arg(&lineguard_harness::test_credentials().path)
         .args([
             "--intake",
             &endpoints.intake,
