@@ -43,6 +43,26 @@ impl Handler for RouteEverything {
     }
 }
 
+/// Waits until routing holds `n` routes, failing after `limit` with `what`.
+async fn until_routed(routing: &EventLog, n: usize, limit: Duration, what: &str) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while routes(routing).len() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} routed: {what}",
+            routes(routing).len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Routing holds `n` routes, each caused by a different report.
+fn assert_each_routed_once(routing: &EventLog, n: usize) {
+    let routed = routes(routing);
+    let causes: HashSet<_> = routed.iter().map(|e| e.causation_id.clone()).collect();
+    assert_eq!((routed.len(), causes.len()), (n, n), "each once");
+}
+
 fn routes(log: &EventLog) -> Vec<EventEnvelope> {
     let mut out = Vec::new();
     let mut from = 1;
@@ -160,11 +180,7 @@ async fn a_consumer_away_longer_than_the_streams_retention_catches_up_from_the_s
         RouteEverything,
         lot.clone(),
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while routes(&routing).len() < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "first routes");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_routed(&routing, 3, Duration::from_secs(20), "first routes").await;
     consumer.stop().await;
 
     // Away while intake writes 40 more reports (80 messages): the stream
@@ -180,15 +196,13 @@ async fn a_consumer_away_longer_than_the_streams_retention_catches_up_from_the_s
     assert!(state.first_sequence > 7, "the bus forgot: {state:?}");
 
     let consumer = spawn_consumer(js.clone(), routing.clone(), config, RouteEverything, lot);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while routes(&routing).len() < 43 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "caught up only {} of 43",
-            routes(&routing).len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_routed(
+        &routing,
+        43,
+        Duration::from_secs(30),
+        "caught up from the source log",
+    )
+    .await;
     // Let the bus's own copies of the last reports come and be recognised.
     tokio::time::sleep(Duration::from_millis(500)).await;
     consumer.stop().await;
@@ -222,6 +236,15 @@ async fn a_consumer_away_longer_than_the_streams_retention_catches_up_from_the_s
     );
 }
 
+/// A consumer that hands a message back for long enough (4 s) that the
+/// six-message stream forgets it meanwhile, and never gives up on it.
+fn handing_back(mut config: ConsumerConfig) -> ConsumerConfig {
+    config.retry_delay = Duration::from_secs(4);
+    config.dead_letter_after = 1_000;
+    config.parked_sweep = Duration::from_millis(300);
+    config
+}
+
 /// Routes every report but `t0`'s until healed (`Retry`: handed back).
 struct FailsOnceHealed(Arc<std::sync::atomic::AtomicBool>);
 
@@ -243,12 +266,9 @@ async fn a_message_handed_back_that_expires_before_its_redelivery_is_read_from_t
         intake,
         routing,
         relay,
-        mut config,
+        config,
     } = Fixture::start().await;
-    // Handed back for long enough that the stream forgets it meanwhile.
-    config.retry_delay = Duration::from_secs(4);
-    config.dead_letter_after = 1_000;
-    config.parked_sweep = Duration::from_millis(500);
+    let config = handing_back(config);
     let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let consumer = spawn_consumer(
         js.clone(),
@@ -263,25 +283,18 @@ async fn a_message_handed_back_that_expires_before_its_redelivery_is_read_from_t
     // Twenty more reports (40 messages) while t0 waits: the stream keeps 6.
     report(&intake, 1..21).await;
     assert!(relay.flush(Duration::from_secs(20)).await);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while routes(&routing).len() < 20 {
-        assert!(tokio::time::Instant::now() < deadline, "the later reports");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_routed(&routing, 20, Duration::from_secs(20), "the later reports").await;
     healed.store(true, std::sync::atomic::Ordering::SeqCst);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while routes(&routing).len() < 21 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "t0, handed back and gone from the bus, never applied"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_routed(
+        &routing,
+        21,
+        Duration::from_secs(30),
+        "t0, handed back and gone from the bus, never applied",
+    )
+    .await;
     consumer.stop().await;
     relay.stop().await;
-    let routed = routes(&routing);
-    let causes: HashSet<_> = routed.iter().map(|e| e.causation_id.clone()).collect();
-    assert_eq!((routed.len(), causes.len()), (21, 21), "each once");
+    assert_each_routed_once(&routing, 21);
 }
 
 #[tokio::test]
@@ -294,11 +307,9 @@ async fn a_message_handed_back_before_a_restart_and_dropped_while_away_is_read_f
         intake,
         routing,
         relay,
-        mut config,
+        config,
     } = Fixture::start().await;
-    config.retry_delay = Duration::from_secs(4);
-    config.dead_letter_after = 1_000;
-    config.parked_sweep = Duration::from_millis(300);
+    let config = handing_back(config);
     let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let consumer = spawn_consumer(
         js.clone(),
@@ -311,11 +322,7 @@ async fn a_message_handed_back_before_a_restart_and_dropped_while_away_is_read_f
     // highest applied position is past t0 when the process goes.
     report(&intake, 0..3).await;
     assert!(relay.flush(Duration::from_secs(20)).await);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while routes(&routing).len() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "t1 and t2");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_routed(&routing, 2, Duration::from_secs(20), "t1 and t2").await;
     consumer.stop().await;
     assert!(
         routing
@@ -337,21 +344,17 @@ async fn a_message_handed_back_before_a_restart_and_dropped_while_away_is_read_f
         FailsOnceHealed(healed),
         ParkingLot::new(),
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while routes(&routing).len() < 23 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of 23 routed: t0 was lost with the process that handed it back",
-            routes(&routing).len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_routed(
+        &routing,
+        23,
+        Duration::from_secs(30),
+        "t0 was lost with the process that handed it back",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     consumer.stop().await;
     relay.stop().await;
-    let routed = routes(&routing);
-    let causes: HashSet<_> = routed.iter().map(|e| e.causation_id.clone()).collect();
-    assert_eq!((routed.len(), causes.len()), (23, 23), "each once");
+    assert_each_routed_once(&routing, 23);
     assert_eq!(
         routing
             .reconciled_through("routing-from-intake")
@@ -401,20 +404,16 @@ async fn a_message_the_bus_never_delivers_without_a_visible_gap_is_applied_from_
         RouteEverything,
         ParkingLot::new(),
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while routes(&routing).len() < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of 3 routed: the report the bus lost was never applied",
-            routes(&routing).len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_routed(
+        &routing,
+        3,
+        Duration::from_secs(20),
+        "the report the bus lost was never applied",
+    )
+    .await;
     consumer.stop().await;
     relay.stop().await;
-    let routed = routes(&routing);
-    let causes: HashSet<_> = routed.iter().map(|e| e.causation_id.clone()).collect();
-    assert_eq!((routed.len(), causes.len()), (3, 3), "each once");
+    assert_each_routed_once(&routing, 3);
 }
 
 /// A source whose log cannot be reached (its process is down).
@@ -452,15 +451,13 @@ async fn a_source_log_that_cannot_be_reached_does_not_stop_what_the_bus_delivers
     );
     report(&intake, 0..3).await;
     assert!(relay.flush(Duration::from_secs(20)).await);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while routes(&routing).len() < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of 3 routed while the source's log is unreachable",
-            routes(&routing).len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_routed(
+        &routing,
+        3,
+        Duration::from_secs(20),
+        "stopped while the source's log is unreachable",
+    )
+    .await;
     consumer.stop().await;
     relay.stop().await;
 }
