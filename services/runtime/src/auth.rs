@@ -203,7 +203,7 @@ impl Authenticator {
         authorization: Option<&[u8]>,
     ) -> Result<Principal, Status> {
         if let Some(der) = client_certificate {
-            return self.from_certificate(der);
+            return self.principal_from_certificate(der);
         }
         let Some(header) = authorization else {
             return Err(Status::unauthenticated(
@@ -220,10 +220,10 @@ impl Authenticator {
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization: expected 'Bearer <token>'"))?;
-        self.from_token(token.trim())
+        self.principal_from_token(token.trim())
     }
 
-    fn from_certificate(&self, der: &[u8]) -> Result<Principal, Status> {
+    fn principal_from_certificate(&self, der: &[u8]) -> Result<Principal, Status> {
         let (_, certificate) = x509_parser::parse_x509_certificate(der).map_err(|e| {
             Status::unauthenticated(format!("client certificate does not parse: {e}"))
         })?;
@@ -241,7 +241,7 @@ impl Authenticator {
         self.principal(id, role, "", "", Credential::Certificate)
     }
 
-    fn from_token(&self, token: &str) -> Result<Principal, Status> {
+    fn principal_from_token(&self, token: &str) -> Result<Principal, Status> {
         let mut last_error = None;
         for key in &self.token_keys {
             match jsonwebtoken::decode::<TokenClaims>(token, key, &self.validation) {
