@@ -3,9 +3,16 @@
 # services on their default ports (intake 50051, routing 50052, dispatch
 # 50053, feedback 50054), data under .lineguard/. Ctrl-C stops everything.
 #
-# A NATS already listening at NATS_URL (default nats://127.0.0.1:4222) is
-# reused if it is 2.10 or newer; otherwise our own is started, with
-# deploy/nats-server.conf (fsync before ack).
+# Development credentials are made once (.lineguard/credentials): a CA, each
+# service's certificate, the NATS server's, admin:dev, intake_system:dev, a
+# token key. Every gRPC call and every NATS connection is TLS and
+# authenticated; NATS holds each service to its own subjects.
+#
+# Our own NATS is started with deploy/nats-server.conf (fsync before ack)
+# plus the TLS and users made from the credentials, on port 4222, or 4223
+# if something already listens on 4222. Set NATS_URL to use a NATS you run
+# yourself (it must then carry the same security: `ticketctl credentials
+# nats-config`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_BIN=$(bash deploy/setup.sh)
@@ -17,8 +24,9 @@ BIN_DIR="${CARGO_TARGET_DIR:-target}/release"
 
 DATA=.lineguard
 mkdir -p "$DATA"
-NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
-hostport=${NATS_URL#nats://}; host=${hostport%:*}; port=${hostport##*:}
+"$BIN_DIR/ticketctl" credentials init --dir "$DATA/credentials" >/dev/null
+export LINEGUARD_CREDENTIALS="${LINEGUARD_CREDENTIALS:-$PWD/$DATA/credentials}"
+export LINEGUARD_ACCESS_POLICY="${LINEGUARD_ACCESS_POLICY:-$PWD/deploy/access.toml}"
 
 pids=()
 cleanup() {
@@ -29,25 +37,26 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
-running_nats_version() {
-  # The first line a NATS server sends is INFO {json}.
-  timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port; head -n 1 <&3" 2>/dev/null \
-    | sed -n 's/.*"version":"\([0-9]*\.[0-9]*\)[^"]*".*/\1/p'
-}
-version=$(running_nats_version || true)
-if [ -n "$version" ] && [ "$(printf '%s\n2.10\n' "$version" | sort -V | head -1)" = "2.10" ]; then
-  echo "reusing NATS $version at $NATS_URL" >&2
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+if [ -n "${NATS_URL:-}" ]; then
+  echo "using NATS at $NATS_URL" >&2
 else
-  if [ -n "$version" ]; then
+  port=4222
+  if listening "$port"; then
     port=4223
-    echo "NATS $version at $NATS_URL is older than 2.10; starting our own on port $port" >&2
+    echo "something already listens on 4222; starting our NATS on $port" >&2
   fi
   NATS_URL="nats://127.0.0.1:$port"
-  "$NATS_BIN" -c deploy/nats-server.conf -a 127.0.0.1 -p "$port" -sd "$DATA/nats" &
+  {
+    cat deploy/nats-server.conf
+    "$BIN_DIR/ticketctl" credentials nats-config --dir "$LINEGUARD_CREDENTIALS"
+  } > "$DATA/nats-server.conf"
+  "$NATS_BIN" -c "$DATA/nats-server.conf" -a 127.0.0.1 -p "$port" -sd "$DATA/nats" &
   nats_pid=$!
   pids+=("$nats_pid")
   for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    listening "$port" && break
     kill -0 "$nats_pid" 2>/dev/null || break
     sleep 0.1
   done
@@ -55,7 +64,7 @@ else
     echo "nats-server failed to start on port $port (see above)" >&2
     exit 1
   fi
-  echo "started NATS on $NATS_URL (store $DATA/nats)" >&2
+  echo "started NATS on $NATS_URL (TLS, a user per service; store $DATA/nats)" >&2
 fi
 
 # Routing adopts the time-limit policy and loads the demo directory (only
@@ -66,12 +75,6 @@ declare -A extra=(
 )
 # Every clock counts working days by this year's holidays and make-up days.
 export LINEGUARD_CALENDAR="${LINEGUARD_CALENDAR:-deploy/calendar.toml}"
-# Development credentials, made once: a CA, each service's certificate,
-# admin:dev and intake_system:dev, a token key. Every call is TLS and
-# authenticated, and held to deploy/access.toml.
-"$BIN_DIR/ticketctl" credentials init --dir "$DATA/credentials" >/dev/null
-export LINEGUARD_CREDENTIALS="${LINEGUARD_CREDENTIALS:-$PWD/$DATA/credentials}"
-export LINEGUARD_ACCESS_POLICY="${LINEGUARD_ACCESS_POLICY:-$PWD/deploy/access.toml}"
 # A consumer away longer than the bus keeps messages catches up from the
 # source service's own log.
 export LINEGUARD_PEERS="${LINEGUARD_PEERS:-intake=https://127.0.0.1:50051,routing=https://127.0.0.1:50052,dispatch=https://127.0.0.1:50053,feedback=https://127.0.0.1:50054}"

@@ -9,7 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream;
 use bytes::Bytes;
 use lineguard_bus::{OutboxRelay, RelayConfig};
 use lineguard_eventlog::{
@@ -47,8 +46,7 @@ async fn run(label: &str, config: &str, events: u64) {
             .await
             .expect("commit");
     }
-    let client = async_nats::connect(nats.url()).await.expect("connect");
-    let js = jetstream::new(client);
+    let js = nats.jetstream().await.expect("connect");
     let start = Instant::now();
     let relay = OutboxRelay::spawn(log.clone(), js, RelayConfig::default());
     assert!(relay.flush(Duration::from_secs(600)).await, "relay drained");

@@ -43,7 +43,6 @@ use crate::catchup::{CATCH_UP_PAGE, SourceLogHandle, wanted};
 use crate::parking::{
     ParkingLot, consumer_stream, dead_key, parked_key, parked_prefix, waiting_prefix,
 };
-use crate::streams::{StreamSettings, ensure_stream};
 use crate::subjects::{event_subject, stream_name};
 
 /// What a handler decided to do with an event.
@@ -133,8 +132,6 @@ pub struct ConsumerConfig {
     pub conflict_retries: usize,
     /// Delay asked for on a nak.
     pub retry_delay: Duration,
-    /// The settings of the source's stream, should this consumer create it.
-    pub stream: StreamSettings,
     /// The source service's own log, reconciled with this one at every
     /// sweep so that nothing the bus dropped is missed (see
     /// [`crate::catchup`]); without it a gap in the bus is only reported.
@@ -160,7 +157,6 @@ impl ConsumerConfig {
             max_ack_pending: 1_000,
             conflict_retries: 5,
             retry_delay: Duration::from_secs(1),
-            stream: StreamSettings::default(),
             source_log: None,
             source_drain_wait: Duration::from_secs(30),
         }
@@ -638,6 +634,20 @@ impl<H: Handler> Context<'_, H> {
 
     /// Sees whether the consumer has caught up with its start-up backlog
     /// (see [`ConsumerHandle::caught_up`]) and says so once it has.
+    /// Whether the source, whose stream does not exist, has published
+    /// nothing this consumer must wait for: its log is empty (asked, when
+    /// there is a source log, for as long as readiness waits for a source),
+    /// or there is no source log to ask.
+    async fn nothing_published(&self) -> bool {
+        let Some(source) = &self.config.source_log else {
+            return true;
+        };
+        if self.readiness.started.elapsed() >= self.config.source_drain_wait {
+            return true;
+        }
+        matches!(source.0.state().await, Ok(state) if state.head_position == 0)
+    }
+
     async fn check_caught_up(
         &self,
         stream: &mut jetstream::stream::Stream,
@@ -1093,6 +1103,9 @@ async fn next_batch(
         .map_err(|e| e.to_string())
 }
 
+/// How often a consumer looks for a source stream that does not exist yet.
+const STREAM_LOOK_AGAIN: Duration = Duration::from_millis(500);
+
 /// Starts a durable consumer feeding `handler`, committing into `log`.
 /// `lot` is the log's [`ParkingLot`], shared by all its consumers.
 pub fn spawn_consumer<H: Handler>(
@@ -1193,13 +1206,36 @@ async fn consume<H: Handler>(
     let config = context.config;
     // Subscribed before anything is applied: no wake is missed after this.
     let mut wakes = context.lot.subscribe();
-    ensure_stream(jetstream, &config.source_service, &config.stream)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut stream = jetstream
-        .get_stream(stream_name(&config.source_service))
-        .await
-        .map_err(|e| e.to_string())?;
+    // The source's stream is the source's to create and configure (NATS
+    // lets only the source manage it): until it exists, the source has
+    // published nothing, so there is nothing to catch up with; look again
+    // every half second.
+    let mut told = false;
+    let mut stream = loop {
+        match jetstream
+            .get_stream(stream_name(&config.source_service))
+            .await
+        {
+            Ok(stream) => break stream,
+            Err(e) => match e.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    if !told && context.nothing_published().await {
+                        tracing::info!(consumer = %config.name, stream = %stream_name(&config.source_service),
+                            "the source's stream does not exist yet (its service creates it): nothing to catch up with");
+                        context.readiness.caught_up.send_replace(true);
+                        told = true;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(STREAM_LOOK_AGAIN) => {}
+                        _ = stopped.changed() => return Ok(()),
+                    }
+                }
+                _ => return Err(e.to_string()),
+            },
+        }
+    };
     let mut consumer = stream
         .get_or_create_consumer(
             &config.name,

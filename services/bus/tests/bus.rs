@@ -38,12 +38,7 @@ async fn connect(server: &NatsServer) -> jetstream::Context {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(server.url())
-        .await
-        .expect("connect");
-    jetstream::new(client)
+    server.jetstream().await.expect("connect")
 }
 
 async fn report(log: &EventLog, n: usize, offset: usize) {

@@ -138,13 +138,12 @@ impl Fixture {
             intake.clone(),
             js.clone(),
             RelayConfig {
-                stream: tiny.clone(),
+                stream: tiny,
                 ..RelayConfig::default()
             },
         );
         let mut config = ConsumerConfig::new("routing-from-intake", "intake")
             .filtered(vec![subjects::event_type_filter("intake", REPORTED)]);
-        config.stream = tiny;
         config.source_log = Some(SourceLogHandle(Arc::new(intake.clone())));
         Fixture {
             _nats: nats,

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use lineguard_eventlog::ReadDirection;
 use lineguard_protos::dispatch::v1::{
     AcknowledgeRequest, ActionOutcome, AddNoteRequest, ArriveRequest, CompleteRequest, CrewEvent,
@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use lineguard_runtime::auth::{Principal, caller, check_crew};
 
+use crate::contacts::ContactOpener;
 use crate::orders::Dispatcher;
 use crate::projection::crew_stream;
 use crate::validate;
@@ -29,6 +30,7 @@ pub const MAX_ACTIONS_PER_BATCH: usize = 500;
 pub struct DispatchService {
     dispatcher: Dispatcher,
     watchers: Arc<Watchers>,
+    contacts: ContactOpener,
 }
 
 impl DispatchService {
@@ -39,7 +41,15 @@ impl DispatchService {
         DispatchService {
             dispatcher,
             watchers,
+            contacts: ContactOpener::default(),
         }
+    }
+
+    /// Opens customer contacts for crews with `contacts` (without, crews
+    /// get their orders without them).
+    pub fn with_contacts(mut self, contacts: ContactOpener) -> Self {
+        self.contacts = contacts;
+        self
     }
 
     /// The live watches (for tests and status).
@@ -59,7 +69,9 @@ impl DispatchService {
     ) -> Result<Response<WorkOrderView>, Status> {
         let header = validate::action(&action)?;
         check_crew(caller.as_ref(), &header.crew_id)?;
-        self.dispatcher.act(&action, false).await.map(Response::new)
+        let mut order = self.dispatcher.act(&action, false).await?;
+        self.contacts.open_order(&mut order).await;
+        Ok(Response::new(order))
     }
 }
 
@@ -108,7 +120,16 @@ impl Dispatch for DispatchService {
         tracing::info!(crew_id = %req.crew_id, device_id = %req.device_id,
             after_sequence = req.after_sequence, last, "crew watching");
         let events = self.watchers.follow(registration, req.after_sequence);
-        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+        let contacts = self.contacts.clone();
+        let opened = ReceiverStream::new(events).then(move |event| {
+            let contacts = contacts.clone();
+            async move {
+                let mut event = event?;
+                contacts.open_crew_event(&mut event).await;
+                Ok(event)
+            }
+        });
+        Ok(Response::new(Box::pin(opened)))
     }
 
     async fn acknowledge(
@@ -185,12 +206,15 @@ impl Dispatch for DispatchService {
         for (_, _, action) in actions {
             let action_id = validate::action(&action)?.action_id.clone();
             match self.dispatcher.act(&action, true).await {
-                Ok(order) => outcomes.push(ActionOutcome {
-                    action_id,
-                    code: "OK".into(),
-                    message: String::new(),
-                    order: Some(order),
-                }),
+                Ok(mut order) => {
+                    self.contacts.open_order(&mut order).await;
+                    outcomes.push(ActionOutcome {
+                        action_id,
+                        code: "OK".into(),
+                        message: String::new(),
+                        order: Some(order),
+                    });
+                }
                 Err(status) => {
                     outcomes.push(ActionOutcome {
                         action_id,
@@ -212,8 +236,9 @@ impl Dispatch for DispatchService {
         let caller = caller(&request);
         let req = request.into_inner();
         validate::id("order_id", &req.order_id)?;
-        let order = self.dispatcher.resolve_order(&req.order_id)?;
+        let mut order = self.dispatcher.resolve_order(&req.order_id)?;
         check_crew(caller.as_ref(), &order.crew_id)?;
+        self.contacts.open_order(&mut order).await;
         Ok(Response::new(order))
     }
 }

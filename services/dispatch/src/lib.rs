@@ -11,6 +11,7 @@
 //! - [`watch`]: `WatchDispatches`, a crew's sequence from a number on, then live.
 //! - [`orders`]: [`Dispatcher`](orders::Dispatcher): orders from routes, crew actions.
 //! - [`consumers`]: routing's and intake's events in.
+//! - [`contacts`]: customer contacts kept sealed, opened by intake for crews.
 //! - [`device_clock`]: how far a phone's clock is believed (`judged_at`).
 //! - [`clocks`]: arrival and restoration warnings and breaches, durable, once each.
 //! - [`validate`]: field-level checks of crew actions.
@@ -19,6 +20,7 @@
 pub mod api;
 pub mod clocks;
 pub mod consumers;
+pub mod contacts;
 pub mod device_clock;
 pub mod orders;
 pub mod projection;

@@ -8,6 +8,7 @@ use clap::Parser;
 use lineguard_bus::{ConsumerConfig, Mirror};
 use lineguard_dispatch::api::DispatchService;
 use lineguard_dispatch::consumers::{self, IntakeEvents, RoutingEvents};
+use lineguard_dispatch::contacts::ContactOpener;
 use lineguard_dispatch::orders::Dispatcher;
 use lineguard_dispatch::projection::{DispatchProjector, crew_message};
 use lineguard_runtime::{CommonArgs, ServiceSpec, parse_duration};
@@ -52,16 +53,24 @@ async fn main() -> ExitCode {
             ConsumerConfig::new(consumers::FROM_ROUTING, "routing")
                 .filtered(consumers::routing_subjects()),
             RoutingEvents(dispatcher.clone()),
-        );
+        )?;
         host.add_consumer(
             ConsumerConfig::new(consumers::FROM_INTAKE, "intake")
                 .filtered(consumers::intake_subjects()),
             IntakeEvents(dispatcher.clone()),
-        );
+        )?;
         let clocks = lineguard_dispatch::clocks::spawn(dispatcher.clone(), tick);
         host.on_shutdown(clocks.stop());
         let mut routes = RoutesBuilder::default();
-        routes.add_service(DispatchService::new(dispatcher).server());
+        let intake = host.peer_channel("intake");
+        if intake.is_none() {
+            tracing::warn!("no --peer intake: crews get their orders without customer contacts");
+        }
+        routes.add_service(
+            DispatchService::new(dispatcher)
+                .with_contacts(ContactOpener::new(intake))
+                .server(),
+        );
         Ok(routes)
     })
     .await

@@ -415,11 +415,15 @@ impl Dispatcher {
             ticket_id: reported.ticket_id.clone(),
             channel: reported.channel,
             account_number: reported.account_number.clone(),
+            // Plain only in reports recorded before sealing; since, the
+            // sealed contact alone (opened for crews by intake).
             address: reported.address.clone(),
             description: reported.description.clone(),
             caller_name: caller.name,
             callback_phone: caller.phone,
             urge_count: 0,
+            contact: reported.contact.clone(),
+            customer_data_erased: false,
         };
         let noted = TicketNoted {
             ticket: Some(ticket.clone()),

@@ -83,7 +83,7 @@ async fn main() -> ExitCode {
             // for a ticket not yet seen) is parked and applied when what it
             // waits for lands (see lineguard_bus::parking).
             let config = ConsumerConfig::new(name, source).filtered(subjects);
-            host.add_consumer(config, Observer(feedback.clone()));
+            host.add_consumer(config, Observer(feedback.clone()))?;
         }
         let overdue = feedback.spawn_overdue_timer(tick);
         host.on_shutdown(overdue.stop());

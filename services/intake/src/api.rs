@@ -10,22 +10,25 @@ use lineguard_eventlog::{
 use lineguard_protos::case_ids::{self, KnownAs};
 
 use crate::customer::CustomerDigest;
+use crate::sealing::{self, KeyStore, SealError};
 use lineguard_protos::intake::v1::{
-    CancelTicketRequest, CancelTicketResponse, Channel, Disposition, GetTicketRequest,
-    GetTicketResponse, IncidentMarkedProbableOutage, IncidentOpened, IncidentView,
-    ListTicketsRequest, ListTicketsResponse, ReportTicketRequest, ReportTicketResponse,
-    TicketCancelled, TicketJoinedIncident, TicketKind, TicketReported, TicketStatus, TicketUrged,
-    TicketView,
+    Caller, CancelTicketRequest, CancelTicketResponse, Channel, Contact, CustomerDataErased,
+    Disposition, EraseCustomerRequest, EraseCustomerResponse, GetTicketRequest, GetTicketResponse,
+    IncidentMarkedProbableOutage, IncidentOpened, IncidentView, ListTicketsRequest,
+    ListTicketsResponse, ReportTicketRequest, ReportTicketResponse, SealedContact, TicketCancelled,
+    TicketJoinedIncident, TicketKind, TicketReported, TicketStatus, TicketUrged, TicketView,
+    UnsealContactsRequest, UnsealContactsResponse, UnsealedContact,
     intake_server::{Intake, IntakeServer},
 };
+use lineguard_runtime::auth::{actor_of, caller};
 use prost::Message;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::projection::{
-    BY_TIME_PREFIX, account_key, district_incident_key, follow_incident, incident_key, is_open,
-    nanos, open_key, ticket_id_of_by_time_key, ticket_key,
+    BY_TIME_PREFIX, account_key, customer_tickets_prefix, district_incident_key, follow_incident,
+    incident_key, is_open, nanos, open_key, ticket_id_of_by_time_key, ticket_key,
 };
 use crate::validate;
 use lineguard_eventlog::command::{commit_idempotent, earlier_answer};
@@ -57,6 +60,14 @@ pub const MAX_PAGE: usize = 1_000;
 /// matching little costs a bounded amount per call (the token resumes).
 pub const MAX_SCANNED_PER_LIST: usize = 20_000;
 
+/// Contacts one `UnsealContacts` call opens at most.
+pub const MAX_UNSEAL: usize = 1_000;
+/// Tickets one `EraseCustomer` call marks erased at most per customer key
+/// (the key is destroyed whatever the count; a second call marks the rest).
+pub const MAX_ERASED_TICKETS: usize = 100_000;
+/// `CustomerDataErased` events per commit while erasing.
+const ERASED_PER_COMMIT: usize = 500;
+
 /// Serves intake over one [`EventLog`]. Cheap to clone (the log and the
 /// locks are shared): a handler hands a clone to the blocking pool, so no
 /// RocksDB read ever runs on one of the async runtime's worker threads.
@@ -66,17 +77,127 @@ pub struct IntakeService {
     config: IntakeConfig,
     locks: Arc<StripedLocks>,
     customers: CustomerDigest,
+    keys: Arc<dyn KeyStore>,
+}
+
+fn seal_error(e: SealError) -> Status {
+    match e {
+        SealError::NoKey(_) => Status::failed_precondition(e.to_string()),
+        SealError::Corrupt(..) => Status::data_loss(e.to_string()),
+        SealError::MasterKey { .. } | SealError::Store(_) => Status::unavailable(e.to_string()),
+    }
 }
 
 impl IntakeService {
-    /// A service over `log`, recognising repeat callers by `customers`.
-    pub fn new(log: EventLog, config: IntakeConfig, customers: CustomerDigest) -> Self {
+    /// A service over `log`, recognising repeat callers by `customers`,
+    /// sealing their data with keys from `keys`.
+    pub fn new(
+        log: EventLog,
+        config: IntakeConfig,
+        customers: CustomerDigest,
+        keys: Arc<dyn KeyStore>,
+    ) -> Self {
         IntakeService {
             log,
             config,
             locks: Arc::new(StripedLocks::new(1024)),
             customers,
+            keys,
         }
+    }
+
+    /// Opens a view's sealed contact into its caller, address and
+    /// description (or marks it erased) and drops the sealed bytes: what
+    /// is answered, never what is stored.
+    fn open_view(&self, ticket: &mut TicketView) -> Result<(), Status> {
+        let Some(sealed) = ticket.sealed_contact.take() else {
+            return Ok(());
+        };
+        match sealing::open(self.keys.as_ref(), &sealed) {
+            Ok(contact) => {
+                ticket.address = contact.address;
+                ticket.description = contact.description;
+                ticket.caller = Some(Caller {
+                    name: contact.caller_name,
+                    phone: contact.caller_phone,
+                });
+                Ok(())
+            }
+            Err(SealError::NoKey(_)) => {
+                ticket.customer_data_erased = true;
+                Ok(())
+            }
+            Err(e) => Err(seal_error(e)),
+        }
+    }
+
+    /// [`Self::open_view`] for every ticket of an answer.
+    fn open_answer(&self, answer: &mut GetTicketResponse) -> Result<(), Status> {
+        match &mut answer.ticket {
+            Some(ticket) => self.open_view(ticket),
+            None => Ok(()),
+        }
+    }
+
+    /// Destroys the data key of `customer` and marks each of its tickets
+    /// erased. The key goes first: once it is gone nothing can read the
+    /// data, whether or not the marks are all written (a second call
+    /// writes the missing ones).
+    fn erase(
+        &self,
+        customer: &str,
+        erased_by: &lineguard_eventlog::Actor,
+        reason: &str,
+    ) -> Result<(bool, Vec<String>), Status> {
+        let destroyed = self.keys.destroy(customer).map_err(seal_error)?;
+        let prefix = customer_tickets_prefix(customer);
+        let mut tickets = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        while tickets.len() < MAX_ERASED_TICKETS {
+            let page = self
+                .log
+                .projection_scan(&prefix, after.as_deref(), 1_000)
+                .map_err(Status::from)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (key, _) in &page {
+                // `customer-ticket/<customer>/<ticket id>`
+                let Some(ticket_id) = std::str::from_utf8(key)
+                    .ok()
+                    .and_then(|k| k.rsplit('/').next())
+                else {
+                    continue;
+                };
+                let marked = self
+                    .view::<TicketView>(&ticket_key(ticket_id))?
+                    .is_some_and(|t| t.customer_data_erased);
+                if !marked {
+                    tickets.push(ticket_id.to_string());
+                }
+            }
+        }
+        let at = now();
+        for chunk in tickets.chunks(ERASED_PER_COMMIT) {
+            let mut txn: Option<Transaction> = None;
+            for ticket_id in chunk {
+                let erased = CustomerDataErased {
+                    ticket_id: ticket_id.clone(),
+                    customer_key: customer.to_string(),
+                    erased_at: Some(at),
+                    erased_by: erased_by.id.clone(),
+                    reason: reason.to_string(),
+                };
+                let events = vec![NewEvent::new(&erased, ticket_id, erased_by.clone())];
+                txn = Some(match txn {
+                    None => Transaction::append(ticket_id, ExpectedVersion::StreamExists, events),
+                    Some(t) => t.and_append(ticket_id, ExpectedVersion::StreamExists, events),
+                });
+            }
+            if let Some(txn) = txn {
+                self.log.commit_blocking(txn).map_err(Status::from)?;
+            }
+        }
+        Ok((destroyed, tickets))
     }
 
     /// The tonic server.
@@ -230,13 +351,14 @@ impl IntakeService {
         })
     }
 
-    /// Decides what a validated report becomes; returns the writes and the answer.
+    /// Decides what a validated report becomes (its customer key and
+    /// sealed contact, its district); returns the writes and the answer.
     fn decide_report(
         &self,
         req: &ReportTicketRequest,
         channel: Channel,
         kind: TicketKind,
-        customer: Option<&str>,
+        (customer, contact): (Option<&str>, SealedContact),
         (district_id, district_source): (&str, &str),
         now: Timestamp,
     ) -> Result<(Transaction, ReportTicketResponse), Status> {
@@ -280,15 +402,17 @@ impl IntakeService {
             urgency: req.urgency,
             account_number: req.account_number.clone(),
             district_id: district_id.to_string(),
-            address: req.address.clone(),
-            caller: req.caller.clone(),
-            description: req.description.clone(),
+            // Sealed in `contact`: never in plain text in a log.
+            address: String::new(),
+            caller: None,
+            description: String::new(),
             reported_at: Some(now),
             idempotency_key: req.idempotency_key.clone(),
             incident_id: String::new(),
             incident_lead: false,
             district_source: district_source.to_string(),
             customer_key: customer.unwrap_or_default().to_string(),
+            contact: Some(contact),
         };
         let mut ticket_events = Vec::with_capacity(2);
         let mut response = ReportTicketResponse {
@@ -453,6 +577,26 @@ impl Intake for IntakeService {
         }
         let phone = req.caller.as_ref().map_or("", |c| c.phone.as_str());
         let customer = self.customers.key(&req.account_number, phone);
+        // Sealed before anything is written: a caller without account or
+        // phone gets a key of the report's own.
+        let sealing_key = customer
+            .clone()
+            .unwrap_or_else(|| format!("report-{}", Uuid::now_v7()));
+        let contact = Contact {
+            caller_name: req
+                .caller
+                .as_ref()
+                .map(|c| c.name.clone())
+                .unwrap_or_default(),
+            caller_phone: phone.to_string(),
+            address: req.address.clone(),
+            description: req.description.clone(),
+        };
+        let this = self.clone();
+        let sealed = blocking(move || {
+            sealing::seal(this.keys.as_ref(), &sealing_key, &contact).map_err(seal_error)
+        })
+        .await?;
         let mut lock_keys = Vec::with_capacity(2);
         if let Some(customer) = &customer {
             lock_keys.push(format!("customer/{customer}"));
@@ -468,7 +612,7 @@ impl Intake for IntakeService {
                 &request,
                 channel,
                 kind,
-                customer.as_deref(),
+                (customer.as_deref(), sealed),
                 (&district_id, district_source),
                 now(),
             )
@@ -489,7 +633,12 @@ impl Intake for IntakeService {
         let ticket_id = request.into_inner().ticket_id;
         validate::id("ticket_id", &ticket_id)?;
         let this = self.clone();
-        let answer = blocking(move || this.ticket_or_incident(&ticket_id)).await?;
+        let answer = blocking(move || {
+            let mut answer = this.ticket_or_incident(&ticket_id)?;
+            this.open_answer(&mut answer)?;
+            Ok::<_, Status>(answer)
+        })
+        .await?;
         Ok(Response::new(answer))
     }
 
@@ -521,7 +670,14 @@ impl Intake for IntakeService {
             ));
         };
         let this = self.clone();
-        let page = blocking(move || this.list_page(&req, page_size, cursor)).await?;
+        let page = blocking(move || {
+            let mut page = this.list_page(&req, page_size, cursor)?;
+            for ticket in &mut page.tickets {
+                this.open_view(ticket)?;
+            }
+            Ok::<_, Status>(page)
+        })
+        .await?;
         Ok(Response::new(page))
     }
 
@@ -537,9 +693,15 @@ impl Intake for IntakeService {
         let key = format!("cancel:{}", req.idempotency_key);
         let probe = Idempotency::new(key.clone(), &fingerprint, Bytes::new());
         let this = self.clone();
-        if let Some(answer) =
-            blocking(move || earlier_answer::<CancelTicketResponse>(&this.log, &probe)).await?
-        {
+        let earlier = blocking(move || {
+            let mut answer = earlier_answer::<CancelTicketResponse>(&this.log, &probe)?;
+            if let Some(ticket) = answer.as_mut().and_then(|a| a.ticket.as_mut()) {
+                this.open_view(ticket)?;
+            }
+            Ok::<_, Status>(answer)
+        })
+        .await?;
+        if let Some(answer) = earlier {
             return Ok(Response::new(answer));
         }
         let _guard = self
@@ -590,9 +752,108 @@ impl Intake for IntakeService {
         };
         let idempotency =
             Idempotency::new(key, &fingerprint, Bytes::from(response.encode_to_vec()));
-        let answer: CancelTicketResponse = commit_idempotent(&self.log, txn, idempotency).await?;
+        // The answer is kept (for retries) as the view is, sealed; it is
+        // opened on the way out, every time.
+        let mut answer: CancelTicketResponse =
+            commit_idempotent(&self.log, txn, idempotency).await?;
         tracing::info!(ticket_id = %req.ticket_id, "ticket cancelled");
+        let this = self.clone();
+        let answer = blocking(move || {
+            if let Some(ticket) = &mut answer.ticket {
+                this.open_view(ticket)?;
+            }
+            Ok::<_, Status>(answer)
+        })
+        .await?;
         Ok(Response::new(answer))
+    }
+
+    async fn erase_customer(
+        &self,
+        request: Request<EraseCustomerRequest>,
+    ) -> Result<Response<EraseCustomerResponse>, Status> {
+        let principal = caller(&request);
+        let req = request.into_inner();
+        validate::erasure(&req)?;
+        // Without credentials (development on loopback) there is no
+        // principal to name.
+        let erased_by = match &principal {
+            Some(p) => actor_of(p),
+            None => actor(ActorKind::Person, "unauthenticated"),
+        };
+        let mut customers = Vec::with_capacity(2);
+        if let Some(key) = self.customers.key(&req.account_number, "") {
+            customers.push(key);
+        }
+        if let Some(key) = self.customers.key("", &req.phone) {
+            customers.push(key);
+        }
+        let mut response = EraseCustomerResponse::default();
+        for customer in customers {
+            let _guard = self.locks.lock(&[format!("customer/{customer}")]).await;
+            let (this, who, reason, key) = (
+                self.clone(),
+                erased_by.clone(),
+                req.reason.clone(),
+                customer.clone(),
+            );
+            let (destroyed, tickets) = blocking(move || this.erase(&key, &who, &reason)).await?;
+            // Never the phone or the account: the key names the customer.
+            tracing::info!(customer_key = %customer, destroyed, tickets = tickets.len(),
+                erased_by = %erased_by.id, "customer data erased");
+            if destroyed || !tickets.is_empty() {
+                response.erased_customer_keys.push(customer);
+            }
+            response.tickets += tickets.len() as u32;
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn unseal_contacts(
+        &self,
+        request: Request<UnsealContactsRequest>,
+    ) -> Result<Response<UnsealContactsResponse>, Status> {
+        // Only a service that shows contacts to their people (dispatch, to
+        // crews) or an administrator: the access policy lets services in,
+        // this narrows it to dispatch.
+        if let Some(principal) = caller(&request)
+            && !(principal.role == "admin"
+                || (principal.role == "service" && principal.id == "dispatch"))
+        {
+            return Err(Status::permission_denied(format!(
+                "{}:{} may not open customer contacts",
+                principal.role, principal.id
+            )));
+        }
+        let req = request.into_inner();
+        if req.contacts.len() > MAX_UNSEAL {
+            return Err(validate::invalid(
+                "contacts",
+                format!(
+                    "{} contacts, over the limit of {MAX_UNSEAL}",
+                    req.contacts.len()
+                ),
+            ));
+        }
+        let this = self.clone();
+        let contacts = blocking(move || {
+            req.contacts
+                .iter()
+                .map(|sealed| match sealing::open(this.keys.as_ref(), sealed) {
+                    Ok(contact) => Ok(UnsealedContact {
+                        contact: Some(contact),
+                        erased: false,
+                    }),
+                    Err(SealError::NoKey(_)) => Ok(UnsealedContact {
+                        contact: None,
+                        erased: true,
+                    }),
+                    Err(e) => Err(seal_error(e)),
+                })
+                .collect::<Result<Vec<_>, Status>>()
+        })
+        .await?;
+        Ok(Response::new(UnsealContactsResponse { contacts }))
     }
 }
 

@@ -13,6 +13,8 @@
 //! - [`api`]: the `lineguard.intake.v1.Intake` gRPC service.
 //! - [`validate`]: field-level checks; every error names its field.
 //! - [`customer`]: the keyed digest that recognises a repeat caller by phone.
+//! - [`sealing`]: customer data sealed per customer, and erased by
+//!   destroying the customer's key.
 //! - [`projection`]: [`IntakeProjector`](projection::IntakeProjector), the views.
 //! - [`observe`]: the consumer recording other services' events for the views.
 
@@ -20,12 +22,13 @@ pub mod api;
 pub mod customer;
 pub mod observe;
 pub mod projection;
+pub mod sealing;
 pub mod validate;
 
 use lineguard_eventlog::EventTypes;
 use lineguard_protos::intake::v1::{
-    EventObserved, IncidentMarkedProbableOutage, IncidentOpened, TicketCancelled,
-    TicketJoinedIncident, TicketReported, TicketUrged,
+    CustomerDataErased, EventObserved, IncidentMarkedProbableOutage, IncidentOpened,
+    TicketCancelled, TicketJoinedIncident, TicketReported, TicketUrged,
 };
 
 /// The service's name: its log's `source`, its stream `LINEGUARD_INTAKE`.
@@ -41,4 +44,5 @@ pub fn event_types() -> EventTypes {
         .with::<IncidentMarkedProbableOutage>(1)
         .with::<TicketCancelled>(1)
         .with::<EventObserved>(1)
+        .with::<CustomerDataErased>(1)
 }

@@ -10,6 +10,7 @@ use lineguard_intake::api::{IntakeConfig, IntakeService};
 use lineguard_intake::customer::CustomerDigest;
 use lineguard_intake::observe;
 use lineguard_intake::projection::IntakeProjector;
+use lineguard_intake::sealing::{LocalKeyStore, MasterKey};
 use lineguard_runtime::{CommonArgs, HostError, ServiceSpec, parse_duration};
 use tonic::service::RoutesBuilder;
 
@@ -32,6 +33,15 @@ struct Args {
     /// recognising the callers of open tickets.
     #[arg(long, env = "LINEGUARD_CUSTOMER_DIGEST_KEY_FILE")]
     customer_digest_key_file: Option<std::path::PathBuf>,
+    /// The master key (64 hex digits) that wraps every customer's data key.
+    /// Wins over --master-key-file. Keep it apart from the data: with the
+    /// data dir alone, nothing sealed can be read.
+    #[arg(long, env = "LINEGUARD_MASTER_KEY", hide_env_values = true)]
+    master_key: Option<String>,
+    /// A file holding the master key (64 hex digits) [default: <data
+    /// dir>/secrets/master.key, made at first start: development only].
+    #[arg(long, env = "LINEGUARD_MASTER_KEY_FILE")]
+    master_key_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -45,12 +55,11 @@ async fn main() -> ExitCode {
         mirror: None,
         api_services: vec!["lineguard.intake.v1.Intake"],
     };
-    let digest_file = args.customer_digest_key_file.clone().unwrap_or_else(|| {
-        args.common
-            .data_dir_of(lineguard_intake::SERVICE)
-            .join("secrets")
-            .join("customer-digest.key")
-    });
+    let data_dir = args.common.data_dir_of(lineguard_intake::SERVICE);
+    let digest_file = args
+        .customer_digest_key_file
+        .clone()
+        .unwrap_or_else(|| data_dir.join("secrets").join("customer-digest.key"));
     let config = IntakeConfig {
         correlation_window: args.correlation_window,
         outage_threshold: args.outage_threshold,
@@ -59,16 +68,30 @@ async fn main() -> ExitCode {
         host.add_consumer(
             ConsumerConfig::new(observe::CONSUMER, "routing").filtered(observe::routing_subjects()),
             observe::Observer,
-        );
+        )?;
         host.add_consumer(
             ConsumerConfig::new(observe::DISPATCH_CONSUMER, "dispatch")
                 .filtered(observe::dispatch_subjects()),
             observe::Observer,
-        );
+        )?;
         let customers = CustomerDigest::load_or_create(&digest_file)
             .map_err(|e| HostError::Setup(e.to_string()))?;
+        let setup = |e: lineguard_intake::sealing::SealError| HostError::Setup(e.to_string());
+        let master = match (&args.master_key, &args.master_key_file) {
+            (Some(hex), _) => MasterKey::from_hex("LINEGUARD_MASTER_KEY", hex).map_err(setup)?,
+            (None, Some(file)) => MasterKey::load_or_create(file).map_err(setup)?,
+            (None, None) => {
+                let file = data_dir.join("secrets").join("master.key");
+                tracing::warn!(file = %file.display(),
+                    "no --master-key: using one kept beside the data (development only)");
+                MasterKey::load_or_create(&file).map_err(setup)?
+            }
+        };
+        let keys = LocalKeyStore::open(&data_dir.join("keys"), master).map_err(setup)?;
         let mut routes = RoutesBuilder::default();
-        routes.add_service(IntakeService::new(host.log.clone(), config, customers).server());
+        routes.add_service(
+            IntakeService::new(host.log.clone(), config, customers, Arc::new(keys)).server(),
+        );
         Ok(routes)
     })
     .await

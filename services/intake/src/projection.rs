@@ -8,6 +8,7 @@
 //! | `district-incident/<district>/<kind>` | the district's latest incident of that kind |
 //! | `by-time/<reported at, ns, 20 digits>/<ticket id>` | empty: the listing order |
 //! | `account/<account number>` | its district: intake's copy of routing's directory |
+//! | `customer-ticket/<customer>/<ticket id>` | empty: the customer's tickets, for erasure |
 //!
 //! Other services' events reach these views through `EventObserved`: intake
 //! records its copy of each event it consumes in its own log, so the views
@@ -23,9 +24,9 @@ use lineguard_protos::dispatch::v1::{
     OrderAssigned, PowerRestored, WorkCompleted,
 };
 use lineguard_protos::intake::v1::{
-    ClockAlert, Deadline, EventObserved, IncidentMarkedProbableOutage, IncidentOpened,
-    IncidentView, TicketCancelled, TicketJoinedIncident, TicketReported, TicketStatus, TicketUrged,
-    TicketView,
+    ClockAlert, CustomerDataErased, Deadline, EventObserved, IncidentMarkedProbableOutage,
+    IncidentOpened, IncidentView, TicketCancelled, TicketJoinedIncident, TicketReported,
+    TicketStatus, TicketUrged, TicketView,
 };
 use lineguard_protos::routing::v1::{
     AccountsAssigned, ClockBreached, ClockWarned, RouteReason, TicketAccepted, TicketAnswered,
@@ -56,6 +57,15 @@ pub fn district_incident_key(district_id: &str, kind: i32) -> Vec<u8> {
 
 pub fn account_key(account: &str) -> Vec<u8> {
     format!("account/{account}").into_bytes()
+}
+
+/// The prefix of a customer's entries in the customer-ticket index.
+pub fn customer_tickets_prefix(customer: &str) -> Vec<u8> {
+    format!("customer-ticket/{customer}/").into_bytes()
+}
+
+fn customer_ticket_key(customer: &str, ticket_id: &str) -> Vec<u8> {
+    format!("customer-ticket/{customer}/{ticket_id}").into_bytes()
 }
 
 /// Prefix of the listing index.
@@ -152,7 +162,8 @@ impl Projector for IntakeProjector {
     fn version(&self) -> u32 {
         // 3: crew actions stop clocks at their judged time.
         // 4: the view keeps its report's repeat-caller key.
-        4
+        // 5: the view keeps the sealed contact; erasure; customer index.
+        5
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
@@ -175,8 +186,15 @@ impl Projector for IntakeProjector {
                     description: e.description.clone(),
                     reported_at: Some(reported_at),
                     updated_at: Some(at),
+                    sealed_contact: e.contact.clone(),
                     ..TicketView::default()
                 };
+                if let Some(sealed) = &e.contact {
+                    view.put(
+                        customer_ticket_key(&sealed.customer_key, &e.ticket_id),
+                        Vec::new(),
+                    );
+                }
                 let customer = if e.customer_key.is_empty() {
                     let phone = e.caller.as_ref().map_or("", |c| c.phone.as_str());
                     legacy_customer_key(&e.account_number, phone)
@@ -188,6 +206,17 @@ impl Projector for IntakeProjector {
                 }
                 ticket.customer_key = customer.unwrap_or_default();
                 view.put(by_time_key(nanos(&reported_at), &e.ticket_id), Vec::new());
+                store(view, ticket_key(&e.ticket_id), &ticket);
+            }
+            t if t == CustomerDataErased::full_name() => {
+                let e: CustomerDataErased = decode_payload(event)?;
+                let mut ticket = load_ticket(view, &e.ticket_id)?;
+                ticket.customer_data_erased = true;
+                ticket.sealed_contact = None;
+                ticket.address.clear();
+                ticket.caller = None;
+                ticket.description.clear();
+                ticket.updated_at = Some(at);
                 store(view, ticket_key(&e.ticket_id), &ticket);
             }
             t if t == TicketUrged::full_name() => {

@@ -2,7 +2,7 @@
 //! the reason, and becomes `INVALID_ARGUMENT`.
 
 use lineguard_protos::intake::v1::{
-    Channel, ReportTicketRequest, ServiceRequestType, TicketKind, Urgency,
+    Channel, EraseCustomerRequest, ReportTicketRequest, ServiceRequestType, TicketKind, Urgency,
 };
 use tonic::Status;
 
@@ -68,16 +68,34 @@ pub fn id(field: &str, value: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// A phone number: an optional '+', then 7 to 15 digits.
+/// A caller's phone number: an optional '+', then 7 to 15 digits.
 pub fn phone(value: &str) -> Result<(), Status> {
+    phone_field("caller.phone", value)
+}
+
+fn phone_field(field: &str, value: &str) -> Result<(), Status> {
     let digits = value.strip_prefix('+').unwrap_or(value);
     if !(7..=15).contains(&digits.len()) || !digits.chars().all(|c| c.is_ascii_digit()) {
-        return Err(invalid(
-            "caller.phone",
-            "must be an optional '+' and 7 to 15 digits",
-        ));
+        return Err(invalid(field, "must be an optional '+' and 7 to 15 digits"));
     }
     Ok(())
+}
+
+/// Checks an erasure: the customer by account, phone or both, and why.
+pub fn erasure(req: &EraseCustomerRequest) -> Result<(), Status> {
+    if req.account_number.is_empty() && req.phone.is_empty() {
+        return Err(invalid(
+            "account_number",
+            "an account number or a phone is required",
+        ));
+    }
+    if !req.account_number.is_empty() {
+        id("account_number", &req.account_number)?;
+    }
+    if !req.phone.is_empty() {
+        phone_field("phone", &req.phone)?;
+    }
+    reason(&req.reason)
 }
 
 /// Checks a report; on success returns its channel and kind.

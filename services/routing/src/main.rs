@@ -74,17 +74,17 @@ async fn main() -> ExitCode {
             ConsumerConfig::new(intake_events::CONSUMER, "intake")
                 .filtered(intake_events::subjects()),
             IntakeEvents::new(router.clone()),
-        );
+        )?;
         host.add_consumer(
             ConsumerConfig::new(dispatch_events::CONSUMER, "dispatch")
                 .filtered(dispatch_events::subjects()),
             DispatchEvents::new(router.clone()),
-        );
+        )?;
         host.add_consumer(
             ConsumerConfig::new(feedback_events::CONSUMER, "feedback")
                 .filtered(feedback_events::subjects()),
             FeedbackEvents::new(router.clone()),
-        );
+        )?;
         let timers = lineguard_routing::timers::spawn(router.clone(), args.timer_tick);
         host.on_shutdown(timers.stop());
         let mut routes = RoutesBuilder::default();

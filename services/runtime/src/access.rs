@@ -285,6 +285,9 @@ mod tests {
                 rpc,
                 "lineguard.eventlog.v1.EventLog/ReadAll"
                     | "lineguard.eventlog.v1.EventLog/GetLogInfo"
+                    // Dispatch opening contacts for crews (intake narrows
+                    // it to dispatch).
+                    | "lineguard.intake.v1.Intake/UnsealContacts"
             ),
             _ => false,
         }

@@ -332,6 +332,43 @@ pub fn caller<T>(request: &tonic::Request<T>) -> Option<Principal> {
     request.extensions().get::<Principal>().cloned()
 }
 
+/// The actor a principal's event records: its kind by role (a crew's
+/// phone is its crew, an intake system a channel, a service the system,
+/// anyone else a person) and the id `<role>-<id>` (a phone:
+/// `<crew>-<device or id>`), with any character an actor id may not hold
+/// made `_`. The principal, never a request field, is who acted.
+pub fn actor_of(principal: &Principal) -> lineguard_eventlog::Actor {
+    use lineguard_eventlog::ActorKind;
+    let (kind, id) = match principal.role.as_str() {
+        "crew" => {
+            let device = if principal.device_id.is_empty() {
+                &principal.id
+            } else {
+                &principal.device_id
+            };
+            (ActorKind::Crew, format!("{}-{device}", principal.crew_id))
+        }
+        "intake_system" => (
+            ActorKind::Channel,
+            format!("intake_system-{}", principal.id),
+        ),
+        "service" => (ActorKind::System, principal.id.clone()),
+        role => (ActorKind::Person, format!("{role}-{}", principal.id)),
+    };
+    let id: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    lineguard_eventlog::actor(kind, id)
+}
+
 /// Whether `caller` may act for `crew_id`: a crew's phone acts for its own
 /// crew only (another crew's stream or order is `PERMISSION_DENIED`,
 /// whatever the request says); any other role the policy lets call the RPC

@@ -208,13 +208,35 @@ impl CredentialsDir {
     }
 }
 
-/// Makes, once, the development credentials in `dir`: a CA, a certificate
-/// per service (`service:<name>`, also its server certificate for
-/// localhost), `intake_system:dev` and `admin:dev` client certificates, and
-/// a token key. A directory that already holds a CA is left as it is.
+/// The principals of a development set: each service (`service:<name>`,
+/// also its server certificate for localhost), the NATS server
+/// (`nats:local`), and the `intake_system:dev` and `admin:dev` callers.
+fn development_principals() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
+    let mut principals: Vec<(&str, &str, &[&str])> = SERVICES
+        .iter()
+        .map(|service| ("service", *service, &LOCAL_NAMES[..]))
+        .collect();
+    let (role, id) = crate::bus_access::NATS_SERVER_PRINCIPAL;
+    principals.push((role, id, &LOCAL_NAMES[..]));
+    principals.push(("intake_system", "dev", &[]));
+    principals.push(("admin", "dev", &[]));
+    principals
+}
+
+/// Makes, once, the development credentials in `dir`: a CA, the
+/// certificates of [`development_principals`], and a token key. A directory
+/// that already holds a CA keeps it; a certificate a later version added to
+/// the set is issued there if the CA's key is at hand.
 pub fn ensure_development_set(dir: &Path) -> Result<CredentialsDir, CredentialError> {
     let credentials = CredentialsDir::new(dir);
     if credentials.ca().exists() {
+        if credentials.path.join("ca.key").exists() {
+            for (role, id, names) in development_principals() {
+                if !credentials.principal(role, id).0.exists() {
+                    credentials.issue_certificate(role, id, names, DEVELOPMENT_VALIDITY)?;
+                }
+            }
+        }
         return Ok(credentials);
     }
     // Made in a sibling directory and renamed into place: a half-made set
@@ -224,11 +246,9 @@ pub fn ensure_development_set(dir: &Path) -> Result<CredentialsDir, CredentialEr
     let staging = tempfile_dir(parent)?;
     let staged = CredentialsDir::new(staging.clone());
     staged.create_authority(DEVELOPMENT_VALIDITY)?;
-    for service in SERVICES {
-        staged.issue_certificate("service", service, &LOCAL_NAMES, DEVELOPMENT_VALIDITY)?;
+    for (role, id, names) in development_principals() {
+        staged.issue_certificate(role, id, names, DEVELOPMENT_VALIDITY)?;
     }
-    staged.issue_certificate("intake_system", "dev", &[], DEVELOPMENT_VALIDITY)?;
-    staged.issue_certificate("admin", "dev", &[], DEVELOPMENT_VALIDITY)?;
     match std::fs::rename(&staging, dir) {
         Ok(()) => Ok(credentials),
         // Another process made them first: theirs stand.

@@ -21,6 +21,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod bus_access;
 pub mod calendar;
 pub mod credentials;
 pub mod locks;
@@ -299,10 +300,10 @@ pub struct Host {
     relay: OutboxRelay,
     /// The other services' logs, by service name (`--peer`).
     peers: std::collections::HashMap<String, lineguard_bus::SourceLogHandle>,
+    /// Channels to the other services (`--peer`), as this service.
+    peer_channels: std::collections::HashMap<String, tonic::transport::Channel>,
     /// Wakes between the service's consumers (parked events).
     parking: ParkingLot,
-    /// JetStream limits of the streams this process creates.
-    stream: lineguard_bus::StreamSettings,
     /// How long the outbox may be stuck before `lineguard.bus` is NOT_SERVING.
     bus_stall_limit: Duration,
     /// TLS and the authentication layer, with `--credentials`.
@@ -398,12 +399,29 @@ impl Host {
                 "projections rebuilt from the log at start-up");
         }
 
-        let nats = async_nats::ConnectOptions::new()
-            .name(format!("lineguard-{}", spec.name))
-            .retry_on_initial_connect()
-            .connect(&args.nats_url)
-            .await
-            .map_err(|e| HostError::Nats(e.to_string()))?;
+        let rights = check_bus_rights(spec.name, spec.mirror.as_ref())?;
+        let credentials_dir = args
+            .credentials
+            .as_ref()
+            .map(credentials::CredentialsDir::new);
+        if credentials_dir.is_none() && !nats_url_is_loopback(&args.nats_url) {
+            return Err(HostError::Setup(format!(
+                "--nats-url {} is not a loopback address: connecting there needs \
+                 --credentials (TLS and a certificate NATS maps to this service's user)",
+                args.nats_url
+            )));
+        }
+        // As `service:<name>` over TLS with credentials; NATS holds the
+        // connection to the service's rights (bus_access::BUS_RIGHTS).
+        let nats = bus_access::connect_options(
+            &format!("lineguard-{}", spec.name),
+            credentials_dir.as_ref(),
+            ("service", rights.service),
+            Some(bus_access::inbox_prefix(rights.service)),
+        )
+        .connect(&args.nats_url)
+        .await
+        .map_err(|e| HostError::Nats(e.to_string()))?;
         let jetstream = jetstream::new(nats.clone());
         let stream = lineguard_bus::StreamSettings {
             max_age: args.stream_max_age,
@@ -417,7 +435,7 @@ impl Host {
             jetstream.clone(),
             RelayConfig {
                 mirror: spec.mirror.clone(),
-                stream: stream.clone(),
+                stream,
                 ..RelayConfig::default()
             },
         );
@@ -439,6 +457,7 @@ impl Host {
             None => None,
         };
         let mut peers = std::collections::HashMap::new();
+        let mut peer_channels = std::collections::HashMap::new();
         for (service, url) in &args.peers {
             let channel = match &peer_credentials {
                 Some(credentials) => credentials
@@ -449,6 +468,7 @@ impl Host {
                     .connect_timeout(Duration::from_secs(5))
                     .connect_lazy(),
             };
+            peer_channels.insert(service.clone(), channel.clone());
             let log = PeerLog {
                 service: service.clone(),
                 client: lineguard_protos::eventlog::v1::event_log_client::EventLogClient::new(
@@ -473,8 +493,8 @@ impl Host {
             api_services: spec.api_services,
             relay,
             peers,
+            peer_channels,
             parking: ParkingLot::new(),
-            stream,
             bus_stall_limit: args.bus_stall_limit,
             security,
             consumers: Vec::new(),
@@ -485,11 +505,27 @@ impl Host {
     /// Starts a durable consumer committing into this service's log; it
     /// catches up from its source's own log (if `--peer` names it) when the
     /// bus has dropped what it missed.
-    pub fn add_consumer<H: Handler>(&mut self, mut config: ConsumerConfig, handler: H) {
+    ///
+    /// The consumer must be one [`bus_access::BUS_RIGHTS`] gives this
+    /// service (named `<service>-from-<source>`): NATS would refuse any other.
+    pub fn add_consumer<H: Handler>(
+        &mut self,
+        mut config: ConsumerConfig,
+        handler: H,
+    ) -> Result<(), HostError> {
+        let expected = bus_access::consumer_name(self.name, &config.source_service);
+        let granted = bus_access::rights_of(self.name)
+            .is_some_and(|r| r.consumes.contains(&config.source_service.as_str()));
+        if !granted || config.name != expected {
+            return Err(HostError::Setup(format!(
+                "consumer {} of {}: bus_access::BUS_RIGHTS gives {} the consumer {expected} \
+                 only if it lists {} among the streams it consumes",
+                config.name, config.source_service, self.name, config.source_service
+            )));
+        }
         if config.source_log.is_none() {
             config.source_log = self.peers.get(&config.source_service).cloned();
         }
-        config.stream = self.stream.clone();
         self.consumers.push(spawn_consumer(
             self.jetstream.clone(),
             self.log.clone(),
@@ -497,6 +533,13 @@ impl Host {
             handler,
             self.parking.clone(),
         ));
+        Ok(())
+    }
+
+    /// A channel to another service named by `--peer`, calling as this
+    /// service (`service:<name>`, with credentials).
+    pub fn peer_channel(&self, service: &str) -> Option<tonic::transport::Channel> {
+        self.peer_channels.get(service).cloned()
     }
 
     /// Runs `step` at shutdown, after gRPC has stopped and before the
@@ -671,6 +714,41 @@ pub const BUS_HEALTH_NAME: &str = "lineguard.bus";
 
 /// How often the bus's health is looked at.
 const BUS_HEALTH_CHECK: Duration = Duration::from_secs(1);
+
+/// The service's rights on the bus; its mirror stream must be among them.
+fn check_bus_rights(
+    name: &str,
+    mirror: Option<&Mirror>,
+) -> Result<&'static bus_access::BusRights, HostError> {
+    let rights = bus_access::rights_of(name).ok_or_else(|| {
+        HostError::Setup(format!("{name} has no entry in bus_access::BUS_RIGHTS"))
+    })?;
+    if let Some(mirror) = mirror
+        && !rights.publishes.contains(&mirror.stream_name)
+    {
+        return Err(HostError::Setup(format!(
+            "{name} mirrors to stream {}, which bus_access::BUS_RIGHTS does not let it publish to",
+            mirror.stream_name
+        )));
+    }
+    Ok(rights)
+}
+
+/// Whether a NATS URL (or a comma-separated list) names loopback hosts only.
+fn nats_url_is_loopback(urls: &str) -> bool {
+    urls.split(',').all(|url| {
+        let rest = url.trim().split("://").last().unwrap_or_default();
+        let host_port = rest.rsplit('@').next().unwrap_or_default();
+        let host = match host_port.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => host_port.split(':').next().unwrap_or_default(),
+        };
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    })
+}
 
 /// Creates (or updates) the service's streams once before anything else,
 /// so that a refusal that cannot heal (no room in NATS's store for their

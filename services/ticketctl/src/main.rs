@@ -96,6 +96,20 @@ enum Command {
         #[arg(long, default_value = "https://www.95598.cn/report")]
         report_url: String,
     },
+    /// Erase a customer's data (administrators): destroys their data key,
+    /// so their name, phone, address and descriptions cannot be read
+    /// anywhere any more; their tickets and every figure stay.
+    EraseCustomer {
+        /// The customer's account number.
+        #[arg(long, default_value = "")]
+        account: String,
+        /// The customer's phone (for reports made without an account).
+        #[arg(long, default_value = "")]
+        phone: String,
+        /// Why (recorded with the erasure).
+        #[arg(long)]
+        reason: String,
+    },
     /// Events each service's consumers parked until what they wait for
     /// arrives (they are applied then, or at the next sweep).
     Parked {
@@ -154,6 +168,18 @@ enum CredentialsWhat {
         #[arg(long, default_value = "90d", value_parser = lineguard_runtime::parse_duration)]
         valid_for: std::time::Duration,
     },
+    /// Print the `tls` and `authorization` blocks of the NATS server's
+    /// configuration for DIR: TLS with DIR's `nats-local` certificate,
+    /// client certificates mapped to users, each service held to the
+    /// subjects it publishes and consumes, each --operator with every right.
+    NatsConfig {
+        /// The credentials directory.
+        #[arg(long, default_value = ".lineguard/credentials")]
+        dir: std::path::PathBuf,
+        /// An operator's certificate principal, `role:id` (repeatable).
+        #[arg(long, default_value = "admin:dev")]
+        operator: Vec<String>,
+    },
     /// Issue a token (printed) for a phone or an operator, signed by DIR's
     /// token key.
     Token {
@@ -200,6 +226,21 @@ fn credentials(what: CredentialsWhat) -> Result<ExitCode, Error> {
                 .map_err(failed)?;
             let (cert, key) = dir.principal(&role, &id);
             println!("{}\n{}", cert.display(), key.display());
+        }
+        CredentialsWhat::NatsConfig { dir, operator } => {
+            let mut operators = Vec::new();
+            for principal in &operator {
+                let (role, id) = principal.split_once(':').ok_or_else(|| {
+                    Error::Usage(format!("--operator {principal}: expected role:id"))
+                })?;
+                operators.push((role, id));
+            }
+            let text = lineguard_runtime::bus_access::nats_server_security(
+                &CredentialsDir::new(dir),
+                &operators,
+            )
+            .map_err(|e| Error::Usage(e.to_string()))?;
+            print!("{text}");
         }
         CredentialsWhat::Token {
             dir,
@@ -380,6 +421,36 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 print_json(&laid_out)?;
             } else {
                 print!("{}", timeline::render_text(&laid_out));
+            }
+        }
+        Command::EraseCustomer {
+            account,
+            phone,
+            reason,
+        } => {
+            let erased = clients
+                .intake()
+                .erase_customer(lineguard_protos::intake::v1::EraseCustomerRequest {
+                    account_number: account,
+                    phone,
+                    reason,
+                })
+                .await
+                .map_err(Error::service("intake"))?
+                .into_inner();
+            if cli.json {
+                print_json(&serde_json::json!({
+                    "erased_customer_keys": erased.erased_customer_keys,
+                    "tickets": erased.tickets,
+                }))?;
+            } else if erased.erased_customer_keys.is_empty() {
+                println!("no data of that customer was held");
+            } else {
+                println!(
+                    "erased {} ({} tickets)",
+                    erased.erased_customer_keys.join(", "),
+                    erased.tickets
+                );
             }
         }
         Command::Sheet {

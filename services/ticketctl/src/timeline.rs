@@ -12,7 +12,8 @@ use lineguard_protos::feedback::v1::{
     FollowUpOverdue, FollowUpRecorded, FollowUpScheduled, TicketReopened,
 };
 use lineguard_protos::intake::v1::{
-    Channel, IncidentOpened, TicketJoinedIncident, TicketKind, TicketReported, TicketUrged,
+    Channel, CustomerDataErased, IncidentOpened, TicketJoinedIncident, TicketKind, TicketReported,
+    TicketUrged,
 };
 use lineguard_protos::routing::v1::{
     ClockBreached, ClockWarned, TicketAccepted, TicketAnswered, TicketReturned, TicketRouted,
@@ -243,6 +244,12 @@ pub fn describe(e: &EventEnvelope) -> String {
     }
     if let Some(r) = decode::<TicketReopened>(e) {
         return format!("{} reopened: {}", r.ticket_id, r.reason);
+    }
+    if let Some(x) = decode::<CustomerDataErased>(e) {
+        return format!(
+            "customer data of {} ERASED by {}: {}",
+            x.ticket_id, x.erased_by, x.reason
+        );
     }
     short_type(e).to_string()
 }

@@ -81,7 +81,10 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A nats-server with JetStream, private to one test.
+/// A nats-server with JetStream, private to one test, secured as a real
+/// installation's: TLS, client certificates from [`test_credentials`]
+/// mapped to users, each service held to its subjects
+/// (`lineguard_runtime::bus_access`), `admin:dev` with every right.
 pub struct NatsServer {
     child: Option<Child>,
     dir: TempDir,
@@ -102,18 +105,18 @@ impl NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("lineguard-nats-")
             .tempdir()?;
-        let config_path = if config.is_empty() {
-            None
-        } else {
-            let path = dir.path().join("nats-server.conf");
-            std::fs::write(&path, config)?;
-            Some(path)
-        };
+        let security = lineguard_runtime::bus_access::nats_server_security(
+            test_credentials(),
+            &[("admin", "dev")],
+        )
+        .map_err(|e| HarnessError::Failed(e.to_string()))?;
+        let path = dir.path().join("nats-server.conf");
+        std::fs::write(&path, format!("{config}\n{security}"))?;
         let mut server = NatsServer {
             child: None,
             dir,
             port: 0,
-            config: config_path,
+            config: Some(path),
         };
         server.launch(None)?;
         Ok(server)
@@ -166,12 +169,37 @@ impl NatsServer {
     /// A JetStream context on a new connection to this server (the
     /// connection retries until the server answers).
     pub async fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect(self.url())
-            .await
-            .map_err(|e| HarnessError::Failed(format!("connect to {}: {e}", self.url())))?;
-        Ok(async_nats::jetstream::new(client))
+        Ok(async_nats::jetstream::new(self.client().await?))
+    }
+
+    /// A new connection as `admin:dev` (every right).
+    pub async fn client(&self) -> Result<async_nats::Client> {
+        self.client_as("admin", "dev", None).await
+    }
+
+    /// A new connection as the certificate `role:id` of
+    /// [`test_credentials`], with replies on `inbox` (a service's user may
+    /// only subscribe to its own: `lineguard_runtime::bus_access::inbox_prefix`).
+    pub async fn client_as(
+        &self,
+        role: &str,
+        id: &str,
+        inbox: Option<String>,
+    ) -> Result<async_nats::Client> {
+        lineguard_runtime::bus_access::connect_options(
+            "lineguard-test",
+            Some(test_credentials()),
+            (role, id),
+            inbox,
+        )
+        .connect(self.url())
+        .await
+        .map_err(|e| HarnessError::Failed(format!("connect to {}: {e}", self.url())))
+    }
+
+    /// The JetStream store directory (every stream's files).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
     }
 
     pub fn url(&self) -> String {

@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Backend, header};
+use common::{Backend, header, quiet};
 use lineguard_harness::{ServiceProcess, test_credentials};
 use lineguard_protos::dispatch::v1::{
     AcknowledgeRequest, GetWorkOrderRequest, SubmitActionsRequest, WatchDispatchesRequest,
@@ -131,7 +131,14 @@ async fn every_rpc_of_every_service_as_every_role_is_allowed_or_denied_by_the_po
     assert!(guarded.len() > 40, "{} RPCs", guarded.len());
 
     // First every call that must be refused, then the logs must be as they
-    // were: a refused call writes nothing.
+    // were: a refused call writes nothing. (The services first settle: the
+    // consumers catching up at start-up write too.)
+    quiet(
+        &[&backend.intake, &backend.routing, dispatch, feedback],
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
     let before = heads(&processes).await;
     let mut refused = 0;
     for rpc in &guarded {

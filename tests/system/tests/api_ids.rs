@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use lineguard_protos::dispatch::v1::{AddNoteRequest, GetWorkOrderRequest, WatchDispatchesRequest};
+use lineguard_protos::dispatch::v1::{AddNoteRequest, GetWorkOrderRequest};
 use lineguard_protos::feedback::v1::RecordFollowUpRequest;
 use lineguard_protos::intake::v1::{
     CancelTicketRequest, Channel, Disposition, GetTicketRequest, ReportTicketRequest, TicketKind,
@@ -137,19 +137,7 @@ async fn a_ticket_id_and_its_incident_id_name_one_case_in_every_service() {
 
     // Dispatch: the crew's order answers to every id of the case.
     let mut dispatch = backend.dispatch().await;
-    eventually("dispatch to know the crew", || {
-        let mut dispatch = dispatch.clone();
-        async move {
-            dispatch
-                .watch_dispatches(WatchDispatchesRequest {
-                    crew_id: CREW.into(),
-                    ..WatchDispatchesRequest::default()
-                })
-                .await
-                .ok()
-        }
-    })
-    .await;
+    backend.watch_crew(CREW).await;
     for id in [&incident, &lead.ticket_id, &second.ticket_id] {
         let order = eventually("the work order", || {
             let mut dispatch = dispatch.clone();

@@ -37,21 +37,7 @@ async fn a_crew_gets_every_order_across_a_dispatch_crash_and_completes_an_incide
     let mut backend = Backend::start_with(false, true).await;
     let mut dispatch = backend.dispatch().await;
     // The crew is known once dispatch has heard routing's directory.
-    let mut watch = eventually("dispatch to know the crew", || {
-        let mut dispatch = dispatch.clone();
-        async move {
-            dispatch
-                .watch_dispatches(WatchDispatchesRequest {
-                    crew_id: CREW.into(),
-                    after_sequence: 0,
-                    ..WatchDispatchesRequest::default()
-                })
-                .await
-                .ok()
-                .map(|r| r.into_inner())
-        }
-    })
-    .await;
+    let mut watch = backend.watch_crew(CREW).await;
 
     // One outage, three doors: one incident, one order for the district's crew.
     let mut intake = backend.intake().await;
@@ -80,12 +66,24 @@ async fn a_crew_gets_every_order_across_a_dispatch_crash_and_completes_an_incide
         .expect("an order first");
     assert_eq!(assigned.order_id, incident);
     // The same event, typed: a phone reads `body`, no descriptors needed;
-    // the order says where the fault is and how to call the customer back.
+    // the order says where the fault is and how to call the customer back,
+    // opened by intake for the crew. As recorded, the contact is sealed.
     let Some(crew_event::Body::OrderAssigned(typed)) = &first.body else {
         panic!("a typed OrderAssigned, got {:?}", first.body);
     };
-    assert_eq!(typed, &assigned);
+    assert_eq!(typed.order_id, assigned.order_id);
+    assert_eq!(typed.tickets.len(), assigned.tickets.len());
+    let recorded = &assigned.tickets[0];
+    assert!(
+        recorded.address.is_empty() && recorded.callback_phone.is_empty(),
+        "dispatch records no contact in plain text: {recorded:?}"
+    );
+    assert!(recorded.contact.is_some(), "it records the sealed contact");
     let caller = &typed.tickets[0];
+    assert!(
+        caller.contact.is_none(),
+        "the crew gets it opened, not sealed"
+    );
     assert_eq!(caller.ticket_id, tickets[0].ticket_id);
     assert_eq!(caller.address, "No. 8 Riverside Road");
     assert_eq!(caller.description, "No power in the whole building");
@@ -219,11 +217,7 @@ async fn a_crew_gets_every_order_across_a_dispatch_crash_and_completes_an_incide
     }
 
     // Gateways that speak NATS see the crew's events on its own subjects.
-    let js = jetstream::new(
-        async_nats::connect(backend.nats.url())
-            .await
-            .expect("connect nats"),
-    );
+    let js = jetstream::new(backend.nats.client().await.expect("connect nats"));
     let stream = js.get_stream("LINEGUARD_CREW").await.expect("crew stream");
     let consumer = stream
         .create_consumer(pull::Config {

@@ -152,7 +152,13 @@ impl Backend {
                 workspace_binary("lineguard-dispatch"),
                 &dir.path().join("dispatch"),
                 &nats.url(),
-                &["--timer-tick".into(), "100ms".into()],
+                &[
+                    "--timer-tick".into(),
+                    "100ms".into(),
+                    // Crews' contacts are opened by intake.
+                    "--peer".into(),
+                    format!("intake={}", intake.endpoint()),
+                ],
             )
             .expect("dispatch")
         });
@@ -202,6 +208,30 @@ impl Backend {
     pub async fn dispatch(&self) -> DispatchClient<GrpcChannel> {
         let process = self.dispatch.as_ref().expect("started with dispatch");
         DispatchClient::new(process.channel().await.expect("dispatch channel"))
+    }
+
+    /// `crew`'s dispatch events from its first, once dispatch knows the
+    /// crew (it learns crews from routing's directory).
+    pub async fn watch_crew(
+        &self,
+        crew: &str,
+    ) -> tonic::Streaming<lineguard_protos::dispatch::v1::CrewEvent> {
+        let dispatch = self.dispatch().await;
+        eventually("dispatch to know the crew", || {
+            let mut dispatch = dispatch.clone();
+            async move {
+                dispatch
+                    .watch_dispatches(lineguard_protos::dispatch::v1::WatchDispatchesRequest {
+                        crew_id: crew.into(),
+                        after_sequence: 0,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
     }
 
     pub async fn feedback(&self) -> FeedbackClient<GrpcChannel> {

@@ -1,0 +1,244 @@
+//! Who may do what on NATS, and how a process connects to it.
+//!
+//! With credentials, NATS is as closed as gRPC: every connection is TLS and
+//! presents a client certificate from the installation's CA; the server maps
+//! the certificate's subject (`CN=<role>:<id>`, `verify_and_map`) to a NATS
+//! user, and each service's user may only
+//!
+//! - publish on its own subjects (`lineguard.<service>.>`, and dispatch's
+//!   crew mirror `lineguard.crew.>`), and manage its own streams;
+//! - read the streams it consumes, through its own durable consumers
+//!   (`<service>-from-<source>`): fetch, ack, info;
+//! - receive replies on its own inbox prefix (`_INBOX_<service>`), so no
+//!   service reads another's replies.
+//!
+//! A service that publishes a forged event on another service's subject is
+//! refused by NATS itself; one that puts a foreign envelope on its own
+//! subject is dead-lettered by the consumer (`lineguard_bus::consumer`
+//! checks that the envelope's source is the stream's service).
+//!
+//! [`BUS_RIGHTS`] is the one table of what each service publishes and
+//! consumes. [`nats_server_security`] turns it into the NATS server's `tls`
+//! and `authorization` blocks (`ticketctl credentials nats-config`), and the
+//! host refuses at start-up a consumer or a stream the table does not give
+//! the service, so the table cannot drift from the code.
+
+use std::path::Path;
+
+use crate::credentials::CredentialsDir;
+
+/// What one service may do on the bus.
+#[derive(Debug, Clone, Copy)]
+pub struct BusRights {
+    /// The service (`intake`, …), its NATS user `CN=service:<service>`.
+    pub service: &'static str,
+    /// The streams it publishes to (its own, and any mirror).
+    pub publishes: &'static [&'static str],
+    /// The services whose streams it consumes.
+    pub consumes: &'static [&'static str],
+}
+
+/// Every service's rights on the bus.
+pub const BUS_RIGHTS: [BusRights; 4] = [
+    BusRights {
+        service: "intake",
+        publishes: &["intake"],
+        consumes: &["routing", "dispatch"],
+    },
+    BusRights {
+        service: "routing",
+        publishes: &["routing"],
+        consumes: &["intake", "dispatch", "feedback"],
+    },
+    BusRights {
+        service: "dispatch",
+        publishes: &["dispatch", "crew"],
+        consumes: &["routing", "intake"],
+    },
+    BusRights {
+        service: "feedback",
+        publishes: &["feedback"],
+        consumes: &["intake", "routing", "dispatch"],
+    },
+];
+
+/// The rights of `service`, if it is one of Lineguard's.
+pub fn rights_of(service: &str) -> Option<&'static BusRights> {
+    BUS_RIGHTS.iter().find(|r| r.service == service)
+}
+
+/// The durable consumer `service` reads `source`'s stream with.
+pub fn consumer_name(service: &str, source: &str) -> String {
+    format!("{service}-from-{source}")
+}
+
+/// The inbox prefix of `service`'s connection: replies to its requests
+/// come there, and only it may subscribe to them.
+pub fn inbox_prefix(service: &str) -> String {
+    format!("_INBOX_{service}")
+}
+
+/// The NATS user a certificate for `role:id` maps to.
+pub fn nats_user(role: &str, id: &str) -> String {
+    format!("CN={role}:{id}")
+}
+
+/// The subjects `rights.service` may publish to.
+pub fn publish_subjects(rights: &BusRights) -> Vec<String> {
+    use lineguard_bus::subjects::{service_subjects, stream_name};
+    let mut subjects = vec!["$JS.API.INFO".to_string()];
+    for own in rights.publishes {
+        let stream = stream_name(own);
+        subjects.push(service_subjects(own));
+        for verb in ["INFO", "CREATE", "UPDATE"] {
+            subjects.push(format!("$JS.API.STREAM.{verb}.{stream}"));
+        }
+    }
+    for source in rights.consumes {
+        let stream = stream_name(source);
+        let consumer = consumer_name(rights.service, source);
+        subjects.push(format!("$JS.API.STREAM.INFO.{stream}"));
+        subjects.push(format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"));
+        // async-nats names the consumer's single filter in the subject.
+        subjects.push(format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}"));
+        subjects.push(format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>"));
+        subjects.push(format!(
+            "$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}"
+        ));
+        subjects.push(format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"));
+        subjects.push(format!("$JS.ACK.{stream}.{consumer}.>"));
+    }
+    subjects
+}
+
+/// The subjects `rights.service` may subscribe to: its own inbox.
+pub fn subscribe_subjects(rights: &BusRights) -> Vec<String> {
+    vec![format!("{}.>", inbox_prefix(rights.service))]
+}
+
+/// The NATS server's certificate in a credentials directory (`nats-local`).
+pub const NATS_SERVER_PRINCIPAL: (&str, &str) = ("nats", "local");
+
+/// A security failure of the bus set-up.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BusAccessError(pub String);
+
+fn quoted(path: &Path) -> Result<String, BusAccessError> {
+    let text = path.display().to_string();
+    if text.contains('"') || text.contains('\\') || text.contains('\n') {
+        return Err(BusAccessError(format!(
+            "{text}: a path with quotes, backslashes or newlines cannot go into the NATS configuration"
+        )));
+    }
+    Ok(format!("\"{text}\""))
+}
+
+fn list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("\"{s}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// The `tls` and `authorization` blocks of a NATS server configuration for
+/// `credentials`: TLS with the server certificate `nats-local`, client
+/// certificates required and mapped to users; one user per service with
+/// [`BUS_RIGHTS`]; each of `operators` (`role:id` certificates, e.g.
+/// `admin:dev`) with every right, for stream maintenance.
+pub fn nats_server_security(
+    credentials: &CredentialsDir,
+    operators: &[(&str, &str)],
+) -> Result<String, BusAccessError> {
+    // NATS resolves relative paths against its own working directory.
+    let absolute = std::fs::canonicalize(&credentials.path)
+        .map_err(|e| BusAccessError(format!("{}: {e}", credentials.path.display())))?;
+    let credentials = CredentialsDir::new(absolute);
+    let (role, id) = NATS_SERVER_PRINCIPAL;
+    let (cert, key) = credentials.principal(role, id);
+    let mut text = String::new();
+    text.push_str("# Made by lineguard_runtime::bus_access (ticketctl credentials nats-config).\n");
+    text.push_str("tls {\n");
+    text.push_str(&format!("  cert_file: {}\n", quoted(&cert)?));
+    text.push_str(&format!("  key_file: {}\n", quoted(&key)?));
+    text.push_str(&format!("  ca_file: {}\n", quoted(&credentials.ca())?));
+    text.push_str("  # A client certificate is required; its subject is the user.\n");
+    text.push_str("  verify_and_map: true\n");
+    text.push_str("  timeout: 5\n");
+    text.push_str("}\n");
+    text.push_str("authorization {\n  users = [\n");
+    for rights in &BUS_RIGHTS {
+        text.push_str(&format!(
+            "    {{ user: \"{}\", permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }} }}\n",
+            nats_user("service", rights.service),
+            list(&publish_subjects(rights)),
+            list(&subscribe_subjects(rights)),
+        ));
+    }
+    for (role, id) in operators {
+        text.push_str(&format!("    {{ user: \"{}\" }}\n", nats_user(role, id)));
+    }
+    text.push_str("  ]\n}\n");
+    Ok(text)
+}
+
+/// How a process connects to NATS: with `credentials`, over TLS as the
+/// principal `role:id` (its certificate in the directory), with replies on
+/// `inbox` (a service's own prefix, see [`inbox_prefix`]); without, plain.
+pub fn connect_options(
+    name: &str,
+    credentials: Option<&CredentialsDir>,
+    principal: (&str, &str),
+    inbox: Option<String>,
+) -> async_nats::ConnectOptions {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect();
+    if let Some(inbox) = inbox {
+        options = options.custom_inbox_prefix(inbox);
+    }
+    match credentials {
+        Some(dir) => {
+            let (cert, key) = dir.principal(principal.0, principal.1);
+            options
+                .require_tls(true)
+                .add_root_certificates(dir.ca())
+                .add_client_certificate(cert, key)
+        }
+        None => options,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_service_has_rights_and_consumes_only_other_services() {
+        for service in crate::credentials::SERVICES {
+            let rights = rights_of(service).expect("rights");
+            assert!(rights.publishes.contains(&service));
+            for source in rights.consumes {
+                assert_ne!(*source, service);
+                assert!(rights_of(source).is_some(), "{source} is a service");
+            }
+        }
+    }
+
+    #[test]
+    fn a_service_may_publish_only_on_its_own_subjects() {
+        let rights = rights_of("intake").expect("intake");
+        let subjects = publish_subjects(rights);
+        assert!(subjects.contains(&"lineguard.intake.>".to_string()));
+        assert!(
+            subjects
+                .iter()
+                .all(|s| !s.starts_with("lineguard.") || s == "lineguard.intake.>")
+        );
+        assert!(subjects.iter().all(|s| !s.contains("DELETE")));
+        assert!(
+            subjects
+                .iter()
+                .all(|s| !s.contains("STREAM.UPDATE.LINEGUARD_ROUTING"))
+        );
+        assert_eq!(subscribe_subjects(rights), vec!["_INBOX_intake.>"]);
+    }
+}
