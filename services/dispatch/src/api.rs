@@ -15,7 +15,7 @@ use lineguard_protos::dispatch::v1::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use lineguard_runtime::auth::{Principal, caller, check_crew};
+use lineguard_runtime::auth::{Principal, actor_of, caller, check_crew};
 
 use crate::contacts::ContactOpener;
 use crate::orders::Dispatcher;
@@ -69,7 +69,8 @@ impl DispatchService {
     ) -> Result<Response<WorkOrderView>, Status> {
         let header = validate::action(&action)?;
         check_crew(caller.as_ref(), &header.crew_id)?;
-        let mut order = self.dispatcher.act(&action, false).await?;
+        let acted_by = caller.as_ref().map(actor_of);
+        let mut order = self.dispatcher.act(&action, false, acted_by).await?;
         self.contacts.open_order(&mut order).await;
         Ok(Response::new(order))
     }
@@ -205,7 +206,8 @@ impl Dispatch for DispatchService {
         let mut outcomes = Vec::with_capacity(actions.len());
         for (_, _, action) in actions {
             let action_id = validate::action(&action)?.action_id.clone();
-            match self.dispatcher.act(&action, true).await {
+            let acted_by = caller.as_ref().map(actor_of);
+            match self.dispatcher.act(&action, true, acted_by).await {
                 Ok(mut order) => {
                     self.contacts.open_order(&mut order).await;
                     outcomes.push(ActionOutcome {

@@ -519,7 +519,12 @@ impl Dispatcher {
     /// events with the action's idempotency record, answers with the order.
     /// `offline`: the action comes in a batch queued on the phone (its
     /// device time may be older than the skew; see [`crate::device_clock`]).
-    pub async fn act(&self, action: &Action, offline: bool) -> Result<WorkOrderView, Status> {
+    pub async fn act(
+        &self,
+        action: &Action,
+        offline: bool,
+        acted_by: Option<lineguard_eventlog::Actor>,
+    ) -> Result<WorkOrderView, Status> {
         let header = crate::validate::action(action)?;
         let key = format!("action:{}:{}", header.crew_id, header.action_id);
         let fingerprint = action_fingerprint(action);
@@ -570,7 +575,7 @@ impl Dispatcher {
             tracing::warn!(order_id, correlation_id = order_id, crew_id = %header.crew_id,
                 action_id = %header.action_id, "device clock outside the accepted skew; time adjusted");
         }
-        let (events, view) = decide(&order, action, header, &judged, &self.calendar)?;
+        let (events, view) = decide(&order, action, header, &judged, &self.calendar, acted_by)?;
         let txn = Transaction::append(order_id, ExpectedVersion::Any, events).idempotent(
             Idempotency::new(key, &fingerprint, Bytes::from(view.encode_to_vec())),
         );
@@ -632,9 +637,12 @@ fn decide(
     header: &lineguard_protos::dispatch::v1::ActionHeader,
     judged: &crate::device_clock::Judged,
     calendar: &Calendar,
+    acted_by: Option<lineguard_eventlog::Actor>,
 ) -> Result<(Vec<NewEvent>, WorkOrderView), Status> {
     use OrderStatus as S;
-    let who = actor(ActorKind::Crew, &header.crew_id);
+    // The authenticated phone (or dispatcher) that acted; the crew the
+    // header names only on a server without credentials.
+    let who = acted_by.unwrap_or_else(|| actor(ActorKind::Crew, &header.crew_id));
     let order_id = order.order_id.clone();
     let crew_id = header.crew_id.clone();
     let action_id = header.action_id.clone();

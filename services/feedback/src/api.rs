@@ -21,6 +21,7 @@ use lineguard_protos::feedback::v1::{
     RecordPraiseRequest, RecordPraiseResponse, Scorecard, Subject, TicketRecord, TicketReopened,
 };
 use lineguard_protos::intake::v1::Channel;
+use lineguard_runtime::auth::{acting, caller};
 use prost::Message;
 use prost_types::Timestamp;
 use tokio_stream::Stream;
@@ -211,6 +212,7 @@ impl FeedbackApi for FeedbackService {
         &self,
         request: Request<RecordFollowUpRequest>,
     ) -> Result<Response<RecordFollowUpResponse>, Status> {
+        let principal = caller(&request);
         let req = request.into_inner();
         idempotency_key(&req.idempotency_key)?;
         id("ticket_id", &req.ticket_id)?;
@@ -251,7 +253,10 @@ impl FeedbackApi for FeedbackService {
             )));
         };
         let at = now();
-        let who = actor(ActorKind::Person, &req.recorded_by);
+        let who = acting(
+            principal.as_ref(),
+            actor(ActorKind::Person, &req.recorded_by),
+        );
         let recorded = FollowUpRecorded {
             ticket_id: req.ticket_id.clone(),
             case_id: pending.case_id.clone(),
@@ -361,6 +366,7 @@ impl FeedbackApi for FeedbackService {
         &self,
         request: Request<FileComplaintRequest>,
     ) -> Result<Response<FileComplaintResponse>, Status> {
+        let principal = caller(&request);
         let req = request.into_inner();
         idempotency_key(&req.idempotency_key)?;
         if req.ticket_id.is_empty() && req.worker_id.is_empty() {
@@ -437,7 +443,7 @@ impl FeedbackApi for FeedbackService {
             vec![NewEvent::new(
                 &filed,
                 &correlation,
-                actor(ActorKind::System, "feedback"),
+                acting(principal.as_ref(), actor(ActorKind::System, "feedback")),
             )],
         );
         let response = FileComplaintResponse {
@@ -457,6 +463,7 @@ impl FeedbackApi for FeedbackService {
         &self,
         request: Request<RecordPraiseRequest>,
     ) -> Result<Response<RecordPraiseResponse>, Status> {
+        let principal = caller(&request);
         let req = request.into_inner();
         idempotency_key(&req.idempotency_key)?;
         let credited_to = req
@@ -510,7 +517,7 @@ impl FeedbackApi for FeedbackService {
             vec![NewEvent::new(
                 &recorded,
                 &correlation,
-                actor(ActorKind::System, "feedback"),
+                acting(principal.as_ref(), actor(ActorKind::System, "feedback")),
             )],
         );
         let response = RecordPraiseResponse {

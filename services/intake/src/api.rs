@@ -20,7 +20,7 @@ use lineguard_protos::intake::v1::{
     UnsealContactsRequest, UnsealContactsResponse, UnsealedContact,
     intake_server::{Intake, IntakeServer},
 };
-use lineguard_runtime::auth::{actor_of, caller};
+use lineguard_runtime::auth::{acting, caller};
 use prost::Message;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
@@ -356,13 +356,12 @@ impl IntakeService {
     fn decide_report(
         &self,
         req: &ReportTicketRequest,
-        channel: Channel,
-        kind: TicketKind,
+        (channel, kind): (Channel, TicketKind),
+        who: lineguard_eventlog::Actor,
         (customer, contact): (Option<&str>, SealedContact),
         (district_id, district_source): (&str, &str),
         now: Timestamp,
     ) -> Result<(Transaction, ReportTicketResponse), Status> {
-        let who = actor(ActorKind::Channel, channel_actor(channel));
         if let Some(customer) = customer
             && let Some(open) = self.log.projection_get(&open_key(customer, kind as i32))?
         {
@@ -561,8 +560,15 @@ impl Intake for IntakeService {
         &self,
         request: Request<ReportTicketRequest>,
     ) -> Result<Response<ReportTicketResponse>, Status> {
+        let principal = caller(&request);
         let req = Arc::new(request.into_inner());
         let (channel, kind) = validate::report(&req)?;
+        // The door is the channel (in the event); who came through it is
+        // the caller.
+        let who = acting(
+            principal.as_ref(),
+            actor(ActorKind::Channel, channel_actor(channel)),
+        );
         let fingerprint = req.encode_to_vec();
         let key = format!("report:{}", req.idempotency_key);
         let probe = Idempotency::new(key.clone(), &fingerprint, Bytes::new());
@@ -610,8 +616,8 @@ impl Intake for IntakeService {
         let (txn, response) = blocking(move || {
             this.decide_report(
                 &request,
-                channel,
-                kind,
+                (channel, kind),
+                who,
                 (customer.as_deref(), sealed),
                 (&district_id, district_source),
                 now(),
@@ -685,6 +691,7 @@ impl Intake for IntakeService {
         &self,
         request: Request<CancelTicketRequest>,
     ) -> Result<Response<CancelTicketResponse>, Status> {
+        let principal = caller(&request);
         let req = request.into_inner();
         validate::id("ticket_id", &req.ticket_id)?;
         validate::reason(&req.reason)?;
@@ -742,7 +749,7 @@ impl Intake for IntakeService {
             vec![NewEvent::new(
                 &cancelled,
                 &req.ticket_id,
-                actor(ActorKind::Channel, "customer"),
+                acting(principal.as_ref(), actor(ActorKind::Channel, "customer")),
             )],
         );
         ticket.status = TicketStatus::Cancelled as i32;
@@ -777,10 +784,10 @@ impl Intake for IntakeService {
         validate::erasure(&req)?;
         // Without credentials (development on loopback) there is no
         // principal to name.
-        let erased_by = match &principal {
-            Some(p) => actor_of(p),
-            None => actor(ActorKind::Person, "unauthenticated"),
-        };
+        let erased_by = acting(
+            principal.as_ref(),
+            actor(ActorKind::Person, "unauthenticated"),
+        );
         let mut customers = Vec::with_capacity(2);
         if let Some(key) = self.customers.key(&req.account_number, "") {
             customers.push(key);

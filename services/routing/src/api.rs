@@ -23,6 +23,7 @@ use lineguard_protos::routing::v1::{
     Contact, ListDistrictAccountsRequest, ListDistrictAccountsResponse, WhoServesRequest,
     WhoServesResponse,
 };
+use lineguard_runtime::auth::{Principal, acting, caller};
 use prost::{Message, Name};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -251,6 +252,34 @@ fn must_be_open(route: &RouteView) -> Result<(), Status> {
             route.case_id,
             other.as_str_name()
         ))),
+    }
+}
+
+impl RoutingService {
+    /// A desk (a district manager's or a station's duty desk) acts only
+    /// for itself or for its own station's managers and desk, whatever the
+    /// request names; other roles the policy lets call are not scoped.
+    fn check_desk(&self, principal: Option<&Principal>, assignee_id: &str) -> Result<(), Status> {
+        let Some(p) = principal.filter(|p| p.role == "desk") else {
+            return Ok(());
+        };
+        if p.id == assignee_id {
+            return Ok(());
+        }
+        let directory = self.router.directory();
+        let station = |id: &str| {
+            directory
+                .station_of(id)
+                .map_err(|e| Status::internal(e.to_string()))
+        };
+        match (station(&p.id)?, station(assignee_id)?) {
+            (Some(own), Some(theirs)) if own == theirs => Ok(()),
+            (own, _) => Err(Status::permission_denied(format!(
+                "desk {} acts for its own station ({}) only: {assignee_id} is not in it",
+                p.id,
+                own.as_deref().unwrap_or("none known")
+            ))),
+        }
     }
 }
 
@@ -576,8 +605,10 @@ impl Routing for RoutingService {
         &self,
         request: Request<SetAvailabilityRequest>,
     ) -> Result<Response<AvailabilityView>, Status> {
+        let principal = caller(&request);
         let req = request.into_inner();
         id("assignee_id", &req.assignee_id)?;
+        self.check_desk(principal.as_ref(), &req.assignee_id)?;
         text("note", &req.note, MAX_TEXT_CHARS, false)?;
         let availability = Availability::try_from(req.availability)
             .ok()
@@ -622,7 +653,11 @@ impl Routing for RoutingService {
             .commit(Transaction::append(
                 &stream,
                 ExpectedVersion::Any,
-                vec![NewEvent::new(&changed, &stream, person(&req.assignee_id))],
+                vec![NewEvent::new(
+                    &changed,
+                    &stream,
+                    acting(principal.as_ref(), person(&req.assignee_id)),
+                )],
             ))
             .await
             .map_err(Status::from)?;
@@ -638,8 +673,10 @@ impl Routing for RoutingService {
         &self,
         request: Request<GetAvailabilityRequest>,
     ) -> Result<Response<AvailabilityView>, Status> {
+        let principal = caller(&request);
         let req = request.into_inner();
         id("assignee_id", &req.assignee_id)?;
+        self.check_desk(principal.as_ref(), &req.assignee_id)?;
         let view = self.router.availability(&req.assignee_id)?.ok_or_else(|| {
             Status::not_found(format!("{} is not known to routing", req.assignee_id))
         })?;
@@ -650,9 +687,11 @@ impl Routing for RoutingService {
         &self,
         request: Request<AcceptTicketRequest>,
     ) -> Result<Response<RouteView>, Status> {
+        let principal = caller(&request);
         let req = request.into_inner();
         id("ticket_id", &req.ticket_id)?;
         id("assignee_id", &req.assignee_id)?;
+        self.check_desk(principal.as_ref(), &req.assignee_id)?;
         idempotency_key(&req.idempotency_key)?;
         let fingerprint = req.encode_to_vec();
         let at = now();
@@ -689,7 +728,7 @@ impl Routing for RoutingService {
                         vec![NewEvent::new(
                             &accepted,
                             &route.case_id,
-                            person(&req.assignee_id),
+                            acting(principal.as_ref(), person(&req.assignee_id)),
                         )],
                         view,
                     ))
@@ -704,9 +743,11 @@ impl Routing for RoutingService {
         &self,
         request: Request<ReturnTicketRequest>,
     ) -> Result<Response<RouteView>, Status> {
+        let principal = caller(&request);
         let req = request.into_inner();
         id("ticket_id", &req.ticket_id)?;
         id("assignee_id", &req.assignee_id)?;
+        self.check_desk(principal.as_ref(), &req.assignee_id)?;
         idempotency_key(&req.idempotency_key)?;
         text("note", &req.note, MAX_TEXT_CHARS, false)?;
         let reason = ReturnReason::try_from(req.reason)
@@ -752,7 +793,7 @@ impl Routing for RoutingService {
                     router
                         .returned(
                             route,
-                            person(&req.assignee_id),
+                            acting(principal.as_ref(), person(&req.assignee_id)),
                             reason,
                             correct.clone(),
                             &req.note,
@@ -773,9 +814,11 @@ impl Routing for RoutingService {
         &self,
         request: Request<AnswerTicketRequest>,
     ) -> Result<Response<RouteView>, Status> {
+        let principal = caller(&request);
         let req = request.into_inner();
         id("ticket_id", &req.ticket_id)?;
         id("assignee_id", &req.assignee_id)?;
+        self.check_desk(principal.as_ref(), &req.assignee_id)?;
         idempotency_key(&req.idempotency_key)?;
         text("answer", &req.answer, MAX_TEXT_CHARS, true)?;
         text("outcome", &req.outcome, MAX_OUTCOME_CHARS, true)?;
@@ -795,7 +838,7 @@ impl Routing for RoutingService {
                             route.case_id
                         )));
                     }
-                    let who = person(&req.assignee_id);
+                    let who = acting(principal.as_ref(), person(&req.assignee_id));
                     let mut events = Vec::with_capacity(2);
                     if route.status() == RouteStatus::Routed {
                         let on_time = route

@@ -33,6 +33,8 @@ pub const MAX_ID_CHARS: usize = 64;
 pub const MAX_NAME_CHARS: usize = 128;
 /// Most members or districts of one crew.
 pub const MAX_CREW_LIST: usize = 256;
+/// Stations read at most to find whose duty desk an id is.
+pub const MAX_STATIONS_SCANNED: usize = 10_000;
 
 /// Why a directory file or entry was refused; names the entry and field.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +142,28 @@ impl DirectoryReader {
             .into_iter()
             .map(|(key, _)| String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
             .collect())
+    }
+
+    /// The station of an assignee: a manager's station, or the station
+    /// whose duty desk it is (read from at most [`MAX_STATIONS_SCANNED`]
+    /// stations).
+    pub fn station_of(&self, assignee: &str) -> Result<Option<String>, DirectoryError> {
+        if let Some(manager) = self.manager(assignee)? {
+            return Ok(Some(manager.station_id));
+        }
+        let prefix = station_key("");
+        let stations = self
+            .log
+            .projection_scan(&prefix, None, MAX_STATIONS_SCANNED)
+            .map_err(|e| err(e.to_string()))?;
+        for (_, value) in stations {
+            let station = Station::decode(value.as_slice())
+                .map_err(|e| err(format!("undecodable directory entry: {e}")))?;
+            if station.duty_desk_id == assignee {
+                return Ok(Some(station.station_id));
+            }
+        }
+        Ok(None)
     }
 
     /// A station's crews, in id order (at most [`MAX_CREW_LIST`]).

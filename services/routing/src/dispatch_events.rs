@@ -79,7 +79,7 @@ impl DispatchEvents {
             .router
             .returned(
                 &route,
-                actor(ActorKind::Crew, &r.crew_id),
+                crew_actor(event, &r.crew_id),
                 reason,
                 correct,
                 &r.note,
@@ -125,12 +125,8 @@ impl DispatchEvents {
             &route.case_id,
             ExpectedVersion::Exact(route.version),
             vec![
-                NewEvent::new(
-                    &completed,
-                    &route.case_id,
-                    actor(ActorKind::Crew, &done.crew_id),
-                )
-                .caused_by(&event.event_id),
+                NewEvent::new(&completed, &route.case_id, crew_actor(event, &done.crew_id))
+                    .caused_by(&event.event_id),
             ],
         )))
     }
@@ -175,13 +171,18 @@ impl Handler for DispatchEvents {
             &route.case_id,
             ExpectedVersion::Exact(route.version),
             vec![
-                NewEvent::new(
-                    &accepted,
-                    &route.case_id,
-                    actor(ActorKind::Crew, &ack.crew_id),
-                )
-                .caused_by(&event.event_id),
+                NewEvent::new(&accepted, &route.case_id, crew_actor(event, &ack.crew_id))
+                    .caused_by(&event.event_id),
             ],
         )))
     }
+}
+
+/// Who acted in dispatch: the crew action's own actor (the authenticated
+/// phone), or the crew when the event names none.
+fn crew_actor(event: &EventEnvelope, crew_id: &str) -> lineguard_eventlog::Actor {
+    event
+        .actor
+        .clone()
+        .unwrap_or_else(|| actor(ActorKind::Crew, crew_id))
 }

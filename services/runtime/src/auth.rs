@@ -369,6 +369,16 @@ pub fn actor_of(principal: &Principal) -> lineguard_eventlog::Actor {
     lineguard_eventlog::actor(kind, id)
 }
 
+/// Who acted, for an event: the authenticated principal ([`actor_of`]),
+/// or, on a server without credentials (development on loopback), the
+/// actor the request names.
+pub fn acting(
+    principal: Option<&Principal>,
+    named: lineguard_eventlog::Actor,
+) -> lineguard_eventlog::Actor {
+    principal.map_or(named, actor_of)
+}
+
 /// Whether `caller` may act for `crew_id`: a crew's phone acts for its own
 /// crew only (another crew's stream or order is `PERMISSION_DENIED`,
 /// whatever the request says); any other role the policy lets call the RPC

@@ -294,3 +294,179 @@ async fn a_crews_phone_acts_for_its_own_crew_only() {
         .expect_err("no such order");
     assert_eq!(order.code(), Code::NotFound, "{order:?}");
 }
+
+/// The actor of each event a caller causes, read from `process`'s log.
+async fn actors(process: &ServiceProcess, correlation: &str) -> Vec<(String, String)> {
+    use lineguard_protos::eventlog::v1::ReadCorrelationRequest;
+    let mut log = EventLogClient::new(process.channel().await.expect("channel"));
+    log.read_correlation(ReadCorrelationRequest {
+        correlation_id: correlation.into(),
+        ..ReadCorrelationRequest::default()
+    })
+    .await
+    .expect("read")
+    .into_inner()
+    .events
+    .into_iter()
+    .map(|e| {
+        let short = e.event_type.rsplit('.').next().unwrap_or("").to_string();
+        (short, e.actor.map(|a| a.id).unwrap_or_default())
+    })
+    .collect()
+}
+
+/// Who acted is the authenticated principal, never a request field: the
+/// report is the calling system's (the door stays in the event), the
+/// acknowledgement the crew's phone's, in dispatch's log and in routing's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_principal_not_a_request_field_is_each_events_actor() {
+    use common::{CREW, accounts_in, report};
+    use futures::StreamExt;
+    use lineguard_protos::dispatch::v1::crew_event;
+    use lineguard_protos::intake::v1::{Channel as Door, TicketKind};
+    let backend = Backend::start_with(true, true).await;
+    let dispatch = backend.dispatch.as_ref().expect("dispatch");
+    let mut watch = backend.watch_crew(CREW).await;
+    let account = accounts_in("d-chengguan-01", 1).remove(0);
+    // admin:dev by certificate, reporting for the app.
+    let reported = backend
+        .intake()
+        .await
+        .report_ticket(report(
+            "actor-1",
+            Door::App,
+            TicketKind::FaultRepair,
+            &account,
+        ))
+        .await
+        .expect("report")
+        .into_inner();
+    let reported_by = actors(&backend.intake, &reported.ticket_id).await;
+    assert!(
+        reported_by.contains(&("TicketReported".into(), "admin-dev".into())),
+        "{reported_by:?}"
+    );
+
+    let first = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("an order in time")
+        .expect("open")
+        .expect("event");
+    let Some(crew_event::Body::OrderAssigned(order)) = first.body else {
+        panic!("an order first");
+    };
+    let phone = test_credentials()
+        .token_issuer()
+        .expect("issuer")
+        .issue(
+            "phone-9",
+            "crew",
+            CREW,
+            "device-9",
+            Duration::from_secs(3_600),
+        )
+        .expect("token");
+    DispatchClient::new(tls_only(dispatch).await)
+        .acknowledge(bearer(
+            AcknowledgeRequest {
+                header: header(&order.order_id, "ack-actor-1"),
+            },
+            Some(&phone),
+        ))
+        .await
+        .expect("acknowledged by the phone");
+    let phone_actor = format!("{CREW}-device-9");
+    let in_dispatch = actors(dispatch, &order.order_id).await;
+    assert!(
+        in_dispatch.contains(&("OrderAcknowledged".into(), phone_actor.clone())),
+        "{in_dispatch:?}"
+    );
+    let accepted = common::eventually("routing to accept the case", || {
+        let routing = &backend.routing;
+        let case = order.order_id.clone();
+        let phone_actor = phone_actor.clone();
+        async move {
+            actors(routing, &case)
+                .await
+                .into_iter()
+                .find(|(t, _)| t == "TicketAccepted")
+                .map(|(_, actor)| (actor == phone_actor).then_some(()).ok_or(actor))
+        }
+    })
+    .await;
+    assert_eq!(accepted, Ok(()), "routing's acceptance names the phone");
+}
+
+/// A desk acts for its own station only: the duty desk of a station for
+/// its managers and itself, a manager for itself and its station; another
+/// station's manager is PERMISSION_DENIED whatever the request says.
+#[tokio::test]
+async fn a_desk_acts_for_its_own_station_only() {
+    use lineguard_protos::routing::v1::routing_client::RoutingClient;
+    use lineguard_protos::routing::v1::{
+        Availability, GetAvailabilityRequest, SetAvailabilityRequest,
+    };
+    let backend = Backend::start().await;
+    let issuer = test_credentials().token_issuer().expect("issuer");
+    let desk = issuer
+        .issue(
+            "desk-st-chengguan",
+            "desk",
+            "",
+            "",
+            Duration::from_secs(3_600),
+        )
+        .expect("token");
+    let manager = issuer
+        .issue("m-dongpo-01", "desk", "", "", Duration::from_secs(3_600))
+        .expect("token");
+    let mut routing = RoutingClient::new(tls_only(&backend.routing).await);
+    let set = |assignee: &str| SetAvailabilityRequest {
+        assignee_id: assignee.into(),
+        availability: Availability::OnDuty as i32,
+        note: "back from the field".into(),
+        ..SetAvailabilityRequest::default()
+    };
+
+    // The station desk: its own managers, yes; another station's, no.
+    routing
+        .set_availability(bearer(set("m-chengguan-02"), Some(&desk)))
+        .await
+        .expect("the station's own manager");
+    let other = routing
+        .set_availability(bearer(set("m-dongpo-01"), Some(&desk)))
+        .await
+        .expect_err("another station's manager");
+    assert_eq!(other.code(), Code::PermissionDenied, "{other:?}");
+    assert!(other.message().contains("st-chengguan"), "{other:?}");
+    let peek = routing
+        .get_availability(bearer(
+            GetAvailabilityRequest {
+                assignee_id: "desk-st-xihe".into(),
+            },
+            Some(&desk),
+        ))
+        .await
+        .expect_err("another station's desk");
+    assert_eq!(peek.code(), Code::PermissionDenied, "{peek:?}");
+
+    // A manager: itself and its station's desk, not another station.
+    routing
+        .set_availability(bearer(set("m-dongpo-01"), Some(&manager)))
+        .await
+        .expect("itself");
+    routing
+        .get_availability(bearer(
+            GetAvailabilityRequest {
+                assignee_id: "desk-st-dongpo".into(),
+            },
+            Some(&manager),
+        ))
+        .await
+        .expect("its station's desk");
+    let foreign = routing
+        .set_availability(bearer(set("m-chengguan-01"), Some(&manager)))
+        .await
+        .expect_err("another station");
+    assert_eq!(foreign.code(), Code::PermissionDenied, "{foreign:?}");
+}
