@@ -297,22 +297,14 @@ async fn a_crews_phone_acts_for_its_own_crew_only() {
 
 /// The actor of each event a caller causes, read from `process`'s log.
 async fn actors(process: &ServiceProcess, correlation: &str) -> Vec<(String, String)> {
-    use lineguard_protos::eventlog::v1::ReadCorrelationRequest;
-    let mut log = EventLogClient::new(process.channel().await.expect("channel"));
-    log.read_correlation(ReadCorrelationRequest {
-        correlation_id: correlation.into(),
-        ..ReadCorrelationRequest::default()
-    })
-    .await
-    .expect("read")
-    .into_inner()
-    .events
-    .into_iter()
-    .map(|e| {
-        let short = e.event_type.rsplit('.').next().unwrap_or("").to_string();
-        (short, e.actor.map(|a| a.id).unwrap_or_default())
-    })
-    .collect()
+    common::correlated(process, correlation)
+        .await
+        .into_iter()
+        .map(|e| {
+            let actor = e.actor.map(|a| a.id).unwrap_or_default();
+            (common::short_type(&e.event_type), actor)
+        })
+        .collect()
 }
 
 /// Who acted is the authenticated principal, never a request field: the

@@ -12,8 +12,6 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use lineguard_protos::dispatch::v1::{GetWorkOrderRequest, crew_event};
-use lineguard_protos::eventlog::v1::ReadCorrelationRequest;
-use lineguard_protos::eventlog::v1::event_log_client::EventLogClient;
 use lineguard_protos::intake::v1::{Caller, Channel, EraseCustomerRequest, TicketKind};
 use lineguard_ticketctl::endpoints::{Clients, Endpoints};
 use lineguard_ticketctl::{replay, timeline, verify};
@@ -125,27 +123,9 @@ async fn an_erased_customer_is_unreadable_everywhere_and_their_ticket_still_repl
         principal: "admin:dev".into(),
     };
     let clients = Clients::new(&endpoints).expect("clients");
-    let feedback_channel = backend
-        .feedback
-        .as_ref()
-        .expect("feedback")
-        .channel()
-        .await
-        .expect("feedback channel");
-    eventually("feedback to keep its copy of the report", || {
-        let mut log = EventLogClient::new(feedback_channel.clone());
-        let ticket_id = reported.ticket_id.clone();
-        async move {
-            let page = log
-                .read_correlation(ReadCorrelationRequest {
-                    correlation_id: ticket_id,
-                    ..ReadCorrelationRequest::default()
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (!page.events.is_empty()).then_some(())
-        }
+    let feedback = backend.feedback.as_ref().expect("feedback");
+    eventually("feedback to keep its copy of the report", || async {
+        (!correlated(feedback, &reported.ticket_id).await.is_empty()).then_some(())
     })
     .await;
     let leaks = customer_data_on_disk(&backend);

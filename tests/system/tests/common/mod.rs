@@ -310,12 +310,30 @@ impl Backend {
         .into_inner()
         .events
         .into_iter()
-        .map(|e| {
-            let short = e.event_type.rsplit('.').next().unwrap_or("").to_string();
-            (short, e.payload.to_vec())
-        })
+        .map(|e| (short_type(&e.event_type), e.payload.to_vec()))
         .collect()
     }
+}
+
+/// The last segment of an event's type (`TicketRouted`).
+pub fn short_type(event_type: &str) -> String {
+    event_type.rsplit('.').next().unwrap_or("").to_string()
+}
+
+/// The events `process`'s log holds about `correlation` (one page).
+pub async fn correlated(
+    process: &ServiceProcess,
+    correlation: &str,
+) -> Vec<lineguard_protos::eventlog::v1::EventEnvelope> {
+    let mut log = EventLogClient::new(process.channel().await.expect("channel"));
+    log.read_correlation(lineguard_protos::eventlog::v1::ReadCorrelationRequest {
+        correlation_id: correlation.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("read")
+    .into_inner()
+    .events
 }
 
 /// Polls `probe` until it gives a value (at most 20 s).
