@@ -293,6 +293,14 @@ struct Context<'a, H> {
     seen_head: &'a std::sync::atomic::AtomicU64,
 }
 
+/// Where one consumer session is in its source's stream.
+#[derive(Debug, Default)]
+struct BusCursor {
+    /// The highest stream sequence delivered in this session (0: none yet,
+    /// so the first message of a session is always looked at).
+    through: u64,
+}
+
 /// A message handed back and not applied since.
 #[derive(Debug, Clone, Copy, Default)]
 struct Retrying {
@@ -745,7 +753,7 @@ impl<H: Handler> Context<'_, H> {
         stream: &mut jetstream::stream::Stream,
         consumer: &mut jetstream::consumer::PullConsumer,
     ) {
-        if let Err(reason) = self.reconcile(stream, consumer).await {
+        if let Err(reason) = self.reconcile(stream, consumer, false).await {
             tracing::warn!(consumer = %self.name(), %reason,
                 "reconciling with the source's log failed; tried again at the next sweep");
         }
@@ -764,19 +772,63 @@ impl<H: Handler> Context<'_, H> {
                 .map_err(|e| e.to_string())?)
     }
 
+    /// Before a message is applied: if the stream dropped messages between
+    /// the last one this session saw and this one, what it dropped is
+    /// applied from the source's log first, through the source's head, so
+    /// that one source's events are applied in the source's order (a newer
+    /// event applied before an older one the bus dropped would let the
+    /// older one overwrite it at the next sweep).
+    ///
+    /// Exact, and asked of JetStream only when the message is not the one
+    /// right after the last seen (for a filtered consumer, most are not):
+    /// a stream drops from its front only, and its first sequence only
+    /// grows, so a message dropped unread below this one (dropped before
+    /// this one was delivered) shows as a first sequence past the last seen
+    /// plus one when asked after the delivery.
+    async fn catch_up_before(
+        &self,
+        stream: &mut jetstream::stream::Stream,
+        consumer: &mut jetstream::consumer::PullConsumer,
+        cursor: &mut BusCursor,
+        sequence: u64,
+    ) {
+        let skipped = sequence > cursor.through + 1;
+        if skipped && self.config.source_log.is_some() {
+            match stream.info().await {
+                Ok(info) => {
+                    let first = info.state.first_sequence;
+                    if first > cursor.through + 1 {
+                        tracing::info!(consumer = %self.name(), sequence, first_in_stream = first,
+                            last_seen = cursor.through,
+                            "the stream dropped messages before this one: catching up from the source's log first");
+                        if let Err(reason) = self.reconcile(stream, consumer, true).await {
+                            tracing::warn!(consumer = %self.name(), %reason,
+                                "catching up before the next message failed; the sweep tries again");
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(consumer = %self.name(), error = %e,
+                    "stream info unavailable; a gap is left to the sweep"),
+            }
+        }
+        cursor.through = cursor.through.max(sequence);
+    }
+
     /// Checks the source's own log against this one (see
     /// [`crate::catchup`]): every event this consumer takes, from its
     /// reconciled mark ([`EventLog::reconciled_through`]) up to the head
     /// the source had one sweep ago (its head now if
-    /// the bus shows a gap), that has no outcome here is applied from the
+    /// the bus shows a gap, or `bus_skipped` says the next message
+    /// follows a drop), that has no outcome here is applied from the
     /// source's log exactly as a delivery would be. The mark then moves to
     /// the last position below which everything has its outcome.
     async fn reconcile(
         &self,
         stream: &mut jetstream::stream::Stream,
         consumer: &mut jetstream::consumer::PullConsumer,
+        bus_skipped: bool,
     ) -> Result<(), String> {
-        let gap = self.gap_in_bus(stream, consumer).await?;
+        let gap = bus_skipped || self.gap_in_bus(stream, consumer).await?;
         let Some(source) = &self.config.source_log else {
             if gap {
                 tracing::error!(consumer = %self.name(),
@@ -1266,6 +1318,7 @@ async fn consume<H: Handler>(
     // under load (server: no waiting request, messages delivered to the
     // client but never handed over), which stalled the consumer for good.
     let mut messages = next_batch(&consumer).await?;
+    let mut cursor = BusCursor::default();
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
@@ -1299,6 +1352,10 @@ async fn consume<H: Handler>(
                 continue;
             }
         };
+        let sequence = message.info().map_or(0, |i| i.stream_sequence);
+        context
+            .catch_up_before(&mut stream, &mut consumer, &mut cursor, sequence)
+            .await;
         let decoded = EventEnvelope::decode(message.payload.as_ref());
         let span = match &decoded {
             Ok(event) => tracing::info_span!("consume", consumer = %config.name,

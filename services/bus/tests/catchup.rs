@@ -460,3 +460,65 @@ async fn a_source_log_that_cannot_be_reached_does_not_stop_what_the_bus_delivers
     consumer.stop().await;
     relay.stop().await;
 }
+
+/// Routes every report, taking a second over `t1`'s: long enough for the
+/// six-message stream to drop the reports behind it unread.
+struct SlowOverT1;
+
+impl Handler for SlowOverT1 {
+    async fn handle(&self, reported: &EventEnvelope) -> Result<Handled, HandlerError> {
+        if reported.correlation_id == "t1" {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        RouteEverything.handle(reported).await
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_the_stream_overtakes_while_it_works_applies_its_source_in_order() {
+    let Fixture {
+        _nats,
+        _dir,
+        js,
+        intake,
+        routing,
+        relay,
+        mut config,
+    } = Fixture::start().await;
+    // One message in hand at a time, so that the rest wait in the stream
+    // (and are dropped there); no sweep within the test, so that only the
+    // catching up before the next message can bring the dropped ones.
+    config.max_ack_pending = 1;
+    config.parked_sweep = Duration::from_secs(600);
+    report(&intake, 0..1).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        config,
+        SlowOverT1,
+        ParkingLot::new(),
+    );
+    until_routed(&routing, 1, Duration::from_secs(20), "t0").await;
+    // Forty reports (80 messages) while t1 takes its second: the stream
+    // keeps 6, so t2 to about t37 leave the bus unread.
+    report(&intake, 1..41).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    until_routed(
+        &routing,
+        41,
+        Duration::from_secs(30),
+        "what the stream dropped behind t1 was not caught up before the next message",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    consumer.stop().await;
+    relay.stop().await;
+    assert_each_routed_once(&routing, 41);
+    let order: Vec<String> = routes(&routing)
+        .into_iter()
+        .map(|e| e.correlation_id)
+        .collect();
+    let expected: Vec<String> = (0..41).map(|i| format!("t{i}")).collect();
+    assert_eq!(order, expected, "applied in the source's order");
+}

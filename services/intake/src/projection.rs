@@ -163,7 +163,8 @@ impl Projector for IntakeProjector {
         // 3: crew actions stop clocks at their judged time.
         // 4: the view keeps its report's repeat-caller key.
         // 5: the view keeps the sealed contact; erasure; customer index.
-        5
+        // 6: a route of an older hop never moves the view back.
+        6
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
@@ -342,6 +343,12 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
         (
             e.case_id.clone(),
             Box::new(move |ticket: &mut TicketView| {
+                // An older hop seen late (parked or handed back, then
+                // applied after newer events) is history: a case's hops
+                // only grow, so the view never moves back to one.
+                if e.hop < ticket.hops {
+                    return;
+                }
                 // A reopen sends a resolved ticket back to work; any other
                 // route only moves a ticket not yet being worked on.
                 let reopened = e.reason() == RouteReason::Reopened && !new_round_shown;

@@ -923,6 +923,103 @@ async fn a_reopen_shows_right_whichever_of_routing_and_dispatch_is_seen_first() 
     assert_eq!(status(&mut f.client).await, (TicketStatus::Completed, 2));
 }
 
+/// One source's events can still reach intake out of their order (a parked
+/// or handed-back event applied after newer ones): an older hop's route never
+/// moves the view back, and a crew's earlier step never undoes a later one.
+#[tokio::test]
+async fn an_older_event_seen_after_a_newer_one_does_not_move_the_view_back() {
+    use lineguard_protos::dispatch::v1::{CrewArrived, OrderAcknowledged, WorkCompleted};
+    use lineguard_protos::intake::v1::{GetTicketRequest, TicketStatus};
+    use lineguard_protos::routing::v1::{RouteReason, TicketRouted};
+    let mut f = start(IntakeConfig::default()).await;
+    let first = f
+        .client
+        .report_ticket(fault("late-1", "801", "D-09", Channel::App))
+        .await
+        .expect("report")
+        .into_inner();
+    let case = first.incident_id.clone();
+    let routed = |hop: u32, line: u32, holder: &str, reason: RouteReason| TicketRouted {
+        case_id: case.clone(),
+        lead_ticket_id: first.ticket_id.clone(),
+        incident_id: case.clone(),
+        line,
+        hop,
+        assignee_id: holder.into(),
+        crew_id: "crew-1".into(),
+        reason: reason as i32,
+        field_work: true,
+        ..Default::default()
+    };
+    let view = |client: &mut IntakeClient<GrpcChannel>| {
+        let mut client = client.clone();
+        let id = first.ticket_id.clone();
+        async move {
+            client
+                .get_ticket(GetTicketRequest { ticket_id: id })
+                .await
+                .expect("view")
+                .into_inner()
+                .ticket
+                .expect("ticket")
+        }
+    };
+    // The escalation (hop 2) is seen before the first route (hop 1).
+    observe_routing(
+        &f.log,
+        &routed(2, 2, "desk-ST-1", RouteReason::Escalated),
+        &case,
+    )
+    .await;
+    observe_routing(
+        &f.log,
+        &routed(1, 1, "m-1", RouteReason::DistrictOwner),
+        &case,
+    )
+    .await;
+    let shown = view(&mut f.client).await;
+    assert_eq!(
+        (shown.hops, shown.current_line, shown.assignee_id.as_str()),
+        (2, 2, "desk-ST-1"),
+        "the older hop does not move the view back"
+    );
+    assert_eq!(shown.status(), TicketStatus::Routed);
+    // The crew's completion is seen before its arrival and acknowledgement.
+    let done = WorkCompleted {
+        order_id: case.clone(),
+        crew_id: "crew-1".into(),
+        ..Default::default()
+    };
+    let arrived = CrewArrived {
+        order_id: case.clone(),
+        crew_id: "crew-1".into(),
+        ..Default::default()
+    };
+    let ack = OrderAcknowledged {
+        order_id: case.clone(),
+        crew_id: "crew-1".into(),
+        ..Default::default()
+    };
+    observe_routing(&f.log, &done, &case).await;
+    observe_routing(&f.log, &arrived, &case).await;
+    observe_routing(&f.log, &ack, &case).await;
+    assert_eq!(view(&mut f.client).await.status(), TicketStatus::Completed);
+    // And a route of the hop already shown, seen again late, leaves the
+    // completed work alone.
+    observe_routing(
+        &f.log,
+        &routed(2, 2, "desk-ST-1", RouteReason::Escalated),
+        &case,
+    )
+    .await;
+    let shown = view(&mut f.client).await;
+    assert_eq!((shown.status(), shown.hops), (TicketStatus::Completed, 2));
+    // Rebuilt from the log in its order, the view is the same.
+    let before = f.log.projection_digest().expect("digest");
+    f.log.rebuild_projections().await.expect("rebuild");
+    assert_eq!(f.log.projection_digest().expect("digest"), before);
+}
+
 /// A list that reads for a long time never holds the runtime: on a runtime
 /// of a single thread, a `GetTicket` sent while a `ListTickets` scans
 /// 20,000 tickets is answered before the list is (the scan runs on the

@@ -221,6 +221,10 @@ fn apply(
     let s = &mut t.state;
     let order_hop = order_hops.get(case).copied().unwrap_or(0);
     if let Some(r) = decode::<TicketRouted>(e) {
+        // An older hop never moves the ticket back (as intake shows it).
+        if r.hop < s.hops {
+            return;
+        }
         // Intake may see a reopen's new order before the reopen: then the
         // reopen does not set the ticket back.
         let reopened = r.reason() == RouteReason::Reopened && order_hop < r.hop;
