@@ -7,6 +7,15 @@
 //! was published twice) finds the mark and is acknowledged without being
 //! applied again.
 //!
+//! Messages that have arrived together (up to a pull batch) are applied
+//! together: in lanes the handler names ([`Handler::lane`]), one case's
+//! events one after another in their order, different cases side by side,
+//! so that their commits share one write of the log (its group commit)
+//! instead of one fsync each. A handler that names no lanes has its events
+//! applied one at a time, as they came. Before a group is applied, a gap
+//! in the stream below it (messages the stream dropped unread) is caught up
+//! from the source's log, so one source's events are applied in its order.
+//!
 //! Nothing delivered is ever dropped. JetStream is told never to give up on
 //! a message (`max_deliver` -1); instead the consumer decides:
 //!
@@ -27,7 +36,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lineguard_eventlog::{
     ActorKind, CommitOutcome, Error as LogError, EventEnvelope, EventLog, ExpectedVersion,
     NewEvent, Transaction, actor,
@@ -104,6 +113,17 @@ pub trait Handler: Send + Sync + 'static {
     /// any of them (in any consumer of the same log) are applied next.
     fn satisfies(&self, _event: &EventEnvelope) -> Vec<String> {
         Vec::new()
+    }
+
+    /// The lane `event` is applied in when a consumer applies several
+    /// delivered messages at once: one lane's events one after another, in
+    /// the order they came; different lanes side by side, their commits
+    /// sharing one write of the log. `None` (the default) for a handler
+    /// whose decisions read what other events change (a person's load, a
+    /// queue): then each event waits for the one before it. A handler
+    /// whose every write concerns its event's case alone answers the case.
+    fn lane(&self, _event: &EventEnvelope) -> Option<String> {
+        None
     }
 }
 
@@ -296,8 +316,8 @@ struct Context<'a, H> {
 /// Where one consumer session is in its source's stream.
 #[derive(Debug, Default)]
 struct BusCursor {
-    /// The highest stream sequence delivered in this session (0: none yet,
-    /// so the first message of a session is always looked at).
+    /// The highest stream sequence delivered in this session, or the
+    /// consumer's ack floor when the session began.
     through: u64,
 }
 
@@ -772,46 +792,72 @@ impl<H: Handler> Context<'_, H> {
                 .map_err(|e| e.to_string())?)
     }
 
-    /// Before a message is applied: if the stream dropped messages between
-    /// the last one this session saw and this one, what it dropped is
-    /// applied from the source's log first, through the source's head, so
-    /// that one source's events are applied in the source's order (a newer
-    /// event applied before an older one the bus dropped would let the
-    /// older one overwrite it at the next sweep).
+    /// Before a group of messages is applied (`false`: it must not be yet,
+    /// and goes back to the bus): if the stream dropped messages between
+    /// the last one this session saw and any of the group, what it dropped
+    /// is applied from the source's log first, through the source's head,
+    /// so that one source's events are applied in the source's order (a
+    /// newer event applied before an older one the bus dropped would let
+    /// the older one overwrite it at the next sweep). While the source's
+    /// log cannot be read (its process restarting), the group waits.
     ///
-    /// Exact, and asked of JetStream only when the message is not the one
-    /// right after the last seen (for a filtered consumer, most are not):
-    /// a stream drops from its front only, and its first sequence only
-    /// grows, so a message dropped unread below this one (dropped before
-    /// this one was delivered) shows as a first sequence past the last seen
-    /// plus one when asked after the delivery.
+    /// Exact, and asked of JetStream once per group, only when a message is
+    /// not the one right after the one before (for a filtered consumer,
+    /// most are not): a stream drops from its front only, and its first
+    /// sequence only grows, so a message dropped unread below one of the
+    /// group (dropped before that one was delivered) shows as a first
+    /// sequence past the last seen plus one when asked after the delivery.
     async fn catch_up_before(
         &self,
         stream: &mut jetstream::stream::Stream,
         consumer: &mut jetstream::consumer::PullConsumer,
         cursor: &mut BusCursor,
-        sequence: u64,
-    ) {
-        let skipped = sequence > cursor.through + 1;
+        sequences: &[u64],
+    ) -> bool {
+        // Whether any message of the group is not the one right after the
+        // one before it (or the last seen).
+        let mut previous = cursor.through;
+        let mut skipped = false;
+        for &sequence in sequences {
+            skipped |= sequence > previous + 1;
+            previous = previous.max(sequence);
+        }
         if skipped && self.config.source_log.is_some() {
-            match stream.info().await {
-                Ok(info) => {
-                    let first = info.state.first_sequence;
-                    if first > cursor.through + 1 {
-                        tracing::info!(consumer = %self.name(), sequence, first_in_stream = first,
-                            last_seen = cursor.through,
-                            "the stream dropped messages before this one: catching up from the source's log first");
-                        if let Err(reason) = self.reconcile(stream, consumer, true).await {
-                            tracing::warn!(consumer = %self.name(), %reason,
-                                "catching up before the next message failed; the sweep tries again");
-                        }
-                    }
+            let first = match stream.info().await {
+                Ok(info) => info.state.first_sequence,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.name(), error = %e,
+                        "stream info unavailable: the group goes back to the bus until a gap can be ruled out");
+                    return false;
                 }
-                Err(e) => tracing::debug!(consumer = %self.name(), error = %e,
-                    "stream info unavailable; a gap is left to the sweep"),
+            };
+            if first > cursor.through + 1 {
+                tracing::info!(consumer = %self.name(), first_in_stream = first,
+                    last_seen = cursor.through,
+                    "the stream dropped messages before these: catching up from the source's log first");
+                if let Err(reason) = self.reconcile(stream, consumer, true).await {
+                    // Applying the newer messages now would put them before
+                    // the older ones the bus dropped: they wait instead.
+                    tracing::warn!(consumer = %self.name(), %reason,
+                        "cannot catch up from the source's log: the group goes back to the bus until it can");
+                    return false;
+                }
             }
         }
-        cursor.through = cursor.through.max(sequence);
+        cursor.through = previous;
+        true
+    }
+
+    /// Hands a group back to JetStream unapplied, to come again after the
+    /// retry delay.
+    async fn hand_back(&self, group: Vec<jetstream::Message>) -> Result<(), String> {
+        for message in group {
+            message
+                .ack_with(AckKind::Nak(Some(self.config.retry_delay)))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// Checks the source's own log against this one (see
@@ -1318,7 +1364,14 @@ async fn consume<H: Handler>(
     // under load (server: no waiting request, messages delivered to the
     // client but never handed over), which stalled the consumer for good.
     let mut messages = next_batch(&consumer).await?;
-    let mut cursor = BusCursor::default();
+    // Everything up to the ack floor has its outcome: the first group is
+    // looked at against it.
+    let mut cursor = BusCursor {
+        through: consumer
+            .info()
+            .await
+            .map_or(0, |info| info.ack_floor.stream_sequence),
+    };
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
@@ -1352,22 +1405,109 @@ async fn consume<H: Handler>(
                 continue;
             }
         };
-        let sequence = message.info().map_or(0, |i| i.stream_sequence);
-        context
-            .catch_up_before(&mut stream, &mut consumer, &mut cursor, sequence)
-            .await;
-        let decoded = EventEnvelope::decode(message.payload.as_ref());
+        // Whatever else has already arrived joins it, up to a pull batch:
+        // applied together, their commits share one write of the log.
+        let mut group = vec![message];
+        let mut interrupted = None;
+        while group.len() < PULL_BATCH {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(message))) => group.push(message),
+                Some(Some(Err(e))) => {
+                    interrupted = Some(e.to_string());
+                    break;
+                }
+                Some(None) => {
+                    messages = next_batch(&consumer).await?;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let sequences: Vec<u64> = group
+            .iter()
+            .map(|m| m.info().map_or(0, |i| i.stream_sequence))
+            .collect();
+        if context
+            .catch_up_before(&mut stream, &mut consumer, &mut cursor, &sequences)
+            .await
+        {
+            context.deliver_group(group).await?;
+        } else {
+            context.hand_back(group).await?;
+        }
+        if let Some(reason) = interrupted {
+            return Err(reason);
+        }
+    }
+}
+
+/// A delivered message and its envelope, if it decodes.
+type Delivered = (
+    jetstream::Message,
+    Result<EventEnvelope, prost::DecodeError>,
+);
+
+impl<H: Handler> Context<'_, H> {
+    /// Applies a group of delivered messages in lanes (see
+    /// [`Handler::lane`]): each lane's messages one after another in the
+    /// order they came, the lanes side by side, so that their commits meet
+    /// in one group commit of the log (one write, one fsync) instead of one
+    /// each. A message without a lane (or one that does not decode) is a
+    /// barrier: the lanes before it finish first, then it alone.
+    async fn deliver_group(&self, group: Vec<jetstream::Message>) -> Result<(), String> {
+        let mut lanes: Vec<Vec<Delivered>> = Vec::new();
+        let mut lane_of: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::new();
+        for message in group {
+            let decoded = EventEnvelope::decode(message.payload.as_ref());
+            let lane = decoded.as_ref().ok().and_then(|e| self.handler.lane(e));
+            match lane {
+                Some(lane) => {
+                    let index = *lane_of.entry(lane).or_insert_with(|| {
+                        lanes.push(Vec::new());
+                        lanes.len() - 1
+                    });
+                    lanes[index].push((message, decoded));
+                }
+                None => {
+                    self.run_lanes(std::mem::take(&mut lanes)).await?;
+                    lane_of.clear();
+                    self.deliver_traced((message, decoded)).await?;
+                }
+            }
+        }
+        self.run_lanes(lanes).await
+    }
+
+    /// Runs lanes side by side; the first failure is the answer, once every
+    /// lane has stopped (what a failed lane left is delivered again).
+    async fn run_lanes(&self, lanes: Vec<Vec<Delivered>>) -> Result<(), String> {
+        if lanes.is_empty() {
+            return Ok(());
+        }
+        let outcomes = futures::future::join_all(lanes.into_iter().map(|lane| async move {
+            for delivered in lane {
+                self.deliver_traced(delivered).await?;
+            }
+            Ok::<(), String>(())
+        }))
+        .await;
+        outcomes.into_iter().collect()
+    }
+
+    /// [`Context::deliver`] within a span naming the event.
+    async fn deliver_traced(&self, (message, decoded): Delivered) -> Result<(), String> {
         let span = match &decoded {
-            Ok(event) => tracing::info_span!("consume", consumer = %config.name,
+            Ok(event) => tracing::info_span!("consume", consumer = %self.name(),
                 event_id = %event.event_id, event_type = %event.event_type,
                 correlation_id = %event.correlation_id),
-            Err(_) => tracing::info_span!("consume", consumer = %config.name,
+            Err(_) => tracing::info_span!("consume", consumer = %self.name(),
                 subject = %message.subject),
         };
         // The span goes with the future (`instrument`), never entered across
         // an await: a guard held over an await is dropped on another thread,
         // and tracing-subscriber's registry panicked on it, which killed the
         // consumer task silently under load.
-        context.deliver(message, decoded).instrument(span).await?;
+        self.deliver(message, decoded).instrument(span).await
     }
 }

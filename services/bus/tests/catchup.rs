@@ -522,3 +522,87 @@ async fn a_consumer_the_stream_overtakes_while_it_works_applies_its_source_in_or
     let expected: Vec<String> = (0..41).map(|i| format!("t{i}")).collect();
     assert_eq!(order, expected, "applied in the source's order");
 }
+
+/// Intake's log, readable only while `up`: its process restarting.
+struct Restarting {
+    log: EventLog,
+    up: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl lineguard_bus::SourceLog for Restarting {
+    fn read_from(&self, from: u64, max: usize) -> lineguard_bus::catchup::SourcePage<'_> {
+        if self.up.load(std::sync::atomic::Ordering::SeqCst) {
+            lineguard_bus::SourceLog::read_from(&self.log, from, max)
+        } else {
+            Box::pin(async { Err("intake's log: tcp connect error".to_string()) })
+        }
+    }
+
+    fn state(&self) -> lineguard_bus::catchup::SourceStateFuture<'_> {
+        if self.up.load(std::sync::atomic::Ordering::SeqCst) {
+            lineguard_bus::SourceLog::state(&self.log)
+        } else {
+            Box::pin(async { Err("intake's log: tcp connect error".to_string()) })
+        }
+    }
+}
+
+#[tokio::test]
+async fn messages_after_a_gap_wait_while_the_source_log_cannot_be_read() {
+    let Fixture {
+        _nats,
+        _dir,
+        js,
+        intake,
+        routing,
+        relay,
+        mut config,
+    } = Fixture::start().await;
+    config.max_ack_pending = 1;
+    config.parked_sweep = Duration::from_secs(600);
+    config.retry_delay = Duration::from_millis(200);
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    config.source_log = Some(SourceLogHandle(Arc::new(Restarting {
+        log: intake.clone(),
+        up: up.clone(),
+    })));
+    report(&intake, 0..1).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        config,
+        SlowOverT1,
+        ParkingLot::new(),
+    );
+    until_routed(&routing, 1, Duration::from_secs(20), "t0").await;
+    // Intake's process goes down while the stream drops the reports behind
+    // t1: the newer ones the bus still holds must not be applied before them.
+    up.store(false, std::sync::atomic::Ordering::SeqCst);
+    report(&intake, 1..41).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        routes(&routing).len(),
+        2,
+        "only t0 and t1 (delivered before the drop) may be applied while intake's log is away"
+    );
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    until_routed(
+        &routing,
+        41,
+        Duration::from_secs(30),
+        "intake's log is back",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    consumer.stop().await;
+    relay.stop().await;
+    assert_each_routed_once(&routing, 41);
+    let order: Vec<String> = routes(&routing)
+        .into_iter()
+        .map(|e| e.correlation_id)
+        .collect();
+    let expected: Vec<String> = (0..41).map(|i| format!("t{i}")).collect();
+    assert_eq!(order, expected, "applied in the source's order");
+}

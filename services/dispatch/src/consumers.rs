@@ -46,6 +46,13 @@ fn commit(decided: Option<(lineguard_eventlog::Transaction, Hold)>) -> Handled {
 pub struct RoutingEvents(pub Dispatcher);
 
 impl Handler for RoutingEvents {
+    /// A case's route and closing touch its order, under the dispatcher's
+    /// locks: cases go side by side. A crew's definition changes what every
+    /// later order may be given to: it waits for what came before it.
+    fn lane(&self, event: &EventEnvelope) -> Option<String> {
+        (event.event_type != CrewDefined::full_name()).then(|| event.correlation_id.clone())
+    }
+
     async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
         let t = event.event_type.as_str();
         if t == CrewDefined::full_name() {
@@ -96,6 +103,19 @@ pub fn ticket_key(ticket_id: &str) -> String {
 pub struct IntakeEvents(pub Dispatcher);
 
 impl Handler for IntakeEvents {
+    /// A ticket's report and urges go in its lane, and an incident's calls
+    /// (its lead's and its children's reports) in the incident's, in the
+    /// order intake took them.
+    fn lane(&self, event: &EventEnvelope) -> Option<String> {
+        if event.event_type == TicketReported::full_name()
+            && let Ok(e) = decode_payload::<TicketReported>(event)
+            && !e.incident_id.is_empty()
+        {
+            return Some(e.incident_id);
+        }
+        Some(event.correlation_id.clone())
+    }
+
     fn satisfies(&self, event: &EventEnvelope) -> Vec<String> {
         if event.event_type != TicketReported::full_name() {
             return Vec::new();

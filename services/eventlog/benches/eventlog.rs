@@ -17,10 +17,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use lineguard_eventlog::codec::{CF_EVENTS, position_key};
+use lineguard_eventlog::codec::{
+    CF_EVENTS, CF_META, CF_OUTBOX, CF_STREAMS, IndexRun, META_PROJECTION_STATE, OutboxRun,
+    position_key, seal, stream_key,
+};
 use lineguard_eventlog::{
-    ActorKind, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent, Transaction, actor,
-    open_raw_store,
+    ActorKind, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent, ReadDirection,
+    Transaction, actor, open_raw_store,
 };
 use rocksdb::{WriteBatch, WriteOptions};
 
@@ -75,16 +78,77 @@ impl Raw {
         (0..count).map(|_| vec![b'x'; RAW_VALUE_BYTES]).collect()
     }
 
-    /// Writes `values` at consecutive positions from `first`, one batch, fsynced.
+    /// Writes `values` at consecutive positions from `first` in one batch,
+    /// fsynced, with the other records the log writes for a commit of one
+    /// stream: its stream index entry, its outbox entry (the events are
+    /// published) and the projections' state. What the log does besides,
+    /// and raw does not: it reads the stream's head (from its cache, here),
+    /// checks the expected version, seals each record with a checksum and
+    /// encodes the envelope (raw writes prepared bytes of about its size).
     fn write(&self, first: u64, values: &[Vec<u8>]) {
-        let cf = self.db.cf_handle(CF_EVENTS).expect("cf");
+        let column = |name| self.db.cf_handle(name).expect("cf");
         let mut batch = WriteBatch::default();
         for (p, value) in (first..).zip(values) {
-            batch.put_cf(cf, position_key(p), value);
+            batch.put_cf(column(CF_EVENTS), position_key(p), value);
         }
+        let index_key = stream_key(&format!("raw-{first}"), 1);
+        let run = IndexRun {
+            first_version: 1,
+            first_position: first,
+            count: values.len() as u64,
+        };
+        batch.put_cf(
+            column(CF_STREAMS),
+            &index_key,
+            seal(&index_key, &run.encode()),
+        );
+        let (outbox_key, outbox_value) = OutboxRun {
+            first,
+            count: values.len() as u64,
+        }
+        .entry();
+        batch.put_cf(column(CF_OUTBOX), outbox_key, outbox_value);
+        batch.put_cf(
+            column(CF_META),
+            META_PROJECTION_STATE,
+            seal(META_PROJECTION_STATE, &[0u8; 24]),
+        );
         let mut options = WriteOptions::default();
         options.set_sync(true);
         self.db.write_opt(batch, &options).expect("raw write");
+    }
+
+    /// Writes `values` as one stream's records keyed by stream and version
+    /// (what a prefix scan reads contiguously), unsynced: the read cases'
+    /// set-up, not timed.
+    fn write_keyed(&self, stream: &str, first_version: u64, values: &[Vec<u8>]) {
+        let cf = self.db.cf_handle(CF_STREAMS).expect("cf");
+        let mut batch = WriteBatch::default();
+        for (version, value) in (first_version..).zip(values) {
+            batch.put_cf(cf, stream_key(stream, version), value);
+        }
+        self.db.write(batch).expect("raw write");
+    }
+
+    /// Reads every record of `stream` by a prefix scan; how many.
+    fn scan(&self, stream: &str) -> usize {
+        let cf = self.db.cf_handle(CF_STREAMS).expect("cf");
+        let prefix = stream_key(stream, 0);
+        let prefix = &prefix[..prefix.len() - 8];
+        let mut iter = self.db.raw_iterator_cf(cf);
+        iter.seek(prefix);
+        let (mut seen, mut bytes) = (0usize, 0usize);
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            bytes += value.len();
+            seen += 1;
+            iter.next();
+        }
+        iter.status().expect("raw scan");
+        assert!(bytes >= seen * RAW_VALUE_BYTES);
+        seen
     }
 }
 
@@ -411,6 +475,100 @@ fn main() {
             events: head,
             rounds: rounds(ROUNDS, read_owned, read_raw),
             target: 0.0,
+        });
+    }
+    drop(log);
+    drop(raw);
+    read_one_case(&dir.path().join("case"), scale);
+}
+
+/// Events of the one case the case reads read.
+const CASE_EVENTS: u64 = 10_000;
+/// Events the case gets per commit, each commit followed by one of another
+/// stream: the case's events lie in runs among the rest, as an incident's do.
+const CASE_RUN: u64 = 10;
+
+/// Case 5, reading one case as replay and every aggregate load do: one stream
+/// of 10,000 events, and one correlation of 10,000 events spread over many
+/// streams (an incident's children), each read in pages of 1,000 and
+/// decoded into owned envelopes, beside a raw prefix scan of the same
+/// records (raw keyed by stream and version, so they lie side by side).
+fn read_one_case(path: &std::path::Path, scale: u64) {
+    let events = CASE_EVENTS * scale;
+    std::fs::create_dir_all(path).expect("case dir");
+    let log = open_log(path);
+    let raw = Raw::open(path);
+    for run in 0..events / CASE_RUN {
+        let child = format!("child-{run}");
+        let case_events = (0..CASE_RUN).map(|_| event("incident-big")).collect();
+        let child_events = (0..CASE_RUN)
+            .map(|_| NewEvent {
+                correlation_id: "incident-spread".into(),
+                ..event(&child)
+            })
+            .collect();
+        let other = format!("other-{run}");
+        log.commit_blocking(
+            Transaction::append("incident-big", ExpectedVersion::Any, case_events)
+                .and_append(&child, ExpectedVersion::Any, child_events)
+                .and_append(&other, ExpectedVersion::Any, vec![event(&other)]),
+        )
+        .expect("commit");
+    }
+    let values = Raw::values(events);
+    for (chunk, i) in values.chunks(1_000).zip(0u64..) {
+        raw.write_keyed("incident-big", 1 + i * 1_000, chunk);
+    }
+    // Both read table files, as after a restart (see the full read).
+    drop(log);
+    drop(raw);
+    let log = open_log(path);
+    let raw = Raw::open(path);
+    let read_raw = || timed(|| assert_eq!(raw.scan("incident-big") as u64, events));
+    let name = "read, one stream";
+    if wanted(name) {
+        let read_stream = || {
+            timed(|| {
+                let mut from = Some(1);
+                let mut seen = 0u64;
+                while let Some(version) = from {
+                    let slice = log
+                        .read_stream("incident-big", version, ReadDirection::Forward, 1_000)
+                        .expect("read stream");
+                    seen += slice.events.len() as u64;
+                    from = slice.next_version;
+                }
+                assert_eq!(seen, events);
+            })
+        };
+        report(&Case {
+            name,
+            events,
+            rounds: rounds(ROUNDS, read_stream, read_raw),
+            target: 0.8,
+        });
+    }
+    let name = "read, one correlation";
+    if wanted(name) {
+        let read_correlation = || {
+            timed(|| {
+                let mut from = Some(1);
+                let mut seen = 0u64;
+                while let Some(position) = from {
+                    let (page, next) = log
+                        .read_correlation("incident-spread", position, 1_000)
+                        .expect("read correlation");
+                    seen += page.len() as u64;
+                    from = next;
+                }
+                assert_eq!(seen, events);
+            })
+        };
+        report(&Case {
+            name,
+            events,
+            rounds: rounds(ROUNDS, read_correlation, read_raw),
+            target: 0.8,
         });
     }
 }

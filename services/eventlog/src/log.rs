@@ -323,7 +323,7 @@ impl EventLog {
                 start
             }
         };
-        let events_cf = cf(db, CF_EVENTS)?;
+        let mut cursor = EventCursor::new(db)?;
         let mut events = Vec::with_capacity(max_count.min(64));
         // The run holding `start` is the last entry at or before it: every
         // stream's first run starts at version 1.
@@ -343,14 +343,9 @@ impl EventLog {
             };
             for version in versions {
                 let position = run.first_position + (version - run.first_version);
-                let Some(record) = db.get_pinned_cf(events_cf, position_key(position))? else {
-                    return Err(Error::Corrupted {
-                        column: CF_EVENTS,
-                        location: format!("position {position}"),
-                        reason: format!("indexed as {stream_id} v{version} but missing"),
-                    });
-                };
-                events.push(decode_event(position, &record)?);
+                events.push(cursor.read(position, || {
+                    format!("indexed as {stream_id} v{version} but missing")
+                })?);
                 if events.len() == max_count {
                     break 'runs;
                 }
@@ -394,7 +389,7 @@ impl EventLog {
         let max_count = self.page_size(max_count)?;
         let from = from_position.max(1);
         let db = &self.inner.db;
-        let events_cf = cf(db, CF_EVENTS)?;
+        let mut cursor = EventCursor::new(db)?;
         // Two sources, each in position order: the stream named like the
         // correlation (its events mostly carry it), and the index of events
         // elsewhere that carry it. Merged lazily, smallest position first.
@@ -446,14 +441,9 @@ impl EventLog {
                 (_, Some(y)) => (y, false),
                 (None, None) => return Ok((events, None)),
             };
-            let Some(record) = db.get_pinned_cf(events_cf, position_key(position))? else {
-                return Err(Error::Corrupted {
-                    column: CF_EVENTS,
-                    location: format!("position {position}"),
-                    reason: format!("indexed under {correlation_id} but missing"),
-                });
-            };
-            let event = decode_event(position, &record)?;
+            let event = cursor.read(position, || {
+                format!("indexed under {correlation_id} but missing")
+            })?;
             if from_stream {
                 a = next_from_stream()?;
             } else {
@@ -915,6 +905,58 @@ pub(crate) fn decode_event(position: u64, record: &[u8]) -> Result<EventEnvelope
     let key = position_key(position);
     let body = unseal(CF_EVENTS, &key, record, || format!("position {position}"))?;
     checked_envelope(position, EventEnvelope::decode(body))
+}
+
+/// Reads events by position through one iterator of the events column: a
+/// position right after (or, reading backwards, right before) the one read
+/// last is the iterator's next step rather than a new lookup from the top
+/// of the tree, so the events a stream or a correlation got in one commit,
+/// which lie side by side, are read as one scan.
+struct EventCursor<'a> {
+    iter: rocksdb::DBRawIterator<'a>,
+    /// The position the iterator stands on, if it stands on one read.
+    at: Option<u64>,
+}
+
+impl<'a> EventCursor<'a> {
+    fn new(db: &'a DB) -> Result<Self> {
+        Ok(EventCursor {
+            iter: db.raw_iterator_cf(cf(db, CF_EVENTS)?),
+            at: None,
+        })
+    }
+
+    /// The event at `position`, which an index says exists; `missing`
+    /// explains the corruption if it does not.
+    fn read(&mut self, position: u64, missing: impl FnOnce() -> String) -> Result<EventEnvelope> {
+        let key = position_key(position);
+        match self.at {
+            Some(at) if at == position => {}
+            Some(at) if at + 1 == position => self.iter.next(),
+            Some(at) if position + 1 == at => self.iter.prev(),
+            _ => self.iter.seek(key),
+        }
+        self.at = None;
+        let value = match (self.iter.key(), self.iter.value()) {
+            (Some(found), Some(value)) if found == key => value,
+            _ => {
+                self.iter.status()?;
+                return Err(Error::Corrupted {
+                    column: CF_EVENTS,
+                    location: format!("position {position}"),
+                    reason: missing(),
+                });
+            }
+        };
+        let body = unseal(CF_EVENTS, &key, value, || format!("position {position}"))?;
+        // One copy of the record; the payload is a slice of it.
+        let event = checked_envelope(
+            position,
+            EventEnvelope::decode(Bytes::copy_from_slice(body)),
+        )?;
+        self.at = Some(position);
+        Ok(event)
+    }
 }
 
 /// A decoded envelope, if it decoded and says it is at `position`.

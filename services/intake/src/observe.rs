@@ -62,6 +62,12 @@ pub fn observed_stream(source: &str) -> String {
 pub struct Observer;
 
 impl Handler for Observer {
+    /// A case's events change only that case's view (its ticket, or its
+    /// incident's lead): cases are applied side by side.
+    fn lane(&self, event: &EventEnvelope) -> Option<String> {
+        Some(event.correlation_id.clone())
+    }
+
     async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
         let stream = observed_stream(&event.source);
         let observed = EventObserved {
