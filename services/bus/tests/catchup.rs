@@ -474,6 +474,43 @@ impl Handler for SlowOverT1 {
     }
 }
 
+/// Routing holds one route per report `t0`..`t{n-1}`, in intake's order.
+fn assert_routed_in_source_order(routing: &EventLog, n: usize) {
+    assert_each_routed_once(routing, n);
+    let order: Vec<String> = routes(routing)
+        .into_iter()
+        .map(|e| e.correlation_id)
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+    assert_eq!(order, expected, "applied in the source's order");
+}
+
+/// Starts routing's consumer ([`SlowOverT1`]) with one message in hand at a
+/// time, so that the rest wait in the stream (and are dropped there), and
+/// no sweep within the test, so that only the catching up before the next
+/// message can bring the dropped ones; returns once `t0` is routed.
+async fn one_in_hand(
+    js: &async_nats::jetstream::Context,
+    intake: &EventLog,
+    routing: &EventLog,
+    relay: &OutboxRelay,
+    mut config: ConsumerConfig,
+) -> lineguard_bus::ConsumerHandle {
+    config.max_ack_pending = 1;
+    config.parked_sweep = Duration::from_secs(600);
+    report(intake, 0..1).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        config,
+        SlowOverT1,
+        ParkingLot::new(),
+    );
+    until_routed(routing, 1, Duration::from_secs(20), "t0").await;
+    consumer
+}
+
 #[tokio::test]
 async fn a_consumer_the_stream_overtakes_while_it_works_applies_its_source_in_order() {
     let Fixture {
@@ -483,23 +520,9 @@ async fn a_consumer_the_stream_overtakes_while_it_works_applies_its_source_in_or
         intake,
         routing,
         relay,
-        mut config,
-    } = Fixture::start().await;
-    // One message in hand at a time, so that the rest wait in the stream
-    // (and are dropped there); no sweep within the test, so that only the
-    // catching up before the next message can bring the dropped ones.
-    config.max_ack_pending = 1;
-    config.parked_sweep = Duration::from_secs(600);
-    report(&intake, 0..1).await;
-    assert!(relay.flush(Duration::from_secs(20)).await);
-    let consumer = spawn_consumer(
-        js.clone(),
-        routing.clone(),
         config,
-        SlowOverT1,
-        ParkingLot::new(),
-    );
-    until_routed(&routing, 1, Duration::from_secs(20), "t0").await;
+    } = Fixture::start().await;
+    let consumer = one_in_hand(&js, &intake, &routing, &relay, config).await;
     // Forty reports (80 messages) while t1 takes its second: the stream
     // keeps 6, so t2 to about t37 leave the bus unread.
     report(&intake, 1..41).await;
@@ -514,13 +537,7 @@ async fn a_consumer_the_stream_overtakes_while_it_works_applies_its_source_in_or
     tokio::time::sleep(Duration::from_millis(500)).await;
     consumer.stop().await;
     relay.stop().await;
-    assert_each_routed_once(&routing, 41);
-    let order: Vec<String> = routes(&routing)
-        .into_iter()
-        .map(|e| e.correlation_id)
-        .collect();
-    let expected: Vec<String> = (0..41).map(|i| format!("t{i}")).collect();
-    assert_eq!(order, expected, "applied in the source's order");
+    assert_routed_in_source_order(&routing, 41);
 }
 
 /// Intake's log, readable only while `up`: its process restarting.
@@ -558,24 +575,13 @@ async fn messages_after_a_gap_wait_while_the_source_log_cannot_be_read() {
         relay,
         mut config,
     } = Fixture::start().await;
-    config.max_ack_pending = 1;
-    config.parked_sweep = Duration::from_secs(600);
     config.retry_delay = Duration::from_millis(200);
     let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
     config.source_log = Some(SourceLogHandle(Arc::new(Restarting {
         log: intake.clone(),
         up: up.clone(),
     })));
-    report(&intake, 0..1).await;
-    assert!(relay.flush(Duration::from_secs(20)).await);
-    let consumer = spawn_consumer(
-        js.clone(),
-        routing.clone(),
-        config,
-        SlowOverT1,
-        ParkingLot::new(),
-    );
-    until_routed(&routing, 1, Duration::from_secs(20), "t0").await;
+    let consumer = one_in_hand(&js, &intake, &routing, &relay, config).await;
     // Intake's process goes down while the stream drops the reports behind
     // t1: the newer ones the bus still holds must not be applied before them.
     up.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -598,11 +604,5 @@ async fn messages_after_a_gap_wait_while_the_source_log_cannot_be_read() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     consumer.stop().await;
     relay.stop().await;
-    assert_each_routed_once(&routing, 41);
-    let order: Vec<String> = routes(&routing)
-        .into_iter()
-        .map(|e| e.correlation_id)
-        .collect();
-    let expected: Vec<String> = (0..41).map(|i| format!("t{i}")).collect();
-    assert_eq!(order, expected, "applied in the source's order");
+    assert_routed_in_source_order(&routing, 41);
 }
