@@ -253,6 +253,10 @@ async fn a_ticket_id_and_its_incident_id_name_one_case_in_every_service() {
     for (name, process) in processes {
         let log = process.log();
         assert!(log.len() > 1_000, "{name} logged its work");
+        assert!(
+            !log.contains('\u{1b}'),
+            "{name}'s log, written to a file, holds terminal colour codes"
+        );
         for data in [
             CALLER,
             "13800138000",
