@@ -540,7 +540,8 @@ async fn a_consumer_the_stream_overtakes_while_it_works_applies_its_source_in_or
     assert_routed_in_source_order(&routing, 41);
 }
 
-/// Intake's log, readable only while `up`: its process restarting.
+/// Intake's log, readable only while `up` ([`Unreachable`] meanwhile): its
+/// process restarting.
 struct Restarting {
     log: EventLog,
     up: Arc<std::sync::atomic::AtomicBool>,
@@ -551,7 +552,7 @@ impl lineguard_bus::SourceLog for Restarting {
         if self.up.load(std::sync::atomic::Ordering::SeqCst) {
             lineguard_bus::SourceLog::read_from(&self.log, from, max)
         } else {
-            Box::pin(async { Err("intake's log: tcp connect error".to_string()) })
+            Unreachable.read_from(from, max)
         }
     }
 
@@ -559,7 +560,7 @@ impl lineguard_bus::SourceLog for Restarting {
         if self.up.load(std::sync::atomic::Ordering::SeqCst) {
             lineguard_bus::SourceLog::state(&self.log)
         } else {
-            Box::pin(async { Err("intake's log: tcp connect error".to_string()) })
+            Unreachable.state()
         }
     }
 }
