@@ -482,6 +482,10 @@ fn main() {
     read_one_case(&dir.path().join("case"), scale);
 }
 
+/// Reads one page from a position or version: how many, and where the
+/// next starts.
+type PageReader<'a> = dyn Fn(u64) -> (usize, Option<u64>) + 'a;
+
 /// Events of the one case the case reads read.
 const CASE_EVENTS: u64 = 10_000;
 /// Events the case gets per commit, each commit followed by one of another
@@ -493,6 +497,8 @@ const CASE_RUN: u64 = 10;
 /// streams (an incident's children), each read in pages of 1,000 and
 /// decoded into owned envelopes, beside a raw prefix scan of the same
 /// records (raw keyed by stream and version, so they lie side by side).
+/// Each is read twice: checked and read in place (`read_stream_stored`,
+/// `read_correlation_stored`), and decoded into owned envelopes.
 fn read_one_case(path: &std::path::Path, scale: u64) {
     let events = CASE_EVENTS * scale;
     std::fs::create_dir_all(path).expect("case dir");
@@ -525,50 +531,62 @@ fn read_one_case(path: &std::path::Path, scale: u64) {
     let log = open_log(path);
     let raw = Raw::open(path);
     let read_raw = || timed(|| assert_eq!(raw.scan("incident-big") as u64, events));
-    let name = "read, one stream";
-    if wanted(name) {
-        let read_stream = || {
-            timed(|| {
-                let mut from = Some(1);
-                let mut seen = 0u64;
-                while let Some(version) = from {
-                    let slice = log
-                        .read_stream("incident-big", version, ReadDirection::Forward, 1_000)
-                        .expect("read stream");
-                    seen += slice.events.len() as u64;
-                    from = slice.next_version;
-                }
-                assert_eq!(seen, events);
-            })
-        };
-        report(&Case {
-            name,
-            events,
-            rounds: rounds(ROUNDS, read_stream, read_raw),
-            target: 0.8,
-        });
-    }
-    let name = "read, one correlation";
-    if wanted(name) {
-        let read_correlation = || {
-            timed(|| {
-                let mut from = Some(1);
-                let mut seen = 0u64;
-                while let Some(position) = from {
-                    let (page, next) = log
-                        .read_correlation("incident-spread", position, 1_000)
-                        .expect("read correlation");
-                    seen += page.len() as u64;
-                    from = next;
-                }
-                assert_eq!(seen, events);
-            })
-        };
-        report(&Case {
-            name,
-            events,
-            rounds: rounds(ROUNDS, read_correlation, read_raw),
-            target: 0.8,
-        });
+    let pages_of = |read_page: &PageReader| {
+        let mut from = Some(1);
+        let mut seen = 0u64;
+        while let Some(at) = from {
+            let (count, next) = read_page(at);
+            seen += count as u64;
+            from = next;
+        }
+        assert_eq!(seen, events);
+    };
+    let stream_in_place = |version: u64| {
+        let (page, _, next) = log
+            .read_stream_stored("incident-big", version, ReadDirection::Forward, 1_000)
+            .expect("read stream");
+        (page.len(), next)
+    };
+    let stream_owned = |version: u64| {
+        let slice = log
+            .read_stream("incident-big", version, ReadDirection::Forward, 1_000)
+            .expect("read stream");
+        (slice.events.len(), slice.next_version)
+    };
+    let correlation_in_place = |position: u64| {
+        let (page, next) = log
+            .read_correlation_stored("incident-spread", position, 1_000)
+            .expect("read correlation");
+        (page.len(), next)
+    };
+    let correlation_owned = |position: u64| {
+        let (page, next) = log
+            .read_correlation("incident-spread", position, 1_000)
+            .expect("read correlation");
+        (page.len(), next)
+    };
+    let cases: [(&'static str, &PageReader, f64); 4] = [
+        ("read, one stream, in place", &stream_in_place, 0.8),
+        ("read, one stream, owned envelopes", &stream_owned, 0.0),
+        (
+            "read, one correlation, in place",
+            &correlation_in_place,
+            0.8,
+        ),
+        (
+            "read, one correlation, owned envelopes",
+            &correlation_owned,
+            0.0,
+        ),
+    ];
+    for (name, read_page, target) in cases {
+        if wanted(name) {
+            report(&Case {
+                name,
+                events,
+                rounds: rounds(ROUNDS, || timed(|| pages_of(read_page)), read_raw),
+                target,
+            });
+        }
     }
 }

@@ -807,6 +807,112 @@ async fn events_read_in_place_are_the_events_read_whole() {
     assert!(log.read_all_stored(32, 5).is_err(), "past the end");
 }
 
+#[tokio::test]
+async fn a_stream_and_a_correlation_read_in_place_are_what_they_read_whole() {
+    let dir = tmp();
+    let log = open(dir.path());
+    // Case "case-7" gets runs of events among others' (gaps of 1 to 40
+    // records: some stepped over, some sought past), and its correlation
+    // is also carried by events on crews' streams.
+    for round in 0..40u64 {
+        let mut txn = Transaction::append(
+            "case-7",
+            ExpectedVersion::Any,
+            (0..1 + round % 3)
+                .map(|i| noted("case-7", &format!("case {round}/{i}")))
+                .collect(),
+        );
+        for other in 0..round % 7 {
+            let stream = format!("other-{other}");
+            txn = txn.and_append(
+                &stream,
+                ExpectedVersion::Any,
+                (0..1 + round % 6)
+                    .map(|_| noted(&stream, "other"))
+                    .collect(),
+            );
+        }
+        if round % 4 == 0 {
+            txn = txn.and_append(
+                "crew-3",
+                ExpectedVersion::Any,
+                vec![
+                    noted("case-7", "crew"),
+                    noted("case-8", "crew, another case"),
+                ],
+            );
+        }
+        log.commit(txn).await.expect("commit");
+    }
+    let case_events: usize = (0..40).map(|round| 1 + round % 3).sum();
+    let ids = |events: &[lineguard_protos::eventlog::v1::EventEnvelope]| {
+        events
+            .iter()
+            .map(|e| e.event_id.clone())
+            .collect::<Vec<_>>()
+    };
+    let stored_ids = |events: &[lineguard_eventlog::StoredEvent]| {
+        events
+            .iter()
+            .map(|e| e.event_id().to_string())
+            .collect::<Vec<_>>()
+    };
+    for direction in [ReadDirection::Forward, ReadDirection::Backward] {
+        for page in [0, 1, 7] {
+            let (mut whole, mut in_place) = (Vec::new(), Vec::new());
+            let mut from = if direction == ReadDirection::Forward {
+                1
+            } else {
+                0
+            };
+            loop {
+                let slice = log
+                    .read_stream("case-7", from, direction, page)
+                    .expect("read");
+                let (stored, last, next) = log
+                    .read_stream_stored("case-7", from, direction, page)
+                    .expect("read in place");
+                assert_eq!((last, next), (slice.stream_version, slice.next_version));
+                for (s, w) in stored.iter().zip(&slice.events) {
+                    assert_eq!(s.to_envelope().expect("decodes"), *w);
+                }
+                whole.extend(ids(&slice.events));
+                in_place.extend(stored_ids(&stored));
+                match next {
+                    Some(n) => from = n,
+                    None => break,
+                }
+            }
+            assert_eq!(whole, in_place, "{direction:?}, pages of {page}");
+            assert_eq!(whole.len(), case_events, "every event of the stream, once");
+        }
+    }
+    for page in [0, 1, 5] {
+        let (mut whole, mut in_place) = (Vec::new(), Vec::new());
+        let mut from = 0;
+        loop {
+            let (events, next) = log.read_correlation("case-7", from, page).expect("read");
+            let (stored, next_in_place) = log
+                .read_correlation_stored("case-7", from, page)
+                .expect("read in place");
+            assert_eq!(next, next_in_place);
+            whole.extend(ids(&events));
+            in_place.extend(stored_ids(&stored));
+            assert!(stored.iter().all(|e| e.correlation_id() == "case-7"));
+            match next {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        assert_eq!(whole, in_place, "pages of {page}");
+        assert_eq!(
+            whole.len(),
+            case_events + 10,
+            "the case's and the crew's events"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_subscription_racing_appends_sees_every_event_once_in_order() {
     let dir = tmp();
