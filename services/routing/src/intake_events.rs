@@ -41,6 +41,30 @@ fn retry(e: RouterError) -> HandlerError {
 }
 
 impl Handler for IntakeEvents {
+    /// A report is decided in its station's lane: one station's decisions
+    /// read and change the loads of its own managers, desk and crews, so
+    /// they go one after another and each sees the ones before it, while
+    /// stations go side by side. (Two stations' decisions may both reach
+    /// the company's desk, the last line, which has no threshold to pass
+    /// over; routing's other consumers already run beside this one.) A
+    /// report whose district is not known goes in one lane of its own; a
+    /// cancellation waits for everything before it (it must see its
+    /// ticket's route), as does anything the lookup cannot place.
+    fn lane(&self, event: &EventEnvelope) -> Option<String> {
+        if event.event_type != TicketReported::full_name() {
+            return None;
+        }
+        let reported: TicketReported = decode_payload(event).ok()?;
+        let district = self
+            .router
+            .locate(&reported.district_id, &reported.account_number)
+            .ok()?;
+        Some(match district {
+            Some(d) => format!("station {}", d.station_id),
+            None => "no district".to_string(),
+        })
+    }
+
     async fn handle(&self, event: &EventEnvelope) -> Result<Handled, HandlerError> {
         let system = actor(ActorKind::System, "routing");
         if event.event_type == TicketReported::full_name() {

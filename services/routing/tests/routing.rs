@@ -231,6 +231,41 @@ fn router_account_in(router: &Router, district: &str) -> String {
 }
 
 #[tokio::test]
+async fn reports_are_decided_in_their_stations_lanes_and_a_cancellation_waits() {
+    use lineguard_bus::Handler;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let router = router(dir.path()).await;
+    let consumer = IntakeEvents::new(router.clone());
+    let lane = |district: &str, account: &str| {
+        let mut r = reported(TicketKind::FaultRepair, Channel::App, account);
+        r.district_id = district.into();
+        consumer.lane(&envelope(&r, &r.ticket_id))
+    };
+    let chengguan = lane("d-chengguan-01", "");
+    assert_eq!(chengguan.as_deref(), Some("station st-chengguan"));
+    assert_eq!(
+        lane("d-chengguan-02", ""),
+        chengguan,
+        "one station, one lane"
+    );
+    // Located by the account when the report names no district.
+    let account = router_account_in(&router, "d-chengguan-02");
+    assert_eq!(lane("", &account), chengguan);
+    assert_ne!(lane("d-dongpo-01", ""), chengguan, "stations side by side");
+    assert_eq!(lane("d-nowhere", "").as_deref(), Some("no district"));
+    let cancelled = TicketCancelled {
+        ticket_id: "ticket-1".into(),
+        reason: "fixed itself".into(),
+        ..TicketCancelled::default()
+    };
+    assert_eq!(
+        consumer.lane(&envelope(&cancelled, "ticket-1")),
+        None,
+        "a cancellation waits for the reports before it"
+    );
+}
+
+#[tokio::test]
 async fn a_manager_on_leave_or_overloaded_is_passed_over_in_the_same_hop() {
     let dir = tempfile::tempdir().expect("tempdir");
     let router = router(dir.path()).await;
