@@ -1,7 +1,12 @@
-//! `generate county`: a seeded county of any size, as the two files
-//! routing loads (`--directory`): a directory TOML (one company, its
-//! stations, districts, managers and crews) and its accounts CSV. The same
-//! seed and sizes give the same files, byte for byte.
+//! `generate county` and `generate province`: a seeded directory of any
+//! size, as the two files routing loads (`--directory`): a directory TOML
+//! (companies, their stations, districts, managers and crews) and its
+//! accounts CSV. The same seed and sizes give the same files, byte for byte.
+//!
+//! A province is a county scaled up ([`CountyConfig::province`]): ten
+//! companies (one per prefecture), 100 stations, 5,000 districts, 1,500
+//! managers, three crews a station and 1,000,000 accounts, the size the
+//! speed benchmarks run at.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -12,6 +17,10 @@ use crate::simulate::Dice;
 /// The sizes of a generated county.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CountyConfig {
+    /// Power supply companies, each with its own supervision desk; the
+    /// stations are shared out over them.
+    #[arg(long, default_value_t = 1)]
+    pub companies: usize,
     /// Power supply stations.
     #[arg(long, default_value_t = 5)]
     pub stations: usize,
@@ -33,14 +42,19 @@ pub struct CountyConfig {
 }
 
 /// Most of anything one generated county holds.
+pub const MAX_COMPANIES: usize = 100;
+/// Most stations.
 pub const MAX_STATIONS: usize = 1_000;
+/// Most districts.
 pub const MAX_DISTRICTS: usize = 100_000;
+/// Most accounts.
 pub const MAX_ACCOUNTS: usize = 10_000_000;
 
 /// What was written.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Generated {
     pub directory: PathBuf,
+    pub companies: usize,
     pub accounts: PathBuf,
     pub stations: usize,
     pub districts: usize,
@@ -50,8 +64,29 @@ pub struct Generated {
 }
 
 impl CountyConfig {
+    /// A province: ten companies, 100 stations, 5,000 districts (50 a
+    /// station), 1,500 managers, 300 crews (three a station) and 1,000,000
+    /// accounts (200 a district on average).
+    pub fn province(seed: u64) -> CountyConfig {
+        CountyConfig {
+            companies: 10,
+            stations: 100,
+            districts: 5_000,
+            managers: 1_500,
+            crews: 300,
+            accounts: 1_000_000,
+            seed,
+        }
+    }
+
     fn check(&self) -> Result<(), Error> {
         let bad = |what: &str| Err(Error::Usage(what.to_string()));
+        if self.companies == 0 || self.companies > MAX_COMPANIES {
+            return bad("--companies: 1 to 100");
+        }
+        if self.stations < self.companies {
+            return bad("--stations: at least one per company");
+        }
         if self.stations == 0 || self.stations > MAX_STATIONS {
             return bad("--stations: 1 to 1000");
         }
@@ -85,6 +120,16 @@ fn share(s: usize, n: usize, groups: usize) -> std::ops::Range<usize> {
     start..end
 }
 
+/// Company `c`'s id: `co-gen` when there is one (a county), else
+/// `co-gen-01`, `co-gen-02`, ….
+fn company_id(c: usize, companies: usize) -> String {
+    if companies == 1 {
+        "co-gen".to_string()
+    } else {
+        format!("co-gen-{:02}", c + 1)
+    }
+}
+
 /// District `d`'s id.
 pub fn district_id(d: usize) -> String {
     format!("d-{:05}", d + 1)
@@ -99,24 +144,33 @@ pub fn generate(config: &CountyConfig, dir: &Path) -> Result<Generated, Error> {
     let mut toml = String::with_capacity(256 * config.districts);
     let _ = writeln!(
         toml,
-        "# A generated county (ticketctl generate county --seed {}): {} stations, \
+        "# Generated (ticketctl generate, --seed {}): {} companies, {} stations, \
          {} districts, {} managers, {} crews, {} accounts.\n\naccounts_file = \"county-accounts.csv\"\n",
         config.seed,
+        config.companies,
         config.stations,
         config.districts,
         config.managers,
         config.crews,
         config.accounts
     );
-    let _ = writeln!(
-        toml,
-        "[[companies]]\ncompany_id = \"co-gen\"\nname = \"Generated County Power Supply Company\"\nsupervisor_desk_id = \"desk-co-gen\"\nsupervision_phone = \"0900-5595598\"\n"
-    );
-    for s in 0..config.stations {
+    for c in 0..config.companies {
         let _ = writeln!(
             toml,
-            "[[stations]]\nstation_id = \"st-{:03}\"\ncompany_id = \"co-gen\"\nname = \"Station {}\"\nduty_desk_id = \"desk-st-{:03}\"\nduty_phone = \"0900-52{:05}\"\n",
+            "[[companies]]\ncompany_id = \"{}\"\nname = \"Generated Power Supply Company {}\"\nsupervisor_desk_id = \"desk-{}\"\nsupervision_phone = \"0900-55{:05}\"\n",
+            company_id(c, config.companies),
+            c + 1,
+            company_id(c, config.companies),
+            95598 + c
+        );
+    }
+    for s in 0..config.stations {
+        let c = group_of(s, config.stations, config.companies);
+        let _ = writeln!(
+            toml,
+            "[[stations]]\nstation_id = \"st-{:03}\"\ncompany_id = \"{}\"\nname = \"Station {}\"\nduty_desk_id = \"desk-st-{:03}\"\nduty_phone = \"0900-52{:05}\"\n",
             s + 1,
+            company_id(c, config.companies),
             s + 1,
             s + 1,
             s + 1
@@ -195,6 +249,7 @@ pub fn generate(config: &CountyConfig, dir: &Path) -> Result<Generated, Error> {
         .map_err(|e| Error::Usage(format!("cannot write {}: {e}", accounts.display())))?;
     Ok(Generated {
         directory,
+        companies: config.companies,
         accounts,
         stations: config.stations,
         districts: config.districts,
@@ -211,6 +266,7 @@ mod tests {
     #[test]
     fn every_district_has_a_manager_a_crew_and_an_account_of_its_station() {
         let config = CountyConfig {
+            companies: 1,
             stations: 3,
             districts: 20,
             managers: 7,
@@ -248,5 +304,49 @@ mod tests {
             std::fs::read(&g.directory).ok()
         );
         assert!(generate(&CountyConfig { crews: 2, ..config }, again.path()).is_err());
+    }
+
+    #[test]
+    fn a_province_shares_its_stations_out_over_its_companies() {
+        let config = CountyConfig {
+            companies: 3,
+            stations: 7,
+            districts: 30,
+            managers: 10,
+            crews: 8,
+            accounts: 300,
+            seed: 3,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g = generate(&config, dir.path()).expect("generate");
+        let parsed: toml::Value =
+            toml::from_str(&std::fs::read_to_string(&g.directory).expect("read")).expect("toml");
+        let companies: Vec<&str> = parsed["companies"]
+            .as_array()
+            .expect("companies")
+            .iter()
+            .filter_map(|c| c["company_id"].as_str())
+            .collect();
+        assert_eq!(companies, ["co-gen-01", "co-gen-02", "co-gen-03"]);
+        let mut stations_of = std::collections::BTreeMap::<&str, usize>::new();
+        for s in parsed["stations"].as_array().expect("stations") {
+            let company = s["company_id"].as_str().expect("company_id");
+            assert!(companies.contains(&company), "{company} is defined");
+            *stations_of.entry(company).or_default() += 1;
+        }
+        assert_eq!(stations_of.values().copied().collect::<Vec<_>>(), [3, 2, 2]);
+        // The province preset is within every limit, and fewer stations
+        // than companies is refused.
+        assert!(CountyConfig::province(1).check().is_ok());
+        assert!(
+            generate(
+                &CountyConfig {
+                    companies: 8,
+                    ..config
+                },
+                dir.path()
+            )
+            .is_err()
+        );
     }
 }

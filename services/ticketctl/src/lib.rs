@@ -19,10 +19,12 @@
 //! - [`verify`]: every ticket replayed and compared with intake's view.
 //! - [`tail`]: live events from all four services, filtered.
 //! - [`simulate`]: a storm of realistic traffic, with latencies.
+//! - [`calls`]: who calls in a storm, and about what (correlated outages).
 //! - [`county`]: a seeded county of any size (directory and accounts).
 //! - [`consumers`]: parked events and dead letters of every service.
 //! - [`sheet`]: a district's printable meter-box labels (numbers, QR code).
 
+pub mod calls;
 pub mod consumers;
 pub mod county;
 pub mod endpoints;

@@ -271,6 +271,17 @@ enum GenerateWhat {
         #[arg(long)]
         out: String,
     },
+    /// A province: ten companies, 100 stations, 5,000 districts, 1,500
+    /// managers, 300 crews, 1,000,000 accounts (other sizes: `generate
+    /// county` with its flags). The same files as `county`.
+    Province {
+        /// Seed of the choices (area classes, household counts, accounts).
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Directory to write the two files into.
+        #[arg(long)]
+        out: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -636,16 +647,22 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 );
             }
         }
-        Command::Generate {
-            what: GenerateWhat::County { config, out },
-        } => {
+        Command::Generate { what } => {
+            let (config, out) = match what {
+                GenerateWhat::County { config, out } => (config, out),
+                GenerateWhat::Province { seed, out } => (
+                    lineguard_ticketctl::county::CountyConfig::province(seed),
+                    out,
+                ),
+            };
             let generated =
                 lineguard_ticketctl::county::generate(&config, std::path::Path::new(&out))?;
             if cli.json {
                 print_json(&generated)?;
             } else {
                 println!(
-                    "{} stations, {} districts, {} managers, {} crews, {} accounts: {} and {}",
+                    "{} companies, {} stations, {} districts, {} managers, {} crews, {} accounts: {} and {}",
+                    generated.companies,
                     generated.stations,
                     generated.districts,
                     generated.managers,
@@ -753,9 +770,15 @@ fn print_storm(r: &simulate::StormReport) {
     };
     p("ReportTicket round trip", &r.report_latency_ms);
     p(
-        "ReportTicket -> crew receives the order",
+        "call that caused an order -> crew receives it",
         &r.report_to_crew_ms,
     );
+    if r.orders_not_caused_by_a_call > 0 {
+        println!(
+            "orders after an escalation (no call caused them, not timed): {}",
+            r.orders_not_caused_by_a_call
+        );
+    }
     for (what, n) in &r.errors {
         println!("refused: {what} ×{n}");
     }

@@ -1,6 +1,8 @@
 //! `simulate storm`: realistic traffic against a running backend, for demos
-//! and benchmarks. Calls come from the demo accounts at a steady rate:
-//! correlated outages (a burst of calls from one district), repeat callers
+//! and benchmarks. Calls come from a directory's accounts (the demo county,
+//! or a generated county or province) at a steady rate, drawn by
+//! [`crate::calls`]: feeder outages (calls from one to three neighbouring
+//! districts, interleaved with other outages), repeat callers
 //! (an urge on their open ticket), desk work (complaints, inquiries) that
 //! an owner answers, and field work that crews do on their phones: every
 //! crew follows its `WatchDispatches`, acknowledges after a delay (some only
@@ -8,8 +10,12 @@
 //! late), restores, completes, or returns an order. Follow-ups are made with
 //! mixed verdicts; some dissatisfied customers reopen.
 //!
-//! It reports what it did and the latencies it saw, in particular from
-//! `ReportTicket` to the crew receiving the order on its stream.
+//! It reports what it did and the latencies it saw, in particular from the
+//! call that caused an order to the crew receiving it on its stream: a
+//! customer's `ReportTicket` for a first order, the follow-up that reopened
+//! the ticket or the crew's return for a later one. Orders no call caused
+//! (an escalation after an acceptance window ran out) are counted, not
+//! timed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -33,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::Error;
+use crate::calls::{Accounts, CallPlanner, PlannedCall};
 use crate::endpoints::Clients;
 
 /// How the storm behaves.
@@ -203,6 +210,9 @@ pub struct StormReport {
     pub orders_received: usize,
     /// Orders a phone received a second time (must stay 0).
     pub orders_received_twice: usize,
+    /// Orders no call of the storm caused (an escalation to another crew
+    /// after the acceptance window ran out): not in `report_to_crew_ms`.
+    pub orders_not_caused_by_a_call: usize,
     pub acknowledged: usize,
     pub slow_acknowledgements: usize,
     pub arrived_on_time: usize,
@@ -217,9 +227,15 @@ pub struct StormReport {
     pub errors: BTreeMap<String, usize>,
     pub seconds: f64,
     pub calls_per_second: f64,
+    /// From the first call to the last order a crew received, seconds: the
+    /// calls' work reached the crews at `calls / last_order_seconds` a
+    /// second.
+    pub last_order_seconds: f64,
     /// `ReportTicket` round trips, milliseconds.
     pub report_latency_ms: Percentiles,
-    /// From `ReportTicket` sent to the crew receiving the order, milliseconds.
+    /// From the call that caused an order (`ReportTicket` for a first
+    /// order; the reopening follow-up or the crew's return for a later one)
+    /// to the crew receiving it, milliseconds.
     pub report_to_crew_ms: Percentiles,
     /// Tickets (ids) the storm created.
     #[serde(skip)]
@@ -270,10 +286,49 @@ struct Tally {
     report: StormReport,
     report_ms: Vec<f64>,
     crew_ms: Vec<f64>,
-    /// When each ticket's call was sent.
-    sent: HashMap<String, Instant>,
+    /// Per ticket, the last call that sent its work to a crew.
+    causes: HashMap<String, Cause>,
     /// Orders (id, hop) the crews' phones have received.
     received: std::collections::HashSet<(String, u32)>,
+    /// When the last new order reached a phone.
+    last_order: Option<Instant>,
+}
+
+/// A call that sends a ticket's work to a crew, and whether an order it
+/// caused has reached a crew yet.
+#[derive(Debug, Clone, Copy)]
+struct Cause {
+    sent: Instant,
+    /// An order received after it has been timed from it (or it causes
+    /// none: a caller joining an incident already ordered).
+    timed: bool,
+}
+
+impl Tally {
+    /// Records that the call sent at `sent` sends `ticket`'s work to a crew
+    /// (a new ticket, a reopen, a return).
+    fn caused(&mut self, ticket: &str, sent: Instant) {
+        self.causes
+            .insert(ticket.to_string(), Cause { sent, timed: false });
+    }
+
+    /// An order for `tickets` reached its crew at `received`: how long after
+    /// the call that caused it, if a call did (the earliest not yet timed of
+    /// its tickets'; every one of them is timed from then on).
+    fn order_received(&mut self, tickets: &[&str], received: Instant) -> Option<Duration> {
+        let cause = tickets
+            .iter()
+            .filter_map(|t| self.causes.get(*t))
+            .filter(|c| !c.timed && c.sent <= received)
+            .map(|c| c.sent)
+            .min();
+        for ticket in tickets {
+            if let Some(c) = self.causes.get_mut(*ticket) {
+                c.timed = true;
+            }
+        }
+        cause.map(|sent| received.duration_since(sent))
+    }
 }
 
 type Shared = Arc<Mutex<Tally>>;
@@ -302,21 +357,6 @@ fn plus_minutes(t: &Timestamp, minutes: i64) -> Timestamp {
     }
 }
 
-fn read_accounts(path: &str) -> Result<Vec<(String, String)>, Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Usage(format!("cannot read accounts {path}: {e}")))?;
-    let accounts: Vec<(String, String)> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(','))
-        .map(|(a, d)| (a.trim().to_string(), d.trim().to_string()))
-        .collect();
-    if accounts.is_empty() {
-        return Err(Error::Usage(format!("no accounts in {path}")));
-    }
-    Ok(accounts)
-}
-
 fn read_crews(path: &str) -> Result<Vec<String>, Error> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Usage(format!("cannot read directory {path}: {e}")))?;
@@ -342,7 +382,7 @@ pub async fn storm(
         ));
     }
     configure_clock(config)?;
-    let accounts = read_accounts(&config.accounts)?;
+    let accounts = Accounts::read(&config.accounts, &config.directory)?;
     let crews = read_crews(&config.directory)?;
     let tally: Shared = Arc::new(Mutex::new(Tally::default()));
     let (stop_tx, stop) = watch::channel(false);
@@ -382,41 +422,11 @@ pub async fn storm(
     let mut dice = Dice::new(config.seed);
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut callers: Vec<usize> = Vec::new();
-    let mut outage: Option<(String, usize)> = None; // district, calls left
+    let mut planner = CallPlanner::new(&accounts, config.seed ^ 0xCA11);
     let mut calls = Vec::with_capacity(config.tickets);
     for n in 0..config.tickets {
         interval.tick().await;
-        let (account, kind) = if let Some((district, left)) = outage.as_mut() {
-            let in_district: Vec<usize> = (0..accounts.len())
-                .filter(|i| &accounts[*i].1 == district)
-                .collect();
-            *left -= 1;
-            let pick = in_district[dice.below(in_district.len())];
-            if *left == 0 {
-                outage = None;
-            }
-            (pick, TicketKind::FaultRepair)
-        } else if !callers.is_empty() && dice.chance(0.08) {
-            (callers[dice.below(callers.len())], TicketKind::FaultRepair)
-        } else {
-            let pick = dice.below(accounts.len());
-            // Every kind of ticket, faults the most.
-            let kind = match dice.below(100) {
-                0..=69 => TicketKind::FaultRepair,
-                70..=78 => TicketKind::Complaint,
-                79..=86 => TicketKind::Inquiry,
-                87..=92 => TicketKind::ServiceRequest,
-                93..=96 => TicketKind::Report,
-                97..=98 => TicketKind::Praise,
-                _ => TicketKind::Suggestion,
-            };
-            if kind == TicketKind::FaultRepair && dice.chance(0.05) {
-                outage = Some((accounts[pick].1.clone(), 3 + dice.below(6)));
-            }
-            (pick, kind)
-        };
-        callers.push(account);
+        let PlannedCall { account, kind, .. } = planner.next_call();
         let channel = [
             Channel::Hotline95598,
             Channel::StationPhone,
@@ -439,7 +449,7 @@ pub async fn storm(
             } else {
                 0
             },
-            account_number: accounts[account].0.clone(),
+            account_number: accounts.number(account).to_string(),
             address: "Storm Street".into(),
             caller: Some(Caller {
                 name: "Storm caller".into(),
@@ -491,6 +501,9 @@ pub async fn storm(
     let mut report = t.report.clone();
     report.seconds = seconds;
     report.calls_per_second = report.calls as f64 / seconds.max(1e-9);
+    report.last_order_seconds = t
+        .last_order
+        .map_or(0.0, |at| at.duration_since(started).as_secs_f64());
     report.report_latency_ms = Percentiles::of(std::mem::take(&mut t.report_ms));
     report.report_to_crew_ms = Percentiles::of(std::mem::take(&mut t.crew_ms));
     Ok(report)
@@ -561,7 +574,18 @@ async fn call(
                 t.report.ticket_ids.push(answer.ticket_id.clone());
             }
         }
-        t.sent.entry(answer.ticket_id.clone()).or_insert(sent);
+        // A retry's answer is the first one's: the first send is the cause.
+        // A caller joining an incident causes no order of their own.
+        if !t.causes.contains_key(&answer.ticket_id) {
+            match answer.disposition() {
+                Disposition::UrgedOpenTicket => {}
+                Disposition::JoinedIncident => {
+                    t.causes
+                        .insert(answer.ticket_id.clone(), Cause { sent, timed: true });
+                }
+                _ => t.caused(&answer.ticket_id, sent),
+            }
+        }
     }
     if kind == TicketKind::FaultRepair || answer.disposition() != Disposition::NewTicket {
         return;
@@ -737,14 +761,12 @@ async fn crew_phone(
                     continue;
                 }
                 t.report.orders_received += 1;
-                let first_call = order
-                    .tickets
-                    .iter()
-                    .filter_map(|c| t.sent.get(&c.ticket_id).copied())
-                    .min();
-                if let Some(sent) = first_call {
-                    let ms = received.duration_since(sent).as_secs_f64() * 1e3;
-                    t.crew_ms.push(ms);
+                t.last_order = Some(received);
+                let tickets: Vec<&str> =
+                    order.tickets.iter().map(|c| c.ticket_id.as_str()).collect();
+                match t.order_received(&tickets, received) {
+                    Some(waited) => t.crew_ms.push(waited.as_secs_f64() * 1e3),
+                    None => t.report.orders_not_caused_by_a_call += 1,
                 }
             }
             let plan = OrderPlan {
@@ -829,6 +851,15 @@ async fn work_order(
             note: "the fault is inside the house".into(),
             ..ReturnOrderRequest::default()
         };
+        // The return sends the tickets' work on (to another crew, or a
+        // desk): an order that follows is timed from it. Noted before it
+        // is sent, as that order may reach a phone before the answer does.
+        if let Ok(mut t) = tally.lock() {
+            let sent = Instant::now();
+            for ticket in &order.tickets {
+                t.caused(&ticket.ticket_id, sent);
+            }
+        }
         match resend(|| {
             let (mut dispatch, give_back) = (dispatch.clone(), give_back.clone());
             async move { dispatch.return_order(give_back).await }
@@ -1003,6 +1034,11 @@ async fn follow_up_desk(
                     .map_or(0, |t| i128::from(t.seconds) * 1_000_000_000
                         + i128::from(t.nanos))
             );
+            if reopen && let Ok(mut t) = tally.lock() {
+                // The reopened ticket's new order is timed from this call
+                // (noted first: the order may come before the answer).
+                t.caused(&f.ticket_id, Instant::now());
+            }
             match feedback
                 .record_follow_up(RecordFollowUpRequest {
                     ticket_id: f.ticket_id.clone(),
@@ -1046,5 +1082,51 @@ async fn follow_up_desk(
             _ = stop.changed() => return,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_order_is_timed_from_the_call_that_caused_it() {
+        let mut tally = Tally::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // A first caller, and a second joining the incident (no order of
+        // their own).
+        tally.caused("t-1", at(0));
+        tally.causes.insert(
+            "t-2".into(),
+            Cause {
+                sent: at(50),
+                timed: true,
+            },
+        );
+        assert_eq!(
+            tally.order_received(&["t-1", "t-2"], at(120)),
+            Some(Duration::from_millis(120)),
+            "the first order, from the first call"
+        );
+        // An escalation hands the incident to another crew: no call caused
+        // that order.
+        assert_eq!(tally.order_received(&["t-1", "t-2"], at(400_000)), None);
+        // The second caller is dissatisfied and reopens: the new order is
+        // timed from the follow-up, not from their first call.
+        tally.caused("t-2", at(900_000));
+        assert_eq!(
+            tally.order_received(&["t-1", "t-2"], at(900_300)),
+            Some(Duration::from_millis(300))
+        );
+        // A crew returns it: the next order is timed from the return.
+        tally.caused("t-1", at(1_000_000));
+        tally.caused("t-2", at(1_000_000));
+        assert_eq!(
+            tally.order_received(&["t-1", "t-2"], at(1_000_040)),
+            Some(Duration::from_millis(40))
+        );
+        // An order for a ticket the storm never called about is not timed.
+        assert_eq!(tally.order_received(&["t-9"], at(1_000_100)), None);
     }
 }

@@ -9,6 +9,8 @@
 //!   process is given the test run's development credentials
 //!   ([`test_credentials`]): it serves TLS and authenticates every call,
 //!   and the harness calls it as `admin:dev`.
+//! - [`FourServices`]: the whole backend, the four services each told the
+//!   others' addresses.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -163,6 +165,11 @@ impl NatsServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The running server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -441,6 +448,11 @@ impl ServiceProcess {
         &self.data_dir
     }
 
+    /// The running process's id (for reading its memory in `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// What the process has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
@@ -553,6 +565,79 @@ impl ServiceProcess {
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         let _ = self.kill9();
+    }
+}
+
+/// The four services' names, in the order of [`FourServices`]' fields.
+pub const SERVICE_NAMES: [&str; 4] = ["intake", "routing", "dispatch", "feedback"];
+
+/// The whole backend's services as processes, each on a port chosen
+/// beforehand so that each is told the others' addresses (`--peer`), each
+/// with its data in `<dir>/<name>`.
+pub struct FourServices {
+    /// `lineguard-intake`.
+    pub intake: ServiceProcess,
+    /// `lineguard-routing`.
+    pub routing: ServiceProcess,
+    /// `lineguard-dispatch`.
+    pub dispatch: ServiceProcess,
+    /// `lineguard-feedback`.
+    pub feedback: ServiceProcess,
+}
+
+impl FourServices {
+    /// Starts the four (routing first: the others copy its directory), each
+    /// with `common` flags and then its own from `own(name)`.
+    pub fn start(
+        dir: &Path,
+        nats_url: &str,
+        common: &[String],
+        own: impl Fn(&str) -> Vec<String>,
+    ) -> Result<FourServices> {
+        let mut addrs = Vec::with_capacity(SERVICE_NAMES.len());
+        for _ in SERVICE_NAMES {
+            addrs.push(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
+        }
+        let peers = SERVICE_NAMES
+            .iter()
+            .zip(&addrs)
+            .map(|(name, addr)| format!("{name}=https://{addr}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let start = |i: usize| {
+            let name = SERVICE_NAMES[i];
+            let mut args = common.to_vec();
+            args.extend(["--peer".to_string(), peers.clone()]);
+            args.extend(own(name));
+            ServiceProcess::start_on(
+                workspace_binary(&format!("lineguard-{name}")),
+                addrs[i],
+                &dir.join(name),
+                nats_url,
+                &args,
+            )
+        };
+        let routing = start(1)?;
+        Ok(FourServices {
+            intake: start(0)?,
+            routing,
+            dispatch: start(2)?,
+            feedback: start(3)?,
+        })
+    }
+
+    /// The four, in [`SERVICE_NAMES`]' order.
+    pub fn all(&self) -> [&ServiceProcess; 4] {
+        [&self.intake, &self.routing, &self.dispatch, &self.feedback]
+    }
+
+    /// Waits until every one is SERVING (each has caught up with its
+    /// sources).
+    pub async fn wait_healthy(&self, timeout: Duration) -> Result<()> {
+        for process in self.all() {
+            process.wait_healthy(timeout).await?;
+        }
+        Ok(())
     }
 }
 

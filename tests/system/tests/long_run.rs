@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 use common::deploy;
 use std::time::Duration;
 
-use lineguard_harness::{NatsServer, ServiceProcess, free_port, workspace_binary};
+use lineguard_harness::{FourServices, NatsServer, ServiceProcess};
 use lineguard_protos::bus::v1::consumers_client::ConsumersClient;
 use lineguard_protos::bus::v1::{ListDeadLettersRequest, ListParkedRequest};
 use lineguard_protos::dispatch::v1::OrderAssigned;
@@ -76,6 +76,7 @@ async fn a_long_run_keeps_every_promise() {
     let rate: f64 = env_or("LINEGUARD_LONG_RUN_RATE", 25.0);
     let speed: u32 = env_or("LINEGUARD_LONG_RUN_SPEED", 120);
     let county = CountyConfig {
+        companies: env_or("LINEGUARD_LONG_RUN_COMPANIES", 1),
         stations: env_or("LINEGUARD_LONG_RUN_STATIONS", 4),
         districts: env_or("LINEGUARD_LONG_RUN_DISTRICTS", 24),
         managers: env_or("LINEGUARD_LONG_RUN_MANAGERS", 8),
@@ -92,71 +93,51 @@ async fn a_long_run_keeps_every_promise() {
     let directory: toml_edit_free::Directory = toml_edit_free::read(&generated.directory);
 
     let nats = NatsServer::start().expect("nats");
-    let names = ["intake", "routing", "dispatch", "feedback"];
-    let addrs: Vec<std::net::SocketAddr> = names
-        .iter()
-        .map(|_| ([127, 0, 0, 1], free_port().expect("port")).into())
-        .collect();
-    let peers = names
-        .iter()
-        .zip(&addrs)
-        .map(|(n, a)| format!("{n}=https://{a}"))
-        .collect::<Vec<_>>()
-        .join(",");
     let anchor = lineguard_ticketctl::timeline::rfc3339(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("after 1970")
             .as_nanos() as i128,
     );
-    let common = |extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--clock-start",
-            CLOCK_START,
-            "--clock-anchor",
-            &anchor,
-            "--clock-speed",
-            &speed.to_string(),
-            "--calendar",
-            &deploy("calendar.toml"),
-            "--peer",
-            &peers,
-            "--stream-max-messages",
-            &stream_max_messages.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
+    let common: Vec<String> = [
+        "--clock-start",
+        CLOCK_START,
+        "--clock-anchor",
+        &anchor,
+        "--clock-speed",
+        &speed.to_string(),
+        "--calendar",
+        &deploy("calendar.toml"),
+        "--stream-max-messages",
+        &stream_max_messages.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let directory_file = generated.directory.display().to_string();
+    let (deploy_policy, deploy_rules) = (deploy("policy.toml"), deploy("feedback.toml"));
+    let own = |name: &str| -> Vec<String> {
+        let own: Vec<&str> = match name {
+            "routing" => vec![
+                "--policy",
+                &deploy_policy,
+                "--directory",
+                &directory_file,
+                "--timer-tick",
+                "100ms",
+            ],
+            "dispatch" => vec!["--timer-tick", "100ms"],
+            "feedback" => vec!["--rules", &deploy_rules, "--timer-tick", "100ms"],
+            _ => vec![],
+        };
+        own.into_iter().map(str::to_string).collect()
     };
-    let start = |i: usize, extra: Vec<String>| {
-        ServiceProcess::start_on(
-            workspace_binary(&format!("lineguard-{}", names[i])),
-            addrs[i],
-            &dir.path().join(names[i]),
-            &nats.url(),
-            &extra,
-        )
-        .expect("start service")
-    };
-    let routing = start(
-        1,
-        common(&[
-            "--policy",
-            &deploy("policy.toml"),
-            "--directory",
-            &generated.directory.display().to_string(),
-            "--timer-tick",
-            "100ms",
-        ]),
-    );
-    let intake = start(0, common(&[]));
-    let mut dispatch = start(2, common(&["--timer-tick", "100ms"]));
-    let mut feedback = start(
-        3,
-        common(&["--rules", &deploy("feedback.toml"), "--timer-tick", "100ms"]),
-    );
+    let FourServices {
+        intake,
+        routing,
+        mut dispatch,
+        mut feedback,
+    } = FourServices::start(dir.path(), &nats.url(), &common, own).expect("start services");
     for p in [&routing, &intake, &dispatch, &feedback] {
         p.wait_healthy(Duration::from_secs(60))
             .await
