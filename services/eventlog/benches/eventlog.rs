@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use lineguard_eventlog::codec::{
-    CF_EVENTS, CF_META, CF_OUTBOX, CF_STREAMS, IndexRun, META_PROJECTION_STATE, OutboxRun,
-    position_key, seal, stream_key,
+    CF_EVENTS, CF_META, CF_OUTBOX, CF_STREAM_EVENTS, CF_STREAMS, IndexRun, META_PROJECTION_STATE,
+    OutboxRun, position_key, seal, stream_key,
 };
 use lineguard_eventlog::{
     ActorKind, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent, ReadDirection,
@@ -80,18 +80,25 @@ impl Raw {
 
     /// Writes `values` at consecutive positions from `first` in one batch,
     /// fsynced, with the other records the log writes for a commit of one
-    /// stream: its stream index entry, its outbox entry (the events are
-    /// published) and the projections' state. What the log does besides,
+    /// stream: each event's copy keyed by stream and version, its stream
+    /// index entry, its outbox entry (the events are published) and the
+    /// projections' state. What the log does besides,
     /// and raw does not: it reads the stream's head (from its cache, here),
     /// checks the expected version, seals each record with a checksum and
     /// encodes the envelope (raw writes prepared bytes of about its size).
     fn write(&self, first: u64, values: &[Vec<u8>]) {
         let column = |name| self.db.cf_handle(name).expect("cf");
         let mut batch = WriteBatch::default();
-        for (p, value) in (first..).zip(values) {
+        let stream = format!("raw-{first}");
+        for ((p, value), version) in (first..).zip(values).zip(1u64..) {
             batch.put_cf(column(CF_EVENTS), position_key(p), value);
+            batch.put_cf(
+                column(CF_STREAM_EVENTS),
+                stream_key(&stream, version),
+                value,
+            );
         }
-        let index_key = stream_key(&format!("raw-{first}"), 1);
+        let index_key = stream_key(&stream, 1);
         let run = IndexRun {
             first_version: 1,
             first_position: first,

@@ -11,6 +11,8 @@ pub const CF_EVENTS: &str = "events";
 /// Stream index, one entry per append: `stream_id ‖ 0x00 ‖ first version (8
 /// bytes BE)` → an [`IndexRun`] (the append's events have consecutive
 /// versions and consecutive positions, so one entry locates them all).
+/// Gives a stream's head, and a correlation read the version to start its
+/// stream's copies at.
 pub const CF_STREAMS: &str = "streams";
 /// Idempotency key → `IdempotencyRecord`.
 pub const CF_IDEMPOTENCY: &str = "idempotency";
@@ -25,13 +27,22 @@ pub const CF_PROJECTIONS: &str = "projections";
 /// Bookkeeping: the projection state.
 pub const CF_META: &str = "meta";
 /// Events whose correlation id is not their stream's id (those whose it is
-/// are found through the stream index): `correlation_id ‖ 0x00 ‖ position
-/// (8 bytes BE)` → an empty body. With the stream index, it finds every
-/// event of a correlation (a ticket, a case) in log order.
+/// are found through their stream): `correlation_id ‖ 0x00 ‖ position
+/// (8 bytes BE)` → the event's envelope (a log written before the envelope
+/// was kept here gets it at open). With the stream copies, it finds every event of a correlation (a
+/// ticket, a case) in log order, side by side.
 pub const CF_CORRELATIONS: &str = "correlations";
+/// Every event again, keyed by its stream: `stream_id ‖ 0x00 ‖ version (8
+/// bytes BE)` → the event's envelope, as in [`CF_EVENTS`]. One stream's
+/// events lie side by side, so reading a stream (a case's replay, every
+/// aggregate load) is one prefix scan rather than a lookup by position per
+/// run of events. Costs each event's bytes a second time on disk; the
+/// whole-log readers (relay, subscriptions, catch-up) keep reading
+/// [`CF_EVENTS`] in log order.
+pub const CF_STREAM_EVENTS: &str = "stream-events";
 
 /// Every column family, in the order they are opened.
-pub const ALL_COLUMN_FAMILIES: [&str; 8] = [
+pub const ALL_COLUMN_FAMILIES: [&str; 9] = [
     CF_EVENTS,
     CF_STREAMS,
     CF_IDEMPOTENCY,
@@ -40,6 +51,7 @@ pub const ALL_COLUMN_FAMILIES: [&str; 8] = [
     CF_PROJECTIONS,
     CF_META,
     CF_CORRELATIONS,
+    CF_STREAM_EVENTS,
 ];
 
 /// Meta key of the `ProjectionState` record.
@@ -47,6 +59,10 @@ pub const META_PROJECTION_STATE: &[u8] = b"projection_state";
 /// Meta key set once every stored event is in the correlation index (logs
 /// written before the index existed are indexed at open).
 pub const META_CORRELATION_INDEX: &[u8] = b"correlation_index";
+/// Meta key set once every stored event has its copy in
+/// [`CF_STREAM_EVENTS`] (logs written before the copies existed get them at
+/// open).
+pub const META_STREAM_EVENTS: &[u8] = b"stream_events";
 
 /// The key of an event in [`CF_CORRELATIONS`].
 pub fn correlation_key(correlation_id: &str, position: u64) -> Vec<u8> {

@@ -53,8 +53,10 @@ pub use limits::Limits;
 pub use lineguard_protos::eventlog::v1::{
     Actor, CommitReceipt, EventEnvelope, actor::Kind as ActorKind,
 };
-pub use log::{EventLog, LogConfig, ProjectionPages, ReadDirection, StreamSlice, open_raw_store};
-pub use projection::{NoProjections, ProjectionView, Projector};
+pub use log::{
+    Decided, EventLog, LogConfig, ProjectionPages, ReadDirection, StreamSlice, open_raw_store,
+};
+pub use projection::{NoProjections, ProjectionRead, ProjectionView, Projector};
 pub use stored::StoredEvent;
 pub use subscribe::Subscription;
 pub use txn::{

@@ -37,7 +37,21 @@ pub struct Limits {
     /// Stream heads the writer remembers, so a commit to a recently written
     /// stream skips looking its version up in the store.
     pub max_cached_stream_heads: usize,
+    /// RocksDB's memory, in bytes: one block cache shared by every column
+    /// family, holding the index and filter blocks too, with the memtables
+    /// charged against it. Without a budget each of the eight column
+    /// families keeps up to two 64 MiB memtables and its own cache, and
+    /// the index blocks grow with the data: a month of a county's events
+    /// would grow a process past any sizing.
+    pub store_memory_bytes: usize,
 }
+
+/// The default [`Limits::store_memory_bytes`]: 64 MiB.
+pub const DEFAULT_STORE_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+
+/// The smallest [`Limits::store_memory_bytes`] accepted: 8 MiB (below it the
+/// memtables would flush a few kilobytes at a time).
+pub const MIN_STORE_MEMORY_BYTES: usize = 8 * 1024 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -57,6 +71,7 @@ impl Default for Limits {
             max_group_commits: 512,
             max_outbox_backlog: 10_000_000,
             max_cached_stream_heads: 65_536,
+            store_memory_bytes: DEFAULT_STORE_MEMORY_BYTES,
         }
     }
 }

@@ -16,18 +16,20 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::codec::{
     ALL_COLUMN_FAMILIES, CF_CORRELATIONS, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX,
-    CF_PROJECTIONS, CF_STREAMS, IndexRun, META_CORRELATION_INDEX, META_PROJECTION_STATE, OutboxRun,
-    correlation_key, correlation_key_position, decode_position_key, inbox_key,
-    needs_correlation_entry, position_key, seal, stream_key, unseal,
+    CF_PROJECTIONS, CF_STREAM_EVENTS, CF_STREAMS, CRC_LEN, IndexRun, META_CORRELATION_INDEX,
+    META_PROJECTION_STATE, META_STREAM_EVENTS, OutboxRun, correlation_key,
+    correlation_key_position, decode_position_key, inbox_key, needs_correlation_entry,
+    position_key, seal, stream_key, stream_key_version, unseal,
 };
 use crate::error::{Error, Result};
 use crate::ids::validate_id;
 use crate::limits::Limits;
+use crate::projection::ProjectionView;
 use crate::projection::{NoProjections, Projector, read_projection};
-use crate::stored::{StoredEvent, StoredPage};
+use crate::stored::{Place, StoredEvent, StoredPage};
 use crate::subscribe::Subscription;
 use crate::txn::{CommitOutcome, EventTypes, Idempotency, Transaction};
-use crate::writer::{Rebuilt, StreamHeads, Writer, WriterRequest};
+use crate::writer::{Decider, Rebuilt, StreamHeads, Writer, WriterRequest};
 
 /// How to open a log.
 #[derive(Clone)]
@@ -74,6 +76,15 @@ impl LogConfig {
     }
 }
 
+/// Why [`EventLog::decide`] committed nothing.
+#[derive(Debug)]
+pub enum Decided<E> {
+    /// The decision declined the command, with its own error.
+    Declined(E),
+    /// The log refused the decision's transaction, or failed to write it.
+    Log(Error),
+}
+
 /// A page of one stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamSlice {
@@ -103,7 +114,8 @@ struct Inner {
     path: PathBuf,
     service: String,
     limits: Limits,
-    event_types: EventTypes,
+    /// Shared with the deciders the writer runs ([`EventLog::decide`]).
+    event_types: Arc<EventTypes>,
     commits: mpsc::Sender<WriterRequest>,
     head: watch::Receiver<u64>,
     outbox_backlog: Arc<AtomicU64>,
@@ -151,23 +163,54 @@ pub(crate) fn cf<'a>(db: &'a DB, name: &'static str) -> Result<&'a ColumnFamily>
     })
 }
 
-fn db_options() -> Options {
+/// RocksDB's options within a memory budget of `memory_bytes` (see
+/// [`Limits::store_memory_bytes`]): one LRU block cache for every column
+/// family, index and filter blocks kept in it (not beside it, unbounded),
+/// and the memtables charged to it through a write buffer manager, so the
+/// budget covers what RocksDB holds whatever the data's size.
+fn db_options(memory_bytes: usize) -> Options {
+    let memory_bytes = memory_bytes.max(crate::limits::MIN_STORE_MEMORY_BYTES);
+    let cache = rocksdb::Cache::new_lru_cache(memory_bytes);
+    // Half the budget for memtables, all column families together; a full
+    // one flushes. Each column family's memtable is an eighth of that, so
+    // a busy one cannot take it all before flushing.
+    let memtables_bytes = memory_bytes / 2;
+    let write_buffers = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
+        memtables_bytes,
+        false,
+        cache.clone(),
+    );
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(&cache);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     let mut options = Options::default();
     options.create_if_missing(true);
     options.create_missing_column_families(true);
     options.increase_parallelism(2);
     options.set_compression_type(rocksdb::DBCompressionType::Lz4);
     options.set_max_total_wal_size(256 * 1024 * 1024);
+    options.set_block_based_table_factory(&table);
+    options.set_write_buffer_manager(&write_buffers);
+    options.set_write_buffer_size(memtables_bytes / 8);
+    options.set_max_write_buffer_number(2);
     options
 }
 
 /// Opens a raw RocksDB with the log's column families (for tools and tests
-/// that must look under the log, e.g. to damage a record on purpose).
+/// that must look under the log, e.g. to damage a record on purpose), with
+/// the default memory budget.
 pub fn open_raw_store(path: &Path) -> Result<DB> {
+    open_store(path, crate::limits::DEFAULT_STORE_MEMORY_BYTES)
+}
+
+/// Opens the log's RocksDB within `memory_bytes`.
+fn open_store(path: &Path, memory_bytes: usize) -> Result<DB> {
+    let options = db_options(memory_bytes);
     let descriptors = ALL_COLUMN_FAMILIES
         .iter()
-        .map(|name| ColumnFamilyDescriptor::new(*name, db_options()));
-    Ok(DB::open_cf_descriptors(&db_options(), path, descriptors)?)
+        .map(|name| ColumnFamilyDescriptor::new(*name, options.clone()));
+    Ok(DB::open_cf_descriptors(&options, path, descriptors)?)
 }
 
 impl EventLog {
@@ -176,9 +219,9 @@ impl EventLog {
     /// projections, they are rebuilt from the log before this returns.
     pub fn open(config: LogConfig) -> Result<EventLog> {
         validate_id("service", &config.service, config.limits.max_id_len)?;
-        let db = Arc::new(open_raw_store(&config.path)?);
+        let db = Arc::new(open_store(&config.path, config.limits.store_memory_bytes)?);
         let head = last_position(&db)?;
-        ensure_correlation_index(&db, head, config.limits.max_read_page)?;
+        ensure_stream_events(&db, head)?;
         let outbox_backlog = Arc::new(AtomicU64::new(count_outbox(&db)?));
         let projections_unavailable = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (head_tx, head_rx) = watch::channel(head);
@@ -222,7 +265,7 @@ impl EventLog {
                 service: config.service,
                 subscribers: Arc::new(Semaphore::new(config.limits.max_subscribers)),
                 limits: config.limits,
-                event_types: config.event_types,
+                event_types: Arc::new(config.event_types),
                 commits,
                 head: head_rx,
                 outbox_backlog,
@@ -278,6 +321,59 @@ impl EventLog {
         answer.blocking_recv().map_err(|_| Error::Closed)?
     }
 
+    /// Decides a command where it commits: `decide` runs on the writer
+    /// thread, reading the projections as every commit before it leaves
+    /// them (those of its own group too, not yet written), and the
+    /// transaction it returns is committed in the same group.
+    ///
+    /// This is how a command whose decision depends on state other
+    /// commands change (does this call join an open incident? is this
+    /// caller's ticket still open?) is decided without a lock held across
+    /// an fsync: many such commands share one write, each seeing the ones
+    /// before it. `decide` must be quick and must not block: it holds up
+    /// every commit behind it. Its error commits nothing and is returned
+    /// as [`Decided::Declined`].
+    pub async fn decide<R, E>(
+        &self,
+        decide: impl FnOnce(&ProjectionView<'_>) -> std::result::Result<(Transaction, R), E>
+        + Send
+        + 'static,
+    ) -> std::result::Result<(CommitOutcome, R), Decided<E>>
+    where
+        R: Send + 'static,
+        E: Send + 'static,
+    {
+        let (decided_tx, decided) = oneshot::channel();
+        let limits = self.inner.limits.clone();
+        let types = self.inner.event_types.clone();
+        let decider: Decider = Box::new(move |view| match decide(view) {
+            Ok((txn, answer)) => {
+                txn.validate(&limits, &types)?;
+                let _ = decided_tx.send(Ok(answer));
+                Ok(Some(txn))
+            }
+            Err(declined) => {
+                let _ = decided_tx.send(Err(declined));
+                Ok(None)
+            }
+        });
+        let (reply, outcome) = oneshot::channel();
+        self.inner
+            .commits
+            .send(WriterRequest::Decide { decider, reply })
+            .await
+            .map_err(|_| Decided::Log(Error::Closed))?;
+        let outcome = outcome
+            .await
+            .map_err(|_| Decided::Log(Error::Closed))?
+            .map_err(Decided::Log)?;
+        match (outcome, decided.await) {
+            (Some(outcome), Ok(Ok(answer))) => Ok((outcome, answer)),
+            (_, Ok(Err(declined))) => Err(Decided::Declined(declined)),
+            _ => Err(Decided::Log(Error::Closed)),
+        }
+    }
+
     /// Reads up to `max_count` events of one stream.
     pub fn read_stream(
         &self,
@@ -292,8 +388,8 @@ impl EventLog {
             from_version,
             direction,
             max_count,
-            |position, record| {
-                events.push(decode_event(position, record)?);
+            |position, body| {
+                events.push(decode_body(position, body)?);
                 Ok(())
             },
         )?;
@@ -322,14 +418,18 @@ impl EventLog {
             from_version,
             direction,
             max_count,
-            |position, record| page.push(position, record),
+            |position, body| {
+                page.push_body(position, body);
+                Ok(())
+            },
         )?;
         Ok((page.finish()?, last, next))
     }
 
-    /// Hands `each` the stored record of up to `max_count` events of one
-    /// stream, in the direction asked; the stream's last version and where
-    /// the next page starts.
+    /// Hands `each` the position and checked body of up to `max_count`
+    /// events of one stream, in the direction asked, read from the stream's
+    /// copies ([`CF_STREAM_EVENTS`]): one prefix scan. Returns the stream's
+    /// last version and where the next page starts.
     fn scan_stream(
         &self,
         stream_id: &str,
@@ -375,43 +475,41 @@ impl EventLog {
                 start
             }
         };
-        let mut cursor = EventCursor::new(db)?;
+        let mut copies = db.raw_iterator_cf(cf(db, CF_STREAM_EVENTS)?);
+        copies.seek(stream_key(stream_id, start));
         let mut read = 0usize;
         let mut last_read: Option<u64> = None;
-        // The run holding `start` is the last entry at or before it: every
-        // stream's first run starts at version 1.
-        let mut runs = db.raw_iterator_cf(cf(db, CF_STREAMS)?);
-        runs.seek_for_prev(stream_key(stream_id, start));
-        'runs: while let (Some(key), Some(value)) = (runs.key(), runs.value()) {
-            let Some(run) = IndexRun::decode(stream_id, key, value)? else {
-                break;
-            };
-            let versions: Box<dyn Iterator<Item = u64>> = match direction {
+        // Versions are read one after another, none skipped: a missing
+        // copy is corruption, never a short page.
+        let mut expected = Some(start).filter(|v| *v <= last);
+        while let Some(version) = expected
+            && read < max_count
+        {
+            let location = || format!("{stream_id} v{version}");
+            let (key, value) = current(&copies, CF_STREAM_EVENTS, location)?;
+            if stream_key_version(stream_id, key) != Some(version) {
+                return Err(Error::Corrupted {
+                    column: CF_STREAM_EVENTS,
+                    location: location(),
+                    reason: "missing".into(),
+                });
+            }
+            let body = unseal(CF_STREAM_EVENTS, key, value, location)?;
+            let position = copy_position(stream_id, version, body)?;
+            each(position, body)?;
+            read += 1;
+            last_read = Some(version);
+            expected = match direction {
                 ReadDirection::Forward => {
-                    Box::new(run.first_version.max(start)..=run.last_version())
+                    copies.next();
+                    Some(version + 1).filter(|v| *v <= last)
                 }
                 ReadDirection::Backward => {
-                    Box::new((run.first_version..=run.last_version().min(start)).rev())
+                    copies.prev();
+                    Some(version - 1).filter(|v| *v >= 1)
                 }
             };
-            for version in versions {
-                let position = run.first_position + (version - run.first_version);
-                let record = cursor.record(position, || {
-                    format!("indexed as {stream_id} v{version} but missing")
-                })?;
-                each(position, record)?;
-                read += 1;
-                last_read = Some(version);
-                if read == max_count {
-                    break 'runs;
-                }
-            }
-            match direction {
-                ReadDirection::Forward => runs.next(),
-                ReadDirection::Backward => runs.prev(),
-            }
         }
-        runs.status()?;
         let next_version = match (direction, last_read) {
             (ReadDirection::Forward, Some(v)) if v < last => Some(v + 1),
             (ReadDirection::Backward, Some(v)) if v > 1 => Some(v - 1),
@@ -434,8 +532,8 @@ impl EventLog {
             correlation_id,
             from_position,
             max_count,
-            |position, record| {
-                let event = decode_event(position, record)?;
+            |position, body| {
+                let event = decode_body(position, body)?;
                 let keep = event.correlation_id == correlation_id;
                 if keep {
                     events.push(event);
@@ -459,10 +557,7 @@ impl EventLog {
             correlation_id,
             from_position,
             max_count,
-            |position, record| {
-                let body = unseal(CF_EVENTS, &position_key(position), record, || {
-                    format!("position {position}")
-                })?;
+            |position, body| {
                 let event = StoredEvent::from_body(position, Bytes::copy_from_slice(body))?;
                 let keep = event.correlation_id() == correlation_id;
                 if keep {
@@ -474,10 +569,10 @@ impl EventLog {
         Ok((events, next))
     }
 
-    /// Hands `each` the stored record of every event that may carry
-    /// `correlation_id`, in log order from `from_position`, until it has
-    /// kept `max_count` (it answers whether it kept one); the position to
-    /// read on from if there may be more.
+    /// Hands `each` the position and checked body of every event that may
+    /// carry `correlation_id`, in log order from `from_position`, until it
+    /// has kept `max_count` (it answers whether it kept one); the position
+    /// to read on from if there may be more.
     fn scan_correlation(
         &self,
         correlation_id: &str,
@@ -493,50 +588,29 @@ impl EventLog {
         let max_count = self.page_size(max_count)?;
         let from = from_position.max(1);
         let db = &self.inner.db;
-        let mut cursor = EventCursor::new(db)?;
-        // Two sources, each in position order: the stream named like the
-        // correlation (its events mostly carry it), and the index of events
-        // elsewhere that carry it. Merged lazily, smallest position first.
-        let mut runs = db.raw_iterator_cf(cf(db, CF_STREAMS)?);
-        runs.seek(stream_key(correlation_id, 0));
-        let mut run: Option<(u64, u64)> = None; // next position, end (exclusive)
-        let mut next_from_stream = || -> Result<Option<u64>> {
-            loop {
-                if let Some((next, end)) = run.as_mut()
-                    && *next < *end
-                {
-                    let position = *next;
-                    *next += 1;
-                    if position >= from {
-                        return Ok(Some(position));
-                    }
-                    continue;
-                }
-                let (Some(key), Some(value)) = (runs.key(), runs.value()) else {
-                    runs.status()?;
-                    return Ok(None);
-                };
-                let Some(r) = IndexRun::decode(correlation_id, key, value)? else {
-                    return Ok(None);
-                };
-                run = Some((r.first_position, r.first_position + r.count));
-                runs.next();
-            }
+        // Two sources, each in position order, merged smallest first: the
+        // stream named like the correlation (its events mostly carry it),
+        // read from its copies, and the events elsewhere that carry it, from
+        // the correlation column (their envelopes inline).
+        let mut copies = db.raw_iterator_cf(cf(db, CF_STREAM_EVENTS)?);
+        let start_version = first_version_at_or_after(db, correlation_id, from)?;
+        if let Some(version) = start_version {
+            copies.seek(stream_key(correlation_id, version));
+        }
+        let stream_head = |copies: &rocksdb::DBRawIterator<'_>| -> Option<u64> {
+            let key = copies.key()?;
+            stream_key_version(correlation_id, key)?;
+            // Unchecked here (only to order the two sources); checked in
+            // full when handed on.
+            Place::of(copies.value()?.get(CRC_LEN..)?).map(|p| p.position)
         };
+        let mut a = start_version.and_then(|_| stream_head(&copies));
         let mut index = db.raw_iterator_cf(cf(db, CF_CORRELATIONS)?);
         index.seek(correlation_key(correlation_id, from));
-        let mut next_from_index = || -> Result<Option<u64>> {
-            let Some(key) = index.key() else {
-                index.status()?;
-                return Ok(None);
-            };
-            let position = correlation_key_position(correlation_id, key);
-            if position.is_some() {
-                index.next();
-            }
-            Ok(position)
+        let index_head = |index: &rocksdb::DBRawIterator<'_>| -> Option<u64> {
+            correlation_key_position(correlation_id, index.key()?)
         };
-        let (mut a, mut b) = (next_from_stream()?, next_from_index()?);
+        let mut b = index_head(&index);
         let mut kept = 0usize;
         let mut last_kept = None;
         while kept < max_count {
@@ -544,19 +618,36 @@ impl EventLog {
                 (Some(x), Some(y)) if x < y => (x, true),
                 (Some(x), None) => (x, true),
                 (_, Some(y)) => (y, false),
-                (None, None) => return Ok(None),
+                (None, None) => {
+                    copies.status()?;
+                    index.status()?;
+                    return Ok(None);
+                }
             };
-            let record = cursor.record(position, || {
-                format!("indexed under {correlation_id} but missing")
-            })?;
-            if each(position, record)? {
+            let location = || format!("position {position}, correlation {correlation_id}");
+            let kept_one = if from_stream {
+                let (key, value) = current(&copies, CF_STREAM_EVENTS, location)?;
+                let body = unseal(CF_STREAM_EVENTS, key, value, location)?;
+                let version = stream_key_version(correlation_id, key).unwrap_or_default();
+                copy_position(correlation_id, version, body)?;
+                let kept = each(position, body)?;
+                copies.next();
+                a = stream_head(&copies);
+                kept
+            } else {
+                let (key, value) = current(&index, CF_CORRELATIONS, location)?;
+                // Every entry holds its envelope (an older log's entries
+                // get theirs at open: `ensure_stream_events`).
+                let body = unseal(CF_CORRELATIONS, key, value, location)?;
+                check_position(CF_CORRELATIONS, position, body)?;
+                let kept = each(position, body)?;
+                index.next();
+                b = index_head(&index);
+                kept
+            };
+            if kept_one {
                 kept += 1;
                 last_kept = Some(position);
-            }
-            if from_stream {
-                a = next_from_stream()?;
-            } else {
-                b = next_from_index()?;
             }
         }
         let more = a.is_some() || b.is_some();
@@ -894,8 +985,9 @@ impl EventLog {
         answer.await.map_err(|_| Error::Closed)?
     }
 
-    /// Checks every stored event: checksum, decoding, contiguous positions, and
-    /// that the stream index points at it. Returns the number of events checked.
+    /// Checks every stored event: checksum, decoding, contiguous positions,
+    /// that the stream index points at it and that its copy by stream is
+    /// the same envelope. Returns the number of events checked.
     pub fn verify(&self) -> Result<u64> {
         let db = &self.inner.db;
         let mut expected = 1;
@@ -918,6 +1010,24 @@ impl EventLog {
                     column: CF_STREAMS,
                     location: format!("{} v{}", event.stream_id, event.stream_version),
                     reason: format!("index does not point at position {position}"),
+                });
+            }
+            // Its copy by stream is the same envelope.
+            let copy_key = stream_key(&event.stream_id, event.stream_version);
+            let location = || format!("{} v{}", event.stream_id, event.stream_version);
+            let copy = db.get_pinned_cf(cf(db, CF_STREAM_EVENTS)?, &copy_key)?;
+            let same = match &copy {
+                Some(copy) => {
+                    let body = unseal(CF_EVENTS, &key, &value, || format!("position {position}"))?;
+                    unseal(CF_STREAM_EVENTS, &copy_key, copy, location)? == body
+                }
+                None => false,
+            };
+            if !same {
+                return Err(Error::Corrupted {
+                    column: CF_STREAM_EVENTS,
+                    location: location(),
+                    reason: format!("no copy of the event at position {position}"),
                 });
             }
             expected += 1;
@@ -1006,71 +1116,94 @@ pub(crate) fn load_idempotency(db: &DB, key: &str) -> Result<Option<IdempotencyR
 }
 
 /// Decodes and checks one stored event record.
+/// The record an iterator stands on, which an index or a merge says is
+/// there (`location` names it if it is not).
+fn current<'a>(
+    iter: &'a rocksdb::DBRawIterator<'_>,
+    column: &'static str,
+    location: impl FnOnce() -> String,
+) -> Result<(&'a [u8], &'a [u8])> {
+    match (iter.key(), iter.value()) {
+        (Some(key), Some(value)) => Ok((key, value)),
+        _ => {
+            iter.status()?;
+            Err(Error::Corrupted {
+                column,
+                location: location(),
+                reason: "missing".into(),
+            })
+        }
+    }
+}
+
+/// Decodes an event's checked body read at `position`.
+pub(crate) fn decode_body(position: u64, body: &[u8]) -> Result<EventEnvelope> {
+    checked_envelope(position, EventEnvelope::decode(body))
+}
+
+/// The position of the event whose copy, under `stream_id` at `version`,
+/// is `body`: the envelope must say it is that stream's event at that
+/// version (a copy under another key is corruption).
+fn copy_position(stream_id: &str, version: u64, body: &[u8]) -> Result<u64> {
+    match Place::of(body) {
+        Some(place) if place.stream_id == stream_id.as_bytes() && place.version == version => {
+            Ok(place.position)
+        }
+        found => Err(Error::Corrupted {
+            column: CF_STREAM_EVENTS,
+            location: format!("{stream_id} v{version}"),
+            reason: match found {
+                Some(place) => format!(
+                    "envelope says {} v{}",
+                    String::from_utf8_lossy(place.stream_id),
+                    place.version
+                ),
+                None => "undecodable envelope".into(),
+            },
+        }),
+    }
+}
+
+/// Checks that the envelope `body`, found in `column` as the event at
+/// `position`, says so.
+fn check_position(column: &'static str, position: u64, body: &[u8]) -> Result<()> {
+    match Place::of(body) {
+        Some(place) if place.position == position => Ok(()),
+        found => Err(Error::Corrupted {
+            column,
+            location: format!("position {position}"),
+            reason: match found {
+                Some(place) => format!("envelope says position {}", place.position),
+                None => "undecodable envelope".into(),
+            },
+        }),
+    }
+}
+
+/// The first version of `stream_id` whose event is at `position` or after,
+/// from the stream index (small: one entry a commit); `None` if there is
+/// none (or no such stream).
+fn first_version_at_or_after(db: &DB, stream_id: &str, position: u64) -> Result<Option<u64>> {
+    let mut runs = db.raw_iterator_cf(cf(db, CF_STREAMS)?);
+    runs.seek(stream_key(stream_id, 0));
+    while let (Some(key), Some(value)) = (runs.key(), runs.value()) {
+        let Some(run) = IndexRun::decode(stream_id, key, value)? else {
+            break;
+        };
+        if run.first_position + run.count > position {
+            let skipped = position.saturating_sub(run.first_position);
+            return Ok(Some(run.first_version + skipped));
+        }
+        runs.next();
+    }
+    runs.status()?;
+    Ok(None)
+}
+
 pub(crate) fn decode_event(position: u64, record: &[u8]) -> Result<EventEnvelope> {
     let key = position_key(position);
     let body = unseal(CF_EVENTS, &key, record, || format!("position {position}"))?;
     checked_envelope(position, EventEnvelope::decode(body))
-}
-
-/// Reads events by position through one iterator of the events column: a
-/// position a little after (or, reading backwards, right before) the one
-/// read last is reached by stepping the iterator rather than by a new
-/// lookup from the top of the tree, so the events a stream or a correlation
-/// got in one commit, which lie side by side, and those of neighbouring
-/// commits, a few records apart, are read as one scan.
-struct EventCursor<'a> {
-    iter: rocksdb::DBRawIterator<'a>,
-    /// The position the iterator stands on, if it stands on one read.
-    at: Option<u64>,
-}
-
-/// Records the cursor steps over rather than seeking past: a step costs
-/// about a tenth of a seek, and the other events of a busy commit lie
-/// between one case's runs.
-const CURSOR_MAX_STEPS: u64 = 16;
-
-impl<'a> EventCursor<'a> {
-    fn new(db: &'a DB) -> Result<Self> {
-        Ok(EventCursor {
-            iter: db.raw_iterator_cf(cf(db, CF_EVENTS)?),
-            at: None,
-        })
-    }
-
-    /// The stored record at `position`, which an index says exists;
-    /// `missing` explains the corruption if it does not.
-    fn record(&mut self, position: u64, missing: impl FnOnce() -> String) -> Result<&[u8]> {
-        let key = position_key(position);
-        match self.at {
-            Some(at) if at == position => {}
-            Some(at) if position > at && position - at <= CURSOR_MAX_STEPS => {
-                for _ in at..position {
-                    self.iter.next();
-                }
-                // Positions are dense, so the steps land on it; if they do
-                // not (the iterator ended), a seek says for sure.
-                if self.iter.key() != Some(key.as_slice()) {
-                    self.iter.seek(key);
-                }
-            }
-            Some(at) if position + 1 == at => self.iter.prev(),
-            _ => self.iter.seek(key),
-        }
-        self.at = None;
-        match (self.iter.key(), self.iter.value()) {
-            (Some(found), Some(_)) if found == key => {}
-            _ => {
-                self.iter.status()?;
-                return Err(Error::Corrupted {
-                    column: CF_EVENTS,
-                    location: format!("position {position}"),
-                    reason: missing(),
-                });
-            }
-        }
-        self.at = Some(position);
-        Ok(self.iter.value().unwrap_or_default())
-    }
 }
 
 /// A decoded envelope, if it decoded and says it is at `position`.
@@ -1148,32 +1281,46 @@ pub(crate) fn digest_projections(db: &DB) -> Result<String> {
         .collect())
 }
 
-/// Indexes the correlations of a log written before the correlation index
-/// existed (once; a marker in the meta column says it is done).
-fn ensure_correlation_index(db: &DB, head: u64, page: usize) -> Result<()> {
+/// Events copied per write while a log from before the stream copies
+/// gets them.
+const COPIES_PER_WRITE: usize = 10_000;
+
+/// Gives every stored event its copy in [`CF_STREAM_EVENTS`] and, if it
+/// carries another stream's correlation, its entry (with its envelope) in
+/// [`CF_CORRELATIONS`], once, for a log written before either existed; a
+/// crash part way copies again from the start (each write puts what is
+/// already there).
+fn ensure_stream_events(db: &DB, head: u64) -> Result<()> {
     let meta = cf(db, CF_META)?;
-    if db.get_pinned_cf(meta, META_CORRELATION_INDEX)?.is_some() {
+    if db.get_pinned_cf(meta, META_STREAM_EVENTS)?.is_some()
+        && db.get_pinned_cf(meta, META_CORRELATION_INDEX)?.is_some()
+    {
         return Ok(());
     }
-    let mut next = 1;
-    let mut indexed = 0u64;
-    while next <= head {
-        let events = read_events_from(db, next, page.max(1))?;
-        let Some(last) = events.last().map(|e| e.global_position) else {
-            break;
-        };
-        let mut batch = rocksdb::WriteBatch::default();
-        for e in events
-            .iter()
-            .filter(|e| needs_correlation_entry(&e.stream_id, &e.correlation_id))
-        {
-            let key = correlation_key(&e.correlation_id, e.global_position);
-            batch.put_cf(cf(db, CF_CORRELATIONS)?, &key, seal(&key, &[]));
-            indexed += 1;
+    let started = std::time::Instant::now();
+    let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
+    iter.seek_to_first();
+    let mut batch = rocksdb::WriteBatch::default();
+    let mut copied = 0u64;
+    while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+        let position = decode_position_key(CF_EVENTS, key)?;
+        let body = unseal(CF_EVENTS, key, value, || format!("position {position}"))?;
+        let event = decode_body(position, body)?;
+        let copy_key = stream_key(&event.stream_id, event.stream_version);
+        batch.put_cf(cf(db, CF_STREAM_EVENTS)?, &copy_key, seal(&copy_key, body));
+        if needs_correlation_entry(&event.stream_id, &event.correlation_id) {
+            let key = correlation_key(&event.correlation_id, position);
+            batch.put_cf(cf(db, CF_CORRELATIONS)?, &key, seal(&key, body));
         }
-        db.write(batch)?;
-        next = last + 1;
+        copied += 1;
+        if batch.len() >= COPIES_PER_WRITE {
+            db.write(std::mem::take(&mut batch))?;
+        }
+        iter.next();
     }
+    iter.status()?;
+    db.write(batch)?;
+    db.put_cf(meta, META_STREAM_EVENTS, seal(META_STREAM_EVENTS, b"1"))?;
     db.put_cf(
         meta,
         META_CORRELATION_INDEX,
@@ -1182,8 +1329,9 @@ fn ensure_correlation_index(db: &DB, head: u64, page: usize) -> Result<()> {
     if head > 0 {
         tracing::info!(
             events = head,
-            indexed,
-            "correlation index built for an older log"
+            copied,
+            seconds = started.elapsed().as_secs_f64(),
+            "events copied by stream for an older log"
         );
     }
     Ok(())

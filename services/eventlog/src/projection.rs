@@ -42,6 +42,44 @@ impl Projector for NoProjections {
     }
 }
 
+/// Reads of projection state: the stored projections
+/// ([`EventLog`](crate::EventLog)), or the writer's view while it decides or
+/// applies ([`ProjectionView`]). A decision written against this trait
+/// runs the same wherever it is made.
+pub trait ProjectionRead {
+    /// The current value under `key`.
+    fn projection(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// The value at `key` decoded as `M` (an error names the key).
+    fn projection_message<M: prost::Message + Default>(&self, key: &[u8]) -> Result<Option<M>>
+    where
+        Self: Sized,
+    {
+        match self.projection(key)? {
+            Some(bytes) => M::decode(bytes.as_slice())
+                .map(Some)
+                .map_err(|e| Error::Corrupted {
+                    column: CF_PROJECTIONS,
+                    location: String::from_utf8_lossy(key).into_owned(),
+                    reason: format!("undecodable view: {e}"),
+                }),
+            None => Ok(None),
+        }
+    }
+}
+
+impl ProjectionRead for ProjectionView<'_> {
+    fn projection(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get(key)
+    }
+}
+
+impl ProjectionRead for crate::EventLog {
+    fn projection(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.projection_get(key)
+    }
+}
+
 /// Pending projection writes: `Some(value)` to put, `None` to delete.
 pub(crate) type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 

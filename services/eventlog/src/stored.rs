@@ -32,6 +32,49 @@ const SOURCE: usize = 5;
 /// The payload's tag.
 const PAYLOAD_TAG: u32 = 11;
 
+/// Where an envelope says it is: its position, its stream's id and its
+/// version, read without decoding the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Place<'a> {
+    pub position: u64,
+    pub stream_id: &'a [u8],
+    pub version: u64,
+}
+
+impl<'a> Place<'a> {
+    /// Reads the place of the encoded envelope `body`; `None` if it does
+    /// not decode (the caller reports it, knowing where it read it).
+    pub(crate) fn of(body: &'a [u8]) -> Option<Place<'a>> {
+        let mut place = Place {
+            position: 0,
+            stream_id: &[],
+            version: 0,
+        };
+        let mut buf = body;
+        while buf.has_remaining() {
+            let (tag, wire_type) = decode_key(&mut buf).ok()?;
+            match (tag, wire_type) {
+                (3 | 4, WireType::Varint) => {
+                    let value = decode_varint(&mut buf).ok()?;
+                    if tag == 3 {
+                        place.version = value;
+                    } else {
+                        place.position = value;
+                    }
+                }
+                (2, WireType::LengthDelimited) => {
+                    let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+                    let start = body.len() - buf.remaining();
+                    place.stream_id = body.get(start..start.checked_add(len)?)?;
+                    buf.advance(len);
+                }
+                _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?,
+            }
+        }
+        Some(place)
+    }
+}
+
 /// One event as the log stores it, checked, its fields read in place.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
@@ -231,10 +274,16 @@ impl StoredPage {
         let body = unseal(CF_EVENTS, &position_key(position), record, || {
             format!("position {position}")
         })?;
+        self.push_body(position, body);
+        Ok(())
+    }
+
+    /// Adds the body of an event at `position`, already checked against
+    /// its checksum.
+    pub(crate) fn push_body(&mut self, position: u64, body: &[u8]) {
         let start = self.buffer.len();
         self.buffer.extend_from_slice(body);
         self.bodies.push((position, start..self.buffer.len()));
-        Ok(())
     }
 
     /// Checks every envelope and hands the page out.

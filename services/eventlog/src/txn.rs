@@ -257,14 +257,15 @@ impl Transaction {
         self.appends
             .iter()
             .flat_map(|append| append.events.iter().map(move |event| (append, event)))
+            // Each event is stored twice: by position and by stream.
             .map(|(append, event)| {
-                PER_EVENT
+                2 * (PER_EVENT
                     + append.stream_id.len()
                     + event.payload.len()
                     + event.event_type.len()
                     + event.correlation_id.len()
                     + event.causation_id.len()
-                    + event.actor.id.len()
+                    + event.actor.id.len())
             })
             .sum::<usize>()
             + PER_EVENT

@@ -21,8 +21,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codec::{
     CF_CORRELATIONS, CF_EVENTS, CF_IDEMPOTENCY, CF_INBOX, CF_META, CF_OUTBOX, CF_PROJECTIONS,
-    CF_STREAMS, IndexRun, META_PROJECTION_STATE, OutboxRun, consumer_position_key, correlation_key,
-    inbox_key, needs_correlation_entry, position_key, seal, seal_message, stream_key,
+    CF_STREAM_EVENTS, CF_STREAMS, IndexRun, META_PROJECTION_STATE, OutboxRun,
+    consumer_position_key, correlation_key, inbox_key, needs_correlation_entry, position_key, seal,
+    stream_key,
 };
 use crate::error::{Error, Result};
 use crate::limits::Limits;
@@ -33,11 +34,25 @@ use crate::log::{
 use crate::projection::{self, Overlay, ProjectionView, Projector, write_overlay};
 use crate::txn::{CommitOutcome, Transaction};
 
+/// A decision the writer makes against its staged projections (see
+/// [`EventLog::decide`](crate::EventLog::decide)): a transaction to commit,
+/// none when the command is declined, or an error when the transaction is
+/// not one the log takes.
+pub(crate) type Decider =
+    Box<dyn FnOnce(&ProjectionView<'_>) -> Result<Option<Transaction>> + Send>;
+
+/// The answer to a decision: what its commit did (`None`: declined).
+type DecideReply = oneshot::Sender<Result<Option<CommitOutcome>>>;
+
 /// Work for the writer thread.
 pub(crate) enum WriterRequest {
     Commit {
         txn: Transaction,
         reply: oneshot::Sender<Result<CommitOutcome>>,
+    },
+    Decide {
+        decider: Decider,
+        reply: DecideReply,
     },
     RebuildProjections {
         reply: oneshot::Sender<Result<Rebuilt>>,
@@ -152,15 +167,58 @@ struct Group {
 
 type Reply = oneshot::Sender<Result<CommitOutcome>>;
 
+/// One piece of a group, in the order it came.
+enum Pending {
+    Commit(Transaction, Reply),
+    Decide(Decider, DecideReply),
+}
+
+impl Pending {
+    fn stored_bytes_estimate(&self) -> usize {
+        match self {
+            Pending::Commit(txn, _) => txn.stored_bytes_estimate(),
+            // Not known until decided: the batch grows for it.
+            Pending::Decide(..) => 0,
+        }
+    }
+}
+
+/// Where a piece of a group is answered.
+enum Answer {
+    Commit(Reply),
+    Decide(DecideReply),
+}
+
+impl Answer {
+    /// Answers with `result` (a commit's is never `None`). The caller may
+    /// have given up waiting; the commit stands regardless.
+    fn send(self, result: Result<Option<CommitOutcome>>) {
+        match self {
+            Answer::Commit(reply) => {
+                let _ = reply.send(result.and_then(|outcome| {
+                    outcome.ok_or_else(|| Error::invalid("commit", "declined without a decision"))
+                }));
+            }
+            Answer::Decide(reply) => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
 impl Writer {
     pub(crate) fn run(mut self, mut requests: mpsc::Receiver<WriterRequest>) {
-        let mut commits: Vec<(Transaction, Reply)> =
-            Vec::with_capacity(self.limits.max_group_commits);
+        let mut commits: Vec<Pending> = Vec::with_capacity(self.limits.max_group_commits);
         while let Some(first) = next_request(&mut requests) {
             let mut next = Some(first);
             while let Some(request) = next.take() {
                 match request {
-                    WriterRequest::Commit { txn, reply } => commits.push((txn, reply)),
+                    WriterRequest::Commit { txn, reply } => {
+                        commits.push(Pending::Commit(txn, reply));
+                    }
+                    WriterRequest::Decide { decider, reply } => {
+                        commits.push(Pending::Decide(decider, reply));
+                    }
                     WriterRequest::RebuildProjections { reply } => {
                         self.commit_group(&mut commits);
                         // Both digests between the same two commits: equal
@@ -202,15 +260,19 @@ impl Writer {
     }
 
     /// Stages, writes and answers every queued commit.
-    fn commit_group(&mut self, commits: &mut Vec<(Transaction, Reply)>) {
+    fn commit_group(&mut self, commits: &mut Vec<Pending>) {
         if commits.is_empty() {
             return;
         }
         if let Some(reason) = &self.projections_incomplete {
-            for (_, reply) in commits.drain(..) {
-                let _ = reply.send(Err(Error::ProjectionsIncomplete {
+            for pending in commits.drain(..) {
+                let refused = Err(Error::ProjectionsIncomplete {
                     reason: reason.clone(),
-                }));
+                });
+                match pending {
+                    Pending::Commit(_, reply) => Answer::Commit(reply).send(refused),
+                    Pending::Decide(_, reply) => Answer::Decide(reply).send(refused),
+                }
             }
             return;
         }
@@ -224,19 +286,25 @@ impl Writer {
             // Sized up front: growing a batch of hundreds of events copies it
             // again and again.
             batch: WriteBatch::with_capacity_bytes(
-                commits
-                    .iter()
-                    .map(|(txn, _)| txn.stored_bytes_estimate())
-                    .sum(),
+                commits.iter().map(Pending::stored_bytes_estimate).sum(),
             ),
             outbox_added: 0,
         };
         // What staging used up, dropped only after the callers have their
         // answers: freeing a group's events is not the callers' wait.
         let mut spent = Vec::with_capacity(commits.len());
-        let mut results: Vec<(Result<CommitOutcome>, Reply)> = commits
+        let mut results: Vec<(Result<Option<CommitOutcome>>, Answer)> = commits
             .drain(..)
-            .map(|(txn, reply)| (self.stage(txn, &mut group, &mut spent), reply))
+            .map(|pending| match pending {
+                Pending::Commit(txn, reply) => (
+                    self.stage(txn, &mut group, &mut spent).map(Some),
+                    Answer::Commit(reply),
+                ),
+                Pending::Decide(decider, reply) => (
+                    self.stage_decision(decider, &mut group, &mut spent),
+                    Answer::Decide(reply),
+                ),
+            })
             .collect();
 
         if !group.batch.is_empty() {
@@ -249,7 +317,10 @@ impl Writer {
                     .fetch_sub(group.outbox_added, Ordering::AcqRel);
                 tracing::error!(service = %self.service, error = %err, "group commit failed; nothing written");
                 for (result, _) in &mut results {
-                    *result = Err(err.duplicate());
+                    // A declined decision wrote nothing and stays declined.
+                    if !matches!(result, Ok(None)) {
+                        *result = Err(err.duplicate());
+                    }
                 }
             } else {
                 self.head = group.next_position - 1;
@@ -259,11 +330,34 @@ impl Writer {
                 }
             }
         }
-        for (result, reply) in results {
-            // The caller may have given up waiting; the commit stands regardless.
-            let _ = reply.send(result);
+        for (result, answer) in results {
+            answer.send(result);
         }
         drop(spent);
+    }
+
+    /// Runs a decision against the projections as the group so far leaves
+    /// them and stages the transaction it makes (`None`: declined). A
+    /// decision that panics is refused, never the writer's end.
+    fn stage_decision(
+        &self,
+        decider: Decider,
+        group: &mut Group,
+        spent: &mut Vec<Vec<EventEnvelope>>,
+    ) -> Result<Option<CommitOutcome>> {
+        let decided = {
+            let view = ProjectionView::new(&self.db, &group.projections);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decider(&view)))
+        };
+        match decided {
+            Ok(Ok(Some(txn))) => self.stage(txn, group, spent).map(Some),
+            Ok(Ok(None)) => Ok(None),
+            Ok(Err(refused)) => Err(refused),
+            Err(_) => {
+                tracing::error!(service = %self.service, "a decision panicked on the writer thread; refused");
+                Err(Error::invalid("decision", "the decision panicked"))
+            }
+        }
     }
 
     fn write_group(&self, group: &mut Group) -> Result<()> {
@@ -345,7 +439,7 @@ impl Writer {
             inbox: inbox_mark,
         } = txn;
         let mut ops: Vec<(&'static str, Vec<u8>, Vec<u8>)> =
-            Vec::with_capacity(3 * count as usize + 2);
+            Vec::with_capacity(4 * count as usize + 2);
         let mut envelopes = Vec::with_capacity(count as usize);
         let mut streams = Vec::with_capacity(appends.len());
         let mut position = group.next_position;
@@ -379,11 +473,9 @@ impl Writer {
             let appended = append.events.len() as u64;
             for (offset, event) in append.events.into_iter().enumerate() {
                 let version = current + 1 + offset as u64;
-                if needs_correlation_entry(&append.stream_id, &event.correlation_id) {
-                    let key = correlation_key(&event.correlation_id, position);
-                    let value = seal(&key, &[]);
-                    ops.push((CF_CORRELATIONS, key, value));
-                }
+                let correlation_entry =
+                    needs_correlation_entry(&append.stream_id, &event.correlation_id)
+                        .then(|| correlation_key(&event.correlation_id, position));
                 let envelope = EventEnvelope {
                     // Straight to hex, not through `Display`'s formatter.
                     event_id: event
@@ -403,12 +495,19 @@ impl Writer {
                     payload: event.payload,
                     source: self.service.clone(),
                 };
+                // Encoded once, stored three ways: by position (the log),
+                // by stream (its copy) and, if its correlation is not its
+                // stream's, by correlation.
+                let body = envelope.encode_to_vec();
                 let pos_key = position_key(position);
-                ops.push((
-                    CF_EVENTS,
-                    pos_key.to_vec(),
-                    seal_message(&pos_key, &envelope),
-                ));
+                ops.push((CF_EVENTS, pos_key.to_vec(), seal(&pos_key, &body)));
+                let copy_key = stream_key(&append.stream_id, version);
+                let copy = seal(&copy_key, &body);
+                ops.push((CF_STREAM_EVENTS, copy_key, copy));
+                if let Some(key) = correlation_entry {
+                    let value = seal(&key, &body);
+                    ops.push((CF_CORRELATIONS, key, value));
+                }
                 if event.publish {
                     match outbox_runs.last_mut() {
                         Some(run) if run.end() == position => run.count += 1,

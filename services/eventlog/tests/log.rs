@@ -9,10 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use futures::StreamExt;
-use lineguard_eventlog::codec::{CF_EVENTS, position_key};
+use lineguard_eventlog::codec::{
+    CF_CORRELATIONS, CF_EVENTS, CF_META, CF_STREAM_EVENTS, META_STREAM_EVENTS, position_key, seal,
+    stream_key,
+};
 use lineguard_eventlog::{
-    CommitOutcome, Error, ExpectedVersion, Idempotency, Limits, ReadDirection, Transaction,
-    open_raw_store,
+    CommitOutcome, Decided, Error, EventLog, ExpectedVersion, Idempotency, Limits, ProjectionRead,
+    ReadDirection, Transaction, open_raw_store,
 };
 
 fn tmp() -> tempfile::TempDir {
@@ -735,16 +738,23 @@ async fn a_corrupted_record_is_an_error_naming_its_position() {
         let last = value.len() - 1;
         value[last] ^= 0x40;
         db.put_cf(cf, key, value).expect("damage");
+        // And its copy by stream.
+        let cf = db.cf_handle(CF_STREAM_EVENTS).expect("cf");
+        let key = stream_key("ticket-z", 3);
+        let mut value = db.get_cf(cf, &key).expect("get").expect("present");
+        let last = value.len() - 1;
+        value[last] ^= 0x40;
+        db.put_cf(cf, &key, value).expect("damage");
     }
     let log = open(dir.path());
     let err = log.read_all(0, 0).expect_err("corrupted");
     assert!(matches!(err, Error::Corrupted { .. }), "{err}");
     assert!(err.to_string().contains("position 3"), "{err}");
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::DataLoss);
-    assert!(
-        log.read_stream("ticket-z", 0, ReadDirection::Forward, 0)
-            .is_err()
-    );
+    let err = log
+        .read_stream("ticket-z", 0, ReadDirection::Forward, 0)
+        .expect_err("corrupted copy");
+    assert!(err.to_string().contains("ticket-z v3"), "{err}");
     assert!(log.verify().is_err());
     let err = log
         .read_all_stored(0, 0)
@@ -1349,4 +1359,218 @@ async fn expected_versions_hold_across_many_streams_with_a_tiny_head_cache() {
         }
         log.close().await.expect("close");
     }
+}
+
+/// The number of `Noted` events on the stream `counter`, as a decision
+/// reads it from the projections (the counting projector's figure).
+fn counted(read: &impl ProjectionRead) -> u64 {
+    read.projection(b"count/counter")
+        .expect("projection read")
+        .map(|v| u64::from_be_bytes(v.try_into().expect("8 bytes")))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decisions_on_the_writer_see_every_commit_before_them_even_in_their_own_group() {
+    let dir = tmp();
+    let log = open(dir.path());
+    // Each decision appends at exactly the version it read: had any of
+    // them decided on state older than a commit before it (one of its own
+    // group, not yet written), its expected version would be refused.
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            log.decide(|read| {
+                let seen = counted(read);
+                let expected = if seen == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Exact(seen)
+                };
+                let txn = Transaction::append(
+                    "counter",
+                    expected,
+                    vec![noted("counter", &seen.to_string())],
+                );
+                Ok::<_, String>((txn, seen))
+            })
+            .await
+        }));
+    }
+    let mut seen = Vec::new();
+    for task in tasks {
+        let (outcome, read) = task.await.expect("task").expect("decided and committed");
+        assert!(matches!(outcome, CommitOutcome::Committed(_)));
+        seen.push(read);
+    }
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (0..200).collect::<Vec<u64>>(),
+        "each saw all before it"
+    );
+    assert_eq!(count(&log, "counter"), 200);
+    let slice = log
+        .read_stream("counter", 0, ReadDirection::Forward, 0)
+        .expect("read");
+    assert_eq!(slice.stream_version, 200);
+
+    // Declined: nothing written, the decision's own error back.
+    let head = log.head();
+    let declined = log
+        .decide(|read| Err::<(Transaction, ()), _>(format!("declined at {}", counted(read))))
+        .await
+        .expect_err("declined");
+    assert!(matches!(&declined, Decided::Declined(why) if why == "declined at 200"));
+    // A transaction the log does not take: the log's error, nothing written.
+    let mut unknown = noted("counter", "x");
+    unknown.event_type = "lineguard.test.v1.Unknown".into();
+    let refused = log
+        .decide(move |_| {
+            Ok::<_, String>((
+                Transaction::append("counter", ExpectedVersion::Any, vec![unknown]),
+                (),
+            ))
+        })
+        .await
+        .expect_err("unknown type");
+    assert!(
+        matches!(refused, Decided::Log(Error::UnknownEventType { .. })),
+        "{refused:?}"
+    );
+    // A decision that panics is refused; the writer goes on.
+    let panicked = log
+        .decide(|_| -> Result<(Transaction, ()), String> { panic!("a decision's bug") })
+        .await
+        .expect_err("panicked");
+    assert!(matches!(panicked, Decided::Log(_)));
+    assert_eq!(log.head(), head, "nothing declined or refused was written");
+    log.commit(Transaction::append(
+        "counter",
+        ExpectedVersion::Exact(200),
+        vec![noted("counter", "after")],
+    ))
+    .await
+    .expect("the writer still commits");
+    assert_eq!(log.verify().expect("verify"), head + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotent_decision_retried_at_once_is_decided_and_committed_once() {
+    use lineguard_eventlog::command::decide_idempotent;
+    let dir = tmp();
+    let log = open(dir.path());
+    // The answer: the count the decision saw, as a protobuf message.
+    let decide = |log: EventLog, request: &'static [u8]| async move {
+        decide_idempotent(&log, "key-1".into(), request.to_vec(), |read| {
+            let seen = counted(read);
+            let txn = Transaction::append(
+                "counter",
+                ExpectedVersion::Any,
+                vec![noted("counter", "once")],
+            );
+            Ok((
+                txn,
+                prost_types::Duration {
+                    seconds: seen as i64,
+                    nanos: 0,
+                },
+            ))
+        })
+        .await
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        tasks.push(tokio::spawn(decide(log.clone(), b"request")));
+    }
+    for task in tasks {
+        let answer = task.await.expect("task").expect("answered");
+        assert_eq!(answer.seconds, 0, "every retry gets the first answer");
+    }
+    assert_eq!(count(&log, "counter"), 1, "decided and committed once");
+    let status = decide(log.clone(), b"another request")
+        .await
+        .expect_err("the key with another request");
+    assert_eq!(status.code(), tonic::Code::AlreadyExists);
+    assert_eq!(count(&log, "counter"), 1);
+}
+
+#[tokio::test]
+async fn a_log_from_before_the_stream_copies_gets_them_at_open_and_reads_the_same() {
+    let dir = tmp();
+    let (stream, correlation) = {
+        let log = open(dir.path());
+        for i in 0..40 {
+            let child = format!("child-{}", i % 4);
+            log.commit(
+                Transaction::append(
+                    "incident-x",
+                    ExpectedVersion::Any,
+                    vec![noted("incident-x", &format!("lead {i}"))],
+                )
+                .and_append(
+                    &child,
+                    ExpectedVersion::Any,
+                    vec![noted("incident-x", &format!("child {i}"))],
+                )
+                .and_append(
+                    "other",
+                    ExpectedVersion::Any,
+                    vec![noted("other", "x")],
+                ),
+            )
+            .await
+            .expect("commit");
+        }
+        let stream = log
+            .read_stream("incident-x", 0, ReadDirection::Forward, 0)
+            .expect("read")
+            .events;
+        let (correlation, _) = log.read_correlation("incident-x", 0, 0).expect("read");
+        log.close().await.expect("close");
+        (stream, correlation)
+    };
+    assert_eq!((stream.len(), correlation.len()), (40, 80));
+    {
+        // Make it a log as written before: no copies, no marker, the
+        // correlation entries without envelopes.
+        let db = open_raw_store(&dir.path().join("log")).expect("raw");
+        let copies = db.cf_handle(CF_STREAM_EVENTS).expect("cf");
+        let keys: Vec<Box<[u8]>> = db
+            .iterator_cf(copies, rocksdb::IteratorMode::Start)
+            .map(|item| item.expect("read").0)
+            .collect();
+        assert_eq!(keys.len(), 120, "every event has its copy");
+        for key in keys {
+            db.delete_cf(copies, key).expect("delete");
+        }
+        let correlations = db.cf_handle(CF_CORRELATIONS).expect("cf");
+        let entries: Vec<Box<[u8]>> = db
+            .iterator_cf(correlations, rocksdb::IteratorMode::Start)
+            .map(|item| item.expect("read").0)
+            .collect();
+        assert_eq!(entries.len(), 40);
+        for key in entries {
+            db.put_cf(correlations, &key, seal(&key, &[])).expect("put");
+        }
+        db.delete_cf(db.cf_handle(CF_META).expect("cf"), META_STREAM_EVENTS)
+            .expect("delete");
+    }
+    let log = open(dir.path());
+    assert_eq!(log.verify().expect("verify"), 120);
+    let again = log
+        .read_stream("incident-x", 0, ReadDirection::Forward, 0)
+        .expect("read")
+        .events;
+    assert_eq!(again, stream);
+    let (again, _) = log.read_correlation("incident-x", 0, 0).expect("read");
+    assert_eq!(again, correlation);
+    // Paged from the middle, both ways of reading agree.
+    let (page, next) = log
+        .read_correlation_stored("incident-x", correlation[31].global_position, 10)
+        .expect("read");
+    assert_eq!(page.len(), 10);
+    assert_eq!(page[0].position(), correlation[31].global_position);
+    assert_eq!(next, Some(correlation[40].global_position + 1));
 }

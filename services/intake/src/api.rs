@@ -31,7 +31,8 @@ use crate::projection::{
     incident_key, is_open, nanos, open_key, ticket_id_of_by_time_key, ticket_key,
 };
 use crate::validate;
-use lineguard_eventlog::command::{commit_idempotent, earlier_answer};
+use lineguard_eventlog::ProjectionRead;
+use lineguard_eventlog::command::{commit_idempotent, decide_idempotent, earlier_answer};
 use lineguard_runtime::locks::StripedLocks;
 
 /// Intake's policy knobs.
@@ -206,12 +207,7 @@ impl IntakeService {
     }
 
     fn view<M: Message + Default>(&self, key: &[u8]) -> Result<Option<M>, Status> {
-        match self.log.projection_get(key).map_err(Status::from)? {
-            Some(bytes) => M::decode(bytes.as_slice())
-                .map(Some)
-                .map_err(|e| Status::data_loss(format!("undecodable view: {e}"))),
-            None => Ok(None),
-        }
+        read_view(&self.log, key)
     }
 
     /// A ticket's customer-facing view; a child of an incident shows its
@@ -352,21 +348,28 @@ impl IntakeService {
     }
 
     /// Decides what a validated report becomes (its customer key and
-    /// sealed contact, its district); returns the writes and the answer.
+    /// sealed contact, its district), reading the projections through
+    /// `read`; returns the writes and the answer. Made on the log's writer
+    /// ([`lineguard_eventlog::EventLog::decide`]): it sees every report
+    /// committed before it, so two calls of one customer or one district
+    /// are decided one after the other without a lock, and many share a
+    /// commit.
     fn decide_report(
         &self,
+        read: &impl ProjectionRead,
         req: &ReportTicketRequest,
         (channel, kind): (Channel, TicketKind),
         who: lineguard_eventlog::Actor,
         (customer, contact): (Option<&str>, SealedContact),
         (district_id, district_source): (&str, &str),
-        now: Timestamp,
     ) -> Result<(Transaction, ReportTicketResponse), Status> {
+        // The time of the decision, which commits right after it.
+        let now = now();
         if let Some(customer) = customer
-            && let Some(open) = self.log.projection_get(&open_key(customer, kind as i32))?
+            && let Some(open) = read.projection(&open_key(customer, kind as i32))?
         {
             let ticket_id = String::from_utf8_lossy(&open).into_owned();
-            if let Some(ticket) = self.view::<TicketView>(&ticket_key(&ticket_id))?
+            if let Some(ticket) = read_view::<TicketView>(read, &ticket_key(&ticket_id))?
                 && is_open(ticket.status())
             {
                 let urge_count = ticket.urge_count + 1;
@@ -427,12 +430,11 @@ impl IntakeService {
         let reported_event_id = Uuid::now_v7();
         let cause = reported_event_id.to_string();
         if kind == TicketKind::FaultRepair && !district_id.is_empty() {
-            let open_incident = match self
-                .log
-                .projection_get(&district_incident_key(district_id, kind as i32))?
+            let open_incident = match read
+                .projection(&district_incident_key(district_id, kind as i32))?
             {
                 Some(id) => {
-                    self.view::<IncidentView>(&incident_key(&String::from_utf8_lossy(&id)))?
+                    read_view::<IncidentView>(read, &incident_key(&String::from_utf8_lossy(&id)))?
                 }
                 None => None,
             }
@@ -441,7 +443,8 @@ impl IntakeService {
             // closed) is over: a new call is a new fault, not part of it.
             let open_incident = match open_incident {
                 Some(incident) => {
-                    let lead = self.view::<TicketView>(&ticket_key(&incident.lead_ticket_id))?;
+                    let lead =
+                        read_view::<TicketView>(read, &ticket_key(&incident.lead_ticket_id))?;
                     lead.filter(|l| still_working(l.status())).map(|_| incident)
                 }
                 None => None,
@@ -520,6 +523,14 @@ impl IntakeService {
         }
         Ok((txn, response))
     }
+}
+
+/// The view at `key` as `read` sees it.
+fn read_view<M: Message + Default>(
+    read: &impl ProjectionRead,
+    key: &[u8],
+) -> Result<Option<M>, Status> {
+    read.projection_message(key).map_err(Status::from)
 }
 
 /// Whether an incident led by a ticket in this status is still being worked:
@@ -603,30 +614,21 @@ impl Intake for IntakeService {
             sealing::seal(this.keys.as_ref(), &sealing_key, &contact).map_err(seal_error)
         })
         .await?;
-        let mut lock_keys = Vec::with_capacity(2);
-        if let Some(customer) = &customer {
-            lock_keys.push(format!("customer/{customer}"));
-        }
-        // Located once: the district locked on is the district decided on.
-        if kind == TicketKind::FaultRepair && !district_id.is_empty() {
-            lock_keys.push(format!("district/{district_id}"));
-        }
-        let _guards = self.locks.lock(&lock_keys).await;
+        // Decided where it commits: no lock, and the reports of one
+        // incident's callers share the commits of a group.
         let (this, request) = (self.clone(), req.clone());
-        let (txn, response) = blocking(move || {
-            this.decide_report(
-                &request,
-                (channel, kind),
-                who,
-                (customer.as_deref(), sealed),
-                (&district_id, district_source),
-                now(),
-            )
-        })
-        .await?;
-        let idempotency =
-            Idempotency::new(key, &fingerprint, Bytes::from(response.encode_to_vec()));
-        let answer: ReportTicketResponse = commit_idempotent(&self.log, txn, idempotency).await?;
+        let answer: ReportTicketResponse =
+            decide_idempotent(&self.log, key, fingerprint, move |read| {
+                this.decide_report(
+                    read,
+                    &request,
+                    (channel, kind),
+                    who,
+                    (customer.as_deref(), sealed),
+                    (&district_id, district_source),
+                )
+            })
+            .await?;
         tracing::info!(ticket_id = %answer.ticket_id, incident_id = %answer.incident_id,
             disposition = ?answer.disposition(), channel = ?channel, kind = ?kind, "report taken");
         Ok(Response::new(answer))

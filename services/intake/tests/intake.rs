@@ -2,6 +2,7 @@
 //! outage correlation, cancel, listing, field-level validation, and views
 //! that a rebuild from the log reproduces.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -329,6 +330,78 @@ async fn one_outage_through_five_doors_is_one_incident_led_by_the_first_call() {
         .expect("report")
         .into_inner();
     assert!(service.incident_id.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_calls_of_one_outage_at_once_are_one_incident_counted_without_a_gap() {
+    let f = start(IntakeConfig::default()).await;
+    // 100 customers of one district call at once, each twice (the second
+    // call a repeat: an urge of their own ticket). Decided where they
+    // commit, without a lock, they must still make one incident, each
+    // joining ticket counted once and in order, and each repeat an urge.
+    let mut calls = Vec::new();
+    for round in 0..2 {
+        for customer in 0..100 {
+            let mut client = f.client.clone();
+            let mut request = fault(
+                &format!("outage-{round}-{customer}"),
+                &format!("7{customer:03}"),
+                "D-09",
+                Channel::App,
+            );
+            request.caller = Some(Caller {
+                name: "Li Wei".into(),
+                phone: format!("1390000{customer:04}"),
+            });
+            calls.push(tokio::spawn(async move {
+                client.report_ticket(request).await.map(|a| a.into_inner())
+            }));
+        }
+    }
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.expect("task").expect("report"));
+    }
+    let incidents: HashSet<&str> = answers.iter().map(|a| a.incident_id.as_str()).collect();
+    assert_eq!(incidents.len(), 1, "one incident: {incidents:?}");
+    let incident = answers[0].incident_id.clone();
+    let tickets: HashSet<&str> = answers.iter().map(|a| a.ticket_id.as_str()).collect();
+    assert_eq!(tickets.len(), 100, "one ticket a customer");
+    let by = |d: Disposition| answers.iter().filter(|a| a.disposition() == d).count();
+    assert_eq!(by(Disposition::NewTicket), 1, "the first call leads");
+    assert_eq!(by(Disposition::JoinedIncident), 99);
+    assert_eq!(by(Disposition::UrgedOpenTicket), 100, "each repeat urges");
+    // Every join counted once, in order: 2..=100, no gap, no repeat.
+    let mut counts = Vec::new();
+    for ticket in tickets {
+        let stream = f
+            .log
+            .read_stream(ticket, 0, lineguard_eventlog::ReadDirection::Forward, 0)
+            .expect("ticket stream");
+        for event in &stream.events {
+            if event.event_type == "lineguard.intake.v1.TicketJoinedIncident" {
+                let joined =
+                    <lineguard_protos::intake::v1::TicketJoinedIncident as prost::Message>::decode(
+                        event.payload.as_ref(),
+                    )
+                    .expect("decodes");
+                assert_eq!(joined.incident_id, incident);
+                counts.push(joined.ticket_count);
+            }
+        }
+    }
+    counts.sort_unstable();
+    assert_eq!(counts, (2..=100).collect::<Vec<u32>>());
+    let marks = f
+        .log
+        .read_stream(&incident, 0, lineguard_eventlog::ReadDirection::Forward, 0)
+        .expect("incident stream")
+        .events
+        .iter()
+        .filter(|e| e.event_type == "lineguard.intake.v1.IncidentMarkedProbableOutage")
+        .count();
+    assert_eq!(marks, 1, "marked a probable outage once");
+    assert_eq!(f.log.verify().expect("verify"), f.log.head());
 }
 
 #[tokio::test]

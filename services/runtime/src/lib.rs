@@ -18,8 +18,11 @@
 //! with its source, `lineguard.bus` NOT_SERVING while the outbox is stuck.
 //! With `--credentials`, every call comes over TLS and is authenticated
 //! ([`auth`], [`credentials`]) and held to the access policy ([`access`]).
+//! Calls past `--max-requests-in-flight` are refused `RESOURCE_EXHAUSTED`
+//! ([`admission`]); the log's RocksDB lives within `--store-memory-mib`.
 
 pub mod access;
+pub mod admission;
 pub mod auth;
 pub mod bus_access;
 pub mod calendar;
@@ -125,6 +128,16 @@ pub struct CommonArgs {
     /// [default: Monday to Friday, UTC+8, no holidays].
     #[arg(long, env = "LINEGUARD_CALENDAR")]
     pub calendar: Option<PathBuf>,
+    /// Memory the event log's RocksDB may hold, in MiB (block cache, index
+    /// and filter blocks, memtables), at least 8.
+    #[arg(long, env = "LINEGUARD_STORE_MEMORY_MIB", default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..=65_536))]
+    pub store_memory_mib: u32,
+    /// Calls this service decides at once; one more is answered
+    /// RESOURCE_EXHAUSTED at once (retry it with the same idempotency key)
+    /// rather than queued, so overload cannot grow the process's memory.
+    /// A stream (WatchDispatches, Subscribe) counts until it has started.
+    #[arg(long, env = "LINEGUARD_MAX_REQUESTS_IN_FLIGHT", default_value_t = 1_024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_requests_in_flight: u32,
 }
 
 impl CommonArgs {
@@ -308,6 +321,8 @@ pub struct Host {
     bus_stall_limit: Duration,
     /// TLS and the authentication layer, with `--credentials`.
     security: Option<Security>,
+    /// `--max-requests-in-flight`.
+    max_requests_in_flight: usize,
     consumers: Vec<ConsumerHandle>,
     shutdown_steps: Vec<ShutdownStep>,
 }
@@ -390,7 +405,12 @@ impl Host {
         std::fs::create_dir_all(&data_dir)?;
         // Every service's consumers park events and dead-letter them in the
         // service's own log: their events and records sit beside its own.
+        let limits = lineguard_eventlog::Limits {
+            store_memory_bytes: args.store_memory_mib as usize * 1024 * 1024,
+            ..lineguard_eventlog::Limits::default()
+        };
         let log_config = LogConfig::new(data_dir.join("eventlog"), spec.name)
+            .with_limits(limits)
             .with_event_types(with_parking_events(spec.event_types))
             .with_projector(ParkingProjector::wrap(spec.projector));
         let log = tokio::task::spawn_blocking(move || EventLog::open(log_config))
@@ -501,6 +521,7 @@ impl Host {
             parking: ParkingLot::new(),
             bus_stall_limit: args.bus_stall_limit,
             security,
+            max_requests_in_flight: args.max_requests_in_flight as usize,
             consumers: Vec::new(),
             shutdown_steps: Vec::new(),
         })
@@ -631,8 +652,11 @@ impl Host {
             }
             None => auth::AuthLayer::disabled(),
         };
+        // Admission outside authentication: an overloaded service refuses
+        // before it spends a signature check on a call it cannot take.
+        let admission = admission::AdmissionLayer::new(self.name, self.max_requests_in_flight);
         let server = builder
-            .layer(layer)
+            .layer(tower_layer::Stack::new(layer, admission))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
         // Graceful shutdown waits for every connection to close, and a client

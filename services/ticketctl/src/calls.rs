@@ -52,13 +52,12 @@ pub struct Accounts {
 
 impl Accounts {
     /// Reads the accounts CSV (`account_number,district_id` per line after a
-    /// header) and, for feeders, the directory file's districts' stations
+    /// header) and, for feeders, takes the directory's districts' stations
     /// (districts the file does not list form feeders of their own).
-    pub fn read(accounts_csv: &str, directory_toml: &str) -> Result<Accounts, Error> {
+    pub fn read(accounts_csv: &str, directory: &StormDirectory) -> Result<Accounts, Error> {
         let text = std::fs::read_to_string(accounts_csv)
             .map_err(|e| Error::Usage(format!("cannot read accounts {accounts_csv}: {e}")))?;
-        let stations = read_district_stations(directory_toml)?;
-        Accounts::parse(&text, &stations)
+        Accounts::parse(&text, &directory.district_stations())
             .map_err(|e| Error::Usage(format!("accounts {accounts_csv}: {e}")))
     }
 
@@ -279,10 +278,14 @@ impl<'a> CallPlanner<'a> {
     }
 }
 
+/// What a storm needs of a directory file, read once: its districts'
+/// stations (the feeders of [`Accounts`]) and its crews (the phones).
 #[derive(Debug, Deserialize)]
-struct DirectoryDistricts {
+pub struct StormDirectory {
     #[serde(default)]
     districts: Vec<DistrictEntry>,
+    #[serde(default)]
+    crews: Vec<CrewEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,17 +294,31 @@ struct DistrictEntry {
     station_id: String,
 }
 
-/// The directory file's districts and their stations, in the file's order.
-fn read_district_stations(path: &str) -> Result<Vec<(String, String)>, Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Usage(format!("cannot read directory {path}: {e}")))?;
-    let file: DirectoryDistricts =
-        toml::from_str(&text).map_err(|e| Error::Usage(format!("directory {path}: {e}")))?;
-    Ok(file
-        .districts
-        .into_iter()
-        .map(|d| (d.district_id, d.station_id))
-        .collect())
+#[derive(Debug, Deserialize)]
+struct CrewEntry {
+    crew_id: String,
+}
+
+impl StormDirectory {
+    /// Reads the directory file at `path`.
+    pub fn read(path: &str) -> Result<StormDirectory, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Usage(format!("cannot read directory {path}: {e}")))?;
+        toml::from_str(&text).map_err(|e| Error::Usage(format!("directory {path}: {e}")))
+    }
+
+    /// The crews' ids, in the file's order.
+    pub fn crews(&self) -> Vec<String> {
+        self.crews.iter().map(|c| c.crew_id.clone()).collect()
+    }
+
+    /// The districts and their stations, in the file's order.
+    fn district_stations(&self) -> Vec<(String, String)> {
+        self.districts
+            .iter()
+            .map(|d| (d.district_id.clone(), d.station_id.clone()))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -321,11 +338,10 @@ mod tests {
             seed: 5,
         };
         let g = generate(&config, dir.path()).expect("generate");
-        let accounts = Accounts::read(
-            &g.accounts.display().to_string(),
-            &g.directory.display().to_string(),
-        )
-        .expect("accounts");
+        let directory =
+            StormDirectory::read(&g.directory.display().to_string()).expect("directory");
+        let accounts =
+            Accounts::read(&g.accounts.display().to_string(), &directory).expect("accounts");
         (dir, accounts)
     }
 

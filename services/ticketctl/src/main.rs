@@ -748,6 +748,12 @@ fn print_storm(r: &simulate::StormReport) {
         r.joined_incidents,
         r.urges
     );
+    if r.calls_shed > 0 || r.refused_by_backend > 0 {
+        println!(
+            "{} calls shed (every agent busy, --max-in-flight), {} refused by intake (too many in flight) and retried",
+            r.calls_shed, r.refused_by_backend
+        );
+    }
     println!(
         "crews: {} orders, {} acknowledged ({} slowly: escalations), {} arrived on time, {} late, {} returned, {} completed",
         r.orders_received,

@@ -35,11 +35,11 @@ use lineguard_protos::intake::v1::{
 use lineguard_protos::routing::v1::{AcceptTicketRequest, AnswerTicketRequest, GetRouteRequest};
 use prost::{Message, Name};
 use prost_types::Timestamp;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::Error;
-use crate::calls::{Accounts, CallPlanner, PlannedCall};
+use crate::calls::{Accounts, CallPlanner, PlannedCall, StormDirectory};
 use crate::endpoints::Clients;
 
 /// How the storm behaves.
@@ -100,6 +100,17 @@ pub struct StormConfig {
     /// acknowledge, depart and arrive and send them in one batch on arrival.
     #[arg(long, default_value_t = 0.0)]
     pub offline_share: f64,
+    /// Calls the call centre has in hand at once (its agents): a call that
+    /// comes while every agent waits on the backend gets a busy tone and is
+    /// counted as shed, not made. Keeps a storm offered more than the
+    /// backend takes to its length and its memory.
+    #[arg(long, default_value_t = 2_000)]
+    pub max_in_flight: usize,
+    /// A call that finds every agent busy waits for one instead of being
+    /// shed: the storm then runs as fast as the backend answers (to
+    /// measure what it sustains).
+    #[arg(long)]
+    pub queue_calls: bool,
 }
 
 impl StormConfig {
@@ -201,6 +212,11 @@ impl Dice {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StormReport {
     pub calls: usize,
+    /// Calls that found every agent busy (`--max-in-flight`): not made.
+    pub calls_shed: usize,
+    /// `ReportTicket` answers RESOURCE_EXHAUSTED (the backend's bound on
+    /// calls in flight), each retried after a pause with the same key.
+    pub refused_by_backend: usize,
     /// Calls retried (same idempotency key) after no answer.
     pub retries: usize,
     pub new_tickets: usize,
@@ -267,17 +283,6 @@ impl Percentiles {
             max: values[values.len() - 1],
         }
     }
-}
-
-#[derive(Debug, Deserialize)]
-struct DirectoryFile {
-    #[serde(default)]
-    crews: Vec<CrewEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-struct CrewEntry {
-    crew_id: String,
 }
 
 /// Shared tallies of the running storm.
@@ -357,14 +362,6 @@ fn plus_minutes(t: &Timestamp, minutes: i64) -> Timestamp {
     }
 }
 
-fn read_crews(path: &str) -> Result<Vec<String>, Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Usage(format!("cannot read directory {path}: {e}")))?;
-    let dir: DirectoryFile =
-        toml::from_str(&text).map_err(|e| Error::Usage(format!("directory {path}: {e}")))?;
-    Ok(dir.crews.into_iter().map(|c| c.crew_id).collect())
-}
-
 /// Runs the storm; `progress` advances one per call made.
 pub async fn storm(
     clients: &Clients,
@@ -381,9 +378,15 @@ pub async fn storm(
             "--offline-share must be within 0..=1 and --phone-skew-minutes at most 1440".into(),
         ));
     }
+    if !(1..=100_000).contains(&config.max_in_flight) {
+        return Err(Error::Usage(
+            "--max-in-flight must be within 1..=100000".into(),
+        ));
+    }
     configure_clock(config)?;
-    let accounts = Accounts::read(&config.accounts, &config.directory)?;
-    let crews = read_crews(&config.directory)?;
+    let directory = StormDirectory::read(&config.directory)?;
+    let accounts = Accounts::read(&config.accounts, &directory)?;
+    let crews = directory.crews();
     let tally: Shared = Arc::new(Mutex::new(Tally::default()));
     let (stop_tx, stop) = watch::channel(false);
     let started = Instant::now();
@@ -423,10 +426,26 @@ pub async fn storm(
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut planner = CallPlanner::new(&accounts, config.seed ^ 0xCA11);
-    let mut calls = Vec::with_capacity(config.tickets);
+    let agents = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
+    let mut calls = tokio::task::JoinSet::new();
     for n in 0..config.tickets {
         interval.tick().await;
+        // Answered calls are reaped as the storm goes: its memory stays
+        // that of the calls in flight.
+        while calls.try_join_next().is_some() {}
         let PlannedCall { account, kind, .. } = planner.next_call();
+        progress.inc(1);
+        let agent = match agents.clone().try_acquire_owned() {
+            Ok(agent) => agent,
+            Err(_) if config.queue_calls => match agents.clone().acquire_owned().await {
+                Ok(agent) => agent,
+                Err(_) => break,
+            },
+            Err(_) => {
+                count(&tally, |r| r.calls_shed += 1);
+                continue;
+            }
+        };
         let channel = [
             Channel::Hotline95598,
             Channel::StationPhone,
@@ -465,18 +484,15 @@ pub async fn storm(
         } else {
             Duration::from_millis(200 + dice.below(1_500) as u64)
         };
-        calls.push(tokio::spawn(call(
+        calls.spawn(call(
             clients.clone(),
             request,
             kind,
-            desk_delay,
+            (agent, desk_delay),
             tally.clone(),
-        )));
-        progress.inc(1);
+        ));
     }
-    for c in calls {
-        let _ = c.await;
-    }
+    while calls.join_next().await.is_some() {}
     // Let the crews and desks finish.
     let deadline = Instant::now() + config.settle;
     loop {
@@ -528,12 +544,13 @@ async fn all_done(clients: &Clients) -> bool {
     matches!((held, due), (Ok(0), Ok(0)))
 }
 
-/// One customer's call; desk work is then accepted and answered by its owner.
+/// One customer's call, taken by `agent` until intake answers; desk work
+/// is then accepted and answered by its owner.
 async fn call(
     clients: Clients,
     request: ReportTicketRequest,
     kind: TicketKind,
-    desk_delay: Duration,
+    (agent, desk_delay): (tokio::sync::OwnedSemaphorePermit, Duration),
     tally: Shared,
 ) {
     let sent = Instant::now();
@@ -551,14 +568,21 @@ async fn call(
                         tonic::Code::Cancelled
                             | tonic::Code::Unavailable
                             | tonic::Code::DeadlineExceeded
+                            | tonic::Code::ResourceExhausted
                     ) =>
             {
-                count(&tally, |r| r.retries += 1);
+                count(&tally, |r| {
+                    r.retries += 1;
+                    if status.code() == tonic::Code::ResourceExhausted {
+                        r.refused_by_backend += 1;
+                    }
+                });
                 tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
             }
             Err(status) => return error(&tally, "report", &status),
         }
     };
+    drop(agent);
     let ms = sent.elapsed().as_secs_f64() * 1e3;
     if let Ok(mut t) = tally.lock() {
         t.report_ms.push(ms);

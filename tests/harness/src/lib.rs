@@ -341,9 +341,20 @@ pub fn admin_credentials() -> lineguard_runtime::credentials::ClientCredentials 
         .expect("admin credentials")
 }
 
+/// A file of the repository's `deploy/` folder (the policy, the
+/// directory, the calendar, ...), as tests and benchmarks give it to the
+/// services.
+pub fn deploy_file(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy")
+        .join(name)
+        .display()
+        .to_string()
+}
+
 /// The repository's access policy.
 pub fn access_policy() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/access.toml")
+    PathBuf::from(deploy_file("access.toml"))
 }
 
 /// A Lineguard service running as a child process.

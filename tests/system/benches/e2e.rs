@@ -42,11 +42,10 @@
 //! builds them; `cargo bench` alone builds only the packages' benchmarks).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lineguard_harness::{FourServices, NatsServer, SERVICE_NAMES, workspace_binary};
+use lineguard_harness::{FourServices, NatsServer, SERVICE_NAMES, deploy_file, workspace_binary};
 use lineguard_ticketctl::county::{CountyConfig, generate};
 use lineguard_ticketctl::endpoints::{Clients, Endpoints};
 use lineguard_ticketctl::simulate::{Percentiles, StormConfig, StormReport, storm};
@@ -56,14 +55,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn deploy(file: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../deploy")
-        .join(file)
-        .display()
-        .to_string()
 }
 
 fn main() {
@@ -121,9 +112,9 @@ async fn run() {
     .expect("nats");
     let directory_file = generated.directory.display().to_string();
     let (policy, rules, calendar) = (
-        deploy("policy.toml"),
-        deploy("feedback.toml"),
-        deploy("calendar.toml"),
+        deploy_file("policy.toml"),
+        deploy_file("feedback.toml"),
+        deploy_file("calendar.toml"),
     );
     let common = vec!["--calendar".to_string(), calendar];
     let started = Instant::now();
@@ -158,6 +149,9 @@ async fn run() {
     let jetstream = nats.jetstream().await.expect("jetstream");
     // Until done: every ticket closed and followed up (so every order has
     // reached its crew), at most `settle`.
+    // The call centre's agents: fewer than intake takes at once, so a call
+    // past them is shed (or, for the burst, waits for an agent) at the call
+    // centre, not refused by intake.
     let storm_config = |tickets: usize, rate: f64, seed: u64, until_done: bool| StormConfig {
         tickets,
         rate,
@@ -176,6 +170,8 @@ async fn run() {
         phone_skew_minutes: 0,
         until_done,
         offline_share: 0.0,
+        max_in_flight: 1_000,
+        queue_calls: false,
     };
 
     // 1. 100 calls/s, and what a call costs the bus.
@@ -211,7 +207,14 @@ async fn run() {
     );
 
     // 3. Sustained: a burst, timed until the last order reached its crew.
-    let burst = run_storm(&clients, storm_config(burst_calls, 2_000.0, 2, true)).await;
+    let burst = run_storm(
+        &clients,
+        StormConfig {
+            queue_calls: true,
+            ..storm_config(burst_calls, 2_000.0, 2, true)
+        },
+    )
+    .await;
     let sustained = burst.calls as f64 / burst.last_order_seconds.max(1e-9);
     print_storm("burst", &burst);
     println!(
@@ -273,10 +276,12 @@ fn print_storm(what: &str, r: &StormReport) {
         )
     };
     println!(
-        "{what}: {} calls in {:.1} s ({:.0}/s), {} orders to crews ({} twice), errors {:?}",
+        "{what}: {} calls in {:.1} s ({:.0}/s; {} shed, every agent busy; {} refused by intake and retried), {} orders to crews ({} twice), errors {:?}",
         r.calls,
         r.seconds,
         r.calls_per_second,
+        r.calls_shed,
+        r.refused_by_backend,
         r.orders_received,
         r.orders_received_twice,
         r.errors

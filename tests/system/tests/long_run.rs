@@ -184,6 +184,8 @@ async fn a_long_run_keeps_every_promise() {
         clock_speed: speed,
         phone_skew_minutes: 10,
         offline_share: 0.3,
+        max_in_flight: 2_000,
+        queue_calls: false,
         until_done: true,
     };
     let call_seconds = tickets as f64 / rate;

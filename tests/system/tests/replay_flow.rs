@@ -90,6 +90,8 @@ async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
         clock_speed: 1,
         phone_skew_minutes: 0,
         offline_share: 0.0,
+        max_in_flight: 2_000,
+        queue_calls: false,
         until_done: false,
     };
     let report = storm(&clients, &config, &indicatif::ProgressBar::hidden())

@@ -35,9 +35,7 @@ pub fn header(order: &str, action: &str) -> Option<lineguard_protos::dispatch::v
 /// Fault repair's acceptance window in the test policy.
 pub const WINDOW: Duration = Duration::from_secs(4);
 
-pub fn deploy(name: &str) -> String {
-    format!("{}/../../deploy/{name}", env!("CARGO_MANIFEST_DIR"))
-}
+pub use lineguard_harness::deploy_file as deploy;
 
 /// The deployed policy with a short fault-repair acceptance window.
 pub fn test_policy(dir: &Path) -> String {
