@@ -388,8 +388,8 @@ impl EventLog {
             from_version,
             direction,
             max_count,
-            |position, body| {
-                events.push(decode_body(position, body)?);
+            |version, body| {
+                events.push(decode_copy(stream_id, version, body)?);
                 Ok(())
             },
         )?;
@@ -418,18 +418,20 @@ impl EventLog {
             from_version,
             direction,
             max_count,
-            |position, body| {
-                page.push_body(position, body);
+            |version, body| {
+                page.push_body(version, body);
                 Ok(())
             },
         )?;
-        Ok((page.finish()?, last, next))
+        Ok((page.finish_copies(stream_id)?, last, next))
     }
 
-    /// Hands `each` the position and checked body of up to `max_count`
-    /// events of one stream, in the direction asked, read from the stream's
-    /// copies ([`CF_STREAM_EVENTS`]): one prefix scan. Returns the stream's
-    /// last version and where the next page starts.
+    /// Hands `each` the version and checksum-checked body of up to
+    /// `max_count` events of one stream, in the direction asked, read from
+    /// the stream's copies ([`CF_STREAM_EVENTS`]): one prefix scan. `each`
+    /// checks the envelope says it is that stream's event at that version
+    /// (it reads the envelope anyway). Returns the stream's last version
+    /// and where the next page starts.
     fn scan_stream(
         &self,
         stream_id: &str,
@@ -495,8 +497,7 @@ impl EventLog {
                 });
             }
             let body = unseal(CF_STREAM_EVENTS, key, value, location)?;
-            let position = copy_position(stream_id, version, body)?;
-            each(position, body)?;
+            each(version, body)?;
             read += 1;
             last_read = Some(version);
             expected = match direction {
@@ -1134,6 +1135,27 @@ fn current<'a>(
             })
         }
     }
+}
+
+/// Decodes the checked body of `stream_id`'s copy at `version`, which must
+/// say it is that event.
+fn decode_copy(stream_id: &str, version: u64, body: &[u8]) -> Result<EventEnvelope> {
+    let event = EventEnvelope::decode(body).map_err(|e| Error::Corrupted {
+        column: CF_STREAM_EVENTS,
+        location: format!("{stream_id} v{version}"),
+        reason: format!("undecodable envelope: {e}"),
+    })?;
+    if event.stream_id != stream_id || event.stream_version != version {
+        return Err(Error::Corrupted {
+            column: CF_STREAM_EVENTS,
+            location: format!("{stream_id} v{version}"),
+            reason: format!(
+                "envelope says {} v{}",
+                event.stream_id, event.stream_version
+            ),
+        });
+    }
+    Ok(event)
 }
 
 /// Decodes an event's checked body read at `position`.

@@ -17,7 +17,7 @@ use lineguard_protos::eventlog::v1::EventEnvelope;
 use prost::Message;
 use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
 
-use crate::codec::{CF_EVENTS, position_key, unseal};
+use crate::codec::{CF_EVENTS, CF_STREAM_EVENTS, position_key, unseal};
 use crate::error::{Error, Result};
 
 /// Where each of [`EventEnvelope`]'s text fields is in the body (tags 1, 2,
@@ -97,6 +97,39 @@ impl StoredEvent {
             location: format!("position {position}"),
             reason,
         };
+        let event = StoredEvent::parse(body).map_err(corrupted)?;
+        if event.position != position {
+            return Err(corrupted(format!(
+                "envelope says position {}",
+                event.position
+            )));
+        }
+        Ok(event)
+    }
+
+    /// Checks the envelope `body` of `stream_id`'s event at `version`, read
+    /// from the stream's copies (already checked against its checksum):
+    /// well-formed, that stream's event at that version, its ids UTF-8.
+    pub(crate) fn from_copy(stream_id: &str, version: u64, body: Bytes) -> Result<StoredEvent> {
+        let corrupted = |reason: String| Error::Corrupted {
+            column: CF_STREAM_EVENTS,
+            location: format!("{stream_id} v{version}"),
+            reason,
+        };
+        let event = StoredEvent::parse(body).map_err(corrupted)?;
+        if event.stream_id() != stream_id || event.stream_version != version {
+            return Err(corrupted(format!(
+                "envelope says {} v{}",
+                event.stream_id(),
+                event.stream_version
+            )));
+        }
+        Ok(event)
+    }
+
+    /// Walks the envelope once and checks its ids are UTF-8; the reason it
+    /// is not an event otherwise.
+    fn parse(body: Bytes) -> std::result::Result<StoredEvent, String> {
         let mut event = StoredEvent {
             body,
             position: 0,
@@ -107,13 +140,7 @@ impl StoredEvent {
         };
         event
             .read_fields()
-            .map_err(|e| corrupted(format!("undecodable envelope: {e}")))?;
-        if event.position != position {
-            return Err(corrupted(format!(
-                "envelope says position {}",
-                event.position
-            )));
-        }
+            .map_err(|e| format!("undecodable envelope: {e}"))?;
         for (i, name) in [
             "event_id",
             "stream_id",
@@ -126,7 +153,7 @@ impl StoredEvent {
         .enumerate()
         {
             if std::str::from_utf8(event.bytes(&event.texts[i])).is_err() {
-                return Err(corrupted(format!("{name} is not UTF-8")));
+                return Err(format!("{name} is not UTF-8"));
             }
         }
         Ok(event)
@@ -278,12 +305,23 @@ impl StoredPage {
         Ok(())
     }
 
-    /// Adds the body of an event at `position`, already checked against
-    /// its checksum.
-    pub(crate) fn push_body(&mut self, position: u64, body: &[u8]) {
+    /// Adds the body of an event at `place` (its position, or its version
+    /// in a page of one stream's copies), already checked against its
+    /// checksum.
+    pub(crate) fn push_body(&mut self, place: u64, body: &[u8]) {
         let start = self.buffer.len();
         self.buffer.extend_from_slice(body);
-        self.bodies.push((position, start..self.buffer.len()));
+        self.bodies.push((place, start..self.buffer.len()));
+    }
+
+    /// Checks every envelope of a page of `stream_id`'s copies, each
+    /// pushed with its version, and hands the page out.
+    pub(crate) fn finish_copies(self, stream_id: &str) -> Result<Vec<StoredEvent>> {
+        let buffer = Bytes::from(self.buffer);
+        self.bodies
+            .into_iter()
+            .map(|(version, range)| StoredEvent::from_copy(stream_id, version, buffer.slice(range)))
+            .collect()
     }
 
     /// Checks every envelope and hands the page out.

@@ -21,10 +21,19 @@
 //! Calls past `--max-requests-in-flight` are refused `RESOURCE_EXHAUSTED`
 //! ([`admission`]); the log's RocksDB lives within `--store-memory-mib`.
 
+/// Every process built on the runtime allocates with jemalloc: it gives
+/// freed memory back to the system within seconds, where glibc's malloc
+/// keeps an arena per busy thread at its largest (see the workspace
+/// `Cargo.toml`).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 pub mod access;
 pub mod admission;
 pub mod auth;
 pub mod bus_access;
+pub mod c_heap;
 pub mod calendar;
 pub mod credentials;
 pub mod locks;
@@ -715,6 +724,7 @@ pub async fn run(
     setup: impl AsyncFnOnce(&mut Host) -> Result<RoutesBuilder, HostError>,
 ) -> ExitCode {
     let name = spec.name;
+    c_heap::bound();
     let result = async {
         let mut host = Host::start(spec, args).await?;
         let routes = match setup(&mut host).await {
