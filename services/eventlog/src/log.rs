@@ -995,7 +995,8 @@ impl EventLog {
         for item in db.iterator_cf(cf(db, CF_EVENTS)?, IteratorMode::Start) {
             let (key, value) = item?;
             let position = decode_position_key(CF_EVENTS, &key)?;
-            let event = decode_event(position, &value)?;
+            let body = unseal(CF_EVENTS, &key, &value, || format!("position {position}"))?;
+            let event = decode_body(position, body)?;
             if position != expected {
                 return Err(Error::Corrupted {
                     column: CF_EVENTS,
@@ -1018,10 +1019,7 @@ impl EventLog {
             let location = || format!("{} v{}", event.stream_id, event.stream_version);
             let copy = db.get_pinned_cf(cf(db, CF_STREAM_EVENTS)?, &copy_key)?;
             let same = match &copy {
-                Some(copy) => {
-                    let body = unseal(CF_EVENTS, &key, &value, || format!("position {position}"))?;
-                    unseal(CF_STREAM_EVENTS, &copy_key, copy, location)? == body
-                }
+                Some(copy) => unseal(CF_STREAM_EVENTS, &copy_key, copy, location)? == body,
                 None => false,
             };
             if !same {
