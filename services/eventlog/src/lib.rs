@@ -54,7 +54,8 @@ pub use lineguard_protos::eventlog::v1::{
     Actor, CommitReceipt, EventEnvelope, actor::Kind as ActorKind,
 };
 pub use log::{
-    Decided, EventLog, LogConfig, ProjectionPages, ReadDirection, StreamSlice, open_raw_store,
+    Decided, EventLog, LogConfig, ProjectionPages, ReadDirection, StoreMemory, StreamSlice,
+    open_raw_store,
 };
 pub use projection::{NoProjections, ProjectionRead, ProjectionView, Projector};
 pub use stored::StoredEvent;

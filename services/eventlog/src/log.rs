@@ -26,7 +26,7 @@ use crate::ids::validate_id;
 use crate::limits::Limits;
 use crate::projection::ProjectionView;
 use crate::projection::{NoProjections, Projector, read_projection};
-use crate::stored::{Place, StoredEvent, StoredPage};
+use crate::stored::{Fields, StoredEvent, StoredPage};
 use crate::subscribe::Subscription;
 use crate::txn::{CommitOutcome, EventTypes, Idempotency, Transaction};
 use crate::writer::{Decider, Rebuilt, StreamHeads, Writer, WriterRequest};
@@ -152,6 +152,18 @@ impl Drop for Inner {
             let _ = handle.join();
         }
     }
+}
+
+/// What a log's RocksDB holds in memory ([`EventLog::store_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreMemory {
+    /// Memtables of every column family, flushed or not yet.
+    pub memtables_bytes: u64,
+    /// The shared block cache: data, index and filter blocks, and the
+    /// memtables' reservations (so it overlaps `memtables_bytes`).
+    pub block_cache_bytes: u64,
+    /// Table readers' memory outside the cache.
+    pub table_readers_bytes: u64,
 }
 
 /// Looks up a column family the log opened.
@@ -418,12 +430,9 @@ impl EventLog {
             from_version,
             direction,
             max_count,
-            |version, body| {
-                page.push_body(version, body);
-                Ok(())
-            },
+            |version, body| page.push_copy(stream_id, version, body),
         )?;
-        Ok((page.finish_copies(stream_id)?, last, next))
+        Ok((page.finish(), last, next))
     }
 
     /// Hands `each` the version and checksum-checked body of up to
@@ -477,7 +486,10 @@ impl EventLog {
                 start
             }
         };
-        let mut copies = db.raw_iterator_cf(cf(db, CF_STREAM_EVENTS)?);
+        let mut copies = db.raw_iterator_cf_opt(
+            cf(db, CF_STREAM_EVENTS)?,
+            within_versions(stream_id, 1, last),
+        );
         copies.seek(stream_key(stream_id, start));
         let mut read = 0usize;
         let mut last_read: Option<u64> = None;
@@ -529,57 +541,43 @@ impl EventLog {
         max_count: usize,
     ) -> Result<(Vec<EventEnvelope>, Option<u64>)> {
         let mut events = Vec::with_capacity(max_count.min(256));
-        let next = self.scan_correlation(
-            correlation_id,
-            from_position,
-            max_count,
-            |position, body| {
-                let event = decode_body(position, body)?;
-                let keep = event.correlation_id == correlation_id;
-                if keep {
-                    events.push(event);
-                }
-                Ok(keep)
-            },
-        )?;
+        let next =
+            self.scan_correlation(correlation_id, from_position, max_count, |fields, body| {
+                events.push(decode_body(fields.position, body)?);
+                Ok(())
+            })?;
         Ok((events, next))
     }
 
     /// [`read_correlation`](Self::read_correlation) with the events as
-    /// stored (checked the same way, fields read in place).
+    /// stored (checked the same way, fields read in place, one buffer for
+    /// the page).
     pub fn read_correlation_stored(
         &self,
         correlation_id: &str,
         from_position: u64,
         max_count: usize,
     ) -> Result<(Vec<StoredEvent>, Option<u64>)> {
-        let mut events = Vec::with_capacity(max_count.min(256));
-        let next = self.scan_correlation(
-            correlation_id,
-            from_position,
-            max_count,
-            |position, body| {
-                let event = StoredEvent::from_body(position, Bytes::copy_from_slice(body))?;
-                let keep = event.correlation_id() == correlation_id;
-                if keep {
-                    events.push(event);
-                }
-                Ok(keep)
-            },
-        )?;
-        Ok((events, next))
+        let mut page = StoredPage::with_capacity(max_count.min(1024));
+        let next =
+            self.scan_correlation(correlation_id, from_position, max_count, |fields, body| {
+                page.push_checked(body, fields.clone());
+                Ok(())
+            })?;
+        Ok((page.finish(), next))
     }
 
-    /// Hands `each` the position and checked body of every event that may
-    /// carry `correlation_id`, in log order from `from_position`, until it
-    /// has kept `max_count` (it answers whether it kept one); the position
-    /// to read on from if there may be more.
+    /// Hands `each` the checked fields and body of up to `max_count`
+    /// events carrying `correlation_id`, in log order from
+    /// `from_position`; the position to read on from if there may be more.
+    /// Each event is checked once (checksum, envelope, where it says it
+    /// is), when it becomes the head of its source.
     fn scan_correlation(
         &self,
         correlation_id: &str,
         from_position: u64,
         max_count: usize,
-        mut each: impl FnMut(u64, &[u8]) -> Result<bool>,
+        mut each: impl FnMut(&Fields, &[u8]) -> Result<()>,
     ) -> Result<Option<u64>> {
         validate_id(
             "correlation_id",
@@ -593,65 +591,73 @@ impl EventLog {
         // stream named like the correlation (its events mostly carry it),
         // read from its copies, and the events elsewhere that carry it, from
         // the correlation column (their envelopes inline).
-        let mut copies = db.raw_iterator_cf(cf(db, CF_STREAM_EVENTS)?);
         let start_version = first_version_at_or_after(db, correlation_id, from)?;
+        let mut copies = db.raw_iterator_cf_opt(
+            cf(db, CF_STREAM_EVENTS)?,
+            within_versions(correlation_id, start_version.unwrap_or(1), u64::MAX),
+        );
         if let Some(version) = start_version {
             copies.seek(stream_key(correlation_id, version));
         }
-        let stream_head = |copies: &rocksdb::DBRawIterator<'_>| -> Option<u64> {
-            let key = copies.key()?;
-            stream_key_version(correlation_id, key)?;
-            // Unchecked here (only to order the two sources); checked in
-            // full when handed on.
-            Place::of(copies.value()?.get(CRC_LEN..)?).map(|p| p.position)
-        };
-        let mut a = start_version.and_then(|_| stream_head(&copies));
         let mut index = db.raw_iterator_cf(cf(db, CF_CORRELATIONS)?);
         index.seek(correlation_key(correlation_id, from));
-        let index_head = |index: &rocksdb::DBRawIterator<'_>| -> Option<u64> {
-            correlation_key_position(correlation_id, index.key()?)
-        };
-        let mut b = index_head(&index);
+        // Each source's next event, checked when it is needed (a page
+        // never fails on the event after its last); `None` inside once the
+        // source has no more.
+        let mut a: Option<Option<Fields>> = start_version.is_none().then_some(None);
+        let mut b: Option<Option<Fields>> = None;
         let mut kept = 0usize;
         let mut last_kept = None;
         while kept < max_count {
-            let (position, from_stream) = match (a, b) {
-                (Some(x), Some(y)) if x < y => (x, true),
-                (Some(x), None) => (x, true),
-                (_, Some(y)) => (y, false),
-                (None, None) => {
-                    copies.status()?;
-                    index.status()?;
-                    return Ok(None);
+            let a_head = match a.take() {
+                Some(head) => head,
+                None => copy_head(&copies, correlation_id)?,
+            };
+            let b_head = match b.take() {
+                Some(head) => head,
+                None => index_head(&index, correlation_id)?,
+            };
+            let (from_stream, fields) = match (a_head, b_head) {
+                (Some(x), Some(y)) if x.position < y.position => {
+                    b = Some(Some(y));
+                    (true, x)
                 }
+                (Some(x), None) => {
+                    b = Some(None);
+                    (true, x)
+                }
+                (x, Some(y)) => {
+                    a = Some(x);
+                    (false, y)
+                }
+                (None, None) => return Ok(None),
             };
-            let location = || format!("position {position}, correlation {correlation_id}");
-            let kept_one = if from_stream {
-                let (key, value) = current(&copies, CF_STREAM_EVENTS, location)?;
-                let body = unseal(CF_STREAM_EVENTS, key, value, location)?;
-                let version = stream_key_version(correlation_id, key).unwrap_or_default();
-                copy_position(correlation_id, version, body)?;
-                let kept = each(position, body)?;
-                copies.next();
-                a = stream_head(&copies);
-                kept
-            } else {
-                let (key, value) = current(&index, CF_CORRELATIONS, location)?;
-                // Every entry holds its envelope (an older log's entries
-                // get theirs at open: `ensure_stream_events`).
-                let body = unseal(CF_CORRELATIONS, key, value, location)?;
-                check_position(CF_CORRELATIONS, position, body)?;
-                let kept = each(position, body)?;
-                index.next();
-                b = index_head(&index);
-                kept
-            };
-            if kept_one {
+            let iter = if from_stream { &mut copies } else { &mut index };
+            // The head's record, checked as it became the head.
+            let body = iter
+                .value()
+                .and_then(|v| v.get(CRC_LEN..))
+                .unwrap_or_default();
+            if fields.correlation_id(body) == correlation_id {
+                each(&fields, body)?;
                 kept += 1;
-                last_kept = Some(position);
+                last_kept = Some(fields.position);
             }
+            iter.next();
         }
-        let more = a.is_some() || b.is_some();
+        // More if either source has another entry (unchecked here: checked
+        // when the next page reads it).
+        let more = match a {
+            Some(head) => head.is_some(),
+            None => copies
+                .key()
+                .is_some_and(|key| stream_key_version(correlation_id, key).is_some()),
+        } || match b {
+            Some(head) => head.is_some(),
+            None => index
+                .key()
+                .is_some_and(|key| correlation_key_position(correlation_id, key).is_some()),
+        };
         Ok(last_kept.map(|p| p + 1).filter(|_| more))
     }
 
@@ -682,7 +688,7 @@ impl EventLog {
             iter.next();
         }
         iter.status()?;
-        page.finish()
+        Ok(page.finish())
     }
 
     /// The first position and page size of a read of the whole log.
@@ -770,7 +776,7 @@ impl EventLog {
             iter.next();
         }
         iter.status()?;
-        page.finish()
+        Ok(page.finish())
     }
 
     /// Removes from the outbox the events the bus has acknowledged (the
@@ -837,6 +843,27 @@ impl EventLog {
             .outbox_backlog
             .fetch_sub(cleared, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// What the log's RocksDB holds in memory now, as RocksDB counts it:
+    /// all within [`Limits::store_memory_bytes`] but the table readers'
+    /// own bookkeeping (their index and filter blocks are in the cache).
+    pub fn store_memory(&self) -> Result<StoreMemory> {
+        let usage = rocksdb::perf::get_memory_usage_stats(Some(&[&*self.inner.db]), None)?;
+        Ok(StoreMemory {
+            memtables_bytes: usage.mem_table_total,
+            block_cache_bytes: self.block_cache_usage()?,
+            table_readers_bytes: usage.mem_table_readers_total,
+        })
+    }
+
+    /// The shared block cache's usage (memtables' reservations included),
+    /// read through any column family: they share the one cache.
+    fn block_cache_usage(&self) -> Result<u64> {
+        let db = &self.inner.db;
+        Ok(db
+            .property_int_value_cf(cf(db, CF_EVENTS)?, "rocksdb.block-cache-usage")?
+            .unwrap_or(0))
     }
 
     /// Events committed but not yet acknowledged by the bus.
@@ -1161,43 +1188,57 @@ pub(crate) fn decode_body(position: u64, body: &[u8]) -> Result<EventEnvelope> {
     checked_envelope(position, EventEnvelope::decode(body))
 }
 
-/// The position of the event whose copy, under `stream_id` at `version`,
-/// is `body`: the envelope must say it is that stream's event at that
-/// version (a copy under another key is corruption).
-fn copy_position(stream_id: &str, version: u64, body: &[u8]) -> Result<u64> {
-    match Place::of(body) {
-        Some(place) if place.stream_id == stream_id.as_bytes() && place.version == version => {
-            Ok(place.position)
+/// Read options for an iterator over `stream_id`'s copies from version
+/// `first` to `last`: RocksDB then stops at the stream's end and skips
+/// the files and blocks outside it, instead of comparing every key past it.
+fn within_versions(stream_id: &str, first: u64, last: u64) -> rocksdb::ReadOptions {
+    let mut options = rocksdb::ReadOptions::default();
+    options.set_iterate_lower_bound(stream_key(stream_id, first));
+    let upper = match last.checked_add(1) {
+        Some(after) => stream_key(stream_id, after),
+        // Past every version: the first key of the next stream name.
+        None => {
+            let mut key = stream_id.as_bytes().to_vec();
+            key.push(1);
+            key
         }
-        found => Err(Error::Corrupted {
-            column: CF_STREAM_EVENTS,
-            location: format!("{stream_id} v{version}"),
-            reason: match found {
-                Some(place) => format!(
-                    "envelope says {} v{}",
-                    String::from_utf8_lossy(place.stream_id),
-                    place.version
-                ),
-                None => "undecodable envelope".into(),
-            },
-        }),
-    }
+    };
+    options.set_iterate_upper_bound(upper);
+    options
 }
 
-/// Checks that the envelope `body`, found in `column` as the event at
-/// `position`, says so.
-fn check_position(column: &'static str, position: u64, body: &[u8]) -> Result<()> {
-    match Place::of(body) {
-        Some(place) if place.position == position => Ok(()),
-        found => Err(Error::Corrupted {
-            column,
-            location: format!("position {position}"),
-            reason: match found {
-                Some(place) => format!("envelope says position {}", place.position),
-                None => "undecodable envelope".into(),
-            },
-        }),
-    }
+/// The event the copies iterator is at, checked, if it is still one of
+/// `stream_id`'s copies.
+fn copy_head(copies: &rocksdb::DBRawIterator<'_>, stream_id: &str) -> Result<Option<Fields>> {
+    let Some(key) = copies.key() else {
+        copies.status()?;
+        return Ok(None);
+    };
+    let Some(version) = stream_key_version(stream_id, key) else {
+        return Ok(None);
+    };
+    let location = || format!("{stream_id} v{version}");
+    let (key, value) = current(copies, CF_STREAM_EVENTS, location)?;
+    let body = unseal(CF_STREAM_EVENTS, key, value, location)?;
+    Fields::of_copy(stream_id, version, body).map(Some)
+}
+
+/// The event the correlation index iterator is at, checked, if it is
+/// still an entry of `correlation_id`.
+fn index_head(index: &rocksdb::DBRawIterator<'_>, correlation_id: &str) -> Result<Option<Fields>> {
+    let Some(key) = index.key() else {
+        index.status()?;
+        return Ok(None);
+    };
+    let Some(position) = correlation_key_position(correlation_id, key) else {
+        return Ok(None);
+    };
+    let location = || format!("position {position}, correlation {correlation_id}");
+    let (key, value) = current(index, CF_CORRELATIONS, location)?;
+    // Every entry holds its envelope (an older log's entries get theirs
+    // at open: `ensure_stream_events`).
+    let body = unseal(CF_CORRELATIONS, key, value, location)?;
+    Fields::at_position(CF_CORRELATIONS, position, body).map(Some)
 }
 
 /// The first version of `stream_id` whose event is at `position` or after,

@@ -32,114 +32,25 @@ const SOURCE: usize = 5;
 /// The payload's tag.
 const PAYLOAD_TAG: u32 = 11;
 
-/// Where an envelope says it is: its position, its stream's id and its
-/// version, read without decoding the rest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Place<'a> {
+/// Where an envelope's fields are in its encoded body, read by one walk
+/// and checked (the ids UTF-8): what a reader needs to hand an event on,
+/// or to decide whether to, without decoding it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Fields {
     pub position: u64,
-    pub stream_id: &'a [u8],
-    pub version: u64,
-}
-
-impl<'a> Place<'a> {
-    /// Reads the place of the encoded envelope `body`; `None` if it does
-    /// not decode (the caller reports it, knowing where it read it).
-    pub(crate) fn of(body: &'a [u8]) -> Option<Place<'a>> {
-        let mut place = Place {
-            position: 0,
-            stream_id: &[],
-            version: 0,
-        };
-        let mut buf = body;
-        while buf.has_remaining() {
-            let (tag, wire_type) = decode_key(&mut buf).ok()?;
-            match (tag, wire_type) {
-                (3 | 4, WireType::Varint) => {
-                    let value = decode_varint(&mut buf).ok()?;
-                    if tag == 3 {
-                        place.version = value;
-                    } else {
-                        place.position = value;
-                    }
-                }
-                (2, WireType::LengthDelimited) => {
-                    let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
-                    let start = body.len() - buf.remaining();
-                    place.stream_id = body.get(start..start.checked_add(len)?)?;
-                    buf.advance(len);
-                }
-                _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?,
-            }
-        }
-        Some(place)
-    }
-}
-
-/// One event as the log stores it, checked, its fields read in place.
-#[derive(Debug, Clone)]
-pub struct StoredEvent {
-    /// The encoded [`EventEnvelope`], exactly as committed.
-    body: Bytes,
-    position: u64,
-    stream_version: u64,
-    schema_version: u32,
+    pub stream_version: u64,
+    pub schema_version: u32,
     texts: [Range<u32>; 6],
     payload: Range<u32>,
 }
 
-impl StoredEvent {
-    /// Checks the envelope `body` stored at `position` (already checked
-    /// against its checksum): well-formed, at the position it claims, its
-    /// ids UTF-8.
-    pub(crate) fn from_body(position: u64, body: Bytes) -> Result<StoredEvent> {
-        let corrupted = |reason: String| Error::Corrupted {
-            column: CF_EVENTS,
-            location: format!("position {position}"),
-            reason,
-        };
-        let event = StoredEvent::parse(body).map_err(corrupted)?;
-        if event.position != position {
-            return Err(corrupted(format!(
-                "envelope says position {}",
-                event.position
-            )));
-        }
-        Ok(event)
-    }
-
-    /// Checks the envelope `body` of `stream_id`'s event at `version`, read
-    /// from the stream's copies (already checked against its checksum):
-    /// well-formed, that stream's event at that version, its ids UTF-8.
-    pub(crate) fn from_copy(stream_id: &str, version: u64, body: Bytes) -> Result<StoredEvent> {
-        let corrupted = |reason: String| Error::Corrupted {
-            column: CF_STREAM_EVENTS,
-            location: format!("{stream_id} v{version}"),
-            reason,
-        };
-        let event = StoredEvent::parse(body).map_err(corrupted)?;
-        if event.stream_id() != stream_id || event.stream_version != version {
-            return Err(corrupted(format!(
-                "envelope says {} v{}",
-                event.stream_id(),
-                event.stream_version
-            )));
-        }
-        Ok(event)
-    }
-
-    /// Walks the envelope once and checks its ids are UTF-8; the reason it
-    /// is not an event otherwise.
-    fn parse(body: Bytes) -> std::result::Result<StoredEvent, String> {
-        let mut event = StoredEvent {
-            body,
-            position: 0,
-            stream_version: 0,
-            schema_version: 0,
-            texts: Default::default(),
-            payload: 0..0,
-        };
-        event
-            .read_fields()
+impl Fields {
+    /// Walks the envelope `body` once and checks its ids are UTF-8; the
+    /// reason it is not an event otherwise.
+    pub(crate) fn read(body: &[u8]) -> std::result::Result<Fields, String> {
+        let mut fields = Fields::default();
+        fields
+            .walk(body)
             .map_err(|e| format!("undecodable envelope: {e}"))?;
         for (i, name) in [
             "event_id",
@@ -152,27 +63,18 @@ impl StoredEvent {
         .into_iter()
         .enumerate()
         {
-            if std::str::from_utf8(event.bytes(&event.texts[i])).is_err() {
+            if std::str::from_utf8(fields.bytes(body, i)).is_err() {
                 return Err(format!("{name} is not UTF-8"));
             }
         }
-        Ok(event)
+        Ok(fields)
     }
 
-    /// Checks a whole stored record (checksum first) at `position`.
-    #[cfg(test)]
-    fn from_record(position: u64, record: &[u8]) -> Result<StoredEvent> {
-        let body = unseal(CF_EVENTS, &position_key(position), record, || {
-            format!("position {position}")
-        })?;
-        StoredEvent::from_body(position, Bytes::copy_from_slice(body))
-    }
-
-    /// Walks the envelope's fields once, noting where each is; the last
-    /// occurrence of a field wins, as protobuf decoding has it.
-    fn read_fields(&mut self) -> std::result::Result<(), String> {
-        let total = self.body.len();
-        let mut buf = self.body.as_ref();
+    /// Notes where each field is; the last occurrence of a field wins, as
+    /// protobuf decoding has it.
+    fn walk(&mut self, body: &[u8]) -> std::result::Result<(), String> {
+        let total = body.len();
+        let mut buf = body;
         while buf.has_remaining() {
             let (tag, wire_type) = decode_key(&mut buf).map_err(|e| e.to_string())?;
             match (tag, wire_type) {
@@ -207,26 +109,103 @@ impl StoredEvent {
         Ok(())
     }
 
-    fn bytes(&self, range: &Range<u32>) -> &[u8] {
-        &self.body[range.start as usize..range.end as usize]
+    /// Reads and checks the envelope `body`, found in `column` as the
+    /// event at `position` (already checked against its checksum).
+    pub(crate) fn at_position(column: &'static str, position: u64, body: &[u8]) -> Result<Fields> {
+        let corrupted = |reason: String| Error::Corrupted {
+            column,
+            location: format!("position {position}"),
+            reason,
+        };
+        let fields = Fields::read(body).map_err(corrupted)?;
+        if fields.position != position {
+            return Err(corrupted(format!(
+                "envelope says position {}",
+                fields.position
+            )));
+        }
+        Ok(fields)
     }
 
-    /// A text field, checked as UTF-8 when the record was read.
+    /// Reads and checks the envelope `body` of `stream_id`'s copy at
+    /// `version` (already checked against its checksum): it must say it
+    /// is that stream's event at that version.
+    pub(crate) fn of_copy(stream_id: &str, version: u64, body: &[u8]) -> Result<Fields> {
+        let corrupted = |reason: String| Error::Corrupted {
+            column: CF_STREAM_EVENTS,
+            location: format!("{stream_id} v{version}"),
+            reason,
+        };
+        let fields = Fields::read(body).map_err(corrupted)?;
+        if fields.stream_id(body) != stream_id || fields.stream_version != version {
+            return Err(corrupted(format!(
+                "envelope says {} v{}",
+                fields.stream_id(body),
+                fields.stream_version
+            )));
+        }
+        Ok(fields)
+    }
+
+    fn bytes<'b>(&self, body: &'b [u8], field: usize) -> &'b [u8] {
+        let range = &self.texts[field];
+        &body[range.start as usize..range.end as usize]
+    }
+
+    /// A text field of `body` (the body these fields were read from),
+    /// checked as UTF-8 when read.
+    pub(crate) fn text<'b>(&self, body: &'b [u8], field: usize) -> &'b str {
+        std::str::from_utf8(self.bytes(body, field)).unwrap_or_default()
+    }
+
+    /// The stream id of `body`.
+    pub(crate) fn stream_id<'b>(&self, body: &'b [u8]) -> &'b str {
+        self.text(body, STREAM_ID)
+    }
+
+    /// The correlation id of `body`.
+    pub(crate) fn correlation_id<'b>(&self, body: &'b [u8]) -> &'b str {
+        self.text(body, CORRELATION_ID)
+    }
+}
+
+/// One event as the log stores it, checked, its fields read in place.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// The encoded [`EventEnvelope`], exactly as committed.
+    body: Bytes,
+    fields: Fields,
+}
+
+impl StoredEvent {
+    /// Checks a whole stored record (checksum first) at `position`.
+    #[cfg(test)]
+    fn from_record(position: u64, record: &[u8]) -> Result<StoredEvent> {
+        let body = unseal(CF_EVENTS, &position_key(position), record, || {
+            format!("position {position}")
+        })?;
+        let fields = Fields::at_position(CF_EVENTS, position, body)?;
+        Ok(StoredEvent {
+            body: Bytes::copy_from_slice(body),
+            fields,
+        })
+    }
+
     fn text(&self, field: usize) -> &str {
-        std::str::from_utf8(self.bytes(&self.texts[field])).unwrap_or_default()
+        self.fields.text(&self.body, field)
     }
 
     /// The event's global position in its log.
     pub fn position(&self) -> u64 {
-        self.position
+        self.fields.position
     }
 
     pub fn stream_version(&self) -> u64 {
-        self.stream_version
+        self.fields.stream_version
     }
 
     pub fn schema_version(&self) -> u32 {
-        self.schema_version
+        self.fields.schema_version
     }
 
     pub fn event_id(&self) -> &str {
@@ -257,8 +236,9 @@ impl StoredEvent {
 
     /// The payload message, protobuf-encoded (a slice of the record).
     pub fn payload(&self) -> Bytes {
+        let payload = &self.fields.payload;
         self.body
-            .slice(self.payload.start as usize..self.payload.end as usize)
+            .slice(payload.start as usize..payload.end as usize)
     }
 
     /// The encoded [`EventEnvelope`] as committed: what the bus carries.
@@ -270,66 +250,69 @@ impl StoredEvent {
     pub fn to_envelope(&self) -> Result<EventEnvelope> {
         EventEnvelope::decode(self.body.clone()).map_err(|e| Error::Corrupted {
             column: CF_EVENTS,
-            location: format!("position {}", self.position),
+            location: format!("position {}", self.position()),
             reason: format!("undecodable envelope: {e}"),
         })
     }
 }
 
 /// Builds a page of [`StoredEvent`]s whose bodies share one buffer: one
-/// allocation per page rather than one per event. An event kept after its
-/// page keeps the page's buffer alive.
+/// allocation per page rather than one per event. Each event is checked
+/// as it is added (its envelope walked once, where the reader found it)
+/// and handed out without another look. An event kept after its page
+/// keeps the page's buffer alive.
 pub(crate) struct StoredPage {
     buffer: Vec<u8>,
-    bodies: Vec<(u64, Range<usize>)>,
+    events: Vec<(Fields, Range<usize>)>,
 }
 
 impl StoredPage {
     pub(crate) fn with_capacity(events: usize) -> StoredPage {
         StoredPage {
             buffer: Vec::new(),
-            bodies: Vec::with_capacity(events),
+            events: Vec::with_capacity(events),
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.bodies.len()
+        self.events.len()
     }
 
-    /// Adds the record stored at `position`, checking its checksum.
+    /// Adds the record stored at `position`, checking its checksum and
+    /// envelope.
     pub(crate) fn push(&mut self, position: u64, record: &[u8]) -> Result<()> {
         let body = unseal(CF_EVENTS, &position_key(position), record, || {
             format!("position {position}")
         })?;
-        self.push_body(position, body);
+        let fields = Fields::at_position(CF_EVENTS, position, body)?;
+        self.push_checked(body, fields);
         Ok(())
     }
 
-    /// Adds the body of an event at `place` (its position, or its version
-    /// in a page of one stream's copies), already checked against its
-    /// checksum.
-    pub(crate) fn push_body(&mut self, place: u64, body: &[u8]) {
+    /// Adds `stream_id`'s copy at `version` (already checked against its
+    /// checksum), checking its envelope.
+    pub(crate) fn push_copy(&mut self, stream_id: &str, version: u64, body: &[u8]) -> Result<()> {
+        let fields = Fields::of_copy(stream_id, version, body)?;
+        self.push_checked(body, fields);
+        Ok(())
+    }
+
+    /// Adds an event whose `body` the caller has read into `fields`.
+    pub(crate) fn push_checked(&mut self, body: &[u8], fields: Fields) {
         let start = self.buffer.len();
         self.buffer.extend_from_slice(body);
-        self.bodies.push((place, start..self.buffer.len()));
+        self.events.push((fields, start..self.buffer.len()));
     }
 
-    /// Checks every envelope of a page of `stream_id`'s copies, each
-    /// pushed with its version, and hands the page out.
-    pub(crate) fn finish_copies(self, stream_id: &str) -> Result<Vec<StoredEvent>> {
+    /// Hands the page out.
+    pub(crate) fn finish(self) -> Vec<StoredEvent> {
         let buffer = Bytes::from(self.buffer);
-        self.bodies
+        self.events
             .into_iter()
-            .map(|(version, range)| StoredEvent::from_copy(stream_id, version, buffer.slice(range)))
-            .collect()
-    }
-
-    /// Checks every envelope and hands the page out.
-    pub(crate) fn finish(self) -> Result<Vec<StoredEvent>> {
-        let buffer = Bytes::from(self.buffer);
-        self.bodies
-            .into_iter()
-            .map(|(position, range)| StoredEvent::from_body(position, buffer.slice(range)))
+            .map(|(fields, range)| StoredEvent {
+                body: buffer.slice(range),
+                fields,
+            })
             .collect()
     }
 }

@@ -755,6 +755,23 @@ async fn a_corrupted_record_is_an_error_naming_its_position() {
         .read_stream("ticket-z", 0, ReadDirection::Forward, 0)
         .expect_err("corrupted copy");
     assert!(err.to_string().contains("ticket-z v3"), "{err}");
+    // A correlation read meets the damaged copy as the next event of the
+    // stream named like it: an error naming it, never a page ending early.
+    let err = log
+        .read_correlation("ticket-z", 0, 0)
+        .expect_err("corrupted copy, by correlation");
+    assert!(err.to_string().contains("ticket-z v3"), "{err}");
+    let err = log
+        .read_correlation_stored("ticket-z", 0, 0)
+        .expect_err("corrupted copy, by correlation in place");
+    assert!(err.to_string().contains("ticket-z v3"), "{err}");
+    assert_eq!(
+        log.read_correlation_stored("ticket-z", 0, 2)
+            .expect("before the damage")
+            .0
+            .len(),
+        2
+    );
     assert!(log.verify().is_err());
     let err = log
         .read_all_stored(0, 0)

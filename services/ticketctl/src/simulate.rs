@@ -424,7 +424,12 @@ pub async fn storm(
     progress.set_length(config.tickets as u64);
     let mut dice = Dice::new(config.seed);
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Call n is due at n / rate from the start, whenever the one before it
+    // went out: a late tick (the timer's millisecond, a busy loop) is made
+    // up at once, so the rate offered is the rate asked for and a slow
+    // backend cannot slow the calls it is offered (no coordinated
+    // omission). Delaying instead held 1,000/s to a little under.
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut planner = CallPlanner::new(&accounts, config.seed ^ 0xCA11);
     let agents = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
     let mut calls = tokio::task::JoinSet::new();
@@ -620,7 +625,19 @@ async fn call(
 
 async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
     let mut routing = clients.routing();
-    for _ in 0..150 {
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        if attempt > 0 {
+            if started.elapsed() > KEEP_TRYING_FOR {
+                // Never routed to a desk within the time, or never
+                // answerable: shown in the report, not dropped.
+                let status = tonic::Status::deadline_exceeded("never answerable");
+                return error(tally, "desk work", &status);
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+        attempt += 1;
         let route = match routing
             .get_route(GetRouteRequest {
                 ticket_id: ticket.to_string(),
@@ -628,10 +645,8 @@ async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
             .await
         {
             Ok(r) => r.into_inner(),
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+            // Not routed yet (NOT_FOUND), or routing busy.
+            Err(_) => continue,
         };
         if route.field_work {
             return; // a crew's to do, not a desk's
@@ -642,7 +657,6 @@ async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
                 | lineguard_protos::routing::v1::RouteStatus::Accepted
         ) {
             // Not (yet, or no longer) with an owner: a reopen still on its way.
-            tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
         let accepted = routing
@@ -653,16 +667,8 @@ async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
             })
             .await;
         match &accepted {
-            // Routing is busy (rebuilding its views) or restarting: again.
-            Err(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-                ) =>
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
+            // Routing busy, rebuilding its views or restarting: again.
+            Err(status) if transient(status.code()) => continue,
             Err(status) if status.code() != tonic::Code::FailedPrecondition => {
                 return error(tally, "accept", status);
             }
@@ -681,16 +687,7 @@ async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
         {
             Ok(_) => return count(tally, |r| r.desk_answered += 1),
             // Moved on meanwhile (escalated), or routing busy: ask again.
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::PermissionDenied
-                        | tonic::Code::Unavailable
-                        | tonic::Code::Cancelled
-                        | tonic::Code::Unknown
-                ) =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(s) if s.code() == tonic::Code::PermissionDenied || transient(s.code()) => {
                 continue;
             }
             Err(s) => return error(tally, "answer", &s),
@@ -1009,23 +1006,44 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let mut attempt = 0;
+    let started = Instant::now();
+    let mut attempt = 0u32;
     loop {
         match send().await {
             Ok(answer) => return Ok(answer.into_inner()),
-            Err(s)
-                if attempt < 120
-                    && matches!(
-                        s.code(),
-                        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-                    ) =>
-            {
+            Err(s) if transient(s.code()) && started.elapsed() < KEEP_TRYING_FOR => {
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(backoff(attempt)).await;
             }
             Err(s) => return Err(s),
         }
     }
+}
+
+/// How long a phone or a desk keeps trying a call the backend could not
+/// take: a person does not give up on a job because the backend was busy
+/// for a while. Past it the call is counted as an error, never dropped
+/// silently.
+const KEEP_TRYING_FOR: Duration = Duration::from_secs(300);
+
+/// Whether a refusal may go away by itself: the backend restarting, busy
+/// (`RESOURCE_EXHAUSTED` past its calls in flight) or slow. Every call the
+/// storm repeats carries the same idempotency key or action id, so a
+/// repeat is never applied twice.
+fn transient(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::DeadlineExceeded
+    )
+}
+
+/// The wait before attempt `attempt + 1`: 100 ms doubling to 2 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.min(5)).min(2_000))
 }
 
 /// The follow-up desk: calls every customer whose follow-up is due.
@@ -1099,6 +1117,8 @@ async fn follow_up_desk(
                         });
                     }
                 }
+                // Still due: asked again on the next round.
+                Err(s) if transient(s.code()) => {}
                 Err(s) => error(&tally, "follow-up", &s),
             }
         }

@@ -259,6 +259,23 @@ async fn run() {
             at(1.0),
         );
     }
+    // Where each service's memory was, as it reports it every minute
+    // (`runtime::memory`): the kernel's count, the heap's, the store's.
+    println!("memory as the services report it (MiB; the last three reports):");
+    for (name, process) in SERVICE_NAMES.iter().zip(services.all()) {
+        let log = process.log();
+        let reports: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("lineguard::memory"))
+            .collect();
+        for line in reports.iter().rev().take(3).rev() {
+            let fields: Vec<&str> = line
+                .split_whitespace()
+                .filter(|w| w.contains("_mib="))
+                .collect();
+            println!("  {name:<12} {}", fields.join(" "));
+        }
+    }
     println!(
         "e2e done in {:.0} s; data in {} (removed)",
         started.elapsed().as_secs_f64(),
