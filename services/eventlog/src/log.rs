@@ -1210,35 +1210,49 @@ fn within_versions(stream_id: &str, first: u64, last: u64) -> rocksdb::ReadOptio
 /// The event the copies iterator is at, checked, if it is still one of
 /// `stream_id`'s copies.
 fn copy_head(copies: &rocksdb::DBRawIterator<'_>, stream_id: &str) -> Result<Option<Fields>> {
-    let Some(key) = copies.key() else {
-        copies.status()?;
-        return Ok(None);
-    };
-    let Some(version) = stream_key_version(stream_id, key) else {
-        return Ok(None);
-    };
-    let location = || format!("{stream_id} v{version}");
-    let (key, value) = current(copies, CF_STREAM_EVENTS, location)?;
-    let body = unseal(CF_STREAM_EVENTS, key, value, location)?;
-    Fields::of_copy(stream_id, version, body).map(Some)
+    let entry = sealed_entry(
+        copies,
+        CF_STREAM_EVENTS,
+        |key| stream_key_version(stream_id, key),
+        |version| format!("{stream_id} v{version}"),
+    )?;
+    entry
+        .map(|(version, body)| Fields::of_copy(stream_id, version, body))
+        .transpose()
 }
 
 /// The event the correlation index iterator is at, checked, if it is
-/// still an entry of `correlation_id`.
+/// still an entry of `correlation_id`. Every entry holds its envelope (an
+/// older log's entries get theirs at open: `ensure_stream_events`).
 fn index_head(index: &rocksdb::DBRawIterator<'_>, correlation_id: &str) -> Result<Option<Fields>> {
-    let Some(key) = index.key() else {
-        index.status()?;
+    let entry = sealed_entry(
+        index,
+        CF_CORRELATIONS,
+        |key| correlation_key_position(correlation_id, key),
+        |position| format!("position {position}, correlation {correlation_id}"),
+    )?;
+    entry
+        .map(|(position, body)| Fields::at_position(CF_CORRELATIONS, position, body))
+        .transpose()
+}
+
+/// The entry of `column` an iterator is at, if `place` accepts its key:
+/// that place and the entry's body, checked against its checksum.
+fn sealed_entry<'a, P: Copy>(
+    iter: &'a rocksdb::DBRawIterator<'_>,
+    column: &'static str,
+    place: impl FnOnce(&[u8]) -> Option<P>,
+    location: impl Fn(P) -> String,
+) -> Result<Option<(P, &'a [u8])>> {
+    let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+        iter.status()?;
         return Ok(None);
     };
-    let Some(position) = correlation_key_position(correlation_id, key) else {
+    let Some(at) = place(key) else {
         return Ok(None);
     };
-    let location = || format!("position {position}, correlation {correlation_id}");
-    let (key, value) = current(index, CF_CORRELATIONS, location)?;
-    // Every entry holds its envelope (an older log's entries get theirs
-    // at open: `ensure_stream_events`).
-    let body = unseal(CF_CORRELATIONS, key, value, location)?;
-    Fields::at_position(CF_CORRELATIONS, position, body).map(Some)
+    let body = unseal(column, key, value, || location(at))?;
+    Ok(Some((at, body)))
 }
 
 /// The first version of `stream_id` whose event is at `position` or after,

@@ -128,14 +128,30 @@ impl MemoryReporter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_reading_accounts_for_the_heap_and_the_store() {
+    /// The heap's figures are the whole process's: tests that read them
+    /// run one at a time (cargo test runs a crate's tests on threads of
+    /// one process).
+    static HEAP_READINGS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// A log in a temporary directory, and the heap to itself.
+    fn test_log() -> (
+        std::sync::MutexGuard<'static, ()>,
+        tempfile::TempDir,
+        EventLog,
+    ) {
+        let alone = HEAP_READINGS.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().expect("temp dir");
         let log = EventLog::open(lineguard_eventlog::LogConfig::new(
             dir.path(),
             "memory-test",
         ))
         .expect("open log");
+        (alone, dir, log)
+    }
+
+    #[test]
+    fn a_reading_accounts_for_the_heap_and_the_store() {
+        let (_alone, _dir, log) = test_log();
         let before = read(&log);
         let resident = before.resident_bytes.expect("VmRSS on Linux");
         let allocated = before.heap_allocated_bytes.expect("jemalloc statistics");
@@ -182,12 +198,7 @@ mod tests {
     #[cfg(all(target_os = "linux", not(target_env = "msvc")))]
     #[test]
     fn c_malloc_is_jemalloc() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = EventLog::open(lineguard_eventlog::LogConfig::new(
-            dir.path(),
-            "memory-test",
-        ))
-        .expect("open log");
+        let (_alone, _dir, log) = test_log();
         let size = 48 * 1024 * 1024;
         let before = read(&log).heap_allocated_bytes.expect("stats");
         // SAFETY: a plain allocation, written within its size and freed once.
