@@ -788,6 +788,12 @@ fn print_storm(r: &simulate::StormReport) {
     for (what, n) in &r.errors {
         println!("refused: {what} ×{n}");
     }
+    if let Some(left) = r.not_done {
+        println!(
+            "not done when the settle time ran out: {} tickets still held, {} follow-ups still open",
+            left.held_tickets, left.open_follow_ups
+        );
+    }
 }
 
 #[tokio::main]

@@ -253,9 +253,21 @@ pub struct StormReport {
     /// order; the reopening follow-up or the crew's return for a later one)
     /// to the crew receiving it, milliseconds.
     pub report_to_crew_ms: Percentiles,
+    /// With `--until-done`, what the backend still held when the storm
+    /// stopped waiting (`None`: everything was done, or it was not asked).
+    pub not_done: Option<Remaining>,
     /// Tickets (ids) the storm created.
     #[serde(skip)]
     pub ticket_ids: Vec<String>,
+}
+
+/// Open work the backend holds: what `--until-done` waits to see at zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Remaining {
+    /// Tickets held by a manager, desk or crew (routing's recount).
+    pub held_tickets: u64,
+    /// Follow-ups not yet made (feedback), at most one page counted.
+    pub open_follow_ups: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -500,17 +512,29 @@ pub async fn storm(
     while calls.join_next().await.is_some() {}
     // Let the crews and desks finish.
     let deadline = Instant::now() + config.settle;
-    loop {
-        let crews_done = tally.lock().map(|t| {
-            let r = &t.report;
-            r.orders_received > 0 && r.completed + r.returned >= r.orders_received
-        });
-        let done = crews_done.unwrap_or(true) && (!config.until_done || all_done(clients).await);
-        if done || Instant::now() > deadline {
-            break;
+    let not_done = loop {
+        // A bool, not the lock's result: no guard is held across the await.
+        let crews_done = tally
+            .lock()
+            .map(|t| {
+                let r = &t.report;
+                r.orders_received > 0 && r.completed + r.returned >= r.orders_received
+            })
+            .unwrap_or(true);
+        let remaining = if config.until_done {
+            remaining_work(clients).await
+        } else {
+            None
+        };
+        let done = crews_done && remaining.is_none();
+        if done {
+            break None;
+        }
+        if Instant::now() > deadline {
+            break remaining;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
     let _ = stop_tx.send(true);
     for w in workers {
         let _ = w.await;
@@ -527,26 +551,34 @@ pub async fn storm(
         .map_or(0.0, |at| at.duration_since(started).as_secs_f64());
     report.report_latency_ms = Percentiles::of(std::mem::take(&mut t.report_ms));
     report.report_to_crew_ms = Percentiles::of(std::mem::take(&mut t.crew_ms));
+    report.not_done = not_done;
     Ok(report)
 }
 
-/// Whether the backend holds no open work: no ticket held by anyone (routing's
-/// recount of loads from its log) and no follow-up waiting to be made.
-async fn all_done(clients: &Clients) -> bool {
+/// The open work the backend holds (`None` when it holds none): tickets
+/// held by anyone (routing's recount of loads from its log) and follow-ups
+/// waiting to be made. A service that does not answer counts as work left.
+async fn remaining_work(clients: &Clients) -> Option<Remaining> {
     let held = clients
         .routing()
         .verify_loads(lineguard_protos::routing::v1::VerifyLoadsRequest {})
         .await
         .map(|r| r.into_inner().open_tickets);
-    let due = clients
+    let open = clients
         .feedback()
         .list_due_follow_ups(ListDueFollowUpsRequest {
-            page_size: 1,
+            page_size: 1_000,
             ..ListDueFollowUpsRequest::default()
         })
         .await
         .map(|r| r.into_inner().follow_ups.len());
-    matches!((held, due), (Ok(0), Ok(0)))
+    match (held, open) {
+        (Ok(0), Ok(0)) => None,
+        (held, open) => Some(Remaining {
+            held_tickets: held.unwrap_or(u64::MAX),
+            open_follow_ups: open.unwrap_or(usize::MAX),
+        }),
+    }
 }
 
 /// One customer's call, taken by `agent` until intake answers; desk work

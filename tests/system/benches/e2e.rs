@@ -309,6 +309,12 @@ fn print_storm(what: &str, r: &StormReport) {
     );
     println!("  ReportTicket:          {}", p(&r.report_latency_ms));
     println!("  call -> crew:          {}", p(&r.report_to_crew_ms));
+    if let Some(left) = r.not_done {
+        println!(
+            "  not done after the settle time: {} tickets held, {} follow-ups open",
+            left.held_tickets, left.open_follow_ups
+        );
+    }
 }
 
 /// Each stream's last sequence and bytes.
