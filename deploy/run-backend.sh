@@ -10,9 +10,13 @@
 #
 # Our own NATS is started with deploy/nats-server.conf (fsync before ack)
 # plus the TLS and users made from the credentials, on port 4222, or 4223
-# if something already listens on 4222. Set NATS_URL to use a NATS you run
-# yourself (it must then carry the same security: `ticketctl credentials
-# nats-config`).
+# if something already listens on 4222. With LINEGUARD_NATS_NODES=3 it is
+# a three-node JetStream cluster on loopback instead (client ports 4222-4224
+# or 4232-4234, routes on 6222-6224 or 6232-6234, mutual TLS between the
+# nodes), every stream kept on all three (LINEGUARD_STREAM_REPLICAS=3) and
+# every service told every node: kill one node and nothing stops. Set
+# NATS_URL to use a NATS you run yourself (it must then carry the same
+# security: `ticketctl credentials nats-config`, see deploy/nats-cluster/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_BIN=$(bash deploy/setup.sh)
@@ -39,9 +43,27 @@ trap cleanup INT TERM EXIT
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Starts nats-server NAME on client PORT with store STORE and config CONF,
+# and waits until it listens.
+start_nats_node() {
+  "$NATS_BIN" -c "$4" -n "$1" -a 127.0.0.1 -p "$2" -sd "$3" &
+  local pid=$!
+  pids+=("$pid")
+  for _ in $(seq 100); do
+    listening "$2" && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "nats-server $1 failed to start on port $2 (see above)" >&2
+    exit 1
+  fi
+}
+
+NODES="${LINEGUARD_NATS_NODES:-1}"
 if [ -n "${NATS_URL:-}" ]; then
   echo "using NATS at $NATS_URL" >&2
-else
+elif [ "$NODES" = 1 ]; then
   port=4222
   if listening "$port"; then
     port=4223
@@ -52,19 +74,31 @@ else
     cat deploy/nats-server.conf
     "$BIN_DIR/ticketctl" credentials nats-config --dir "$LINEGUARD_CREDENTIALS"
   } > "$DATA/nats-server.conf"
-  "$NATS_BIN" -c "$DATA/nats-server.conf" -a 127.0.0.1 -p "$port" -sd "$DATA/nats" &
-  nats_pid=$!
-  pids+=("$nats_pid")
-  for _ in $(seq 100); do
-    listening "$port" && break
-    kill -0 "$nats_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  if ! kill -0 "$nats_pid" 2>/dev/null; then
-    echo "nats-server failed to start on port $port (see above)" >&2
-    exit 1
-  fi
+  start_nats_node lineguard-local "$port" "$DATA/nats" "$DATA/nats-server.conf"
   echo "started NATS on $NATS_URL (TLS, a user per service; store $DATA/nats)" >&2
+elif [ "$NODES" = 3 ]; then
+  first=4222
+  if listening 4222 || listening 4223 || listening 4224 || listening 6222 || listening 6223 || listening 6224; then
+    first=4232
+  fi
+  routes=()
+  for i in 0 1 2; do routes+=(--route "nats-route://127.0.0.1:$((first + 2000 + i))"); done
+  urls=()
+  for i in 0 1 2; do
+    {
+      cat deploy/nats-server.conf
+      "$BIN_DIR/ticketctl" credentials nats-config --dir "$LINEGUARD_CREDENTIALS" \
+        --cluster-listen "127.0.0.1:$((first + 2000 + i))" "${routes[@]}"
+    } > "$DATA/nats-$((i + 1)).conf"
+    start_nats_node "lineguard-$((i + 1))" "$((first + i))" "$DATA/nats-$((i + 1))" "$DATA/nats-$((i + 1)).conf"
+    urls+=("nats://127.0.0.1:$((first + i))")
+  done
+  NATS_URL=$(IFS=,; echo "${urls[*]}")
+  export LINEGUARD_STREAM_REPLICAS="${LINEGUARD_STREAM_REPLICAS:-3}"
+  echo "started a three-node NATS cluster on $NATS_URL (TLS; stores $DATA/nats-1..3; streams kept on all three)" >&2
+else
+  echo "LINEGUARD_NATS_NODES must be 1 or 3, not $NODES" >&2
+  exit 2
 fi
 
 # Routing adopts the time-limit policy and loads the demo directory (only

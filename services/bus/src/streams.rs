@@ -20,6 +20,10 @@ pub struct StreamSettings {
     pub max_messages: i64,
     /// How long JetStream remembers a `Nats-Msg-Id` to drop a re-publish.
     pub duplicate_window: Duration,
+    /// Copies JetStream keeps of each message, on that many nodes of its
+    /// cluster (1 on a single server; 3 in production: one node lost
+    /// loses nothing and stops nothing). Durable consumers inherit it.
+    pub replicas: usize,
 }
 
 impl Default for StreamSettings {
@@ -31,6 +35,7 @@ impl Default for StreamSettings {
             max_age: Duration::from_secs(14 * 24 * 3600),
             max_messages: -1,
             duplicate_window: Duration::from_secs(15 * 60),
+            replicas: 1,
         }
     }
 }
@@ -52,7 +57,7 @@ pub async fn ensure_stream(
         max_age: settings.max_age,
         max_messages: settings.max_messages,
         duplicate_window: settings.duplicate_window,
-        num_replicas: 1,
+        num_replicas: settings.replicas,
         ..stream::Config::default()
     };
     jetstream
@@ -89,6 +94,11 @@ fn stream_error(
                 " (the stream reserves max_bytes = {} bytes: raise the server's \
                  jetstream max_file_store, or lower --stream-max-bytes)",
                 settings.max_bytes
+            ),
+            jetstream::ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED => format!(
+                " ({} replicas need a JetStream cluster of at least that many nodes: \
+                 lower --stream-replicas, or connect to the cluster)",
+                settings.replicas
             ),
             _ => String::new(),
         };

@@ -29,9 +29,13 @@ struct Args {
     device_clock_skew: Duration,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    lineguard_runtime::block_on(args.common.blocking_threads, serve(args))
+}
+
+/// The process, from its parsed flags to its exit.
+async fn serve(args: Args) -> ExitCode {
     let spec = ServiceSpec {
         name: lineguard_dispatch::SERVICE,
         default_grpc_port: 50053,

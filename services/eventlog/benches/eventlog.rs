@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use lineguard_eventlog::codec::{
-    CF_EVENTS, CF_META, CF_OUTBOX, CF_STREAM_EVENTS, CF_STREAMS, IndexRun, META_PROJECTION_STATE,
-    OutboxRun, position_key, seal, stream_key,
+    CF_CORRELATIONS, CF_EVENTS, CF_META, CF_OUTBOX, CF_STREAM_EVENTS, CF_STREAMS, IndexRun,
+    META_PROJECTION_STATE, OutboxRun, position_key, seal, stream_key,
 };
 use lineguard_eventlog::{
     ActorKind, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent, ReadDirection,
@@ -125,35 +125,49 @@ impl Raw {
         self.db.write_opt(batch, &options).expect("raw write");
     }
 
-    /// Writes `values` as one stream's records keyed by stream and version
-    /// (what a prefix scan reads contiguously), unsynced: the read cases'
-    /// set-up, not timed.
-    fn write_keyed(&self, stream: &str, first_version: u64, values: &[Vec<u8>]) {
-        let cf = self.db.cf_handle(CF_STREAMS).expect("cf");
-        let mut batch = WriteBatch::default();
-        for (version, value) in (first_version..).zip(values) {
-            batch.put_cf(cf, stream_key(stream, version), value);
+    /// Copies the records of `column` under `id`'s prefix (a stream's
+    /// copies, a correlation's entries) from the log's store at `log_path`
+    /// into the same column under the same keys: raw then scans exactly the
+    /// bytes the log reads (checksum and envelope included), which LZ4
+    /// compresses as it does the log's, not prepared filler. The read
+    /// cases' set-up, not timed. How many.
+    fn copy_records(&self, log_path: &std::path::Path, column: &str, id: &str) -> u64 {
+        let log = open_raw_store(log_path).expect("the log's store");
+        let prefix = id_prefix(id);
+        let from = log.cf_handle(column).expect("cf");
+        let to = self.db.cf_handle(column).expect("cf");
+        let mut iter = log.raw_iterator_cf(from);
+        iter.seek(&prefix);
+        let (mut batch, mut copied) = (WriteBatch::default(), 0u64);
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            batch.put_cf(to, key, value);
+            copied += 1;
+            iter.next();
         }
+        iter.status().expect("copy scan");
         self.db.write(batch).expect("raw write");
+        copied
     }
 
-    /// Reads every record of `stream` by a prefix scan, in pages of 1,000
-    /// as the log reads, and hands them out as the least a reader that
-    /// returns records must: each page's values copied into one buffer
-    /// (the log's in-place read does the same, then checks them). With
-    /// `copy` false it only adds up their lengths: no record leaves
-    /// RocksDB's block cache, the bound no reader reaches. How many.
-    fn scan(&self, stream: &str, copy: bool) -> usize {
-        let cf = self.db.cf_handle(CF_STREAMS).expect("cf");
-        let prefix = stream_key(stream, 0);
-        let prefix = &prefix[..prefix.len() - 8];
+    /// Reads every record of `column` under `id`'s prefix by a prefix
+    /// scan, in pages of 1,000 as the log reads, and hands them out as the
+    /// least a reader that returns records must: each page's values copied
+    /// into one buffer (the log's in-place read does the same, then checks
+    /// them). With `copy` false it only adds up their lengths: no record
+    /// leaves RocksDB's block cache, the bound no reader reaches. How many.
+    fn scan(&self, column: &str, id: &str, copy: bool) -> usize {
+        let cf = self.db.cf_handle(column).expect("cf");
+        let prefix = id_prefix(id);
         let mut iter = self.db.raw_iterator_cf(cf);
-        iter.seek(prefix);
+        iter.seek(&prefix);
         let (mut seen, mut bytes) = (0usize, 0usize);
         let mut page: Vec<u8> = Vec::new();
         let mut ranges: Vec<std::ops::Range<usize>> = Vec::with_capacity(1_000);
         while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
-            if !key.starts_with(prefix) {
+            if !key.starts_with(&prefix) {
                 break;
             }
             if copy {
@@ -173,9 +187,15 @@ impl Raw {
         }
         iter.status().expect("raw scan");
         bytes += std::hint::black_box(&page).len();
-        assert!(bytes >= seen * RAW_VALUE_BYTES);
+        assert!(bytes >= seen * PAYLOAD_BYTES);
         seen
     }
+}
+
+/// The key prefix of a stream's copies or a correlation's entries.
+fn id_prefix(id: &str) -> Vec<u8> {
+    let key = stream_key(id, 0);
+    key[..key.len() - 8].to_vec()
 }
 
 /// One case's timings, a pair (log, raw) per round.
@@ -526,11 +546,16 @@ const CASE_READS_PER_ROUND: u64 = 20;
 /// Case 5, reading one case as replay and every aggregate load do: one stream
 /// of 10,000 events, and one correlation of 10,000 events spread over many
 /// streams (an incident's children), each read in pages of 1,000, beside a
-/// raw prefix scan of the same records (raw keyed by stream and version,
-/// so they lie side by side) that copies each page out as the log does.
-/// Each is read twice: checked and read in place (`read_stream_stored`,
+/// raw prefix scan of the same records (the very bytes the log stores for
+/// them, copied into raw under the same keys, so they lie side by side as
+/// the log's do) that copies each page out as the log does. Each is read
+/// twice: checked and read in place (`read_stream_stored`,
 /// `read_correlation_stored`), and decoded into owned envelopes; the in
-/// place reads also beside a raw scan that only adds up lengths.
+/// place reads also beside a raw scan that only adds up lengths. What the
+/// log does and raw does not: it reads the stream's head (or the
+/// correlation's first version), checks each record's checksum and key,
+/// walks its envelope (checking it is the event the key says) and hands
+/// out each event with its fields.
 fn read_one_case(path: &std::path::Path, scale: u64) {
     let events = CASE_EVENTS * scale;
     std::fs::create_dir_all(path).expect("case dir");
@@ -553,39 +578,47 @@ fn read_one_case(path: &std::path::Path, scale: u64) {
         )
         .expect("commit");
     }
-    let values = Raw::values(events);
-    for (chunk, i) in values.chunks(1_000).zip(0u64..) {
-        raw.write_keyed("incident-big", 1 + i * 1_000, chunk);
-    }
     // Both read table files, as after a restart (see the full read), and
     // both compacted, as a log that has run a while is: freshly flushed
     // files overlap, and a scan merges them key by key (the log's more so:
     // its copies column holds three streams' events written together).
     drop(log);
-    drop(raw);
-    for store in [path.join("log"), path.join("raw")] {
-        let db = open_raw_store(&store).expect("store");
+    let compact = |store: &std::path::Path| {
+        let db = open_raw_store(store).expect("store");
         for name in lineguard_eventlog::codec::ALL_COLUMN_FAMILIES {
             let cf = db.cf_handle(name).expect("cf");
             db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
         }
-    }
+    };
+    compact(&path.join("log"));
+    // Raw holds the very records the log reads: the stream's copies and
+    // the correlation's entries, under the same keys.
+    assert_eq!(
+        raw.copy_records(&path.join("log"), CF_STREAM_EVENTS, "incident-big"),
+        events
+    );
+    assert_eq!(
+        raw.copy_records(&path.join("log"), CF_CORRELATIONS, "incident-spread"),
+        events
+    );
+    drop(raw);
+    compact(&path.join("raw"));
     let log = open_log(path);
     let raw = Raw::open(path);
-    let read_raw = || {
-        timed(|| {
-            for _ in 0..CASE_READS_PER_ROUND {
-                assert_eq!(raw.scan("incident-big", true) as u64, events);
-            }
-        })
+    let raw_scan = |column: &'static str, id: &'static str, copy: bool| {
+        let raw = &raw;
+        move || {
+            timed(|| {
+                for _ in 0..CASE_READS_PER_ROUND {
+                    assert_eq!(raw.scan(column, id, copy) as u64, events);
+                }
+            })
+        }
     };
-    let read_raw_lengths = || {
-        timed(|| {
-            for _ in 0..CASE_READS_PER_ROUND {
-                assert_eq!(raw.scan("incident-big", false) as u64, events);
-            }
-        })
-    };
+    let stream_raw = raw_scan(CF_STREAM_EVENTS, "incident-big", true);
+    let stream_raw_lengths = raw_scan(CF_STREAM_EVENTS, "incident-big", false);
+    let correlation_raw = raw_scan(CF_CORRELATIONS, "incident-spread", true);
+    let correlation_raw_lengths = raw_scan(CF_CORRELATIONS, "incident-spread", false);
     let pages_of = |read_page: &PageReader| {
         let mut from = Some(1);
         let mut seen = 0u64;
@@ -627,48 +660,54 @@ fn read_one_case(path: &std::path::Path, scale: u64) {
             .expect("read correlation");
         (page.len(), next)
     };
-    let cases: [(&'static str, &PageReader, f64); 4] = [
-        ("read, one stream, in place", &stream_in_place, 0.8),
-        ("read, one stream, owned envelopes", &stream_owned, 0.0),
+    type RawScan<'r> = dyn Fn() -> f64 + 'r;
+    let cases: [(&'static str, &PageReader, &RawScan, f64); 6] = [
+        (
+            "read, one stream, in place",
+            &stream_in_place,
+            &stream_raw,
+            0.8,
+        ),
+        (
+            "read, one stream, owned envelopes",
+            &stream_owned,
+            &stream_raw,
+            0.0,
+        ),
         (
             "read, one correlation, in place",
             &correlation_in_place,
+            &correlation_raw,
             0.8,
         ),
         (
             "read, one correlation, owned envelopes",
             &correlation_owned,
+            &correlation_raw,
+            0.0,
+        ),
+        // The same reads beside a raw scan that copies nothing out (only
+        // adds up lengths), for comparison.
+        (
+            "read, one stream, in place, vs lengths only",
+            &stream_in_place,
+            &stream_raw_lengths,
+            0.0,
+        ),
+        (
+            "read, one correlation, in place, vs lengths only",
+            &correlation_in_place,
+            &correlation_raw_lengths,
             0.0,
         ),
     ];
-    for (name, read_page, target) in cases {
+    for (name, read_page, read_raw, target) in cases {
         if wanted(name) {
             report(&Case {
                 name,
                 events: events * CASE_READS_PER_ROUND,
                 rounds: rounds(ROUNDS, || read_log(read_page), read_raw),
                 target,
-            });
-        }
-    }
-    // The same reads beside a raw scan that copies nothing out (only adds
-    // up lengths), for comparison.
-    for (name, read_page) in [
-        (
-            "read, one stream, in place, vs lengths only",
-            &stream_in_place as &PageReader,
-        ),
-        (
-            "read, one correlation, in place, vs lengths only",
-            &correlation_in_place,
-        ),
-    ] {
-        if wanted(name) {
-            report(&Case {
-                name,
-                events: events * CASE_READS_PER_ROUND,
-                rounds: rounds(ROUNDS, || read_log(read_page), read_raw_lengths),
-                target: 0.0,
             });
         }
     }

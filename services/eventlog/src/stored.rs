@@ -63,7 +63,10 @@ impl Fields {
         .into_iter()
         .enumerate()
         {
-            if std::str::from_utf8(fields.bytes(body, i)).is_err() {
+            // Ids are ASCII (UUIDs, service and stream names): the
+            // word-at-a-time check settles them; the full one only if not.
+            let text = fields.bytes(body, i);
+            if !text.is_ascii() && std::str::from_utf8(text).is_err() {
                 return Err(format!("{name} is not UTF-8"));
             }
         }
@@ -137,7 +140,8 @@ impl Fields {
             reason,
         };
         let fields = Fields::read(body).map_err(corrupted)?;
-        if fields.stream_id(body) != stream_id || fields.stream_version != version {
+        if fields.bytes(body, STREAM_ID) != stream_id.as_bytes() || fields.stream_version != version
+        {
             return Err(corrupted(format!(
                 "envelope says {} v{}",
                 fields.stream_id(body),

@@ -34,9 +34,13 @@ struct Args {
     timer_tick: Duration,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    lineguard_runtime::block_on(args.common.blocking_threads, serve(args))
+}
+
+/// The process, from its parsed flags to its exit.
+async fn serve(args: Args) -> ExitCode {
     let rules = match &args.rules {
         Some(path) => Rules::load(path),
         None => Rules::parse(lineguard_feedback::rules::DEFAULT_RULES),

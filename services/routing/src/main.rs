@@ -40,9 +40,13 @@ struct Args {
     timer_tick: Duration,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    lineguard_runtime::block_on(args.common.blocking_threads, serve(args))
+}
+
+/// The process, from its parsed flags to its exit.
+async fn serve(args: Args) -> ExitCode {
     let spec = ServiceSpec {
         name: lineguard_routing::SERVICE,
         default_grpc_port: 50052,

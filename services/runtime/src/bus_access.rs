@@ -180,6 +180,78 @@ pub fn nats_server_security(
     Ok(text)
 }
 
+/// One node's place in a NATS cluster: what [`nats_cluster_block`] writes.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    /// The cluster's name, the same on every node.
+    pub cluster: String,
+    /// Where this node listens for its peers' route connections
+    /// (`host:port`).
+    pub listen: String,
+    /// Its peers' route URLs (`nats-route://host:port`); its own, if
+    /// listed, is ignored, so every node may be given the same list.
+    pub routes: Vec<String>,
+}
+
+/// The `cluster` block of one node of a NATS cluster secured as
+/// [`nats_server_security`] secures clients: routes over mutual TLS with
+/// the server certificate, and a route is accepted only from a
+/// certificate that maps to the NATS server's own principal, so a
+/// service's certificate (issued by the same CA) cannot join the cluster.
+pub fn nats_cluster_block(
+    credentials: &CredentialsDir,
+    node: &ClusterNode,
+) -> Result<String, BusAccessError> {
+    let absolute = std::fs::canonicalize(&credentials.path)
+        .map_err(|e| BusAccessError(format!("{}: {e}", credentials.path.display())))?;
+    let credentials = CredentialsDir::new(absolute);
+    let (role, id) = NATS_SERVER_PRINCIPAL;
+    let (cert, key) = credentials.principal(role, id);
+    let plain = |what: &str, text: &str| {
+        if text.is_empty() || text.contains(['"', '\\', '\n', ' ', ',']) {
+            Err(BusAccessError(format!(
+                "cluster {what} {text:?}: empty, or holds a quote, backslash, space, comma or newline"
+            )))
+        } else {
+            Ok(format!("\"{text}\""))
+        }
+    };
+    let routes = node
+        .routes
+        .iter()
+        .map(|route| plain("route", route))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut text = String::new();
+    text.push_str("# Made by lineguard_runtime::bus_access (ticketctl credentials nats-config).\n");
+    text.push_str("cluster {\n");
+    text.push_str(&format!("  name: {}\n", plain("name", &node.cluster)?));
+    text.push_str(&format!("  listen: {}\n", plain("listen", &node.listen)?));
+    text.push_str(&format!("  routes: [{}]\n", routes.join(", ")));
+    text.push_str("  tls {\n");
+    text.push_str(&format!("    cert_file: {}\n", quoted(&cert)?));
+    text.push_str(&format!("    key_file: {}\n", quoted(&key)?));
+    text.push_str(&format!("    ca_file: {}\n", quoted(&credentials.ca())?));
+    text.push_str("    # Only a certificate mapped to the route user below may join.\n");
+    text.push_str("    verify_and_map: true\n");
+    text.push_str("    timeout: 5\n");
+    text.push_str("  }\n");
+    text.push_str(&format!(
+        "  authorization {{ user: \"{}\" }}\n",
+        nats_user(role, id)
+    ));
+    text.push_str("}\n");
+    Ok(text)
+}
+
+/// The servers of a `--nats-url`: one URL, or a cluster's nodes separated
+/// by commas.
+pub fn server_list(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
 /// How a process connects to NATS: with `credentials`, over TLS as the
 /// principal `role:id` (its certificate in the directory), with replies on
 /// `inbox` (a service's own prefix, see [`inbox_prefix`]); without, plain.
@@ -210,6 +282,50 @@ pub fn connect_options(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nats_url_list_names_each_node_once_trimmed() {
+        assert_eq!(
+            server_list("nats://a:4222, nats://b:4222,,nats://c:4222 "),
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
+        assert_eq!(
+            server_list("nats://127.0.0.1:4222"),
+            ["nats://127.0.0.1:4222"]
+        );
+    }
+
+    #[test]
+    fn a_cluster_block_admits_only_the_nats_server_certificate_as_a_route() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let credentials = CredentialsDir::new(dir.path());
+        let node = ClusterNode {
+            cluster: "lineguard".into(),
+            listen: "0.0.0.0:6222".into(),
+            routes: vec![
+                "nats-route://nats-1:6222".into(),
+                "nats-route://nats-2:6222".into(),
+            ],
+        };
+        let block = nats_cluster_block(&credentials, &node).expect("block");
+        assert!(block.contains("listen: \"0.0.0.0:6222\""), "{block}");
+        assert!(
+            block.contains("routes: [\"nats-route://nats-1:6222\", \"nats-route://nats-2:6222\"]"),
+            "{block}"
+        );
+        assert!(block.contains("verify_and_map: true"), "{block}");
+        assert!(
+            block.contains(&format!("user: \"{}\"", nats_user("nats", "local"))),
+            "{block}"
+        );
+        for bad in ["nats-route://a\"b:1", "", "nats-route://a:1 x"] {
+            let node = ClusterNode {
+                routes: vec![bad.into()],
+                ..node.clone()
+            };
+            assert!(nats_cluster_block(&credentials, &node).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn every_service_has_rights_and_consumes_only_other_services() {

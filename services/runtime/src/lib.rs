@@ -86,7 +86,9 @@ pub struct CommonArgs {
     /// Directory of the service's event log and state [default: .lineguard/<service>].
     #[arg(long, env = "LINEGUARD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// NATS server with JetStream.
+    /// NATS server with JetStream, or a comma-separated list of a
+    /// cluster's nodes (it connects to any of them and moves to another
+    /// when that one goes).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// Log output format.
@@ -128,6 +130,12 @@ pub struct CommonArgs {
     /// creates (the server's max_file_store must hold them all).
     #[arg(long, env = "LINEGUARD_STREAM_MAX_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
     pub stream_max_bytes: i64,
+    /// Copies JetStream keeps of each of this process's streams, on as many
+    /// nodes of its cluster: 1 for a single server, 3 in production (one
+    /// node lost loses nothing and stops nothing). A stream made with
+    /// fewer is brought up to it at start.
+    #[arg(long, env = "LINEGUARD_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub stream_replicas: u8,
     /// Health service `lineguard.bus` turns NOT_SERVING when the outbox has
     /// had events JetStream did not take for this long (NATS down, its store
     /// full); the service itself stays SERVING, keeping what it commits.
@@ -168,6 +176,12 @@ pub struct CommonArgs {
     /// A stream (WatchDispatches, Subscribe) counts until it has started.
     #[arg(long, env = "LINEGUARD_MAX_REQUESTS_IN_FLIGHT", default_value_t = 1_024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_requests_in_flight: u32,
+    /// Threads for blocking work (RocksDB reads, waits for a fsync) at
+    /// most; more such work waits for one. Each thread costs its stack and
+    /// the allocator's per-thread cache whether busy or idle, and under
+    /// overload Tokio's own default (512) lets a service grow to hundreds.
+    #[arg(long, env = "LINEGUARD_BLOCKING_THREADS", default_value_t = 64, value_parser = clap::value_parser!(u16).range(4..=1_024))]
+    pub blocking_threads: u16,
 }
 
 impl CommonArgs {
@@ -473,7 +487,7 @@ impl Host {
             ("service", rights.service),
             Some(bus_access::inbox_prefix(rights.service)),
         )
-        .connect(&args.nats_url)
+        .connect(bus_access::server_list(&args.nats_url))
         .await
         .map_err(|e| HostError::Nats(e.to_string()))?;
         let jetstream = jetstream::new(nats.clone());
@@ -481,6 +495,7 @@ impl Host {
             max_age: args.stream_max_age,
             max_messages: args.stream_max_messages,
             max_bytes: args.stream_max_bytes,
+            replicas: usize::from(args.stream_replicas),
             ..lineguard_bus::StreamSettings::default()
         };
         ensure_streams_at_start(&jetstream, spec.name, spec.mirror.as_ref(), &stream).await?;
@@ -738,6 +753,25 @@ impl Host {
     }
 }
 
+/// Runs a service process's `main` on a multi-threaded Tokio runtime
+/// whose blocking pool holds at most `blocking_threads` threads (its
+/// `--blocking-threads`; the one runtime every service runs on, since
+/// `#[tokio::main]` cannot read a flag). An idle blocking thread ends
+/// after ten seconds, as Tokio's do.
+pub fn block_on(blocking_threads: u16, main: impl Future<Output = ExitCode>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(usize::from(blocking_threads))
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(main),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a service process to its end: starts the [`Host`], lets `setup`
 /// do the service's start-up work, register consumers and return its gRPC
 /// routes, serves until SIGTERM or Ctrl-C, shuts down. A failure is logged
@@ -965,5 +999,49 @@ mod tests {
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
         assert!(parse_duration("10w").is_err());
         assert!(parse_duration("x").is_err());
+    }
+
+    /// The service's flags alone, as a service's `main` parses them.
+    #[derive(Debug, clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    #[test]
+    fn blocking_work_runs_on_at_most_the_threads_asked_for() {
+        use clap::Parser;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let flags = Flags::try_parse_from(["service", "--blocking-threads", "4"]).expect("flags");
+        assert!(Flags::try_parse_from(["service", "--blocking-threads", "2"]).is_err());
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let threads = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let code = block_on(flags.common.blocking_threads, async {
+            let tasks: Vec<_> = (0..16)
+                .map(|_| {
+                    let (running, most, threads) = (running.clone(), most.clone(), threads.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        if let Ok(mut seen) = threads.lock() {
+                            seen.insert(std::thread::current().id());
+                        }
+                        std::thread::sleep(Duration::from_millis(30));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                })
+                .collect();
+            for task in tasks {
+                if task.await.is_err() {
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        });
+        assert_eq!(code, ExitCode::SUCCESS, "every blocking task ran");
+        assert_eq!(most.load(Ordering::SeqCst), 4, "four at once, never more");
+        let distinct = threads.lock().map(|seen| seen.len()).unwrap_or_default();
+        assert_eq!(distinct, 4, "on four threads");
     }
 }

@@ -172,6 +172,8 @@ enum CredentialsWhat {
     /// configuration for DIR: TLS with DIR's `nats-local` certificate,
     /// client certificates mapped to users, each service held to the
     /// subjects it publishes and consumes, each --operator with every right.
+    /// With --cluster-listen, also the node's `cluster` block: routes over
+    /// mutual TLS, joined only by the NATS server's own certificate.
     NatsConfig {
         /// The credentials directory.
         #[arg(long, default_value = ".lineguard/credentials")]
@@ -179,6 +181,16 @@ enum CredentialsWhat {
         /// An operator's certificate principal, `role:id` (repeatable).
         #[arg(long, default_value = "admin:dev")]
         operator: Vec<String>,
+        /// A cluster node's route address, `host:port` (e.g. 0.0.0.0:6222).
+        #[arg(long)]
+        cluster_listen: Option<String>,
+        /// The cluster's name, the same on every node.
+        #[arg(long, default_value = "lineguard", requires = "cluster_listen")]
+        cluster_name: String,
+        /// A peer's route URL, e.g. nats-route://nats-2:6222 (repeatable;
+        /// a node's own URL in the list is ignored).
+        #[arg(long, requires = "cluster_listen")]
+        route: Vec<String>,
     },
     /// Issue a token (printed) for a phone or an operator, signed by DIR's
     /// token key.
@@ -227,7 +239,13 @@ fn credentials(what: CredentialsWhat) -> Result<ExitCode, Error> {
             let (cert, key) = dir.principal(&role, &id);
             println!("{}\n{}", cert.display(), key.display());
         }
-        CredentialsWhat::NatsConfig { dir, operator } => {
+        CredentialsWhat::NatsConfig {
+            dir,
+            operator,
+            cluster_listen,
+            cluster_name,
+            route,
+        } => {
             let mut operators = Vec::new();
             for principal in &operator {
                 let (role, id) = principal.split_once(':').ok_or_else(|| {
@@ -235,11 +253,21 @@ fn credentials(what: CredentialsWhat) -> Result<ExitCode, Error> {
                 })?;
                 operators.push((role, id));
             }
-            let text = lineguard_runtime::bus_access::nats_server_security(
-                &CredentialsDir::new(dir),
-                &operators,
-            )
-            .map_err(|e| Error::Usage(e.to_string()))?;
+            let credentials = CredentialsDir::new(dir);
+            let mut text =
+                lineguard_runtime::bus_access::nats_server_security(&credentials, &operators)
+                    .map_err(|e| Error::Usage(e.to_string()))?;
+            if let Some(listen) = cluster_listen {
+                let node = lineguard_runtime::bus_access::ClusterNode {
+                    cluster: cluster_name,
+                    listen,
+                    routes: route,
+                };
+                text.push_str(
+                    &lineguard_runtime::bus_access::nats_cluster_block(&credentials, &node)
+                        .map_err(|e| Error::Usage(e.to_string()))?,
+                );
+            }
             print!("{text}");
         }
         CredentialsWhat::Token {

@@ -9,6 +9,9 @@
 //!   process is given the test run's development credentials
 //!   ([`test_credentials`]): it serves TLS and authenticates every call,
 //!   and the harness calls it as `admin:dev`.
+//! - [`NatsCluster`]: three (or any number of) such servers on loopback,
+//!   routed to each other over mutual TLS as one JetStream cluster; kill
+//!   and restart any node.
 //! - [`FourServices`]: the whole backend, the four services each told the
 //!   others' addresses.
 
@@ -92,6 +95,8 @@ pub struct NatsServer {
     dir: TempDir,
     port: u16,
     config: Option<PathBuf>,
+    /// The node's `server_name` in a cluster (`-n`).
+    name: Option<String>,
 }
 
 impl NatsServer {
@@ -119,8 +124,34 @@ impl NatsServer {
             dir,
             port: 0,
             config: Some(path),
+            name: None,
         };
         server.launch(None)?;
+        Ok(server)
+    }
+
+    /// Starts node `name` of a cluster on client port `port`, its
+    /// configuration `config` followed by the test security and `cluster`
+    /// (the node's cluster block).
+    fn start_node(name: &str, port: u16, config: &str, cluster: &str) -> Result<NatsServer> {
+        let dir = tempfile::Builder::new()
+            .prefix("lineguard-nats-")
+            .tempdir()?;
+        let security = lineguard_runtime::bus_access::nats_server_security(
+            test_credentials(),
+            &[("admin", "dev")],
+        )
+        .map_err(|e| HarnessError::Failed(e.to_string()))?;
+        let path = dir.path().join("nats-server.conf");
+        std::fs::write(&path, format!("{config}\n{security}\n{cluster}"))?;
+        let mut server = NatsServer {
+            child: None,
+            dir,
+            port,
+            config: Some(path),
+            name: Some(name.to_string()),
+        };
+        server.launch(Some(port))?;
         Ok(server)
     }
 
@@ -137,6 +168,9 @@ impl NatsServer {
         let mut command = Command::new(bin);
         if let Some(config) = &self.config {
             command.arg("-c").arg(config);
+        }
+        if let Some(name) = &self.name {
+            command.arg("-n").arg(name);
         }
         let child = command
             .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
@@ -241,6 +275,104 @@ impl NatsServer {
         self.stop()?;
         let port = self.port;
         self.launch(Some(port))
+    }
+}
+
+/// A JetStream cluster of nodes on loopback, private to one test, each a
+/// [`NatsServer`] secured as one (TLS, mapped users) whose routes are
+/// mutual TLS between the nodes' certificates. Stop, kill and restart any
+/// node mid-test; it comes back on its ports and store and rejoins.
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `nodes` nodes (3 for a cluster that survives losing one),
+    /// each with `jetstream { sync_interval: always }` as in deploy/, and
+    /// waits until JetStream answers through every node.
+    pub async fn start(nodes: usize) -> Result<NatsCluster> {
+        let client_ports = (0..nodes)
+            .map(|_| free_port())
+            .collect::<Result<Vec<_>>>()?;
+        let route_ports = (0..nodes)
+            .map(|_| free_port())
+            .collect::<Result<Vec<_>>>()?;
+        let routes: Vec<String> = route_ports
+            .iter()
+            .map(|port| format!("nats-route://127.0.0.1:{port}"))
+            .collect();
+        let mut started = Vec::with_capacity(nodes);
+        for (i, (client, route)) in client_ports.iter().zip(&route_ports).enumerate() {
+            let node = lineguard_runtime::bus_access::ClusterNode {
+                cluster: "lineguard-test".into(),
+                listen: format!("127.0.0.1:{route}"),
+                routes: routes.clone(),
+            };
+            let block =
+                lineguard_runtime::bus_access::nats_cluster_block(test_credentials(), &node)
+                    .map_err(|e| HarnessError::Failed(e.to_string()))?;
+            started.push(NatsServer::start_node(
+                &format!("lineguard-{}", i + 1),
+                *client,
+                "jetstream { sync_interval: always }",
+                &block,
+            )?);
+        }
+        let cluster = NatsCluster { nodes: started };
+        cluster.wait_ready(Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    /// Waits until JetStream answers through every running node: the
+    /// cluster has met and elected its meta leader.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let jetstream = node.jetstream().await?;
+            loop {
+                match jetstream.query_account().await {
+                    Ok(_) => break,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(HarnessError::Failed(format!(
+                            "JetStream not ready through {} within {timeout:?}: {e}",
+                            node.url()
+                        )));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every node's client URL, comma-separated: what a service's
+    /// `--nats-url` is given.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `i` (from 0), to stop, kill or restart.
+    pub fn node(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.nodes[i]
+    }
+
+    /// A JetStream context on a connection to every node as `admin:dev`.
+    pub async fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
+        let urls = self.urls();
+        let client = lineguard_runtime::bus_access::connect_options(
+            "lineguard-test",
+            Some(test_credentials()),
+            ("admin", "dev"),
+            None,
+        )
+        .connect(lineguard_runtime::bus_access::server_list(&urls))
+        .await
+        .map_err(|e| HarnessError::Failed(format!("connect to {urls}: {e}")))?;
+        Ok(async_nats::jetstream::new(client))
     }
 }
 

@@ -1,0 +1,210 @@
+//! The backend on a three-node JetStream cluster: every stream kept on
+//! three nodes (`--stream-replicas 3`), every service told all three
+//! nodes. A storm runs while one node is killed -9 and later restarted:
+//! no call fails for it, no ticket is lost or made twice, every order
+//! reaches its crew once, and replay equals the live view.
+
+mod common;
+
+use std::time::Duration;
+
+use common::deploy;
+use lineguard_harness::{FourServices, NatsCluster};
+use lineguard_protos::bus::v1::consumers_client::ConsumersClient;
+use lineguard_protos::bus::v1::{ListDeadLettersRequest, ListParkedRequest};
+use lineguard_protos::routing::v1::VerifyLoadsRequest;
+use lineguard_ticketctl::endpoints::{Clients, Endpoints};
+use lineguard_ticketctl::simulate::{StormConfig, storm};
+use lineguard_ticketctl::verify;
+
+/// Calls in the storm, and their rate (per second).
+const CALLS: usize = 400;
+const RATE: f64 = 40.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_one_node_of_three_loses_nothing_and_stops_nothing() {
+    let mut cluster = NatsCluster::start(3).await.expect("three-node cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let common: Vec<String> = ["--stream-replicas", "3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (policy, directory, rules) = (
+        deploy("policy.toml"),
+        deploy("directory.toml"),
+        deploy("feedback.toml"),
+    );
+    let own = |name: &str| -> Vec<String> {
+        let own: Vec<&str> = match name {
+            "routing" => vec!["--policy", &policy, "--directory", &directory],
+            "feedback" => vec!["--rules", &rules, "--timer-tick", "100ms"],
+            "dispatch" => vec!["--timer-tick", "100ms"],
+            _ => vec![],
+        };
+        own.into_iter().map(str::to_string).collect()
+    };
+    let services =
+        FourServices::start(dir.path(), &cluster.urls(), &common, own).expect("start services");
+    for p in services.all() {
+        p.wait_healthy(Duration::from_secs(90))
+            .await
+            .expect("healthy");
+    }
+
+    // Every service's stream is kept on all three nodes.
+    let jetstream = cluster.jetstream().await.expect("jetstream");
+    for service in lineguard_harness::SERVICE_NAMES {
+        let name = lineguard_bus::subjects::stream_name(service);
+        let mut stream = jetstream.get_stream(&name).await.expect("stream");
+        let info = stream.info().await.expect("stream info");
+        assert_eq!(info.config.num_replicas, 3, "{name}");
+        let cluster_info = info.cluster.as_ref().expect("cluster info");
+        assert_eq!(
+            cluster_info.replicas.len(),
+            2,
+            "{name}: a leader and two replicas"
+        );
+    }
+
+    let endpoints = Endpoints {
+        intake: services.intake.endpoint(),
+        routing: services.routing.endpoint(),
+        dispatch: services.dispatch.endpoint(),
+        feedback: services.feedback.endpoint(),
+        credentials: Some(lineguard_harness::test_credentials().path.clone()),
+        principal: "admin:dev".into(),
+    };
+    let clients = Clients::new(&endpoints).expect("clients");
+    let config = StormConfig {
+        tickets: CALLS,
+        rate: RATE,
+        seed: 16,
+        accounts: deploy("demo-accounts.csv"),
+        directory: deploy("directory.toml"),
+        slow_share: 0.0,
+        slow_ack: Duration::from_secs(1),
+        late_share: 0.1,
+        return_share: 0.03,
+        dissatisfied_share: 0.05,
+        settle: Duration::from_secs(120),
+        clock_start: None,
+        clock_anchor: None,
+        clock_speed: 1,
+        phone_skew_minutes: 5,
+        offline_share: 0.0,
+        max_in_flight: 2_000,
+        queue_calls: false,
+        until_done: true,
+    };
+    let driver = tokio::spawn({
+        let clients = clients.clone();
+        async move { storm(&clients, &config, &indicatif::ProgressBar::hidden()).await }
+    });
+
+    // A third of the way in, the node holding the meta leadership or not,
+    // node 2 dies without warning; it is away for a while, then back on
+    // its store, and catches up from its peers.
+    let call_seconds = CALLS as f64 / RATE;
+    tokio::time::sleep(Duration::from_secs_f64(call_seconds / 3.0)).await;
+    cluster.node(1).kill().expect("kill node 2");
+    tokio::time::sleep(Duration::from_secs_f64(call_seconds / 3.0)).await;
+    cluster.node(1).restart().expect("restart node 2");
+
+    let report = driver.await.expect("driver").expect("storm");
+    eprintln!("{}", serde_json::to_string(&report).expect("json"));
+    assert_eq!(report.calls, CALLS, "{:?}", report.errors);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.orders_received_twice, 0, "no order twice");
+    assert!(report.completed > 0);
+    cluster
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("node 2 back in the cluster");
+    let processes = services.all();
+    common::quiet(&processes, Duration::from_secs(3), Duration::from_secs(120)).await;
+
+    // Nothing parked or dead anywhere; loads equal routing's recount and
+    // every ticket ended.
+    for p in processes {
+        let mut consumers = ConsumersClient::new(p.channel().await.expect("channel"));
+        let dead = consumers
+            .list_dead_letters(ListDeadLettersRequest::default())
+            .await
+            .expect("dead letters")
+            .into_inner();
+        assert_eq!(dead.total, 0, "{:?}", dead.dead_letters);
+        let parked = consumers
+            .list_parked(ListParkedRequest::default())
+            .await
+            .expect("parked")
+            .into_inner();
+        assert_eq!(parked.total, 0, "{:?}", parked.parked);
+    }
+    let loads = clients
+        .routing()
+        .verify_loads(VerifyLoadsRequest {})
+        .await
+        .expect("verify loads")
+        .into_inner();
+    assert!(loads.mismatches.is_empty(), "{:?}", loads.mismatches);
+    assert_eq!(loads.open_tickets, 0, "every ticket worked to its end");
+
+    // Every ticket replays from the four logs to intake's live view: none
+    // lost between the services, none made twice.
+    let checked = verify::verify(&clients, &indicatif::ProgressBar::hidden())
+        .await
+        .expect("verify");
+    assert_eq!(
+        checked.tickets,
+        report.new_tickets + report.joined_incidents,
+        "intake holds exactly the tickets the calls made"
+    );
+    assert!(
+        checked.is_clean(),
+        "{:?} {:?}",
+        checked.mismatches,
+        checked.load_mismatches
+    );
+}
+
+/// deploy/nats-cluster/nats.conf, with the security.conf its comment says
+/// how to make, is a configuration nats-server accepts (`-t`: checked,
+/// not run).
+#[test]
+fn the_deployed_cluster_configuration_is_one_nats_server_accepts() {
+    use lineguard_runtime::bus_access::{ClusterNode, nats_cluster_block, nats_server_security};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let credentials = lineguard_harness::test_credentials();
+    let node = ClusterNode {
+        cluster: "lineguard".into(),
+        listen: "0.0.0.0:6222".into(),
+        routes: (1..=3)
+            .map(|i| format!("nats-route://nats-{i}:6222"))
+            .collect(),
+    };
+    let security = format!(
+        "{}{}",
+        nats_server_security(credentials, &[("admin", "dev")]).expect("security"),
+        nats_cluster_block(credentials, &node).expect("cluster block")
+    );
+    std::fs::write(dir.path().join("security.conf"), security).expect("security.conf");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, deploy_text("nats-cluster/nats.conf")).expect("nats.conf");
+    let out = std::process::Command::new(lineguard_harness::nats_server_binary().expect("bin"))
+        .arg("-t")
+        .arg("-c")
+        .arg(&conf)
+        .output()
+        .expect("nats-server -t");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A file under deploy/, its text.
+fn deploy_text(name: &str) -> String {
+    std::fs::read_to_string(deploy(name)).expect("deploy file")
+}
