@@ -139,6 +139,34 @@ fn list(items: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
+/// A `tls` block, indented by `indent`, presenting the NATS server's
+/// certificate from `credentials` and requiring the peer's, mapped to a
+/// user (`verify_and_map`); `why` is its comment. Paths are absolute: NATS
+/// resolves relative ones against its own working directory.
+fn tls_block(
+    credentials: &CredentialsDir,
+    indent: &str,
+    why: &str,
+) -> Result<String, BusAccessError> {
+    let absolute = std::fs::canonicalize(&credentials.path)
+        .map_err(|e| BusAccessError(format!("{}: {e}", credentials.path.display())))?;
+    let credentials = CredentialsDir::new(absolute);
+    let (role, id) = NATS_SERVER_PRINCIPAL;
+    let (cert, key) = credentials.principal(role, id);
+    let mut text = format!("{indent}tls {{\n");
+    text.push_str(&format!("{indent}  cert_file: {}\n", quoted(&cert)?));
+    text.push_str(&format!("{indent}  key_file: {}\n", quoted(&key)?));
+    text.push_str(&format!(
+        "{indent}  ca_file: {}\n",
+        quoted(&credentials.ca())?
+    ));
+    text.push_str(&format!("{indent}  # {why}\n"));
+    text.push_str(&format!("{indent}  verify_and_map: true\n"));
+    text.push_str(&format!("{indent}  timeout: 5\n"));
+    text.push_str(&format!("{indent}}}\n"));
+    Ok(text)
+}
+
 /// The `tls` and `authorization` blocks of a NATS server configuration for
 /// `credentials`: TLS with the server certificate `nats-local`, client
 /// certificates required and mapped to users; one user per service with
@@ -148,22 +176,13 @@ pub fn nats_server_security(
     credentials: &CredentialsDir,
     operators: &[(&str, &str)],
 ) -> Result<String, BusAccessError> {
-    // NATS resolves relative paths against its own working directory.
-    let absolute = std::fs::canonicalize(&credentials.path)
-        .map_err(|e| BusAccessError(format!("{}: {e}", credentials.path.display())))?;
-    let credentials = CredentialsDir::new(absolute);
-    let (role, id) = NATS_SERVER_PRINCIPAL;
-    let (cert, key) = credentials.principal(role, id);
     let mut text = String::new();
     text.push_str("# Made by lineguard_runtime::bus_access (ticketctl credentials nats-config).\n");
-    text.push_str("tls {\n");
-    text.push_str(&format!("  cert_file: {}\n", quoted(&cert)?));
-    text.push_str(&format!("  key_file: {}\n", quoted(&key)?));
-    text.push_str(&format!("  ca_file: {}\n", quoted(&credentials.ca())?));
-    text.push_str("  # A client certificate is required; its subject is the user.\n");
-    text.push_str("  verify_and_map: true\n");
-    text.push_str("  timeout: 5\n");
-    text.push_str("}\n");
+    text.push_str(&tls_block(
+        credentials,
+        "",
+        "A client certificate is required; its subject is the user.",
+    )?);
     text.push_str("authorization {\n  users = [\n");
     for rights in &BUS_RIGHTS {
         text.push_str(&format!(
@@ -202,11 +221,7 @@ pub fn nats_cluster_block(
     credentials: &CredentialsDir,
     node: &ClusterNode,
 ) -> Result<String, BusAccessError> {
-    let absolute = std::fs::canonicalize(&credentials.path)
-        .map_err(|e| BusAccessError(format!("{}: {e}", credentials.path.display())))?;
-    let credentials = CredentialsDir::new(absolute);
     let (role, id) = NATS_SERVER_PRINCIPAL;
-    let (cert, key) = credentials.principal(role, id);
     let plain = |what: &str, text: &str| {
         if text.is_empty() || text.contains(['"', '\\', '\n', ' ', ',']) {
             Err(BusAccessError(format!(
@@ -227,14 +242,11 @@ pub fn nats_cluster_block(
     text.push_str(&format!("  name: {}\n", plain("name", &node.cluster)?));
     text.push_str(&format!("  listen: {}\n", plain("listen", &node.listen)?));
     text.push_str(&format!("  routes: [{}]\n", routes.join(", ")));
-    text.push_str("  tls {\n");
-    text.push_str(&format!("    cert_file: {}\n", quoted(&cert)?));
-    text.push_str(&format!("    key_file: {}\n", quoted(&key)?));
-    text.push_str(&format!("    ca_file: {}\n", quoted(&credentials.ca())?));
-    text.push_str("    # Only a certificate mapped to the route user below may join.\n");
-    text.push_str("    verify_and_map: true\n");
-    text.push_str("    timeout: 5\n");
-    text.push_str("  }\n");
+    text.push_str(&tls_block(
+        credentials,
+        "  ",
+        "Only a certificate mapped to the route user below may join.",
+    )?);
     text.push_str(&format!(
         "  authorization {{ user: \"{}\" }}\n",
         nats_user(role, id)

@@ -109,6 +109,19 @@ impl NatsServer {
     /// `jetstream { sync_interval: always }`); the command line still sets the
     /// address, port, JetStream and store dir.
     pub fn start_with_config(config: &str) -> Result<NatsServer> {
+        Self::start_configured(None, None, config)
+    }
+
+    /// Starts node `name` of a cluster on client port `port`, its
+    /// configuration `config` followed by `cluster` (the node's cluster
+    /// block) and the test security.
+    fn start_node(name: &str, port: u16, config: &str, cluster: &str) -> Result<NatsServer> {
+        Self::start_configured(Some(name), Some(port), &format!("{config}\n{cluster}"))
+    }
+
+    /// Starts a server (named `name` in a cluster, on `port` or a free
+    /// one) whose configuration file holds `config` and the test security.
+    fn start_configured(name: Option<&str>, port: Option<u16>, config: &str) -> Result<NatsServer> {
         let dir = tempfile::Builder::new()
             .prefix("lineguard-nats-")
             .tempdir()?;
@@ -122,36 +135,11 @@ impl NatsServer {
         let mut server = NatsServer {
             child: None,
             dir,
-            port: 0,
+            port: port.unwrap_or(0),
             config: Some(path),
-            name: None,
+            name: name.map(str::to_string),
         };
-        server.launch(None)?;
-        Ok(server)
-    }
-
-    /// Starts node `name` of a cluster on client port `port`, its
-    /// configuration `config` followed by the test security and `cluster`
-    /// (the node's cluster block).
-    fn start_node(name: &str, port: u16, config: &str, cluster: &str) -> Result<NatsServer> {
-        let dir = tempfile::Builder::new()
-            .prefix("lineguard-nats-")
-            .tempdir()?;
-        let security = lineguard_runtime::bus_access::nats_server_security(
-            test_credentials(),
-            &[("admin", "dev")],
-        )
-        .map_err(|e| HarnessError::Failed(e.to_string()))?;
-        let path = dir.path().join("nats-server.conf");
-        std::fs::write(&path, format!("{config}\n{security}\n{cluster}"))?;
-        let mut server = NatsServer {
-            child: None,
-            dir,
-            port,
-            config: Some(path),
-            name: Some(name.to_string()),
-        };
-        server.launch(Some(port))?;
+        server.launch(port)?;
         Ok(server)
     }
 

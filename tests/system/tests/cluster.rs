@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use common::deploy;
 use lineguard_harness::{FourServices, NatsCluster};
-use lineguard_protos::bus::v1::consumers_client::ConsumersClient;
-use lineguard_protos::bus::v1::{ListDeadLettersRequest, ListParkedRequest};
 use lineguard_protos::routing::v1::VerifyLoadsRequest;
 use lineguard_ticketctl::endpoints::{Clients, Endpoints};
 use lineguard_ticketctl::simulate::{StormConfig, storm};
@@ -125,21 +123,7 @@ async fn losing_one_node_of_three_loses_nothing_and_stops_nothing() {
 
     // Nothing parked or dead anywhere; loads equal routing's recount and
     // every ticket ended.
-    for p in processes {
-        let mut consumers = ConsumersClient::new(p.channel().await.expect("channel"));
-        let dead = consumers
-            .list_dead_letters(ListDeadLettersRequest::default())
-            .await
-            .expect("dead letters")
-            .into_inner();
-        assert_eq!(dead.total, 0, "{:?}", dead.dead_letters);
-        let parked = consumers
-            .list_parked(ListParkedRequest::default())
-            .await
-            .expect("parked")
-            .into_inner();
-        assert_eq!(parked.total, 0, "{:?}", parked.parked);
-    }
+    common::assert_nothing_parked_or_dead(&processes).await;
     let loads = clients
         .routing()
         .verify_loads(VerifyLoadsRequest {})

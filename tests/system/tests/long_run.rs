@@ -23,8 +23,6 @@ use common::deploy;
 use std::time::Duration;
 
 use lineguard_harness::{FourServices, NatsServer, ServiceProcess};
-use lineguard_protos::bus::v1::consumers_client::ConsumersClient;
-use lineguard_protos::bus::v1::{ListDeadLettersRequest, ListParkedRequest};
 use lineguard_protos::dispatch::v1::OrderAssigned;
 use lineguard_protos::eventlog::v1::event_log_client::EventLogClient;
 use lineguard_protos::eventlog::v1::{EventEnvelope, ReadAllRequest, RebuildProjectionsRequest};
@@ -277,21 +275,7 @@ async fn a_long_run_keeps_every_promise() {
     assert_eq!(loads.open_tickets, 0, "every ticket worked to its end");
 
     // Nothing parked or dead anywhere.
-    for p in [&intake, &routing, &dispatch, &feedback] {
-        let mut consumers = ConsumersClient::new(p.channel().await.expect("channel"));
-        let dead = consumers
-            .list_dead_letters(ListDeadLettersRequest::default())
-            .await
-            .expect("dead letters")
-            .into_inner();
-        assert_eq!(dead.total, 0, "{:?}", dead.dead_letters);
-        let parked = consumers
-            .list_parked(ListParkedRequest::default())
-            .await
-            .expect("parked")
-            .into_inner();
-        assert_eq!(parked.total, 0, "{:?}", parked.parked);
-    }
+    common::assert_nothing_parked_or_dead(&[&intake, &routing, &dispatch, &feedback]).await;
 
     // Every field hop reached its crew exactly once.
     let routing_events = read_all(&routing).await;

@@ -409,3 +409,25 @@ pub async fn quiet(processes: &[&ServiceProcess], still: Duration, limit: Durati
         tokio::time::sleep(still).await;
     }
 }
+
+/// Asserts that no consumer of any of `processes` holds a parked or a
+/// dead-lettered event.
+pub async fn assert_nothing_parked_or_dead(processes: &[&ServiceProcess]) {
+    use lineguard_protos::bus::v1::consumers_client::ConsumersClient;
+    use lineguard_protos::bus::v1::{ListDeadLettersRequest, ListParkedRequest};
+    for p in processes {
+        let mut consumers = ConsumersClient::new(p.channel().await.expect("channel"));
+        let dead = consumers
+            .list_dead_letters(ListDeadLettersRequest::default())
+            .await
+            .expect("dead letters")
+            .into_inner();
+        assert_eq!(dead.total, 0, "{:?}", dead.dead_letters);
+        let parked = consumers
+            .list_parked(ListParkedRequest::default())
+            .await
+            .expect("parked")
+            .into_inner();
+        assert_eq!(parked.total, 0, "{:?}", parked.parked);
+    }
+}
