@@ -183,7 +183,16 @@ pub fn nats_server_security(
         "",
         "A client certificate is required; its subject is the user.",
     )?);
-    text.push_str("authorization {\n  users = [\n");
+    text.push_str(&nats_authorization_block(operators));
+    Ok(text)
+}
+
+/// The `authorization` block alone: one user per service with
+/// [`BUS_RIGHTS`], each of `operators` with every right. For a server whose
+/// TLS is configured elsewhere (the NATS Helm chart's values, see
+/// `deploy/k8s/nats-values.yaml`), which includes this block.
+pub fn nats_authorization_block(operators: &[(&str, &str)]) -> String {
+    let mut text = String::from("authorization {\n  users = [\n");
     for rights in &BUS_RIGHTS {
         text.push_str(&format!(
             "    {{ user: \"{}\", permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }} }}\n",
@@ -196,7 +205,7 @@ pub fn nats_server_security(
         text.push_str(&format!("    {{ user: \"{}\" }}\n", nats_user(role, id)));
     }
     text.push_str("  ]\n}\n");
-    Ok(text)
+    text
 }
 
 /// One node's place in a NATS cluster: what [`nats_cluster_block`] writes.

@@ -191,6 +191,11 @@ enum CredentialsWhat {
         /// a node's own URL in the list is ignored).
         #[arg(long, requires = "cluster_listen")]
         route: Vec<String>,
+        /// Print only the `authorization` block, for a server whose TLS and
+        /// cluster are configured elsewhere (deploy/k8s/nats-values.yaml
+        /// includes it); DIR is not read.
+        #[arg(long, conflicts_with = "cluster_listen")]
+        authorization_only: bool,
     },
     /// Issue a token (printed) for a phone or an operator, signed by DIR's
     /// token key.
@@ -245,6 +250,7 @@ fn credentials(what: CredentialsWhat) -> Result<ExitCode, Error> {
             cluster_listen,
             cluster_name,
             route,
+            authorization_only,
         } => {
             let mut operators = Vec::new();
             for principal in &operator {
@@ -252,6 +258,13 @@ fn credentials(what: CredentialsWhat) -> Result<ExitCode, Error> {
                     Error::Usage(format!("--operator {principal}: expected role:id"))
                 })?;
                 operators.push((role, id));
+            }
+            if authorization_only {
+                print!(
+                    "{}",
+                    lineguard_runtime::bus_access::nats_authorization_block(&operators)
+                );
+                return Ok(ExitCode::SUCCESS);
             }
             let credentials = CredentialsDir::new(dir);
             let mut text =
