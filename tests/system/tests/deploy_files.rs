@@ -6,23 +6,16 @@
 //! Lineguard's durability and security rely on.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use lineguard_harness::workspace_binary;
+use lineguard_harness::{SERVICE_NAMES as SERVICES, deploy_file, workspace_binary};
 use lineguard_runtime::bus_access::{NATS_SERVER_PRINCIPAL, nats_user};
 
-const SERVICES: [&str; 4] = ["intake", "routing", "dispatch", "feedback"];
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("the repository root")
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+/// The text of `name` under deploy/.
+fn read(name: &str) -> String {
+    let path = deploy_file(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 fn help_of(binary: &str, subcommand: &[&str]) -> String {
@@ -98,11 +91,10 @@ struct Manifest {
 }
 
 fn manifests() -> Vec<Manifest> {
-    let dir = repo_root().join("deploy/k8s");
     SERVICES
         .iter()
         .map(|service| {
-            let text = read(&dir.join(format!("{service}.yaml")));
+            let text = read(&format!("k8s/{service}.yaml"));
             let env = env_entries(&text);
             let address = env
                 .get("LINEGUARD_GRPC_ADDR")
@@ -214,9 +206,8 @@ fn every_port_is_the_one_its_service_serves_and_is_called_on() {
 
 #[test]
 fn every_file_the_manifests_point_at_is_in_the_image() {
-    let root = repo_root();
-    let dockerfile = read(&root.join("deploy/Dockerfile"));
-    let kustomization = read(&root.join("deploy/k8s/kustomization.yaml"));
+    let dockerfile = read("Dockerfile");
+    let kustomization = read("k8s/kustomization.yaml");
     for manifest in manifests() {
         assert!(
             kustomization.contains(&format!("- {}.yaml", manifest.service)),
@@ -236,7 +227,7 @@ fn every_file_the_manifests_point_at_is_in_the_image() {
                 continue; // a mounted secret (credentials, keys/)
             }
             assert!(
-                root.join("deploy").join(file).is_file()
+                Path::new(&deploy_file(file)).is_file()
                     && dockerfile.contains(&format!("deploy/{file}")),
                 "{}.yaml: {name}={value}, a file the image does not copy from deploy/",
                 manifest.service
@@ -251,8 +242,7 @@ fn every_file_the_manifests_point_at_is_in_the_image() {
 
 #[test]
 fn the_nats_values_keep_durability_replicas_and_the_route_user() {
-    let root = repo_root();
-    let values = read(&root.join("deploy/k8s/nats-values.yaml"));
+    let values = read("k8s/nats-values.yaml");
     assert!(
         values.contains("sync_interval: always"),
         "JetStream must fsync before it acks"
