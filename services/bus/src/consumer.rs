@@ -958,8 +958,12 @@ impl<H: Handler> Context<'_, H> {
             read += page.len();
             from = last + 1;
         }
-        self.log
-            .record_reconciled_through(self.name(), reconciled)
+        // A write of the log (fsynced, and copied first with --log-copy):
+        // off the runtime's workers, which the copy's append needs free.
+        let (log, name) = (self.log.clone(), self.name().to_string());
+        tokio::task::spawn_blocking(move || log.record_reconciled_through(&name, reconciled))
+            .await
+            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         if applied > 0 && gap {
             tracing::warn!(consumer = %self.name(), applied, reconciled,

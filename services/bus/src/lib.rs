@@ -16,11 +16,14 @@
 //! - [`parking`]: parked events and dead letters, kept in the consumer's log.
 //! - [`catchup`]: reconciling a consumer with its source's own log, so that
 //!   nothing the bus dropped is missed.
+//! - [`copy`]: a log's replicated copy on JetStream, which a lost disk is
+//!   rebuilt from.
 //! - [`admin`]: `lineguard.bus.v1.Consumers`, listing and retrying them.
 
 pub mod admin;
 pub mod catchup;
 pub mod consumer;
+pub mod copy;
 pub mod parking;
 pub mod relay;
 pub mod streams;

@@ -90,6 +90,11 @@ pub enum Error {
     )]
     ProjectionsIncomplete { reason: String },
 
+    /// The log's replicated copy refused a write, or cannot be followed
+    /// (see [`copy`](crate::copy)); nothing of the write was applied here.
+    #[error("the log's copy: {0}")]
+    Copy(String),
+
     /// The log has been closed.
     #[error("the event log is closed")]
     Closed,
@@ -120,6 +125,7 @@ impl Error {
         match self {
             Error::Storage(e) => Error::Storage(e.clone()),
             Error::Injected(at) => Error::Injected(at),
+            Error::Copy(reason) => Error::Copy(reason.clone()),
             Error::ProjectionsIncomplete { reason } => Error::ProjectionsIncomplete {
                 reason: reason.clone(),
             },
@@ -136,6 +142,7 @@ impl Error {
                 | Error::TooManySubscribers { .. }
                 | Error::Injected(_)
                 | Error::ProjectionsIncomplete { .. }
+                | Error::Copy(_)
         )
     }
 }
@@ -155,7 +162,9 @@ impl From<Error> for tonic::Status {
             Error::OutboxFull { .. } | Error::TooManySubscribers { .. } => Code::ResourceExhausted,
             Error::Projection { .. } => Code::FailedPrecondition,
             Error::Storage(_) | Error::Injected(_) => Code::Unavailable,
-            Error::Closed | Error::ProjectionsIncomplete { .. } => Code::Unavailable,
+            Error::Closed | Error::ProjectionsIncomplete { .. } | Error::Copy(_) => {
+                Code::Unavailable
+            }
         };
         tonic::Status::new(code, err.to_string())
     }

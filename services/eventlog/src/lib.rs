@@ -17,6 +17,7 @@
 //! - [`timers`]: durable timers kept as projections, fired at most once.
 //! - [`grpc`]: the `lineguard.eventlog.v1.EventLog` service.
 //! - [`command`]: idempotent commands as gRPC services answer them.
+//! - [`copy`]: the replicated copy every write goes to first, so a lost disk loses nothing.
 //! - [`codec`]: column families, keys, and the crc32c frame of every record.
 //! - [`limits`]: [`Limits`], the bound on everything that grows.
 //! - [`ids`]: what a valid id looks like.
@@ -33,6 +34,7 @@
 pub mod clock;
 pub mod codec;
 pub mod command;
+pub mod copy;
 pub mod error;
 pub mod grpc;
 pub mod ids;

@@ -21,6 +21,7 @@ use crate::codec::{
     correlation_key_position, decode_position_key, inbox_key, needs_correlation_entry,
     position_key, seal, stream_key, stream_key_version, unseal,
 };
+use crate::copy::{CopyTarget, Store};
 use crate::error::{Error, Result};
 use crate::ids::validate_id;
 use crate::limits::Limits;
@@ -43,6 +44,9 @@ pub struct LogConfig {
     pub event_types: EventTypes,
     /// Derives the projections; [`NoProjections`] keeps none.
     pub projector: Arc<dyn Projector>,
+    /// Where every write is copied before it is applied, so a lost disk
+    /// loses nothing ([`crate::copy`]); `None`: the disk alone.
+    pub copy: Option<Arc<dyn CopyTarget>>,
 }
 
 impl LogConfig {
@@ -54,7 +58,15 @@ impl LogConfig {
             limits: Limits::default(),
             event_types: EventTypes::new(),
             projector: Arc::new(NoProjections),
+            copy: None,
         }
+    }
+
+    /// Copies every write to `target` before applying it; an empty data
+    /// directory is rebuilt from the copy at open.
+    pub fn with_copy(mut self, target: Arc<dyn CopyTarget>) -> Self {
+        self.copy = Some(target);
+        self
     }
 
     /// Sets the accepted event types.
@@ -111,6 +123,7 @@ pub struct EventLog {
 
 struct Inner {
     db: Arc<DB>,
+    store: Arc<Store>,
     path: PathBuf,
     service: String,
     limits: Limits,
@@ -218,11 +231,56 @@ pub fn open_raw_store(path: &Path) -> Result<DB> {
 
 /// Opens the log's RocksDB within `memory_bytes`.
 fn open_store(path: &Path, memory_bytes: usize) -> Result<DB> {
+    open_store_ordered(path, memory_bytes, &ALL_COLUMN_FAMILIES)
+}
+
+/// Opens the log's RocksDB, creating missing column families in `order`
+/// (a store rebuilt from a copy numbers them as the copy's writer did).
+fn open_store_ordered(path: &Path, memory_bytes: usize, order: &[&str]) -> Result<DB> {
     let options = db_options(memory_bytes);
-    let descriptors = ALL_COLUMN_FAMILIES
+    let descriptors = order
         .iter()
         .map(|name| ColumnFamilyDescriptor::new(*name, options.clone()));
     Ok(DB::open_cf_descriptors(&options, path, descriptors)?)
+}
+
+/// Opens the store of a copied log and brings it level with its copy: an
+/// empty data directory is rebuilt from the copy (column families created
+/// in the copy's order), a store behind its copy applies what it lacks, an
+/// empty copy is started with a snapshot.
+fn open_copied_store(
+    path: &Path,
+    memory_bytes: usize,
+    target: &Arc<dyn CopyTarget>,
+) -> Result<(Arc<DB>, Store)> {
+    let new_store = !path.join("CURRENT").exists();
+    let db = match crate::copy::copied_column_families(target.as_ref())? {
+        Some(order) if new_store => {
+            let known: BTreeSet<&str> = ALL_COLUMN_FAMILIES.iter().copied().collect();
+            let copied: BTreeSet<&str> = order
+                .iter()
+                .map(String::as_str)
+                .filter(|name| *name != "default")
+                .collect();
+            if copied != known {
+                return Err(Error::Copy(format!(
+                    "the copy's column families {order:?} are not this version's {ALL_COLUMN_FAMILIES:?}"
+                )));
+            }
+            let order: Vec<&str> = order
+                .iter()
+                .map(String::as_str)
+                .filter(|name| *name != "default")
+                .collect();
+            tracing::warn!(path = %path.display(), "the data directory is empty: rebuilding the log from its copy");
+            open_store_ordered(path, memory_bytes, &order)?
+        }
+        _ => open_store(path, memory_bytes)?,
+    };
+    let (last, _) = crate::copy::sync_with_copy(&db, target.as_ref())?;
+    let db = Arc::new(db);
+    let store = Store::copied(db.clone(), target.clone(), last);
+    Ok((db, store))
 }
 
 impl EventLog {
@@ -231,14 +289,24 @@ impl EventLog {
     /// projections, they are rebuilt from the log before this returns.
     pub fn open(config: LogConfig) -> Result<EventLog> {
         validate_id("service", &config.service, config.limits.max_id_len)?;
-        let db = Arc::new(open_store(&config.path, config.limits.store_memory_bytes)?);
+        let (db, store) = match &config.copy {
+            Some(target) => {
+                open_copied_store(&config.path, config.limits.store_memory_bytes, target)?
+            }
+            None => {
+                let db = Arc::new(open_store(&config.path, config.limits.store_memory_bytes)?);
+                (db.clone(), Store::uncopied(db))
+            }
+        };
+        let store = Arc::new(store);
         let head = last_position(&db)?;
-        ensure_stream_events(&db, head)?;
+        ensure_stream_events(&db, &store, head)?;
         let outbox_backlog = Arc::new(AtomicU64::new(count_outbox(&db)?));
         let projections_unavailable = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (head_tx, head_rx) = watch::channel(head);
         let mut writer = Writer {
             db: db.clone(),
+            store: store.clone(),
             service: config.service.clone(),
             limits: config.limits.clone(),
             projector: config.projector.clone(),
@@ -273,6 +341,7 @@ impl EventLog {
         Ok(EventLog {
             inner: Arc::new(Inner {
                 db,
+                store,
                 path: config.path,
                 service: config.service,
                 subscribers: Arc::new(Semaphore::new(config.limits.max_subscribers)),
@@ -836,7 +905,7 @@ impl EventLog {
         }
         iter.status()?;
         drop(iter);
-        db.write(batch)?;
+        self.inner.store.write(batch, false)?;
         // The writer counts events before they are visible, so this never
         // takes the counter below the number of events stored.
         self.inner
@@ -864,6 +933,25 @@ impl EventLog {
         Ok(db
             .property_int_value_cf(cf(db, CF_EVENTS)?, "rocksdb.block-cache-usage")?
             .unwrap_or(0))
+    }
+
+    /// Starts the log's copy again from a snapshot and drops what came
+    /// before it, when `policy` says it is due (see
+    /// [`crate::copy::CompactionPolicy`]); `None` when not due or not
+    /// copied. Blocks, and commits wait while the snapshot is made: run it
+    /// in `spawn_blocking`, rarely.
+    pub fn compact_copy(
+        &self,
+        policy: crate::copy::CompactionPolicy,
+    ) -> Result<Option<crate::copy::CopyCompacted>> {
+        let db = &self.inner.db;
+        let mut store_bytes = 0u64;
+        for name in ALL_COLUMN_FAMILIES {
+            store_bytes += db
+                .property_int_value_cf(cf(db, name)?, "rocksdb.estimate-live-data-size")?
+                .unwrap_or(0);
+        }
+        self.inner.store.compact_copy(policy, store_bytes)
     }
 
     /// Events committed but not yet acknowledged by the bus.
@@ -925,9 +1013,9 @@ impl EventLog {
         let db = &self.inner.db;
         let key = crate::codec::reconciled_through_key(consumer);
         let value = crate::codec::seal(&key, &position.to_be_bytes());
-        let mut options = rocksdb::WriteOptions::default();
-        options.set_sync(true);
-        db.put_cf_opt(cf(db, CF_META)?, &key, value, &options)?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf(db, CF_META)?, &key, value);
+        self.inner.store.write(batch, true)?;
         Ok(())
     }
 
@@ -1365,7 +1453,7 @@ const COPIES_PER_WRITE: usize = 10_000;
 /// [`CF_CORRELATIONS`], once, for a log written before either existed; a
 /// crash part way copies again from the start (each write puts what is
 /// already there).
-fn ensure_stream_events(db: &DB, head: u64) -> Result<()> {
+fn ensure_stream_events(db: &DB, store: &Store, head: u64) -> Result<()> {
     let meta = cf(db, CF_META)?;
     if db.get_pinned_cf(meta, META_STREAM_EVENTS)?.is_some()
         && db.get_pinned_cf(meta, META_CORRELATION_INDEX)?.is_some()
@@ -1389,18 +1477,18 @@ fn ensure_stream_events(db: &DB, head: u64) -> Result<()> {
         }
         copied += 1;
         if batch.len() >= COPIES_PER_WRITE {
-            db.write(std::mem::take(&mut batch))?;
+            store.write(std::mem::take(&mut batch), false)?;
         }
         iter.next();
     }
     iter.status()?;
-    db.write(batch)?;
-    db.put_cf(meta, META_STREAM_EVENTS, seal(META_STREAM_EVENTS, b"1"))?;
-    db.put_cf(
+    batch.put_cf(meta, META_STREAM_EVENTS, seal(META_STREAM_EVENTS, b"1"));
+    batch.put_cf(
         meta,
         META_CORRELATION_INDEX,
         seal(META_CORRELATION_INDEX, b"1"),
-    )?;
+    );
+    store.write(batch, true)?;
     if head > 0 {
         tracing::info!(
             events = head,

@@ -16,7 +16,7 @@ use lineguard_protos::eventlog::v1::{
     CommitReceipt, EventEnvelope, IdempotencyRecord, ProjectionState, StreamCommit,
 };
 use prost::Message;
-use rocksdb::{DB, WriteBatch, WriteOptions};
+use rocksdb::{DB, WriteBatch};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codec::{
@@ -25,6 +25,7 @@ use crate::codec::{
     consumer_position_key, correlation_key, inbox_key, needs_correlation_entry, position_key, seal,
     stream_key,
 };
+use crate::copy::Store;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::log::{
@@ -71,6 +72,8 @@ pub struct Rebuilt {
 
 pub(crate) struct Writer {
     pub db: Arc<DB>,
+    /// Where every write goes: the disk, after the copy when there is one.
+    pub store: Arc<Store>,
     pub service: String,
     pub limits: Limits,
     pub projector: Arc<dyn Projector>,
@@ -375,9 +378,7 @@ impl Writer {
     }
 
     fn write_batch(&self, batch: WriteBatch) -> Result<()> {
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        self.db.write_opt(batch, &options)?;
+        self.store.write(batch, true)?;
         Ok(())
     }
 
@@ -634,7 +635,7 @@ impl Writer {
             for key in keys {
                 batch.delete_cf(projections, key);
             }
-            self.db.write(batch)?;
+            self.store.write(batch, false)?;
         }
         fail::fail_point!("eventlog::rebuild_after_clear", |_| Err(Error::Injected(
             "rebuild_after_clear"
@@ -667,7 +668,7 @@ impl Writer {
                 self.projector.version(),
                 last,
             )?;
-            self.db.write(batch)?;
+            self.store.write(batch, false)?;
             replayed += page.len() as u64;
             next = last + 1;
             fail::fail_point!("eventlog::replay_after_page", |_| Err(Error::Injected(

@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod customer;
+pub mod key_copy;
 pub mod observe;
 pub mod projection;
 pub mod sealing;

@@ -68,6 +68,10 @@ async fn serve(args: Args) -> ExitCode {
         correlation_window: args.correlation_window,
         outage_threshold: args.outage_threshold,
     };
+    let (log_copy, replicas) = (
+        args.common.log_copy,
+        usize::from(args.common.stream_replicas),
+    );
     lineguard_runtime::run(spec, args.common, async move |host| {
         host.add_consumer(
             ConsumerConfig::new(observe::CONSUMER, "routing").filtered(observe::routing_subjects()),
@@ -91,7 +95,26 @@ async fn serve(args: Args) -> ExitCode {
                 MasterKey::load_or_create(&file).map_err(setup)?
             }
         };
-        let keys = LocalKeyStore::open(&data_dir.join("keys"), master).map_err(setup)?;
+        let keys_path = data_dir.join("keys");
+        let keys = if log_copy {
+            // The keys are on the same disk as the log: kept off it too.
+            let bucket = lineguard_intake::key_copy::ensure_key_bucket(&host.jetstream, replicas)
+                .await
+                .map_err(setup)?;
+            let replica = Arc::new(lineguard_intake::key_copy::JetStreamKeyReplica::new(
+                host.jetstream.clone(),
+                bucket,
+                tokio::runtime::Handle::current(),
+            ));
+            tokio::task::spawn_blocking(move || {
+                LocalKeyStore::open_replicated(&keys_path, master, replica)
+            })
+            .await
+            .map_err(|e| HostError::Setup(e.to_string()))?
+            .map_err(setup)?
+        } else {
+            LocalKeyStore::open(&keys_path, master).map_err(setup)?
+        };
         let mut routes = RoutesBuilder::default();
         routes.add_service(
             IntakeService::new(host.log.clone(), config, customers, Arc::new(keys)).server(),

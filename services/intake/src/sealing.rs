@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
@@ -83,6 +83,23 @@ pub trait KeyStore: Send + Sync + 'static {
     fn existing_key(&self, customer_key: &str) -> Result<Option<DataKey>, SealError>;
     /// Destroys the customer's data key for good; true if there was one.
     fn destroy(&self, customer_key: &str) -> Result<bool, SealError>;
+}
+
+/// A replicated place that holds every wrapped data key beside the local
+/// store (with `--log-copy`; [`crate::key_copy`]), so that a lost disk
+/// loses no customer's key: a new key is in it before anything is sealed
+/// with it, a destroyed key is purged from it, and a local store that
+/// starts empty is filled from it. The calls block.
+pub trait KeyReplica: Send + Sync + 'static {
+    /// Holds these wrapped keys (customer key, wrapped key) durably.
+    fn put_all(&self, keys: &[(String, Vec<u8>)]) -> Result<(), SealError>;
+    /// Purges the customer's key, every revision of it.
+    fn destroy(&self, customer_key: &str) -> Result<(), SealError>;
+    /// Calls `each` with every wrapped key it holds.
+    fn for_each(
+        &self,
+        each: &mut dyn FnMut(String, Vec<u8>) -> Result<(), SealError>,
+    ) -> Result<(), SealError>;
 }
 
 fn random_nonce() -> Result<[u8; NONCE_BYTES], SealError> {
@@ -275,6 +292,8 @@ impl MasterKey {
 pub struct LocalKeyStore {
     db: rocksdb::DB,
     master: MasterKey,
+    /// Where every key is also kept, off this disk (`None`: this disk only).
+    replica: Option<Arc<dyn KeyReplica>>,
     making: Mutex<KeyMaking>,
     /// Wakes the callers waiting for their batch.
     written: Condvar,
@@ -335,10 +354,44 @@ impl LocalKeyStore {
         Ok(LocalKeyStore {
             db,
             master,
+            replica: None,
             making: Mutex::new(KeyMaking::default()),
             written: Condvar::new(),
             writing: Mutex::new(()),
         })
+    }
+
+    /// Opens the store at `path` with every key also kept in `replica`: a
+    /// store that holds no key yet (a new disk, or one that replaced a lost
+    /// one) is first filled with every key the replica holds.
+    pub fn open_replicated(
+        path: &Path,
+        master: MasterKey,
+        replica: Arc<dyn KeyReplica>,
+    ) -> Result<LocalKeyStore, SealError> {
+        let mut store = LocalKeyStore::open(path, master)?;
+        let mut first = store.db.raw_iterator();
+        first.seek_to_first();
+        let empty = !first.valid();
+        first.status().map_err(store_error)?;
+        drop(first);
+        if empty {
+            let mut batch = rocksdb::WriteBatch::default();
+            replica.for_each(&mut |customer, wrapped| {
+                batch.put(customer.as_bytes(), wrapped);
+                Ok(())
+            })?;
+            let keys = batch.len();
+            store
+                .db
+                .write_opt(batch, &Self::durable())
+                .map_err(store_error)?;
+            if keys > 0 {
+                tracing::warn!(keys, "the key store was empty: filled from its replica");
+            }
+        }
+        store.replica = Some(replica);
+        Ok(store)
     }
 
     fn durable() -> rocksdb::WriteOptions {
@@ -358,14 +411,22 @@ impl LocalKeyStore {
         making.leader = true;
         let queued = std::mem::take(&mut making.queued);
         let mut batch = rocksdb::WriteBatch::default();
+        let mut replicated = Vec::with_capacity(queued.len());
         for (customer, (key, wrapped)) in queued {
-            batch.put(customer.as_bytes(), wrapped);
+            batch.put(customer.as_bytes(), &wrapped);
+            if self.replica.is_some() {
+                replicated.push((customer.clone(), wrapped));
+            }
             making.in_write.insert(customer, key);
         }
         drop(making);
         // Whatever the write does, the state below is restored: a failed
-        // batch's callers find their keys missing from the store.
+        // batch's callers find their keys missing from the store. The
+        // replica first: a key this disk holds is always held off it too.
         let written = self.writing.lock().map_err(poisoned).and_then(|_writing| {
+            if let Some(replica) = &self.replica {
+                replica.put_all(&replicated)?;
+            }
             self.db
                 .write_opt(batch, &Self::durable())
                 .map_err(store_error)
@@ -434,6 +495,11 @@ impl KeyStore for LocalKeyStore {
     /// the write-ahead log and the table files until some later compaction).
     fn destroy(&self, customer_key: &str) -> Result<bool, SealError> {
         let _writing = self.writing.lock().map_err(poisoned)?;
+        // The replica first: a key left there would come back with a lost
+        // disk; one left here is destroyed by the erasure's retry.
+        if let Some(replica) = &self.replica {
+            replica.destroy(customer_key)?;
+        }
         let existed = self
             .db
             .get(customer_key.as_bytes())

@@ -9,6 +9,9 @@
 //!   crew mirror `lineguard.crew.>`), and manage its own streams;
 //! - read the streams it consumes, through its own durable consumers
 //!   (`<service>-from-<source>`): fetch, ack, info;
+//! - append to, read and compact its own log's copy
+//!   (`lineguard_copy.<service>`, stream `LINEGUARD_COPY_<SERVICE>`), and
+//!   no other's;
 //! - receive replies on its own inbox prefix (`_INBOX_<service>`), so no
 //!   service reads another's replies.
 //!
@@ -36,6 +39,9 @@ pub struct BusRights {
     pub publishes: &'static [&'static str],
     /// The services whose streams it consumes.
     pub consumes: &'static [&'static str],
+    /// The key-value bucket it keeps its data keys in, off its disk (with
+    /// `--log-copy`; intake's sealed customer data).
+    pub key_bucket: Option<&'static str>,
 }
 
 /// Every service's rights on the bus.
@@ -44,21 +50,25 @@ pub const BUS_RIGHTS: [BusRights; 4] = [
         service: "intake",
         publishes: &["intake"],
         consumes: &["routing", "dispatch"],
+        key_bucket: Some(lineguard_bus::copy::INTAKE_KEY_BUCKET),
     },
     BusRights {
         service: "routing",
         publishes: &["routing"],
         consumes: &["intake", "dispatch", "feedback"],
+        key_bucket: None,
     },
     BusRights {
         service: "dispatch",
         publishes: &["dispatch", "crew"],
         consumes: &["routing", "intake"],
+        key_bucket: None,
     },
     BusRights {
         service: "feedback",
         publishes: &["feedback"],
         consumes: &["intake", "routing", "dispatch"],
+        key_bucket: None,
     },
 ];
 
@@ -92,6 +102,21 @@ pub fn publish_subjects(rights: &BusRights) -> Vec<String> {
         subjects.push(service_subjects(own));
         for verb in ["INFO", "CREATE", "UPDATE"] {
             subjects.push(format!("$JS.API.STREAM.{verb}.{stream}"));
+        }
+    }
+    // The log's copy (`--log-copy`): appended, read back, never deleted.
+    let copy_stream = lineguard_bus::copy::copy_stream_name(rights.service);
+    subjects.push(lineguard_bus::copy::copy_subject(rights.service));
+    // PURGE: a compaction drops what came before its snapshot.
+    for verb in ["INFO", "CREATE", "UPDATE", "MSG.GET", "PURGE"] {
+        subjects.push(format!("$JS.API.STREAM.{verb}.{copy_stream}"));
+    }
+    if let Some(bucket) = rights.key_bucket {
+        // Put and purge are publishes on the bucket's subjects; reading it
+        // back walks its stream.
+        subjects.push(format!("$KV.{bucket}.>"));
+        for verb in ["INFO", "CREATE", "UPDATE", "MSG.GET"] {
+            subjects.push(format!("$JS.API.STREAM.{verb}.KV_{bucket}"));
         }
     }
     for source in rights.consumes {
@@ -375,6 +400,12 @@ mod tests {
             subjects
                 .iter()
                 .all(|s| !s.contains("STREAM.UPDATE.LINEGUARD_ROUTING"))
+        );
+        assert!(subjects.contains(&"lineguard_copy.intake".to_string()));
+        assert!(
+            subjects
+                .iter()
+                .all(|s| !s.contains("COPY_") || s.ends_with("LINEGUARD_COPY_INTAKE"))
         );
         assert_eq!(subscribe_subjects(rights), vec!["_INBOX_intake.>"]);
     }

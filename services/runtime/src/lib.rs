@@ -136,6 +136,13 @@ pub struct CommonArgs {
     /// fewer is brought up to it at start.
     #[arg(long, env = "LINEGUARD_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub stream_replicas: u8,
+    /// Copies every write of the event log to JetStream (stream
+    /// `LINEGUARD_COPY_<SERVICE>`, no limits, `--stream-replicas` copies)
+    /// before applying it, and rebuilds an empty data directory from that
+    /// copy at start: a lost disk loses nothing. Costs one replicated
+    /// append per write; on in production.
+    #[arg(long, env = "LINEGUARD_LOG_COPY", default_value_t = false)]
+    pub log_copy: bool,
     /// Health service `lineguard.bus` turns NOT_SERVING when the outbox has
     /// had events JetStream did not take for this long (NATS down, its store
     /// full); the service itself stays SERVING, keeping what it commits.
@@ -453,20 +460,6 @@ impl Host {
             store_memory_bytes: args.store_memory_mib as usize * 1024 * 1024,
             ..lineguard_eventlog::Limits::default()
         };
-        let log_config = LogConfig::new(data_dir.join("eventlog"), spec.name)
-            .with_limits(limits)
-            .with_event_types(with_parking_events(spec.event_types))
-            .with_projector(ParkingProjector::wrap(spec.projector));
-        let log = tokio::task::spawn_blocking(move || EventLog::open(log_config))
-            .await
-            .map_err(|e| HostError::Io(std::io::Error::other(e)))??;
-        if args.rebuild_projections {
-            let rebuilt = log.rebuild_projections_checked().await?;
-            tracing::info!(service = spec.name, replayed = rebuilt.events_replayed,
-                digest_before = %rebuilt.digest_before, digest_after = %rebuilt.digest_after,
-                "projections rebuilt from the log at start-up");
-        }
-
         let rights = check_bus_rights(spec.name, spec.mirror.as_ref())?;
         let credentials_dir = args
             .credentials
@@ -491,6 +484,25 @@ impl Host {
         .await
         .map_err(|e| HostError::Nats(e.to_string()))?;
         let jetstream = jetstream::new(nats.clone());
+        let mut log_config = LogConfig::new(data_dir.join("eventlog"), spec.name)
+            .with_limits(limits)
+            .with_event_types(with_parking_events(spec.event_types))
+            .with_projector(ParkingProjector::wrap(spec.projector));
+        if args.log_copy {
+            let copy = log_copy_at_start(&jetstream, spec.name, args.stream_replicas).await;
+            log_config = log_config.with_copy(copy);
+        }
+        // Off the runtime's workers: opening may replay projections or
+        // read the whole copy back.
+        let log = tokio::task::spawn_blocking(move || EventLog::open(log_config))
+            .await
+            .map_err(|e| HostError::Io(std::io::Error::other(e)))??;
+        if args.rebuild_projections {
+            let rebuilt = log.rebuild_projections_checked().await?;
+            tracing::info!(service = spec.name, replayed = rebuilt.events_replayed,
+                digest_before = %rebuilt.digest_before, digest_after = %rebuilt.digest_after,
+                "projections rebuilt from the log at start-up");
+        }
         let stream = lineguard_bus::StreamSettings {
             max_age: args.stream_max_age,
             max_messages: args.stream_max_messages,
@@ -572,6 +584,10 @@ impl Host {
             shutdown_steps: Vec::new(),
         };
         host.on_shutdown(memory_reporter.stop());
+        if args.log_copy {
+            let compactor = copy_compactor(spec.name, host.log.clone());
+            host.on_shutdown(compactor.stop());
+        }
         Ok(host)
     }
 
@@ -850,6 +866,64 @@ fn nats_url_is_loopback(urls: &str) -> bool {
 /// limits, JetStream off) stops the start with a message saying what to
 /// change. NATS unreachable or slow is not such a refusal: the relay goes
 /// on trying in the background, as it does whenever NATS is down.
+/// How often a service looks whether its log's copy is due for a
+/// compaction ([`lineguard_eventlog::copy::CompactionPolicy`]).
+const COPY_COMPACTION_CHECK: Duration = Duration::from_secs(600);
+
+/// Starts the log's copy again from a snapshot when it has grown long
+/// (checked every [`COPY_COMPACTION_CHECK`]), so the copy a lost disk is
+/// rebuilt from stays a few times the store's size.
+fn copy_compactor(service: &'static str, log: EventLog) -> periodic::Periodic {
+    periodic::Periodic::spawn("log copy compaction", COPY_COMPACTION_CHECK, move || {
+        let log = log.clone();
+        async move {
+            let compacted = tokio::task::spawn_blocking(move || {
+                log.compact_copy(lineguard_eventlog::copy::CompactionPolicy::default())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            if let Some(done) = compacted {
+                tracing::info!(
+                    service,
+                    bytes_before = done.bytes_before,
+                    first_sequence = done.first_sequence,
+                    "the log's copy was compacted"
+                );
+            }
+            Ok::<usize, String>(usize::from(compacted.is_some()))
+        }
+    })
+}
+
+/// The log's copy on JetStream ([`lineguard_bus::copy`]), its stream made
+/// first: a copied log cannot open without its copy, so this waits for
+/// NATS as long as it takes.
+async fn log_copy_at_start(
+    jetstream: &jetstream::Context,
+    service: &'static str,
+    replicas: u8,
+) -> Arc<dyn lineguard_eventlog::copy::CopyTarget> {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match lineguard_bus::copy::ensure_copy_stream(jetstream, service, usize::from(replicas))
+            .await
+        {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(service, error = %e, "the log's copy stream is not ready; the log waits for it");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    Arc::new(lineguard_bus::copy::JetStreamCopy::new(
+        jetstream.clone(),
+        service,
+        tokio::runtime::Handle::current(),
+    ))
+}
+
 async fn ensure_streams_at_start(
     jetstream: &jetstream::Context,
     service: &str,

@@ -678,6 +678,25 @@ impl ServiceProcess {
         wait_with_timeout(&mut child, timeout)
     }
 
+    /// Kills the process with SIGKILL and deletes everything in its data
+    /// directory but its own output: its machine's disk is lost. Start it
+    /// again with [`ServiceProcess::restart`].
+    pub fn kill9_and_lose_disk(&mut self) -> Result<()> {
+        self.kill9()?;
+        for entry in std::fs::read_dir(&self.data_dir)? {
+            let path = entry?.path();
+            if path == self.log_path {
+                continue;
+            }
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the process again with the same port, data and flags.
     pub fn restart(&mut self) -> Result<()> {
         self.kill9()?;

@@ -2,7 +2,9 @@
 //! three nodes (`--stream-replicas 3`), every service told all three
 //! nodes. A storm runs while one node is killed -9 and later restarted:
 //! no call fails for it, no ticket is lost or made twice, every order
-//! reaches its crew once, and replay equals the live view.
+//! reaches its crew once, and replay equals the live view. Every log is
+//! copied to the cluster (`--log-copy`): a service whose disk is lost,
+//! mid-storm or at rest, comes back from its copy.
 
 mod common;
 
@@ -10,6 +12,8 @@ use std::time::Duration;
 
 use common::deploy;
 use lineguard_harness::{FourServices, NatsCluster};
+use lineguard_protos::eventlog::v1::GetProjectionDigestRequest;
+use lineguard_protos::intake::v1::GetTicketRequest;
 use lineguard_protos::routing::v1::VerifyLoadsRequest;
 use lineguard_ticketctl::endpoints::{Clients, Endpoints};
 use lineguard_ticketctl::simulate::{StormConfig, storm};
@@ -23,31 +27,7 @@ const RATE: f64 = 40.0;
 async fn losing_one_node_of_three_loses_nothing_and_stops_nothing() {
     let mut cluster = NatsCluster::start(3).await.expect("three-node cluster");
     let dir = tempfile::tempdir().expect("tempdir");
-    let common: Vec<String> = ["--stream-replicas", "3"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let (policy, directory, rules) = (
-        deploy("policy.toml"),
-        deploy("directory.toml"),
-        deploy("feedback.toml"),
-    );
-    let own = |name: &str| -> Vec<String> {
-        let own: Vec<&str> = match name {
-            "routing" => vec!["--policy", &policy, "--directory", &directory],
-            "feedback" => vec!["--rules", &rules, "--timer-tick", "100ms"],
-            "dispatch" => vec!["--timer-tick", "100ms"],
-            _ => vec![],
-        };
-        own.into_iter().map(str::to_string).collect()
-    };
-    let services =
-        FourServices::start(dir.path(), &cluster.urls(), &common, own).expect("start services");
-    for p in services.all() {
-        p.wait_healthy(Duration::from_secs(90))
-            .await
-            .expect("healthy");
-    }
+    let (services, clients) = start_backend(&cluster, dir.path(), &[]).await;
 
     // Every service's stream is kept on all three nodes.
     let jetstream = cluster.jetstream().await.expect("jetstream");
@@ -64,35 +44,13 @@ async fn losing_one_node_of_three_loses_nothing_and_stops_nothing() {
         );
     }
 
-    let endpoints = Endpoints {
-        intake: services.intake.endpoint(),
-        routing: services.routing.endpoint(),
-        dispatch: services.dispatch.endpoint(),
-        feedback: services.feedback.endpoint(),
-        credentials: Some(lineguard_harness::test_credentials().path.clone()),
-        principal: "admin:dev".into(),
-    };
-    let clients = Clients::new(&endpoints).expect("clients");
     let config = StormConfig {
         tickets: CALLS,
-        rate: RATE,
         seed: 16,
-        accounts: deploy("demo-accounts.csv"),
-        directory: deploy("directory.toml"),
-        slow_share: 0.0,
-        slow_ack: Duration::from_secs(1),
         late_share: 0.1,
         return_share: 0.03,
         dissatisfied_share: 0.05,
-        settle: Duration::from_secs(120),
-        clock_start: None,
-        clock_anchor: None,
-        clock_speed: 1,
-        phone_skew_minutes: 5,
-        offline_share: 0.0,
-        max_in_flight: 2_000,
-        queue_calls: false,
-        until_done: true,
+        ..storm_at_rate()
     };
     let driver = tokio::spawn({
         let clients = clients.clone();
@@ -191,4 +149,231 @@ fn the_deployed_cluster_configuration_is_one_nats_server_accepts() {
 /// A file under deploy/, its text.
 fn deploy_text(name: &str) -> String {
     std::fs::read_to_string(deploy(name)).expect("deploy file")
+}
+
+/// The head and projection digest of `service`'s log, as its EventLog
+/// API reports them.
+async fn log_state(clients: &Clients, service: &str) -> (u64, String) {
+    let digest = clients
+        .log(service)
+        .expect("log client")
+        .get_projection_digest(GetProjectionDigestRequest {})
+        .await
+        .expect("digest")
+        .into_inner();
+    (digest.head_position, digest.digest)
+}
+
+/// With `--log-copy`, a service whose machine loses its disk comes back
+/// from the copy on the cluster: routing loses its disk mid-storm and
+/// intake after it, and each comes back with the same events, the same
+/// projections and its customers' keys, and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_that_loses_its_disk_comes_back_from_its_copy() {
+    let cluster = NatsCluster::start(3).await.expect("three-node cluster");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Intake's secrets come from outside its disk, as in production.
+    let secrets = dir.path().join("secrets");
+    let intake_flags = [
+        "--master-key-file".to_string(),
+        secrets.join("master.key").display().to_string(),
+        "--customer-digest-key-file".to_string(),
+        secrets.join("customer-digest.key").display().to_string(),
+    ];
+    let (mut services, clients) = start_backend(&cluster, dir.path(), &intake_flags).await;
+    let config = StormConfig {
+        tickets: COPY_CALLS,
+        seed: 17,
+        late_share: 0.1,
+        return_share: 0.03,
+        dissatisfied_share: 0.05,
+        ..storm_at_rate()
+    };
+    let driver = tokio::spawn({
+        let clients = clients.clone();
+        async move { storm(&clients, &config, &indicatif::ProgressBar::hidden()).await }
+    });
+    // A third of the way in, routing's machine dies with its disk; a new
+    // one starts on an empty data directory.
+    tokio::time::sleep(Duration::from_secs_f64(COPY_CALLS as f64 / RATE / 3.0)).await;
+    services
+        .routing
+        .kill9_and_lose_disk()
+        .expect("lose routing's disk");
+    services.routing.restart().expect("restart routing");
+    let report = driver.await.expect("driver").expect("storm");
+    eprintln!("{}", serde_json::to_string(&report).expect("json"));
+    assert_eq!(report.calls, COPY_CALLS, "{:?}", report.errors);
+    assert_eq!(report.orders_received_twice, 0, "no order twice");
+    assert!(report.completed > 0);
+    services
+        .wait_healthy(Duration::from_secs(120))
+        .await
+        .expect("healthy after routing's loss");
+    common::quiet(
+        &services.all(),
+        Duration::from_secs(3),
+        Duration::from_secs(120),
+    )
+    .await;
+
+    // Intake's disk next, at rest: it must come back as it was.
+    let before = log_state(&clients, "intake").await;
+    let ticket = report.ticket_ids.first().expect("a ticket").clone();
+    let view_before = clients
+        .intake()
+        .get_ticket(GetTicketRequest {
+            ticket_id: ticket.clone(),
+        })
+        .await
+        .expect("ticket")
+        .into_inner();
+    services
+        .intake
+        .kill9_and_lose_disk()
+        .expect("lose intake's disk");
+    services.intake.restart().expect("restart intake");
+    services
+        .intake
+        .wait_healthy(Duration::from_secs(120))
+        .await
+        .expect("intake healthy");
+    assert_eq!(
+        log_state(&clients, "intake").await,
+        before,
+        "the same events and projections"
+    );
+    let view_after = clients
+        .intake()
+        .get_ticket(GetTicketRequest { ticket_id: ticket })
+        .await
+        .expect("ticket after")
+        .into_inner();
+    assert!(
+        view_after
+            .ticket
+            .as_ref()
+            .and_then(|t| t.caller.as_ref())
+            .is_some_and(|c| !c.phone.is_empty()),
+        "the customer's key came back: the contact opens"
+    );
+    assert_eq!(view_after, view_before);
+
+    // It serves: more calls, and everything still adds up.
+    let more = StormConfig {
+        tickets: 40,
+        seed: 18,
+        ..storm_at_rate()
+    };
+    let report_more = storm(&clients, &more, &indicatif::ProgressBar::hidden())
+        .await
+        .expect("storm after");
+    assert_eq!(report_more.calls, 40, "{:?}", report_more.errors);
+    common::quiet(
+        &services.all(),
+        Duration::from_secs(3),
+        Duration::from_secs(120),
+    )
+    .await;
+    common::assert_nothing_parked_or_dead(&services.all()).await;
+    let loads = clients
+        .routing()
+        .verify_loads(VerifyLoadsRequest {})
+        .await
+        .expect("verify loads")
+        .into_inner();
+    assert!(loads.mismatches.is_empty(), "{:?}", loads.mismatches);
+    let checked = verify::verify(&clients, &indicatif::ProgressBar::hidden())
+        .await
+        .expect("verify");
+    assert_eq!(
+        checked.tickets,
+        report.new_tickets
+            + report.joined_incidents
+            + report_more.new_tickets
+            + report_more.joined_incidents,
+        "intake holds exactly the tickets the calls made"
+    );
+    assert!(
+        checked.is_clean(),
+        "{:?} {:?}",
+        checked.mismatches,
+        checked.load_mismatches
+    );
+}
+
+/// The four services on `cluster`, every stream R3 and every log copied
+/// (`--log-copy`, which the first test's services also run with: the copy
+/// must not get in a node's loss's way), intake with `intake_flags` too;
+/// once all are healthy, and clients for them as an administrator.
+async fn start_backend(
+    cluster: &NatsCluster,
+    dir: &std::path::Path,
+    intake_flags: &[String],
+) -> (FourServices, Clients) {
+    let common: Vec<String> = ["--stream-replicas", "3", "--log-copy"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (policy, directory, rules) = (
+        deploy("policy.toml"),
+        deploy("directory.toml"),
+        deploy("feedback.toml"),
+    );
+    let own = |name: &str| -> Vec<String> {
+        let own: Vec<&str> = match name {
+            "routing" => vec!["--policy", &policy, "--directory", &directory],
+            "feedback" => vec!["--rules", &rules, "--timer-tick", "100ms"],
+            "dispatch" => vec!["--timer-tick", "100ms"],
+            _ => vec![],
+        };
+        let mut own: Vec<String> = own.into_iter().map(str::to_string).collect();
+        if name == "intake" {
+            own.extend_from_slice(intake_flags);
+        }
+        own
+    };
+    let services = FourServices::start(dir, &cluster.urls(), &common, own).expect("start services");
+    services
+        .wait_healthy(Duration::from_secs(90))
+        .await
+        .expect("healthy");
+    let endpoints = Endpoints {
+        intake: services.intake.endpoint(),
+        routing: services.routing.endpoint(),
+        dispatch: services.dispatch.endpoint(),
+        feedback: services.feedback.endpoint(),
+        credentials: Some(lineguard_harness::test_credentials().path.clone()),
+        principal: "admin:dev".into(),
+    };
+    let clients = Clients::new(&endpoints).expect("clients");
+    (services, clients)
+}
+
+/// Calls in the lost-disk storm.
+const COPY_CALLS: usize = 240;
+
+/// A storm at [`RATE`] of nothing but plain calls worked to their end.
+fn storm_at_rate() -> StormConfig {
+    StormConfig {
+        tickets: 0,
+        rate: RATE,
+        seed: 0,
+        accounts: deploy("demo-accounts.csv"),
+        directory: deploy("directory.toml"),
+        slow_share: 0.0,
+        slow_ack: Duration::from_secs(1),
+        late_share: 0.0,
+        return_share: 0.0,
+        dissatisfied_share: 0.0,
+        settle: Duration::from_secs(120),
+        clock_start: None,
+        clock_anchor: None,
+        clock_speed: 1,
+        phone_skew_minutes: 5,
+        offline_share: 0.0,
+        max_in_flight: 2_000,
+        queue_calls: false,
+        until_done: true,
+    }
 }
