@@ -101,6 +101,8 @@ pub struct JetStreamCopy {
     subject: String,
     /// Tells this process's appends from any other's (`Nats-Msg-Id`).
     writer_id: String,
+    /// Parts appended by this process so far (part of each `Nats-Msg-Id`).
+    records: std::sync::atomic::AtomicU64,
     runtime: tokio::runtime::Handle,
 }
 
@@ -123,6 +125,7 @@ impl JetStreamCopy {
             stream: copy_stream_name(service),
             subject: copy_subject(service),
             writer_id: format!("{}-{}-{nanos:x}", service, std::process::id()),
+            records: std::sync::atomic::AtomicU64::new(0),
             runtime,
         }
     }
@@ -159,7 +162,13 @@ impl JetStreamCopy {
         part: (usize, usize),
         body: bytes::Bytes,
     ) -> LogResult<u64> {
-        let message_id = format!("{}-{}", self.writer_id, expected_last + 1);
+        // Names this record, not only its place: a record that failed
+        // and a later one meant for the same place are never mistaken for
+        // each other.
+        let record_number = self
+            .records
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let message_id = format!("{}-{record_number}-{}", self.writer_id, expected_last + 1);
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
         headers.insert(
@@ -189,8 +198,10 @@ impl JetStreamCopy {
                     return match self.message_id_at(expected_last + 1).await? {
                         Some(id) if id == message_id => Ok(expected_last + 1),
                         _ => Err(LogError::Copy(format!(
-                            "another writer appended to {} after {expected_last}: \
-                             two processes are writing one log's copy",
+                            "another record is at {} in {} (another writer, or an append of \
+                             this process whose answer was lost): two processes are writing one \
+                             log's copy, or this one must reopen the log to follow the copy",
+                            expected_last + 1,
                             self.stream
                         ))),
                     };
@@ -211,18 +222,32 @@ impl JetStreamCopy {
         }
     }
 
+    /// The `Nats-Msg-Id` of message `sequence`, asked until the copy
+    /// answers: an append's outcome must be known before the log goes on.
     async fn message_id_at(&self, sequence: u64) -> LogResult<Option<String>> {
-        let stream = self
-            .jetstream
-            .get_stream_no_info(&self.stream)
-            .await
-            .map_err(|e| self.failed("reading", e))?;
-        match stream.get_raw_message(sequence).await {
-            Ok(message) => Ok(message
-                .headers
-                .get(async_nats::header::NATS_MESSAGE_ID)
-                .map(|v| v.to_string())),
-            Err(e) => Err(self.failed("reading", e)),
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let got = match self.jetstream.get_stream_no_info(&self.stream).await {
+                Ok(stream) => stream
+                    .get_raw_message(sequence)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match got {
+                Ok(message) => {
+                    return Ok(message
+                        .headers
+                        .get(async_nats::header::NATS_MESSAGE_ID)
+                        .map(|v| v.to_string()));
+                }
+                Err(e) => {
+                    tracing::warn!(service = %self.service, stream = %self.stream, sequence, error = %e,
+                        "cannot read back a message of the log's copy yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
         }
     }
 

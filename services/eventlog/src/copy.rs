@@ -189,7 +189,15 @@ impl Store {
                 cursor.last_sequence = last;
                 Ok(())
             }
-            Err(CopiedWrite::NotCopied(e)) => Err(e),
+            Err(CopiedWrite::NotCopied(e)) => {
+                // Where the copy ends is not certain after a refused append
+                // (it may hold a record this disk does not): no write may
+                // follow until the log is reopened and follows the copy.
+                let reason = format!("{e}; the log takes no more writes until it is reopened");
+                tracing::error!(%reason, "the log's copy refused a write");
+                cursor.stalled = Some(reason);
+                Err(e)
+            }
             Err(CopiedWrite::NotWritten(reason)) => {
                 tracing::error!(%reason, "a copied write did not reach the store; the log takes no more writes");
                 cursor.stalled = Some(reason.clone());

@@ -410,6 +410,32 @@ pub async fn quiet(processes: &[&ServiceProcess], still: Duration, limit: Durati
     }
 }
 
+/// Waits, at most `limit`, until no consumer of any of `processes` holds
+/// a parked event (one waits for its prerequisite, or for the next sweep,
+/// every 10 s, when a wake was missed), then asserts that none holds a
+/// parked or a dead-lettered event.
+pub async fn assert_nothing_parked_or_dead_within(processes: &[&ServiceProcess], limit: Duration) {
+    use lineguard_protos::bus::v1::ListParkedRequest;
+    use lineguard_protos::bus::v1::consumers_client::ConsumersClient;
+    let deadline = Instant::now() + limit;
+    'wait: while Instant::now() < deadline {
+        for p in processes {
+            let mut consumers = ConsumersClient::new(p.channel().await.expect("channel"));
+            let parked = consumers
+                .list_parked(ListParkedRequest::default())
+                .await
+                .expect("parked")
+                .into_inner();
+            if parked.total > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue 'wait;
+            }
+        }
+        break;
+    }
+    assert_nothing_parked_or_dead(processes).await;
+}
+
 /// Asserts that no consumer of any of `processes` holds a parked or a
 /// dead-lettered event.
 pub async fn assert_nothing_parked_or_dead(processes: &[&ServiceProcess]) {
