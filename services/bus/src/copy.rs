@@ -130,10 +130,6 @@ impl JetStreamCopy {
         }
     }
 
-    fn block_on<F: Future>(&self, work: F) -> F::Output {
-        wait_on(&self.runtime, work)
-    }
-
     fn failed(&self, what: &str, e: impl std::fmt::Display) -> LogError {
         LogError::Copy(format!("{what} {}: {e}", self.stream))
     }
@@ -371,15 +367,15 @@ fn parse_part(value: &str) -> Option<(usize, usize)> {
 
 impl CopyTarget for JetStreamCopy {
     fn bounds(&self) -> LogResult<CopyBounds> {
-        self.block_on(self.bounds_async())
+        wait_on(&self.runtime, self.bounds_async())
     }
 
     fn append(&self, expected_last: u64, record: &CopyRecord) -> LogResult<(u64, u64)> {
-        self.block_on(self.append_async(expected_last, record))
+        wait_on(&self.runtime, self.append_async(expected_last, record))
     }
 
     fn purge_before(&self, sequence: u64) -> LogResult<()> {
-        self.block_on(async {
+        wait_on(&self.runtime, async {
             let stream = self
                 .jetstream
                 .get_stream_no_info(&self.stream)
@@ -401,7 +397,7 @@ impl CopyTarget for JetStreamCopy {
         from: u64,
         apply: &mut dyn FnMut(u64, CopyRecord) -> LogResult<ControlFlow<()>>,
     ) -> LogResult<()> {
-        self.block_on(self.read_async(from, apply))
+        wait_on(&self.runtime, self.read_async(from, apply))
     }
 }
 

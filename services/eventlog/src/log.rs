@@ -253,9 +253,16 @@ fn open_copied_store(
     memory_bytes: usize,
     target: &Arc<dyn CopyTarget>,
 ) -> Result<(Arc<DB>, Store)> {
+    // Only a new store needs the copy's column family order: reading the
+    // copy's first record on every start would be wasted.
     let new_store = !path.join("CURRENT").exists();
-    let db = match crate::copy::copied_column_families(target.as_ref())? {
-        Some(order) if new_store => {
+    let copied_order = if new_store {
+        crate::copy::copied_column_families(target.as_ref())?
+    } else {
+        None
+    };
+    let db = match copied_order {
+        Some(order) => {
             let known: BTreeSet<&str> = ALL_COLUMN_FAMILIES.iter().copied().collect();
             let copied: BTreeSet<&str> = order
                 .iter()
