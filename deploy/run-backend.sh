@@ -13,7 +13,8 @@
 # if something already listens on 4222. With LINEGUARD_NATS_NODES=3 it is
 # a three-node JetStream cluster on loopback instead (client ports 4222-4224
 # or 4232-4234, routes on 6222-6224 or 6232-6234, mutual TLS between the
-# nodes), every stream kept on all three (LINEGUARD_STREAM_REPLICAS=3) and
+# nodes), every stream kept on all three (LINEGUARD_STREAM_REPLICAS=3),
+# every log copied to them (LINEGUARD_LOG_COPY=true) and
 # every service told every node: kill one node and nothing stops. Set
 # NATS_URL to use a NATS you run yourself (it must then carry the same
 # security: `ticketctl credentials nats-config`, see deploy/nats-cluster/).
@@ -72,7 +73,8 @@ elif [ "$NODES" = 1 ]; then
   NATS_URL="nats://127.0.0.1:$port"
   {
     cat deploy/nats-server.conf
-    "$BIN_DIR/ticketctl" credentials nats-config --dir "$LINEGUARD_CREDENTIALS"
+    "$BIN_DIR/ticketctl" credentials nats-config --dir "$LINEGUARD_CREDENTIALS" \
+      --partitions "${LINEGUARD_PARTITIONS:-1}"
   } > "$DATA/nats-server.conf"
   start_nats_node lineguard-local "$port" "$DATA/nats" "$DATA/nats-server.conf"
   echo "started NATS on $NATS_URL (TLS, a user per service; store $DATA/nats)" >&2
@@ -88,13 +90,15 @@ elif [ "$NODES" = 3 ]; then
     {
       cat deploy/nats-server.conf
       "$BIN_DIR/ticketctl" credentials nats-config --dir "$LINEGUARD_CREDENTIALS" \
-        --cluster-listen "127.0.0.1:$((first + 2000 + i))" "${routes[@]}"
+        --partitions "${LINEGUARD_PARTITIONS:-1}" --cluster-listen "127.0.0.1:$((first + 2000 + i))" "${routes[@]}"
     } > "$DATA/nats-$((i + 1)).conf"
     start_nats_node "lineguard-$((i + 1))" "$((first + i))" "$DATA/nats-$((i + 1))" "$DATA/nats-$((i + 1)).conf"
     urls+=("nats://127.0.0.1:$((first + i))")
   done
   NATS_URL=$(IFS=,; echo "${urls[*]}")
   export LINEGUARD_STREAM_REPLICAS="${LINEGUARD_STREAM_REPLICAS:-3}"
+  # Every log copied to the cluster: a lost data directory comes back.
+  export LINEGUARD_LOG_COPY="${LINEGUARD_LOG_COPY:-true}"
   echo "started a three-node NATS cluster on $NATS_URL (TLS; stores $DATA/nats-1..3; streams kept on all three)" >&2
 else
   echo "LINEGUARD_NATS_NODES must be 1 or 3, not $NODES" >&2
@@ -109,15 +113,41 @@ declare -A extra=(
 )
 # Every clock counts working days by this year's holidays and make-up days.
 export LINEGUARD_CALENDAR="${LINEGUARD_CALENDAR:-deploy/calendar.toml}"
-# A consumer away longer than the bus keeps messages catches up from the
-# source service's own log.
-export LINEGUARD_PEERS="${LINEGUARD_PEERS:-intake=https://127.0.0.1:50051,routing=https://127.0.0.1:50052,dispatch=https://127.0.0.1:50053,feedback=https://127.0.0.1:50054}"
-for service in intake routing dispatch feedback; do
-  # shellcheck disable=SC2086 # the extra flags are words
-  "$BIN_DIR/lineguard-$service" --data-dir "$DATA/$service" --nats-url "$NATS_URL" ${extra[$service]:-} &
-  pids+=($!)
+# With LINEGUARD_PARTITIONS=P (README, "Partitions") every service runs as
+# P instances; partition k's four listen on 50051+10k .. 50054+10k, keep
+# their data in $DATA/<service> (k = 0) or $DATA/<service>-p<k>, and are
+# told where their own partition's peers are.
+PARTITIONS="${LINEGUARD_PARTITIONS:-1}"
+services=(intake routing dispatch feedback)
+for ((k = 0; k < PARTITIONS; k++)); do
+  suffix=""
+  [ "$k" -gt 0 ] && suffix="-p$k"
+  peers=()
+  for i in 0 1 2 3; do
+    peers+=("${services[$i]}$suffix=https://127.0.0.1:$((50051 + 10 * k + i))")
+  done
+  # A consumer away longer than the bus keeps messages catches up from the
+  # source service's own log.
+  if [ "$PARTITIONS" = 1 ] && [ -n "${LINEGUARD_PEERS:-}" ]; then
+    partition_peers="$LINEGUARD_PEERS"
+  else
+    partition_peers=$(IFS=,; echo "${peers[*]}")
+  fi
+  for i in 0 1 2 3; do
+    service=${services[$i]}
+    # shellcheck disable=SC2086 # the extra flags are words
+    LINEGUARD_PEERS="$partition_peers" "$BIN_DIR/lineguard-$service" \
+      --data-dir "$DATA/$service$suffix" --nats-url "$NATS_URL" \
+      --grpc-addr "127.0.0.1:$((50051 + 10 * k + i))" \
+      --partitions "$PARTITIONS" --partition "$k" ${extra[$service]:-} &
+    pids+=($!)
+  done
 done
-echo "Lineguard is running: intake :50051, routing :50052, dispatch :50053, feedback :50054 (TLS)." >&2
+if [ "$PARTITIONS" = 1 ]; then
+  echo "Lineguard is running: intake :50051, routing :50052, dispatch :50053, feedback :50054 (TLS)." >&2
+else
+  echo "Lineguard is running in $PARTITIONS partitions: partition k's intake, routing, dispatch, feedback on :50051+10k .. :50054+10k (TLS)." >&2
+fi
 echo "Call it as admin:dev with: export LINEGUARD_CREDENTIALS=$LINEGUARD_CREDENTIALS; ticketctl ... Ctrl-C stops all." >&2
 wait -n "${pids[@]}" || true
 echo "a process exited; stopping the rest" >&2

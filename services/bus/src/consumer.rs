@@ -187,6 +187,25 @@ impl ConsumerConfig {
         self.filter_subjects = subjects;
         self
     }
+
+    /// The same consumer as `partition`'s instance runs it: it reads its
+    /// own partition of the source (`intake-p1` for partition 1), through
+    /// the same subjects of that partition, under the durable name
+    /// `name`. Partition 0 reads the source by its own name, as one
+    /// unsplit service does.
+    pub fn in_partition(mut self, partition: crate::Partition, name: String) -> Self {
+        let source = partition.bus_name(&self.source_service);
+        let old_prefix = format!("{}.{}.", crate::subjects::ROOT, self.source_service);
+        let new_prefix = format!("{}.{source}.", crate::subjects::ROOT);
+        for filter in &mut self.filter_subjects {
+            if let Some(rest) = filter.strip_prefix(&old_prefix) {
+                *filter = format!("{new_prefix}{rest}");
+            }
+        }
+        self.source_service = source;
+        self.name = name;
+        self
+    }
 }
 
 /// What happened to one delivered event.

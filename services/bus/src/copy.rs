@@ -26,9 +26,12 @@ use lineguard_eventlog::{Error as LogError, Result as LogResult};
 
 use crate::Error;
 
-/// The key-value bucket intake keeps its wrapped data keys in, off its disk
-/// (`lineguard_intake::key_copy`).
-pub const INTAKE_KEY_BUCKET: &str = "LINEGUARD_KEYS_INTAKE";
+/// The key-value bucket a service (by its bus name, see
+/// [`crate::partition`]) keeps its wrapped data keys in, off its disk
+/// (`lineguard_intake::key_copy`): `LINEGUARD_KEYS_INTAKE` for intake.
+pub fn key_bucket_name(service: &str) -> String {
+    format!("LINEGUARD_KEYS_{}", service.to_ascii_uppercase())
+}
 
 /// A message of the copy carries at most this many bytes of its record:
 /// under NATS's default 1 MiB `max_payload` with room for the headers.
@@ -417,6 +420,8 @@ mod tests {
     #[test]
     fn each_service_has_its_own_copy_stream_outside_the_event_subjects() {
         assert_eq!(copy_stream_name("intake"), "LINEGUARD_COPY_INTAKE");
+        assert_eq!(key_bucket_name("intake"), "LINEGUARD_KEYS_INTAKE");
+        assert_eq!(copy_stream_name("intake-p1"), "LINEGUARD_COPY_INTAKE-P1");
         assert_eq!(copy_subject("intake"), "lineguard_copy.intake");
         assert!(!copy_subject("intake").starts_with("lineguard."));
     }

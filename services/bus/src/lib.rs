@@ -18,6 +18,8 @@
 //!   nothing the bus dropped is missed.
 //! - [`copy`]: a log's replicated copy on JetStream, which a lost disk is
 //!   rebuilt from.
+//! - [`partition`]: a service split into partitions, and the names each
+//!   partition's instance goes by on the bus.
 //! - [`admin`]: `lineguard.bus.v1.Consumers`, listing and retrying them.
 
 pub mod admin;
@@ -25,6 +27,7 @@ pub mod catchup;
 pub mod consumer;
 pub mod copy;
 pub mod parking;
+pub mod partition;
 pub mod relay;
 pub mod streams;
 pub mod subjects;
@@ -35,6 +38,7 @@ pub use consumer::{
     spawn_consumer,
 };
 pub use parking::{ParkingLot, ParkingProjector, with_parking_events};
+pub use partition::Partition;
 pub use relay::{Mirror, OutboxRelay, RelayConfig, RelayHealth, RelayMonitor};
 pub use streams::{StreamSettings, ensure_stream};
 

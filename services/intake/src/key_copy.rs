@@ -16,23 +16,23 @@ use lineguard_bus::copy::wait_on;
 
 use crate::sealing::{KeyReplica, SealError};
 
-/// The bucket holding intake's wrapped keys.
-pub const KEY_BUCKET: &str = lineguard_bus::copy::INTAKE_KEY_BUCKET;
-
 /// Puts sent at once when a batch of new keys is replicated.
 const PUTS_IN_FLIGHT: usize = 256;
 
 /// Most bytes of a wrapped key (a nonce, 32 bytes and a tag: 60).
 const MAX_WRAPPED_BYTES: i32 = 256;
 
-/// Creates the bucket, or brings its replicas to `replicas`.
+/// Creates the bucket named `bucket` (the instance's:
+/// [`lineguard_bus::copy::key_bucket_name`]), or brings its replicas to
+/// `replicas`.
 pub async fn ensure_key_bucket(
     jetstream: &jetstream::Context,
+    bucket: &str,
     replicas: usize,
 ) -> Result<kv::Store, SealError> {
     jetstream
         .create_or_update_key_value(kv::Config {
-            bucket: KEY_BUCKET.to_string(),
+            bucket: bucket.to_string(),
             description: "intake's wrapped data keys (lineguard --log-copy)".into(),
             history: 1,
             max_value_size: MAX_WRAPPED_BYTES,
@@ -41,7 +41,7 @@ pub async fn ensure_key_bucket(
             ..kv::Config::default()
         })
         .await
-        .map_err(|e| SealError::Store(format!("key bucket {KEY_BUCKET}: {e}")))
+        .map_err(|e| SealError::Store(format!("key bucket {bucket}: {e}")))
 }
 
 /// The key bucket, called from the key store's threads.
@@ -68,7 +68,7 @@ impl JetStreamKeyReplica {
 }
 
 fn replica_error(what: &str, e: impl std::fmt::Display) -> SealError {
-    SealError::Store(format!("key bucket {KEY_BUCKET}, {what}: {e}"))
+    SealError::Store(format!("key bucket, {what}: {e}"))
 }
 
 /// A customer key as a bucket key: the same text when it is one a bucket
@@ -82,7 +82,7 @@ fn bucket_key(customer_key: &str) -> Result<&str, SealError> {
         Ok(customer_key)
     } else {
         Err(SealError::Store(format!(
-            "customer key {customer_key:?} cannot name a key in {KEY_BUCKET}"
+            "customer key {customer_key:?} cannot name a key in a bucket"
         )))
     }
 }
@@ -132,7 +132,7 @@ impl KeyReplica for JetStreamKeyReplica {
         wait_on(&self.runtime, async {
             // The bucket's stream, message by message: after purges it holds
             // each live key once and a marker for each purged one.
-            let stream_name = format!("KV_{KEY_BUCKET}");
+            let stream_name = format!("KV_{}", self.bucket.name);
             let mut stream = self
                 .jetstream
                 .get_stream(&stream_name)
@@ -147,7 +147,7 @@ impl KeyReplica for JetStreamKeyReplica {
             if state.messages == 0 {
                 return Ok(());
             }
-            let prefix = format!("$KV.{KEY_BUCKET}.");
+            let prefix = format!("$KV.{}.", self.bucket.name);
             let mut live = std::collections::BTreeMap::new();
             for sequence in state.first_sequence..=state.last_sequence {
                 let message = match stream.get_raw_message(sequence).await {

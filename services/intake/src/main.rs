@@ -98,9 +98,14 @@ async fn serve(args: Args) -> ExitCode {
         let keys_path = data_dir.join("keys");
         let keys = if log_copy {
             // The keys are on the same disk as the log: kept off it too.
-            let bucket = lineguard_intake::key_copy::ensure_key_bucket(&host.jetstream, replicas)
-                .await
-                .map_err(setup)?;
+            let bucket_name = lineguard_bus::copy::key_bucket_name(host.bus_name());
+            let bucket = lineguard_intake::key_copy::ensure_key_bucket(
+                &host.jetstream,
+                &bucket_name,
+                replicas,
+            )
+            .await
+            .map_err(setup)?;
             let replica = Arc::new(lineguard_intake::key_copy::JetStreamKeyReplica::new(
                 host.jetstream.clone(),
                 bucket,

@@ -39,9 +39,10 @@ pub struct BusRights {
     pub publishes: &'static [&'static str],
     /// The services whose streams it consumes.
     pub consumes: &'static [&'static str],
-    /// The key-value bucket it keeps its data keys in, off its disk (with
-    /// `--log-copy`; intake's sealed customer data).
-    pub key_bucket: Option<&'static str>,
+    /// Whether it keeps its data keys in a key-value bucket, off its disk
+    /// (with `--log-copy`; intake's sealed customer data): one bucket per
+    /// partition, [`lineguard_bus::copy::key_bucket_name`].
+    pub keeps_keys: bool,
 }
 
 /// Every service's rights on the bus.
@@ -50,25 +51,25 @@ pub const BUS_RIGHTS: [BusRights; 4] = [
         service: "intake",
         publishes: &["intake"],
         consumes: &["routing", "dispatch"],
-        key_bucket: Some(lineguard_bus::copy::INTAKE_KEY_BUCKET),
+        keeps_keys: true,
     },
     BusRights {
         service: "routing",
         publishes: &["routing"],
         consumes: &["intake", "dispatch", "feedback"],
-        key_bucket: None,
+        keeps_keys: false,
     },
     BusRights {
         service: "dispatch",
         publishes: &["dispatch", "crew"],
         consumes: &["routing", "intake"],
-        key_bucket: None,
+        keeps_keys: false,
     },
     BusRights {
         service: "feedback",
         publishes: &["feedback"],
         consumes: &["intake", "routing", "dispatch"],
-        key_bucket: None,
+        keeps_keys: false,
     },
 ];
 
@@ -93,45 +94,61 @@ pub fn nats_user(role: &str, id: &str) -> String {
     format!("CN={role}:{id}")
 }
 
-/// The subjects `rights.service` may publish to.
-pub fn publish_subjects(rights: &BusRights) -> Vec<String> {
+/// The subjects `rights.service` may publish to, when every service is
+/// split into `partitions` (1: not split): each partition's instance
+/// connects as the service's one user, so the user may act for every
+/// partition's streams, copy and consumers (each instance still touches
+/// only its own: see [`lineguard_bus::partition`]).
+pub fn publish_subjects(rights: &BusRights, partitions: u16) -> Vec<String> {
     use lineguard_bus::subjects::{service_subjects, stream_name};
     let mut subjects = vec!["$JS.API.INFO".to_string()];
-    for own in rights.publishes {
-        let stream = stream_name(own);
-        subjects.push(service_subjects(own));
-        for verb in ["INFO", "CREATE", "UPDATE"] {
-            subjects.push(format!("$JS.API.STREAM.{verb}.{stream}"));
+    for partition in lineguard_bus::Partition::all(partitions) {
+        let own = partition.bus_name(rights.service);
+        // The service's own stream is partitioned; a mirror (dispatch's
+        // crew subjects) is one stream every partition publishes to.
+        let mirrors = rights
+            .publishes
+            .iter()
+            .filter(|p| **p != rights.service && partition.index() == 0)
+            .map(|p| p.to_string());
+        for published in std::iter::once(own.clone()).chain(mirrors) {
+            let stream = stream_name(&published);
+            subjects.push(service_subjects(&published));
+            for verb in ["INFO", "CREATE", "UPDATE"] {
+                subjects.push(format!("$JS.API.STREAM.{verb}.{stream}"));
+            }
         }
-    }
-    // The log's copy (`--log-copy`): appended, read back, never deleted.
-    let copy_stream = lineguard_bus::copy::copy_stream_name(rights.service);
-    subjects.push(lineguard_bus::copy::copy_subject(rights.service));
-    // PURGE: a compaction drops what came before its snapshot.
-    for verb in ["INFO", "CREATE", "UPDATE", "MSG.GET", "PURGE"] {
-        subjects.push(format!("$JS.API.STREAM.{verb}.{copy_stream}"));
-    }
-    if let Some(bucket) = rights.key_bucket {
-        // Put and purge are publishes on the bucket's subjects; reading it
-        // back walks its stream.
-        subjects.push(format!("$KV.{bucket}.>"));
-        for verb in ["INFO", "CREATE", "UPDATE", "MSG.GET"] {
-            subjects.push(format!("$JS.API.STREAM.{verb}.KV_{bucket}"));
+        // The log's copy (`--log-copy`): appended, read back, never deleted.
+        let copy_stream = lineguard_bus::copy::copy_stream_name(&own);
+        subjects.push(lineguard_bus::copy::copy_subject(&own));
+        // PURGE: a compaction drops what came before its snapshot.
+        for verb in ["INFO", "CREATE", "UPDATE", "MSG.GET", "PURGE"] {
+            subjects.push(format!("$JS.API.STREAM.{verb}.{copy_stream}"));
         }
-    }
-    for source in rights.consumes {
-        let stream = stream_name(source);
-        let consumer = consumer_name(rights.service, source);
-        subjects.push(format!("$JS.API.STREAM.INFO.{stream}"));
-        subjects.push(format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"));
-        // async-nats names the consumer's single filter in the subject.
-        subjects.push(format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}"));
-        subjects.push(format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>"));
-        subjects.push(format!(
-            "$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}"
-        ));
-        subjects.push(format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"));
-        subjects.push(format!("$JS.ACK.{stream}.{consumer}.>"));
+        if rights.keeps_keys {
+            // Put and purge are publishes on the bucket's subjects; reading
+            // it back walks its stream.
+            let bucket = lineguard_bus::copy::key_bucket_name(&own);
+            subjects.push(format!("$KV.{bucket}.>"));
+            for verb in ["INFO", "CREATE", "UPDATE", "MSG.GET"] {
+                subjects.push(format!("$JS.API.STREAM.{verb}.KV_{bucket}"));
+            }
+        }
+        for source in rights.consumes {
+            let source = partition.bus_name(source);
+            let stream = stream_name(&source);
+            let consumer = consumer_name(&own, &source);
+            subjects.push(format!("$JS.API.STREAM.INFO.{stream}"));
+            subjects.push(format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"));
+            // async-nats names the consumer's single filter in the subject.
+            subjects.push(format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}"));
+            subjects.push(format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>"));
+            subjects.push(format!(
+                "$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}"
+            ));
+            subjects.push(format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"));
+            subjects.push(format!("$JS.ACK.{stream}.{consumer}.>"));
+        }
     }
     subjects
 }
@@ -195,11 +212,13 @@ fn tls_block(
 /// The `tls` and `authorization` blocks of a NATS server configuration for
 /// `credentials`: TLS with the server certificate `nats-local`, client
 /// certificates required and mapped to users; one user per service with
-/// [`BUS_RIGHTS`]; each of `operators` (`role:id` certificates, e.g.
-/// `admin:dev`) with every right, for stream maintenance.
+/// [`BUS_RIGHTS`] (for every service split into `partitions`); each of
+/// `operators` (`role:id` certificates, e.g. `admin:dev`) with every
+/// right, for stream maintenance.
 pub fn nats_server_security(
     credentials: &CredentialsDir,
     operators: &[(&str, &str)],
+    partitions: u16,
 ) -> Result<String, BusAccessError> {
     let mut text = String::new();
     text.push_str("# Made by lineguard_runtime::bus_access (ticketctl credentials nats-config).\n");
@@ -208,21 +227,22 @@ pub fn nats_server_security(
         "",
         "A client certificate is required; its subject is the user.",
     )?);
-    text.push_str(&nats_authorization_block(operators));
+    text.push_str(&nats_authorization_block(operators, partitions));
     Ok(text)
 }
 
 /// The `authorization` block alone: one user per service with
-/// [`BUS_RIGHTS`], each of `operators` with every right. For a server whose
+/// [`BUS_RIGHTS`] (for every service split into `partitions`), each of
+/// `operators` with every right. For a server whose
 /// TLS is configured elsewhere (the NATS Helm chart's values, see
 /// `deploy/k8s/nats-values.yaml`), which includes this block.
-pub fn nats_authorization_block(operators: &[(&str, &str)]) -> String {
+pub fn nats_authorization_block(operators: &[(&str, &str)], partitions: u16) -> String {
     let mut text = String::from("authorization {\n  users = [\n");
     for rights in &BUS_RIGHTS {
         text.push_str(&format!(
             "    {{ user: \"{}\", permissions: {{ publish: {{ allow: {} }}, subscribe: {{ allow: {} }} }} }}\n",
             nats_user("service", rights.service),
-            list(&publish_subjects(rights)),
+            list(&publish_subjects(rights, partitions)),
             list(&subscribe_subjects(rights)),
         ));
     }
@@ -388,7 +408,7 @@ mod tests {
     #[test]
     fn a_service_may_publish_only_on_its_own_subjects() {
         let rights = rights_of("intake").expect("intake");
-        let subjects = publish_subjects(rights);
+        let subjects = publish_subjects(rights, 1);
         assert!(subjects.contains(&"lineguard.intake.>".to_string()));
         assert!(
             subjects
@@ -408,5 +428,35 @@ mod tests {
                 .all(|s| !s.contains("COPY_") || s.ends_with("LINEGUARD_COPY_INTAKE"))
         );
         assert_eq!(subscribe_subjects(rights), vec!["_INBOX_intake.>"]);
+    }
+
+    #[test]
+    fn split_in_two_a_service_may_act_for_both_partitions_and_no_other_service() {
+        let rights = rights_of("routing").expect("routing");
+        let subjects = publish_subjects(rights, 2);
+        for own in ["lineguard.routing.>", "lineguard.routing-p1.>"] {
+            assert!(subjects.contains(&own.to_string()), "{own}");
+        }
+        assert!(
+            subjects
+                .iter()
+                .all(|s| !s.starts_with("lineguard.") || s.starts_with("lineguard.routing"))
+        );
+        // Partition 1 reads partition 1 of intake, through its own consumer.
+        assert!(subjects.contains(
+            &"$JS.API.CONSUMER.MSG.NEXT.LINEGUARD_INTAKE-P1.routing-p1-from-intake-p1".to_string()
+        ));
+        assert!(
+            !subjects
+                .iter()
+                .any(|s| s.contains("routing-from-intake-p1"))
+        );
+        assert!(subjects.contains(&"lineguard_copy.routing-p1".to_string()));
+        // Dispatch's crew subjects are one stream, whatever the partitions.
+        let dispatch = publish_subjects(rights_of("dispatch").expect("dispatch"), 2);
+        let crew = dispatch.iter().filter(|s| *s == "lineguard.crew.>").count();
+        assert_eq!(crew, 1);
+        let keys = publish_subjects(rights_of("intake").expect("intake"), 2);
+        assert!(keys.contains(&"$KV.LINEGUARD_KEYS_INTAKE-P1.>".to_string()));
     }
 }

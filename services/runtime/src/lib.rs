@@ -70,7 +70,7 @@ use async_nats::jetstream;
 use lineguard_bus::admin::ConsumersService;
 use lineguard_bus::{
     ConsumerConfig, ConsumerHandle, Handler, Mirror, OutboxRelay, ParkingLot, ParkingProjector,
-    RelayConfig, spawn_consumer, with_parking_events,
+    Partition, RelayConfig, spawn_consumer, with_parking_events,
 };
 use lineguard_eventlog::{EventLog, EventLogService, EventTypes, LogConfig, Projector};
 use tonic::service::RoutesBuilder;
@@ -143,6 +143,18 @@ pub struct CommonArgs {
     /// append per write; on in production.
     #[arg(long, env = "LINEGUARD_LOG_COPY", default_value_t = false)]
     pub log_copy: bool,
+    /// How many partitions every service is split into (1 to 64): each
+    /// partition's instance owns a share of the stations, its own log and
+    /// data directory, and its own streams and consumers on the bus (see
+    /// `lineguard_bus::partition`). Every instance of one installation is
+    /// given the same.
+    #[arg(long, env = "LINEGUARD_PARTITIONS", default_value_t = 1)]
+    pub partitions: u32,
+    /// Which partition this instance is, 0 to `--partitions` - 1.
+    /// Partition 0 keeps the names an unsplit service has (`intake`),
+    /// partition k the service's name with `-p<k>` (`intake-p1`).
+    #[arg(long, env = "LINEGUARD_PARTITION", default_value_t = 0)]
+    pub partition: u32,
     /// Health service `lineguard.bus` turns NOT_SERVING when the outbox has
     /// had events JetStream did not take for this long (NATS down, its store
     /// full); the service itself stays SERVING, keeping what it commits.
@@ -194,9 +206,16 @@ pub struct CommonArgs {
 impl CommonArgs {
     /// The service's data directory: `--data-dir`, else `.lineguard/<service>`.
     pub fn data_dir_of(&self, service: &str) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(".lineguard").join(service))
+        self.data_dir.clone().unwrap_or_else(|| {
+            let partition = self.partition().unwrap_or(Partition::SOLE);
+            PathBuf::from(".lineguard").join(partition.bus_name(service))
+        })
+    }
+
+    /// The partition this instance is (`--partition` of `--partitions`).
+    pub fn partition(&self) -> Result<Partition, HostError> {
+        Partition::new(self.partition, self.partitions)
+            .map_err(|e| HostError::Setup(format!("--partition/--partitions: {e}")))
     }
 }
 
@@ -237,12 +256,24 @@ pub fn parse_peer(text: &str) -> Result<(String, String), String> {
     let (service, url) = text
         .split_once('=')
         .ok_or_else(|| format!("invalid --peer {text:?}: use SERVICE=URL"))?;
-    if service.is_empty()
-        || !service.bytes().all(|b| b.is_ascii_lowercase())
+    // A service's name, or a partition's (`intake-p1`).
+    let (name, partition) = match service.rsplit_once("-p") {
+        Some((name, index)) => (name, Some(index)),
+        None => (service, None),
+    };
+    let partition_ok = partition.is_none_or(|index| {
+        index.parse::<u16>().is_ok_and(|k| {
+            k > 0 && k < lineguard_bus::partition::MAX_PARTITIONS && index == k.to_string()
+        })
+    });
+    if name.is_empty()
+        || !name.bytes().all(|b| b.is_ascii_lowercase())
+        || !partition_ok
         || !(url.starts_with("http://") || url.starts_with("https://"))
     {
         return Err(format!(
-            "invalid --peer {text:?}: a service name, '=', and an http:// or https:// URL"
+            "invalid --peer {text:?}: a service name (or a partition's, SERVICE-p<k>), '=', \
+             and an http:// or https:// URL"
         ));
     }
     Ok((service.to_string(), url.to_string()))
@@ -358,6 +389,11 @@ pub struct Host {
     /// The working calendar (`--calendar`).
     pub calendar: Arc<calendar::Calendar>,
     name: &'static str,
+    /// Which partition of the service this instance is.
+    partition: Partition,
+    /// The name the instance goes by on the bus and in its log: the
+    /// service's for partition 0, `<service>-p<k>` for the others.
+    bus_name: &'static str,
     grpc_addr: SocketAddr,
     shutdown_timeout: Duration,
     api_services: Vec<&'static str>,
@@ -452,6 +488,14 @@ impl Host {
             tracing::warn!(service = spec.name, clock_start = ?args.clock_start,
                 clock_speed = args.clock_speed, "running on an accelerated clock (tests and demos only)");
         }
+        let partition = args.partition()?;
+        // Made once per process and kept for its life, like the service's
+        // own name.
+        let bus_name: &'static str = if partition.index() == 0 {
+            spec.name
+        } else {
+            Box::leak(partition.bus_name(spec.name).into_boxed_str())
+        };
         let data_dir = args.data_dir_of(spec.name);
         std::fs::create_dir_all(&data_dir)?;
         // Every service's consumers park events and dead-letter them in the
@@ -475,7 +519,7 @@ impl Host {
         // As `service:<name>` over TLS with credentials; NATS holds the
         // connection to the service's rights (bus_access::BUS_RIGHTS).
         let nats = bus_access::connect_options(
-            &format!("lineguard-{}", spec.name),
+            &format!("lineguard-{bus_name}"),
             credentials_dir.as_ref(),
             ("service", rights.service),
             Some(bus_access::inbox_prefix(rights.service)),
@@ -484,12 +528,12 @@ impl Host {
         .await
         .map_err(|e| HostError::Nats(e.to_string()))?;
         let jetstream = jetstream::new(nats.clone());
-        let mut log_config = LogConfig::new(data_dir.join("eventlog"), spec.name)
+        let mut log_config = LogConfig::new(data_dir.join("eventlog"), bus_name)
             .with_limits(limits)
             .with_event_types(with_parking_events(spec.event_types))
             .with_projector(ParkingProjector::wrap(spec.projector));
         if args.log_copy {
-            let copy = log_copy_at_start(&jetstream, spec.name, args.stream_replicas).await;
+            let copy = log_copy_at_start(&jetstream, bus_name, args.stream_replicas).await;
             log_config = log_config.with_copy(copy);
         }
         // Off the runtime's workers: opening may replay projections or
@@ -510,7 +554,7 @@ impl Host {
             replicas: usize::from(args.stream_replicas),
             ..lineguard_bus::StreamSettings::default()
         };
-        ensure_streams_at_start(&jetstream, spec.name, spec.mirror.as_ref(), &stream).await?;
+        ensure_streams_at_start(&jetstream, bus_name, spec.mirror.as_ref(), &stream).await?;
         let relay = OutboxRelay::spawn(
             log.clone(),
             jetstream.clone(),
@@ -561,15 +605,17 @@ impl Host {
                 lineguard_bus::SourceLogHandle(Arc::new(log)),
             );
         }
-        tracing::info!(service = spec.name, %grpc_addr, data_dir = %data_dir.display(),
-            nats_url = %args.nats_url, "service starting");
-        let memory_reporter = memory::MemoryReporter::spawn(spec.name, log.clone());
+        tracing::info!(service = spec.name, %partition, bus_name, %grpc_addr,
+            data_dir = %data_dir.display(), nats_url = %args.nats_url, "service starting");
+        let memory_reporter = memory::MemoryReporter::spawn(bus_name, log.clone());
         let mut host = Host {
             log,
             jetstream,
             nats,
             calendar: Arc::new(calendar),
             name: spec.name,
+            partition,
+            bus_name,
             grpc_addr,
             shutdown_timeout: args.shutdown_timeout,
             api_services: spec.api_services,
@@ -585,7 +631,7 @@ impl Host {
         };
         host.on_shutdown(memory_reporter.stop());
         if args.log_copy {
-            let compactor = copy_compactor(spec.name, host.log.clone());
+            let compactor = copy_compactor(bus_name, host.log.clone());
             host.on_shutdown(compactor.stop());
         }
         Ok(host)
@@ -597,6 +643,8 @@ impl Host {
     ///
     /// The consumer must be one [`bus_access::BUS_RIGHTS`] gives this
     /// service (named `<service>-from-<source>`): NATS would refuse any other.
+    /// An instance of partition k runs it on partition k of the source, as
+    /// `<service>-p<k>-from-<source>-p<k>` ([`ConsumerConfig::in_partition`]).
     pub fn add_consumer<H: Handler>(
         &mut self,
         mut config: ConsumerConfig,
@@ -612,6 +660,11 @@ impl Host {
                 config.name, config.source_service, self.name, config.source_service
             )));
         }
+        let source = self.partition.bus_name(&config.source_service);
+        config = config.in_partition(
+            self.partition,
+            bus_access::consumer_name(self.bus_name, &source),
+        );
         if config.source_log.is_none() {
             config.source_log = self.peers.get(&config.source_service).cloned();
         }
@@ -625,10 +678,24 @@ impl Host {
         Ok(())
     }
 
-    /// A channel to another service named by `--peer`, calling as this
-    /// service (`service:<name>`, with credentials).
+    /// A channel to another service's instance of this partition named
+    /// by `--peer` (`intake` for partition 0, `intake-p1` for partition 1),
+    /// calling as this service (`service:<name>`, with credentials).
     pub fn peer_channel(&self, service: &str) -> Option<tonic::transport::Channel> {
-        self.peer_channels.get(service).cloned()
+        self.peer_channels
+            .get(&self.partition.bus_name(service))
+            .cloned()
+    }
+
+    /// Which partition of its service this instance is.
+    pub fn partition(&self) -> Partition {
+        self.partition
+    }
+
+    /// The name this instance goes by on the bus, in its log and on disk
+    /// (see [`lineguard_bus::partition`]).
+    pub fn bus_name(&self) -> &'static str {
+        self.bus_name
     }
 
     /// Runs `step` at shutdown, after gRPC has stopped and before the
@@ -1063,6 +1130,24 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_a_service_or_a_partition_of_one() {
+        let peer = |text: &str| parse_peer(text).map(|(name, _)| name);
+        assert_eq!(peer("intake=https://a:1"), Ok("intake".to_string()));
+        assert_eq!(peer("intake-p1=https://a:1"), Ok("intake-p1".to_string()));
+        for bad in [
+            "intake-p0=https://a:1",
+            "intake-p01=https://a:1",
+            "intake-px=https://a:1",
+            "intake-p64=https://a:1",
+            "-p1=https://a:1",
+            "Intake=https://a:1",
+            "intake=ftp://a",
+        ] {
+            assert!(parse_peer(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations_parse_with_units() {

@@ -196,6 +196,11 @@ enum CredentialsWhat {
         /// includes it); DIR is not read.
         #[arg(long, conflicts_with = "cluster_listen")]
         authorization_only: bool,
+        /// How many partitions every service is split into (the services'
+        /// `--partitions`): each service's user may then act for every
+        /// partition's streams, consumers and copy.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        partitions: u16,
     },
     /// Issue a token (printed) for a phone or an operator, signed by DIR's
     /// token key.
@@ -251,6 +256,7 @@ fn credentials(what: CredentialsWhat) -> Result<ExitCode, Error> {
             cluster_name,
             route,
             authorization_only,
+            partitions,
         } => {
             let mut operators = Vec::new();
             for principal in &operator {
@@ -262,14 +268,17 @@ fn credentials(what: CredentialsWhat) -> Result<ExitCode, Error> {
             if authorization_only {
                 print!(
                     "{}",
-                    lineguard_runtime::bus_access::nats_authorization_block(&operators)
+                    lineguard_runtime::bus_access::nats_authorization_block(&operators, partitions)
                 );
                 return Ok(ExitCode::SUCCESS);
             }
             let credentials = CredentialsDir::new(dir);
-            let mut text =
-                lineguard_runtime::bus_access::nats_server_security(&credentials, &operators)
-                    .map_err(|e| Error::Usage(e.to_string()))?;
+            let mut text = lineguard_runtime::bus_access::nats_server_security(
+                &credentials,
+                &operators,
+                partitions,
+            )
+            .map_err(|e| Error::Usage(e.to_string()))?;
             if let Some(listen) = cluster_listen {
                 let node = lineguard_runtime::bus_access::ClusterNode {
                     cluster: cluster_name,

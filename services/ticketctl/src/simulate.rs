@@ -659,6 +659,8 @@ async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
     let mut routing = clients.routing();
     let started = Instant::now();
     let mut attempt = 0u32;
+    // The hops this desk has sent an answer for.
+    let mut answer_tried = std::collections::BTreeSet::new();
     loop {
         if attempt > 0 {
             if started.elapsed() > KEEP_TRYING_FOR {
@@ -683,29 +685,35 @@ async fn answer_desk_work(clients: &Clients, ticket: &str, tally: &Shared) {
         if route.field_work {
             return; // a crew's to do, not a desk's
         }
-        if !matches!(
-            route.status(),
-            lineguard_protos::routing::v1::RouteStatus::Routed
-                | lineguard_protos::routing::v1::RouteStatus::Accepted
-        ) {
+        use lineguard_protos::routing::v1::RouteStatus;
+        match route.status() {
+            RouteStatus::Routed | RouteStatus::Accepted => {}
+            // Answered at this hop, and only this desk answers desk work:
+            // an answer of ours whose reply was lost (routing restarted,
+            // or a write outlived the call's deadline). Asking again with
+            // the same key gets the stored answer.
+            RouteStatus::Answered if answer_tried.contains(&route.hop) => {}
             // Not (yet, or no longer) with an owner: a reopen still on its way.
-            continue;
+            _ => continue,
         }
-        let accepted = routing
-            .accept_ticket(AcceptTicketRequest {
-                ticket_id: ticket.to_string(),
-                assignee_id: route.assignee_id.clone(),
-                idempotency_key: format!("storm-accept-{ticket}-{}", route.hop),
-            })
-            .await;
-        match &accepted {
-            // Routing busy, rebuilding its views or restarting: again.
-            Err(status) if transient(status.code()) => continue,
-            Err(status) if status.code() != tonic::Code::FailedPrecondition => {
-                return error(tally, "accept", status);
+        if route.status() != RouteStatus::Answered {
+            let accepted = routing
+                .accept_ticket(AcceptTicketRequest {
+                    ticket_id: ticket.to_string(),
+                    assignee_id: route.assignee_id.clone(),
+                    idempotency_key: format!("storm-accept-{ticket}-{}", route.hop),
+                })
+                .await;
+            match &accepted {
+                // Routing busy, rebuilding its views or restarting: again.
+                Err(status) if transient(status.code()) => continue,
+                Err(status) if status.code() != tonic::Code::FailedPrecondition => {
+                    return error(tally, "accept", status);
+                }
+                _ => {}
             }
-            _ => {}
         }
+        answer_tried.insert(route.hop);
         match routing
             .answer_ticket(AnswerTicketRequest {
                 ticket_id: ticket.to_string(),

@@ -99,6 +99,10 @@ pub struct NatsServer {
     name: Option<String>,
 }
 
+/// The most partitions a test splits the services into: every test
+/// server's users may act for that many.
+pub const MAX_TEST_PARTITIONS: u16 = 2;
+
 impl NatsServer {
     /// Starts a server on a free loopback port with a fresh store.
     pub fn start() -> Result<NatsServer> {
@@ -128,6 +132,7 @@ impl NatsServer {
         let security = lineguard_runtime::bus_access::nats_server_security(
             test_credentials(),
             &[("admin", "dev")],
+            MAX_TEST_PARTITIONS,
         )
         .map_err(|e| HarnessError::Failed(e.to_string()))?;
         let path = dir.path().join("nats-server.conf");
@@ -744,25 +749,49 @@ impl FourServices {
         common: &[String],
         own: impl Fn(&str) -> Vec<String>,
     ) -> Result<FourServices> {
+        Self::start_partition(dir, nats_url, common, own, 0, 1)
+    }
+
+    /// Starts partition `partition` of `partitions` of the four (see
+    /// `lineguard_bus::partition`): each instance with `--partition` and
+    /// `--partitions`, its data under `dir/<its bus name>` (`intake-p1`),
+    /// and told where this partition's other three are.
+    pub fn start_partition(
+        dir: &Path,
+        nats_url: &str,
+        common: &[String],
+        own: impl Fn(&str) -> Vec<String>,
+        partition: u16,
+        partitions: u16,
+    ) -> Result<FourServices> {
         let mut addrs = Vec::with_capacity(SERVICE_NAMES.len());
         for _ in SERVICE_NAMES {
             addrs.push(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
         }
+        let bus_name = |name: &str| lineguard_bus::partition::bus_name(name, partition);
         let peers = SERVICE_NAMES
             .iter()
             .zip(&addrs)
-            .map(|(name, addr)| format!("{name}=https://{addr}"))
+            .map(|(name, addr)| format!("{}=https://{addr}", bus_name(name)))
             .collect::<Vec<_>>()
             .join(",");
         let start = |i: usize| {
             let name = SERVICE_NAMES[i];
             let mut args = common.to_vec();
             args.extend(["--peer".to_string(), peers.clone()]);
+            if partitions > 1 {
+                args.extend([
+                    "--partition".to_string(),
+                    partition.to_string(),
+                    "--partitions".to_string(),
+                    partitions.to_string(),
+                ]);
+            }
             args.extend(own(name));
             ServiceProcess::start_on(
                 workspace_binary(&format!("lineguard-{name}")),
                 addrs[i],
-                &dir.join(name),
+                &dir.join(bus_name(name)),
                 nats_url,
                 &args,
             )

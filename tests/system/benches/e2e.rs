@@ -41,13 +41,17 @@
 //! ones beside this benchmark (`cargo build --release --workspace --bins`
 //! builds them; `cargo bench` alone builds only the packages' benchmarks).
 
+/// The system tests' shared helpers (clients of a running backend).
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lineguard_harness::{FourServices, NatsServer, SERVICE_NAMES, deploy_file, workspace_binary};
 use lineguard_ticketctl::county::{CountyConfig, generate};
-use lineguard_ticketctl::endpoints::{Clients, Endpoints};
+use lineguard_ticketctl::endpoints::Clients;
 use lineguard_ticketctl::simulate::{Percentiles, StormConfig, StormReport, storm};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -137,15 +141,7 @@ async fn run() {
         "e2e: backend up, directory loaded, in {:.0} s",
         started.elapsed().as_secs_f64()
     );
-    let clients = Clients::new(&Endpoints {
-        intake: services.intake.endpoint(),
-        routing: services.routing.endpoint(),
-        dispatch: services.dispatch.endpoint(),
-        feedback: services.feedback.endpoint(),
-        credentials: Some(lineguard_harness::test_credentials().path.clone()),
-        principal: "admin:dev".into(),
-    })
-    .expect("clients");
+    let clients = common::admin_clients(&services);
     let jetstream = nats.jetstream().await.expect("jetstream");
     // Until done: every ticket closed and followed up (so every order has
     // reached its crew), at most `settle`.

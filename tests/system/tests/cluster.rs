@@ -1,10 +1,10 @@
 //! The backend on a three-node JetStream cluster: every stream kept on
-//! three nodes (`--stream-replicas 3`), every service told all three
-//! nodes. A storm runs while one node is killed -9 and later restarted:
-//! no call fails for it, no ticket is lost or made twice, every order
-//! reaches its crew once, and replay equals the live view. With every log
-//! copied to the cluster (`--log-copy`), a service whose disk is lost,
-//! mid-storm or at rest, comes back from its copy.
+//! three nodes (`--stream-replicas 3`), every log copied to it
+//! (`--log-copy`), every service told all three nodes. A storm runs while
+//! one node is killed -9 and later restarted: no call fails for it, no
+//! ticket is lost or made twice, every order reaches its crew once, and
+//! replay equals the live view. A service whose disk is lost, mid-storm
+//! or at rest, comes back from its copy.
 
 mod common;
 
@@ -14,10 +14,8 @@ use common::deploy;
 use lineguard_harness::{FourServices, NatsCluster};
 use lineguard_protos::eventlog::v1::GetProjectionDigestRequest;
 use lineguard_protos::intake::v1::GetTicketRequest;
-use lineguard_protos::routing::v1::VerifyLoadsRequest;
-use lineguard_ticketctl::endpoints::{Clients, Endpoints};
+use lineguard_ticketctl::endpoints::Clients;
 use lineguard_ticketctl::simulate::{StormConfig, storm};
-use lineguard_ticketctl::verify;
 
 /// Calls in the storm, and their rate (per second).
 const CALLS: usize = 400;
@@ -27,7 +25,7 @@ const RATE: f64 = 40.0;
 async fn losing_one_node_of_three_loses_nothing_and_stops_nothing() {
     let mut cluster = NatsCluster::start(3).await.expect("three-node cluster");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (services, clients) = start_backend(&cluster, dir.path(), false, &[]).await;
+    let (services, clients) = start_backend(&cluster, dir.path(), &[]).await;
 
     // Every service's stream is kept on all three nodes.
     let jetstream = cluster.jetstream().await.expect("jetstream");
@@ -50,7 +48,7 @@ async fn losing_one_node_of_three_loses_nothing_and_stops_nothing() {
         late_share: 0.1,
         return_share: 0.03,
         dissatisfied_share: 0.05,
-        ..storm_at_rate()
+        ..common::storm_at_rate(RATE)
     };
     let driver = tokio::spawn({
         let clients = clients.clone();
@@ -76,45 +74,12 @@ async fn losing_one_node_of_three_loses_nothing_and_stops_nothing() {
         .wait_ready(Duration::from_secs(60))
         .await
         .expect("node 2 back in the cluster");
-    assert_everything_adds_up(
+    common::assert_everything_adds_up(
         &services,
         &clients,
         report.new_tickets + report.joined_incidents,
     )
     .await;
-}
-
-/// Once the backend is quiet: nothing parked or dead anywhere, every load
-/// equal to routing's recount and every ticket worked to its end, and
-/// every ticket replays from the four logs to intake's live view, exactly
-/// `tickets` of them (none lost between the services, none made twice).
-async fn assert_everything_adds_up(services: &FourServices, clients: &Clients, tickets: usize) {
-    let processes = services.all();
-    common::quiet(&processes, Duration::from_secs(3), Duration::from_secs(120)).await;
-    // A parked event may still wait for the sweep that wakes it.
-    common::assert_nothing_parked_or_dead_within(&processes, Duration::from_secs(60)).await;
-    common::quiet(&processes, Duration::from_secs(3), Duration::from_secs(120)).await;
-    let loads = clients
-        .routing()
-        .verify_loads(VerifyLoadsRequest {})
-        .await
-        .expect("verify loads")
-        .into_inner();
-    assert!(loads.mismatches.is_empty(), "{:?}", loads.mismatches);
-    assert_eq!(loads.open_tickets, 0, "every ticket worked to its end");
-    let checked = verify::verify(clients, &indicatif::ProgressBar::hidden())
-        .await
-        .expect("verify");
-    assert_eq!(
-        checked.tickets, tickets,
-        "intake holds exactly the tickets the calls made"
-    );
-    assert!(
-        checked.is_clean(),
-        "{:?} {:?}",
-        checked.mismatches,
-        checked.load_mismatches
-    );
 }
 
 /// deploy/nats-cluster/nats.conf, with the security.conf its comment says
@@ -134,7 +99,7 @@ fn the_deployed_cluster_configuration_is_one_nats_server_accepts() {
     };
     let security = format!(
         "{}{}",
-        nats_server_security(credentials, &[("admin", "dev")]).expect("security"),
+        nats_server_security(credentials, &[("admin", "dev")], 1).expect("security"),
         nats_cluster_block(credentials, &node).expect("cluster block")
     );
     std::fs::write(dir.path().join("security.conf"), security).expect("security.conf");
@@ -188,14 +153,14 @@ async fn a_service_that_loses_its_disk_comes_back_from_its_copy() {
         "--customer-digest-key-file".to_string(),
         secrets.join("customer-digest.key").display().to_string(),
     ];
-    let (mut services, clients) = start_backend(&cluster, dir.path(), true, &intake_flags).await;
+    let (mut services, clients) = start_backend(&cluster, dir.path(), &intake_flags).await;
     let config = StormConfig {
         tickets: COPY_CALLS,
         seed: 17,
         late_share: 0.1,
         return_share: 0.03,
         dissatisfied_share: 0.05,
-        ..storm_at_rate()
+        ..common::storm_at_rate(RATE)
     };
     let driver = tokio::spawn({
         let clients = clients.clone();
@@ -212,6 +177,7 @@ async fn a_service_that_loses_its_disk_comes_back_from_its_copy() {
     let report = driver.await.expect("driver").expect("storm");
     eprintln!("{}", serde_json::to_string(&report).expect("json"));
     assert_eq!(report.calls, COPY_CALLS, "{:?}", report.errors);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(report.orders_received_twice, 0, "no order twice");
     assert!(report.completed > 0);
     services
@@ -271,13 +237,13 @@ async fn a_service_that_loses_its_disk_comes_back_from_its_copy() {
     let more = StormConfig {
         tickets: 40,
         seed: 18,
-        ..storm_at_rate()
+        ..common::storm_at_rate(RATE)
     };
     let report_more = storm(&clients, &more, &indicatif::ProgressBar::hidden())
         .await
         .expect("storm after");
     assert_eq!(report_more.calls, 40, "{:?}", report_more.errors);
-    assert_everything_adds_up(
+    common::assert_everything_adds_up(
         &services,
         &clients,
         report.new_tickets
@@ -289,80 +255,28 @@ async fn a_service_that_loses_its_disk_comes_back_from_its_copy() {
 }
 
 /// The four services on `cluster`, every stream R3, every log copied
-/// (`--log-copy`) if `copied`, intake with `intake_flags` too; once all are
-/// healthy, and clients for them as an administrator.
+/// (`--log-copy`), intake with `intake_flags` too; once all are healthy,
+/// and clients for them as an administrator.
 async fn start_backend(
     cluster: &NatsCluster,
     dir: &std::path::Path,
-    copied: bool,
     intake_flags: &[String],
 ) -> (FourServices, Clients) {
-    let mut common: Vec<String> = ["--stream-replicas", "3"]
+    let common: Vec<String> = ["--stream-replicas", "3", "--log-copy"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    if copied {
-        common.push("--log-copy".into());
-    }
-    let (policy, directory, rules) = (
-        deploy("policy.toml"),
-        deploy("directory.toml"),
-        deploy("feedback.toml"),
-    );
-    let own = |name: &str| -> Vec<String> {
-        let own: Vec<&str> = match name {
-            "routing" => vec!["--policy", &policy, "--directory", &directory],
-            "feedback" => vec!["--rules", &rules, "--timer-tick", "100ms"],
-            "dispatch" => vec!["--timer-tick", "100ms"],
-            _ => vec![],
-        };
-        let mut own: Vec<String> = own.into_iter().map(str::to_string).collect();
-        if name == "intake" {
-            own.extend_from_slice(intake_flags);
-        }
-        own
-    };
-    let services = FourServices::start(dir, &cluster.urls(), &common, own).expect("start services");
+    let services = FourServices::start(dir, &cluster.urls(), &common, |name| {
+        common::storm_backend_flags(name, intake_flags)
+    })
+    .expect("start services");
     services
         .wait_healthy(Duration::from_secs(90))
         .await
         .expect("healthy");
-    let endpoints = Endpoints {
-        intake: services.intake.endpoint(),
-        routing: services.routing.endpoint(),
-        dispatch: services.dispatch.endpoint(),
-        feedback: services.feedback.endpoint(),
-        credentials: Some(lineguard_harness::test_credentials().path.clone()),
-        principal: "admin:dev".into(),
-    };
-    let clients = Clients::new(&endpoints).expect("clients");
+    let clients = common::admin_clients(&services);
     (services, clients)
 }
 
 /// Calls in the lost-disk storm.
 const COPY_CALLS: usize = 240;
-
-/// A storm at [`RATE`] of nothing but plain calls worked to their end.
-fn storm_at_rate() -> StormConfig {
-    StormConfig {
-        tickets: 0,
-        rate: RATE,
-        seed: 0,
-        accounts: deploy("demo-accounts.csv"),
-        directory: deploy("directory.toml"),
-        slow_share: 0.0,
-        slow_ack: Duration::from_secs(1),
-        late_share: 0.0,
-        return_share: 0.0,
-        dissatisfied_share: 0.0,
-        settle: Duration::from_secs(120),
-        clock_start: None,
-        clock_anchor: None,
-        clock_speed: 1,
-        phone_skew_minutes: 5,
-        offline_share: 0.0,
-        max_in_flight: 2_000,
-        queue_calls: false,
-        until_done: true,
-    }
-}

@@ -272,7 +272,7 @@ fn the_nats_values_keep_durability_replicas_and_the_route_user() {
     let block = String::from_utf8(output.stdout).expect("UTF-8");
     assert_eq!(
         block,
-        lineguard_runtime::bus_access::nats_authorization_block(&[("admin", "dev")])
+        lineguard_runtime::bus_access::nats_authorization_block(&[("admin", "dev")], 1)
     );
     for service in SERVICES {
         assert!(

@@ -457,3 +457,103 @@ pub async fn assert_nothing_parked_or_dead(processes: &[&ServiceProcess]) {
         assert_eq!(parked.total, 0, "{:?}", parked.parked);
     }
 }
+
+/// The flags each service of a storm's backend gets beside the common
+/// ones: routing the deployed policy and directory, feedback the rules,
+/// fast timer ticks, and intake `intake_flags`.
+pub fn storm_backend_flags(name: &str, intake_flags: &[String]) -> Vec<String> {
+    let (policy, directory, rules) = (
+        deploy("policy.toml"),
+        deploy("directory.toml"),
+        deploy("feedback.toml"),
+    );
+    let own: Vec<&str> = match name {
+        "routing" => vec!["--policy", &policy, "--directory", &directory],
+        "feedback" => vec!["--rules", &rules, "--timer-tick", "100ms"],
+        "dispatch" => vec!["--timer-tick", "100ms"],
+        _ => vec![],
+    };
+    let mut own: Vec<String> = own.into_iter().map(str::to_string).collect();
+    if name == "intake" {
+        own.extend_from_slice(intake_flags);
+    }
+    own
+}
+
+/// Clients of `services`, as an administrator.
+pub fn admin_clients(
+    services: &lineguard_harness::FourServices,
+) -> lineguard_ticketctl::endpoints::Clients {
+    let endpoints = lineguard_ticketctl::endpoints::Endpoints {
+        intake: services.intake.endpoint(),
+        routing: services.routing.endpoint(),
+        dispatch: services.dispatch.endpoint(),
+        feedback: services.feedback.endpoint(),
+        credentials: Some(lineguard_harness::test_credentials().path.clone()),
+        principal: "admin:dev".into(),
+    };
+    lineguard_ticketctl::endpoints::Clients::new(&endpoints).expect("clients")
+}
+
+/// A storm at `rate` calls a second of nothing but plain calls worked to
+/// their end, over the demo county.
+pub fn storm_at_rate(rate: f64) -> lineguard_ticketctl::simulate::StormConfig {
+    lineguard_ticketctl::simulate::StormConfig {
+        tickets: 0,
+        rate,
+        seed: 0,
+        accounts: deploy("demo-accounts.csv"),
+        directory: deploy("directory.toml"),
+        slow_share: 0.0,
+        slow_ack: Duration::from_secs(1),
+        late_share: 0.0,
+        return_share: 0.0,
+        dissatisfied_share: 0.0,
+        settle: Duration::from_secs(120),
+        clock_start: None,
+        clock_anchor: None,
+        clock_speed: 1,
+        phone_skew_minutes: 5,
+        offline_share: 0.0,
+        max_in_flight: 2_000,
+        queue_calls: false,
+        until_done: true,
+    }
+}
+
+/// Once the backend is quiet: nothing parked or dead anywhere, every load
+/// equal to routing's recount and every ticket worked to its end, and
+/// every ticket replays from the four logs to intake's live view, exactly
+/// `tickets` of them (none lost between the services, none made twice).
+pub async fn assert_everything_adds_up(
+    services: &lineguard_harness::FourServices,
+    clients: &lineguard_ticketctl::endpoints::Clients,
+    tickets: usize,
+) {
+    let processes = services.all();
+    quiet(&processes, Duration::from_secs(3), Duration::from_secs(120)).await;
+    // A parked event may still wait for the sweep that wakes it.
+    assert_nothing_parked_or_dead_within(&processes, Duration::from_secs(60)).await;
+    quiet(&processes, Duration::from_secs(3), Duration::from_secs(120)).await;
+    let loads = clients
+        .routing()
+        .verify_loads(lineguard_protos::routing::v1::VerifyLoadsRequest {})
+        .await
+        .expect("verify loads")
+        .into_inner();
+    assert!(loads.mismatches.is_empty(), "{:?}", loads.mismatches);
+    assert_eq!(loads.open_tickets, 0, "every ticket worked to its end");
+    let checked = lineguard_ticketctl::verify::verify(clients, &indicatif::ProgressBar::hidden())
+        .await
+        .expect("verify");
+    assert_eq!(
+        checked.tickets, tickets,
+        "intake holds exactly the tickets the calls made"
+    );
+    assert!(
+        checked.is_clean(),
+        "{:?} {:?}",
+        checked.mismatches,
+        checked.load_mismatches
+    );
+}
