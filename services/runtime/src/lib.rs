@@ -204,7 +204,8 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
-    /// The service's data directory: `--data-dir`, else `.lineguard/<service>`.
+    /// The service's data directory: `--data-dir`, else `.lineguard/<bus
+    /// name>` (`.lineguard/intake`, `.lineguard/intake-p1` for partition 1).
     pub fn data_dir_of(&self, service: &str) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(|| {
             let partition = self.partition().unwrap_or(Partition::SOLE);
