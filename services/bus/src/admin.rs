@@ -8,9 +8,10 @@ use lineguard_eventlog::{
 };
 use lineguard_protos::bus::v1::consumers_server::{Consumers, ConsumersServer};
 use lineguard_protos::bus::v1::{
-    DeadLetterEntry, DeadLetterRetried, EventDeadLettered, EventParked, ListDeadLettersRequest,
-    ListDeadLettersResponse, ListParkedRequest, ListParkedResponse, ParkedEntry,
-    RetryDeadLetterRequest, RetryDeadLetterResponse,
+    ConsumerStatus, DeadLetterEntry, DeadLetterRetried, EventDeadLettered, EventParked,
+    ListConsumersRequest, ListConsumersResponse, ListDeadLettersRequest, ListDeadLettersResponse,
+    ListParkedRequest, ListParkedResponse, ParkedEntry, RetryDeadLetterRequest,
+    RetryDeadLetterResponse,
 };
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -29,17 +30,81 @@ pub const DEFAULT_PAGE: u32 = 100;
 pub struct ConsumersService {
     log: EventLog,
     lot: ParkingLot,
+    /// Where `ListConsumers` asks JetStream for each consumer's lag.
+    jetstream: Option<async_nats::jetstream::Context>,
+    consumers: Vec<WatchedConsumer>,
 }
+
+/// One running consumer, as `ListConsumers` reports on it.
+#[derive(Debug, Clone)]
+pub struct WatchedConsumer {
+    /// Its durable name.
+    pub name: String,
+    /// The stream it reads.
+    pub stream: String,
+    /// Turns `true` once it has caught up since the start
+    /// ([`crate::ConsumerHandle::caught_up`]).
+    pub caught_up: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Longest wait for JetStream's answer about one consumer: `ticketctl
+/// status` must answer while NATS is away, saying so.
+const CONSUMER_INFO_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl ConsumersService {
     /// The service over `log`, waking its consumers through `lot`.
     pub fn new(log: EventLog, lot: ParkingLot) -> Self {
-        ConsumersService { log, lot }
+        ConsumersService {
+            log,
+            lot,
+            jetstream: None,
+            consumers: Vec::new(),
+        }
+    }
+
+    /// Reports on `consumers` in `ListConsumers`, asking `jetstream` for
+    /// their lag.
+    pub fn with_consumers(
+        mut self,
+        jetstream: async_nats::jetstream::Context,
+        consumers: Vec<WatchedConsumer>,
+    ) -> Self {
+        self.jetstream = Some(jetstream);
+        self.consumers = consumers;
+        self
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> ConsumersServer<ConsumersService> {
+        ConsumersServer::new(self)
     }
 
     /// The tonic server over `log`, waking its consumers through `lot`.
     pub fn server(log: EventLog, lot: ParkingLot) -> ConsumersServer<ConsumersService> {
         ConsumersServer::new(ConsumersService::new(log, lot))
+    }
+
+    /// JetStream's pending and unacknowledged counts of `consumer`, or why
+    /// it could not say.
+    async fn lag(&self, consumer: &WatchedConsumer) -> Result<(u64, u64), String> {
+        let jetstream = self
+            .jetstream
+            .as_ref()
+            .ok_or_else(|| "no bus connection".to_string())?;
+        let asked = async {
+            let stream = jetstream
+                .get_stream_no_info(&consumer.stream)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream
+                .consumer_info(&consumer.name)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let info = tokio::time::timeout(CONSUMER_INFO_WAIT, asked)
+            .await
+            .map_err(|_| format!("JetStream did not answer within {CONSUMER_INFO_WAIT:?}"))??;
+        Ok((info.num_pending, info.num_ack_pending as u64))
     }
 }
 
@@ -217,5 +282,44 @@ impl Consumers for ConsumersService {
         tracing::info!(consumer = %req.consumer, event_id = %req.event_id, "dead letter sent back to its consumer");
         self.lot.wake(vec![retry_key(&req.event_id)]);
         Ok(Response::new(RetryDeadLetterResponse { requeued: true }))
+    }
+
+    async fn list_consumers(
+        &self,
+        _request: Request<ListConsumersRequest>,
+    ) -> Result<Response<ListConsumersResponse>, Status> {
+        let log = self.log.clone();
+        let names: Vec<String> = self.consumers.iter().map(|c| c.name.clone()).collect();
+        let counts = blocking(move || {
+            names
+                .iter()
+                .map(|name| Ok((total(&log, "parked", name)?, total(&log, "dead", name)?)))
+                .collect::<Result<Vec<(u64, u64)>, lineguard_eventlog::Error>>()
+        })
+        .await?;
+        let lags = futures::future::join_all(self.consumers.iter().map(|c| self.lag(c))).await;
+        let consumers = self
+            .consumers
+            .iter()
+            .zip(counts)
+            .zip(lags)
+            .map(|((consumer, (parked, dead_letters)), lag)| {
+                let (pending, ack_pending, bus_error) = match lag {
+                    Ok((pending, ack_pending)) => (pending, ack_pending, String::new()),
+                    Err(why) => (0, 0, why),
+                };
+                ConsumerStatus {
+                    consumer: consumer.name.clone(),
+                    stream: consumer.stream.clone(),
+                    pending,
+                    ack_pending,
+                    caught_up: *consumer.caught_up.borrow(),
+                    parked,
+                    dead_letters,
+                    bus_error,
+                }
+            })
+            .collect();
+        Ok(Response::new(ListConsumersResponse { consumers }))
     }
 }

@@ -222,6 +222,7 @@ pub struct ConsumerHandle {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     caught_up: watch::Receiver<bool>,
+    watched: crate::admin::WatchedConsumer,
 }
 
 impl ConsumerHandle {
@@ -233,6 +234,11 @@ impl ConsumerHandle {
     /// before every consumer of its is.
     pub fn caught_up(&self) -> watch::Receiver<bool> {
         self.caught_up.clone()
+    }
+
+    /// The consumer as `ListConsumers` reports on it.
+    pub fn watched(&self) -> crate::admin::WatchedConsumer {
+        self.watched.clone()
     }
 
     /// Stops after the message in hand.
@@ -1243,6 +1249,11 @@ pub fn spawn_consumer<H: Handler>(
         target: std::sync::Mutex::new(None),
         started: tokio::time::Instant::now(),
     });
+    let watched = crate::admin::WatchedConsumer {
+        name: config.name.clone(),
+        stream: crate::subjects::stream_name(&config.source_service),
+        caught_up: caught_up.clone(),
+    };
     let task = tokio::spawn(run(
         jetstream,
         log,
@@ -1256,6 +1267,7 @@ pub fn spawn_consumer<H: Handler>(
         stop,
         task,
         caught_up,
+        watched,
     }
 }
 

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use lineguard_eventlog::ReadDirection;
 use lineguard_protos::dispatch::v1::{
-    AcknowledgeRequest, ActionOutcome, AddNoteRequest, ArriveRequest, CompleteRequest, CrewEvent,
-    DepartRequest, GetWorkOrderRequest, RestoreRequest, ReturnOrderRequest, SubmitActionsRequest,
-    SubmitActionsResponse, UpdateEtrRequest, WatchDispatchesRequest, WorkOrderView,
+    AcknowledgeRequest, ActionOutcome, AddNoteRequest, ArriveRequest, CompleteRequest, Connections,
+    CrewEvent, DepartRequest, GetConnectionsRequest, GetWorkOrderRequest, RestoreRequest,
+    ReturnOrderRequest, SubmitActionsRequest, SubmitActionsResponse, UpdateEtrRequest,
+    WatchDispatchesRequest, WorkOrderView,
     crew_action::Action,
     dispatch_server::{Dispatch, DispatchServer},
 };
@@ -242,5 +243,17 @@ impl Dispatch for DispatchService {
         check_crew(caller.as_ref(), &order.crew_id)?;
         self.contacts.open_order(&mut order).await;
         Ok(Response::new(order))
+    }
+
+    async fn get_connections(
+        &self,
+        _request: Request<GetConnectionsRequest>,
+    ) -> Result<Response<Connections>, Status> {
+        // Both bounded by MAX_WATCHES (4,096).
+        let narrow = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Response::new(Connections {
+            crews_connected: narrow(self.watchers.crews_connected()),
+            watches: narrow(self.watchers.count()),
+        }))
     }
 }

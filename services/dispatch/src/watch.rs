@@ -103,6 +103,15 @@ impl Watchers {
         self.registry().total
     }
 
+    /// Crews with at least one watch held.
+    pub fn crews_connected(&self) -> usize {
+        self.registry()
+            .crews
+            .values()
+            .filter(|c| !c.slots.is_empty())
+            .count()
+    }
+
     /// Takes a slot for a watch of `crew_id` from `device_id` (empty: a
     /// watch that replaces nothing).
     pub fn register(

@@ -249,8 +249,9 @@ mod tests {
                     | "lineguard.intake.v1.Intake/GetTicket"
                     | "lineguard.intake.v1.Intake/ListTickets"
             ),
-            // Every dispatch RPC is a crew's (scoped to its own crew there).
-            "crew" => service == "lineguard.dispatch.v1.Dispatch",
+            // Every dispatch RPC about orders is a crew's (scoped to its
+            // own crew there); how many crews are connected is not.
+            "crew" => service == "lineguard.dispatch.v1.Dispatch" && method != "GetConnections",
             "follow_up_desk" => matches!(
                 rpc,
                 "lineguard.feedback.v1.Feedback/RecordFollowUp"
@@ -262,7 +263,7 @@ mod tests {
             // Reads only: never a write, a rebuild or a retry.
             "operator" => {
                 (service == "lineguard.eventlog.v1.EventLog" && reads_log)
-                    || matches!(method, "ListParked" | "ListDeadLetters")
+                    || matches!(method, "ListParked" | "ListDeadLetters" | "ListConsumers")
                     || matches!(
                         rpc,
                         "lineguard.intake.v1.Intake/GetTicket"
@@ -275,6 +276,7 @@ mod tests {
                             | "lineguard.routing.v1.Routing/WhoServes"
                             | "lineguard.routing.v1.Routing/ListDistrictAccounts"
                             | "lineguard.dispatch.v1.Dispatch/GetWorkOrder"
+                            | "lineguard.dispatch.v1.Dispatch/GetConnections"
                             | "lineguard.feedback.v1.Feedback/ListDueFollowUps"
                             | "lineguard.feedback.v1.Feedback/GetScorecard"
                             | "lineguard.feedback.v1.Feedback/Rankings"

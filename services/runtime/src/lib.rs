@@ -724,10 +724,14 @@ impl Host {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(EventLogService::server(self.log.clone()))
-            .add_service(ConsumersService::server(
-                self.log.clone(),
-                self.parking.clone(),
-            ));
+            .add_service(
+                ConsumersService::new(self.log.clone(), self.parking.clone())
+                    .with_consumers(
+                        self.jetstream.clone(),
+                        self.consumers.iter().map(ConsumerHandle::watched).collect(),
+                    )
+                    .into_server(),
+            );
 
         let listener = tokio::net::TcpListener::bind(self.grpc_addr).await?;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

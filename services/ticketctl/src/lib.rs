@@ -32,6 +32,7 @@ pub mod replay;
 pub mod sheet;
 pub mod simulate;
 pub mod state;
+pub mod status;
 pub mod tail;
 pub mod timeline;
 pub mod verify;

@@ -110,6 +110,11 @@ enum Command {
         #[arg(long)]
         reason: String,
     },
+    /// Every service at a glance: health, log head, outbox backlog, each
+    /// consumer's lag, parked and dead-lettered events, connected crews;
+    /// exits 1 when something needs a person (a service down or not
+    /// serving, an outbox stuck, dead letters, a lag JetStream cannot tell).
+    Status,
     /// Events each service's consumers parked until what they wait for
     /// arrives (they are applied then, or at the next sweep).
     Parked {
@@ -721,6 +726,17 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     generated.directory.display(),
                     generated.accounts.display()
                 );
+            }
+        }
+        Command::Status => {
+            let status = lineguard_ticketctl::status::status(&clients).await;
+            if cli.json {
+                print_json(&status)?;
+            } else {
+                print!("{}", lineguard_ticketctl::status::render(&status));
+            }
+            if !status.healthy {
+                return Ok(ExitCode::from(1));
             }
         }
         Command::Parked { service, limit } => {

@@ -10,50 +10,14 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use lineguard_harness::workspace_binary;
 use lineguard_protos::eventlog::v1::RebuildProjectionsRequest;
 use lineguard_protos::routing::v1::{RouteReason, TicketRouted};
-use lineguard_ticketctl::endpoints::{Clients, Endpoints, SERVICES};
+use lineguard_ticketctl::endpoints::{Clients, SERVICES};
 use lineguard_ticketctl::replay::{self, recorded_nanos, short_type};
 use lineguard_ticketctl::simulate::{StormConfig, storm};
 use lineguard_ticketctl::state::{TicketState, ticket_state};
 use lineguard_ticketctl::{timeline, verify};
 use prost::Message;
-
-fn endpoints(backend: &Backend) -> Endpoints {
-    let feedback = backend.feedback.as_ref().expect("feedback");
-    let dispatch = backend.dispatch.as_ref().expect("dispatch");
-    Endpoints {
-        intake: backend.intake.endpoint(),
-        routing: backend.routing.endpoint(),
-        dispatch: dispatch.endpoint(),
-        feedback: feedback.endpoint(),
-        credentials: Some(lineguard_harness::test_credentials().path.clone()),
-        principal: "admin:dev".into(),
-    }
-}
-
-/// Runs the `ticketctl` binary against the backend.
-fn ticketctl(endpoints: &Endpoints, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(workspace_binary("ticketctl"))
-        .arg("--credentials")
-        .arg(&lineguard_harness::test_credentials().path)
-        .args([
-            "--intake",
-            &endpoints.intake,
-            "--routing",
-            &endpoints.routing,
-        ])
-        .args([
-            "--dispatch",
-            &endpoints.dispatch,
-            "--feedback",
-            &endpoints.feedback,
-        ])
-        .args(args)
-        .output()
-        .expect("run ticketctl")
-}
 
 /// Waits until no service's log has grown for a second.
 async fn quiet(backend: &Backend) {

@@ -557,3 +557,43 @@ pub async fn assert_everything_adds_up(
         checked.load_mismatches
     );
 }
+
+/// The four services of a [`Backend::start_all`], as ticketctl names them
+/// (as an administrator).
+pub fn endpoints(backend: &Backend) -> lineguard_ticketctl::endpoints::Endpoints {
+    let feedback = backend.feedback.as_ref().expect("feedback");
+    let dispatch = backend.dispatch.as_ref().expect("dispatch");
+    lineguard_ticketctl::endpoints::Endpoints {
+        intake: backend.intake.endpoint(),
+        routing: backend.routing.endpoint(),
+        dispatch: dispatch.endpoint(),
+        feedback: feedback.endpoint(),
+        credentials: Some(lineguard_harness::test_credentials().path.clone()),
+        principal: "admin:dev".into(),
+    }
+}
+
+/// Runs the `ticketctl` binary against `endpoints`.
+pub fn ticketctl(
+    endpoints: &lineguard_ticketctl::endpoints::Endpoints,
+    args: &[&str],
+) -> std::process::Output {
+    std::process::Command::new(workspace_binary("ticketctl"))
+        .arg("--credentials")
+        .arg(&lineguard_harness::test_credentials().path)
+        .args([
+            "--intake",
+            &endpoints.intake,
+            "--routing",
+            &endpoints.routing,
+        ])
+        .args([
+            "--dispatch",
+            &endpoints.dispatch,
+            "--feedback",
+            &endpoints.feedback,
+        ])
+        .args(args)
+        .output()
+        .expect("run ticketctl")
+}
