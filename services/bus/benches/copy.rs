@@ -10,29 +10,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use lineguard_bus::copy::{JetStreamCopy, ensure_copy_stream};
 use lineguard_eventlog::copy::CopyTarget;
-use lineguard_eventlog::{
-    ActorKind, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent, Transaction, actor,
-};
+use lineguard_eventlog::{EventLog, EventTypes, ExpectedVersion, LogConfig, Transaction};
 use lineguard_harness::NatsServer;
 
-const EVENT_TYPE: &str = "lineguard.bench.v1.Happened";
-const CALLERS: u64 = 64;
+mod common;
+use common::{EVENT_TYPE, event};
 
-fn event(stream: &str) -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        event_type: EVENT_TYPE.into(),
-        schema_version: 1,
-        payload: Bytes::from(vec![b'x'; 300]),
-        correlation_id: stream.into(),
-        causation_id: String::new(),
-        actor: actor(ActorKind::System, "bench"),
-        publish: true,
-    }
-}
+const CALLERS: u64 = 64;
 
 fn config(dir: &std::path::Path) -> LogConfig {
     LogConfig::new(dir.join("log"), "bench")

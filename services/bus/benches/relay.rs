@@ -9,27 +9,12 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use lineguard_bus::{OutboxRelay, RelayConfig};
-use lineguard_eventlog::{
-    ActorKind, EventLog, EventTypes, ExpectedVersion, LogConfig, NewEvent, Transaction, actor,
-};
+use lineguard_eventlog::{EventLog, EventTypes, ExpectedVersion, LogConfig, Transaction};
 use lineguard_harness::NatsServer;
 
-const EVENT_TYPE: &str = "lineguard.bench.v1.Happened";
-
-fn event(stream: &str) -> NewEvent {
-    NewEvent {
-        event_id: uuid::Uuid::now_v7(),
-        event_type: EVENT_TYPE.into(),
-        schema_version: 1,
-        payload: Bytes::from(vec![b'x'; 300]),
-        correlation_id: stream.into(),
-        causation_id: String::new(),
-        actor: actor(ActorKind::System, "bench"),
-        publish: true,
-    }
-}
+mod common;
+use common::{EVENT_TYPE, event};
 
 async fn run(label: &str, config: &str, events: u64) {
     let nats = NatsServer::start_with_config(config).expect("nats");

@@ -68,10 +68,7 @@ async fn two_partitions_of_every_service_each_consume_only_their_own_share() {
     let mut reports = Vec::new();
     for driver in storms {
         let report = driver.await.expect("driver").expect("storm");
-        assert_eq!(report.calls, CALLS, "{:?}", report.errors);
-        assert!(report.errors.is_empty(), "{:?}", report.errors);
-        assert_eq!(report.orders_received_twice, 0, "no order twice");
-        assert!(report.completed > 0);
+        common::assert_storm_clean(&report, CALLS);
         reports.push(report);
     }
 

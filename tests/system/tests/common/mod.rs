@@ -597,3 +597,14 @@ pub fn ticketctl(
         .output()
         .expect("run ticketctl")
 }
+
+/// A storm that went through cleanly: every one of its `calls` taken, no
+/// call failed (the driver retries what may heal, so an error is a
+/// question for the backend), no order reached a phone twice, and crews
+/// completed work.
+pub fn assert_storm_clean(report: &lineguard_ticketctl::simulate::StormReport, calls: usize) {
+    assert_eq!(report.calls, calls, "{:?}", report.errors);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.orders_received_twice, 0, "no order twice");
+    assert!(report.completed > 0);
+}
