@@ -116,27 +116,32 @@ export LINEGUARD_CALENDAR="${LINEGUARD_CALENDAR:-deploy/calendar.toml}"
 # With LINEGUARD_PARTITIONS=P (README, "Partitions") every service runs as
 # P instances; partition k's four listen on 50051+10k .. 50054+10k, keep
 # their data in $DATA/<service> (k = 0) or $DATA/<service>-p<k>, and are
-# told where their own partition's peers are.
+# told where every instance of every partition is: any instance answers any
+# call, forwarding it to the partition that owns it.
 PARTITIONS="${LINEGUARD_PARTITIONS:-1}"
 services=(intake routing dispatch feedback)
+peers=()
 for ((k = 0; k < PARTITIONS; k++)); do
   suffix=""
   [ "$k" -gt 0 ] && suffix="-p$k"
-  peers=()
   for i in 0 1 2 3; do
     peers+=("${services[$i]}$suffix=https://127.0.0.1:$((50051 + 10 * k + i))")
   done
-  # A consumer away longer than the bus keeps messages catches up from the
-  # source service's own log.
-  if [ "$PARTITIONS" = 1 ] && [ -n "${LINEGUARD_PEERS:-}" ]; then
-    partition_peers="$LINEGUARD_PEERS"
-  else
-    partition_peers=$(IFS=,; echo "${peers[*]}")
-  fi
+done
+# A consumer away longer than the bus keeps messages catches up from the
+# source service's own log.
+if [ "$PARTITIONS" = 1 ] && [ -n "${LINEGUARD_PEERS:-}" ]; then
+  all_peers="$LINEGUARD_PEERS"
+else
+  all_peers=$(IFS=,; echo "${peers[*]}")
+fi
+for ((k = 0; k < PARTITIONS; k++)); do
+  suffix=""
+  [ "$k" -gt 0 ] && suffix="-p$k"
   for i in 0 1 2 3; do
     service=${services[$i]}
     # shellcheck disable=SC2086 # the extra flags are words
-    LINEGUARD_PEERS="$partition_peers" "$BIN_DIR/lineguard-$service" \
+    LINEGUARD_PEERS="$all_peers" "$BIN_DIR/lineguard-$service" \
       --data-dir "$DATA/$service$suffix" --nats-url "$NATS_URL" \
       --grpc-addr "127.0.0.1:$((50051 + 10 * k + i))" \
       --partitions "$PARTITIONS" --partition "$k" ${extra[$service]:-} &

@@ -124,6 +124,43 @@ pub fn bus_name(service: &str, index: u16) -> String {
     }
 }
 
+/// A new case id of `kind` (`ticket`, `incident`) opened by `partition`:
+/// `<kind>-<unique>` in partition 0 (the ids an unsplit service has always
+/// given), `<kind>-p<k>-<unique>` in partition k. A case stays with the
+/// partition that opened it until it closes, so its id says, for ever,
+/// which instance answers for it ([`Partition::of_case`]).
+pub fn case_id(kind: &str, partition: Partition, unique: &str) -> String {
+    if partition.index == 0 {
+        format!("{kind}-{unique}")
+    } else {
+        format!("{kind}-p{}-{unique}", partition.index)
+    }
+}
+
+impl Partition {
+    /// The partition of `count` that opened the case `id` names (see
+    /// [`case_id`]): 0 for an id without a partition mark (every id an
+    /// unsplit service gave), `None` for a mark at or over `count` (an id
+    /// from a larger installation, or forged).
+    pub fn of_case(id: &str, count: u16) -> Option<Partition> {
+        let count = count.clamp(1, MAX_PARTITIONS);
+        let index = case_partition_mark(id).unwrap_or(0);
+        (index < count).then_some(Partition { index, count })
+    }
+}
+
+/// The `k` of an id `<kind>-p<k>-<rest>`, if it carries one. A unique
+/// part is a UUID (hex digits), so it never starts `p<digits>-`.
+fn case_partition_mark(id: &str) -> Option<u16> {
+    let (_, rest) = id.split_once('-')?;
+    let (mark, _) = rest.split_once('-')?;
+    let digits = mark.strip_prefix('p')?;
+    if digits.is_empty() || digits.len() > 2 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// FNV-1a over `bytes`: small, fixed by its published constants, and
 /// spread well enough over short ids.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -137,6 +174,38 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_case_id_names_the_partition_that_opened_it() {
+        let second = Partition::new(1, 2).expect("1 of 2");
+        let unique = "0192f3c4-7d1e-7abc-8def-0123456789ab";
+        let ticket = case_id("ticket", second, unique);
+        assert_eq!(ticket, format!("ticket-p1-{unique}"));
+        assert_eq!(Partition::of_case(&ticket, 2), Some(second));
+        let first = case_id("incident", Partition::new(0, 2).expect("0 of 2"), unique);
+        assert_eq!(first, format!("incident-{unique}"));
+        assert_eq!(Partition::of_case(&first, 2).map(|p| p.index()), Some(0));
+        // An id from before partitions, or from partition 0, is partition 0's.
+        assert_eq!(
+            Partition::of_case("ticket-1", 4).map(|p| p.index()),
+            Some(0)
+        );
+        // A mark at or over the count is no partition of this installation.
+        assert_eq!(Partition::of_case(&ticket, 1), None);
+        assert_eq!(
+            Partition::of_case("ticket-p63-x", 64).map(|p| p.index()),
+            Some(63)
+        );
+        // Anything else is no mark: partition 0 answers (NOT_FOUND there).
+        assert_eq!(
+            Partition::of_case("ticket-p064-x", 64).map(|p| p.index()),
+            Some(0)
+        );
+        assert_eq!(
+            Partition::of_case("ticket-pa-x", 2).map(|p| p.index()),
+            Some(0)
+        );
+    }
 
     #[test]
     fn partition_zero_keeps_the_service_name_and_the_others_carry_their_index() {

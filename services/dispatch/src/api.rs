@@ -16,7 +16,9 @@ use lineguard_protos::dispatch::v1::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use lineguard_protos::dispatch::v1::dispatch_client::DispatchClient;
 use lineguard_runtime::auth::{Principal, actor_of, caller, check_crew};
+use lineguard_runtime::partitions::Partitions;
 
 use crate::contacts::ContactOpener;
 use crate::orders::Dispatcher;
@@ -32,6 +34,7 @@ pub struct DispatchService {
     dispatcher: Dispatcher,
     watchers: Arc<Watchers>,
     contacts: ContactOpener,
+    partitions: Partitions,
 }
 
 impl DispatchService {
@@ -43,7 +46,89 @@ impl DispatchService {
             dispatcher,
             watchers,
             contacts: ContactOpener::default(),
+            partitions: Partitions::sole(crate::SERVICE),
         }
+    }
+
+    /// The same service as one of `partitions`: a crew's actions and
+    /// orders are answered by the partition that opened the order, a
+    /// crew's watch by the partition owning the crew's station.
+    pub fn in_partitions(mut self, partitions: Partitions) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Where a call about order `order_id` is answered: here (`None`) or
+    /// the channel to the partition that opened it.
+    fn order_owner<T>(
+        &self,
+        request: &Request<T>,
+        field: &str,
+        order_id: &str,
+    ) -> Result<Option<tonic::transport::Channel>, Status> {
+        if self.partitions.count() == 1 {
+            return Ok(None);
+        }
+        let owner = self.partitions.owner_of_case(field, order_id)?;
+        self.partitions.route(request, owner)
+    }
+
+    /// Where a batch of a crew's actions is answered: the partition holding
+    /// their orders (a crew's orders are its station's, so all in one); a
+    /// batch naming orders of two partitions is refused.
+    fn batch_owner(
+        &self,
+        request: &Request<SubmitActionsRequest>,
+    ) -> Result<Option<tonic::transport::Channel>, Status> {
+        if self.partitions.count() == 1 {
+            return Ok(None);
+        }
+        let mut owner = None;
+        for (i, crew_action) in request.get_ref().actions.iter().enumerate() {
+            let Some(action) = &crew_action.action else {
+                continue;
+            };
+            let Ok(header) = validate::action(action) else {
+                continue;
+            };
+            let field = format!("actions[{i}].header.order_id");
+            let this = self.partitions.owner_of_case(&field, &header.order_id)?;
+            match owner {
+                None => owner = Some(this),
+                Some(first) if first != this => {
+                    return Err(Status::invalid_argument(format!(
+                        "invalid {field}: order {} is not of the same station as actions[0]'s; \
+                         send one station's orders in a batch",
+                        header.order_id
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        match owner {
+            Some(owner) => self.partitions.route(request, owner),
+            None => Ok(None),
+        }
+    }
+
+    /// One crew action, answered by the partition holding its order.
+    async fn act_or_forward<T>(
+        &self,
+        request: Request<T>,
+        wrap: impl FnOnce(T) -> Action,
+    ) -> Result<Response<WorkOrderView>, Status>
+    where
+        T: Clone + Send + 'static,
+    {
+        let action = wrap(request.get_ref().clone());
+        let header = validate::action(&action)?;
+        if let Some(owner) = self.order_owner(&request, "header.order_id", &header.order_id)? {
+            let relayed = self.partitions.relay(request)?.map(|_| ());
+            let (metadata, extensions, ()) = relayed.into_parts();
+            let relayed = Request::from_parts(metadata, extensions, action);
+            return forward_action(DispatchClient::new(owner), relayed).await;
+        }
+        self.act(caller(&request), action).await
     }
 
     /// Opens customer contacts for crews with `contacts` (without, crews
@@ -79,6 +164,31 @@ impl DispatchService {
 
 type CrewEvents = Pin<Box<dyn Stream<Item = Result<CrewEvent, Status>> + Send>>;
 
+/// Sends one crew action to the partition holding its order, by its RPC.
+async fn forward_action(
+    mut client: DispatchClient<tonic::transport::Channel>,
+    request: Request<Action>,
+) -> Result<Response<WorkOrderView>, Status> {
+    let (metadata, extensions, action) = request.into_parts();
+    macro_rules! send {
+        ($method:ident, $message:expr) => {
+            client
+                .$method(Request::from_parts(metadata, extensions, $message))
+                .await
+        };
+    }
+    match action {
+        Action::Acknowledge(m) => send!(acknowledge, m),
+        Action::Depart(m) => send!(depart, m),
+        Action::Arrive(m) => send!(arrive, m),
+        Action::UpdateEtr(m) => send!(update_etr, m),
+        Action::Restore(m) => send!(restore, m),
+        Action::Complete(m) => send!(complete, m),
+        Action::ReturnOrder(m) => send!(return_order, m),
+        Action::AddNote(m) => send!(add_note, m),
+    }
+}
+
 #[tonic::async_trait]
 impl Dispatch for DispatchService {
     type WatchDispatchesStream = CrewEvents;
@@ -88,9 +198,27 @@ impl Dispatch for DispatchService {
         request: Request<WatchDispatchesRequest>,
     ) -> Result<Response<CrewEvents>, Status> {
         let caller = caller(&request);
+        validate::id("crew_id", &request.get_ref().crew_id)?;
+        check_crew(caller.as_ref(), &request.get_ref().crew_id)?;
+        if self.partitions.count() > 1 {
+            // A crew's stream is kept by the partition owning its station.
+            let (dispatcher, crew_id) =
+                (self.dispatcher.clone(), request.get_ref().crew_id.clone());
+            let station =
+                lineguard_eventlog::blocking(move || dispatcher.crew_station(&crew_id)).await?;
+            if let Some(station) = station
+                && let Some(owner) = self
+                    .partitions
+                    .route(&request, self.partitions.owner_of_station(&station))?
+            {
+                let events = DispatchClient::new(owner)
+                    .watch_dispatches(self.partitions.relay(request)?)
+                    .await?
+                    .into_inner();
+                return Ok(Response::new(Box::pin(events)));
+            }
+        }
         let req = request.into_inner();
-        validate::id("crew_id", &req.crew_id)?;
-        check_crew(caller.as_ref(), &req.crew_id)?;
         if !req.device_id.is_empty() {
             validate::id("device_id", &req.device_id)?;
         }
@@ -138,43 +266,40 @@ impl Dispatch for DispatchService {
         &self,
         r: Request<AcknowledgeRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
-        self.act(caller(&r), Action::Acknowledge(r.into_inner()))
-            .await
+        self.act_or_forward(r, Action::Acknowledge).await
     }
     async fn depart(&self, r: Request<DepartRequest>) -> Result<Response<WorkOrderView>, Status> {
-        self.act(caller(&r), Action::Depart(r.into_inner())).await
+        self.act_or_forward(r, Action::Depart).await
     }
     async fn arrive(&self, r: Request<ArriveRequest>) -> Result<Response<WorkOrderView>, Status> {
-        self.act(caller(&r), Action::Arrive(r.into_inner())).await
+        self.act_or_forward(r, Action::Arrive).await
     }
     async fn update_etr(
         &self,
         r: Request<UpdateEtrRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
-        self.act(caller(&r), Action::UpdateEtr(r.into_inner()))
-            .await
+        self.act_or_forward(r, Action::UpdateEtr).await
     }
     async fn restore(&self, r: Request<RestoreRequest>) -> Result<Response<WorkOrderView>, Status> {
-        self.act(caller(&r), Action::Restore(r.into_inner())).await
+        self.act_or_forward(r, Action::Restore).await
     }
     async fn complete(
         &self,
         r: Request<CompleteRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
-        self.act(caller(&r), Action::Complete(r.into_inner())).await
+        self.act_or_forward(r, Action::Complete).await
     }
     async fn return_order(
         &self,
         r: Request<ReturnOrderRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
-        self.act(caller(&r), Action::ReturnOrder(r.into_inner()))
-            .await
+        self.act_or_forward(r, Action::ReturnOrder).await
     }
     async fn add_note(
         &self,
         r: Request<AddNoteRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
-        self.act(caller(&r), Action::AddNote(r.into_inner())).await
+        self.act_or_forward(r, Action::AddNote).await
     }
 
     async fn submit_actions(
@@ -182,6 +307,11 @@ impl Dispatch for DispatchService {
         request: Request<SubmitActionsRequest>,
     ) -> Result<Response<SubmitActionsResponse>, Status> {
         let caller = caller(&request);
+        if let Some(owner) = self.batch_owner(&request)? {
+            return DispatchClient::new(owner)
+                .submit_actions(self.partitions.relay(request)?)
+                .await;
+        }
         let req = request.into_inner();
         if req.actions.len() > MAX_ACTIONS_PER_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -237,8 +367,13 @@ impl Dispatch for DispatchService {
         request: Request<GetWorkOrderRequest>,
     ) -> Result<Response<WorkOrderView>, Status> {
         let caller = caller(&request);
+        validate::id("order_id", &request.get_ref().order_id)?;
+        if let Some(owner) = self.order_owner(&request, "order_id", &request.get_ref().order_id)? {
+            return DispatchClient::new(owner)
+                .get_work_order(self.partitions.relay(request)?)
+                .await;
+        }
         let req = request.into_inner();
-        validate::id("order_id", &req.order_id)?;
         let mut order = self.dispatcher.resolve_order(&req.order_id)?;
         check_crew(caller.as_ref(), &order.crew_id)?;
         self.contacts.open_order(&mut order).await;

@@ -73,6 +73,7 @@ async fn serve(args: Args) -> ExitCode {
         routes.add_service(
             DispatchService::new(dispatcher)
                 .with_contacts(ContactOpener::new(intake))
+                .in_partitions(host.partitions())
                 .server(),
         );
         Ok(routes)

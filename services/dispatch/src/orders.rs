@@ -194,6 +194,13 @@ impl Dispatcher {
         Ok(self.get::<CrewNoted>(&crew_key(crew_id))?.is_some())
     }
 
+    /// The station a crew belongs to, as dispatch heard from routing.
+    pub fn crew_station(&self, crew_id: &str) -> Result<Option<String>, Status> {
+        Ok(self
+            .get::<CrewNoted>(&crew_key(crew_id))?
+            .map(|crew| crew.station_id))
+    }
+
     /// The tickets dispatch knows to belong to an incident, lead first.
     fn incident_tickets(
         &self,

@@ -104,12 +104,14 @@ impl Watchers {
     }
 
     /// Crews with at least one watch held.
+    ///
+    /// Every entry of the registry holds a watch: an entry is made only for
+    /// a watch that is granted and removed with its crew's last watch, so
+    /// this is the registry's size (asserted in debug builds).
     pub fn crews_connected(&self) -> usize {
-        self.registry()
-            .crews
-            .values()
-            .filter(|c| !c.slots.is_empty())
-            .count()
+        let registry = self.registry();
+        debug_assert!(registry.crews.values().all(|c| !c.slots.is_empty()));
+        registry.crews.len()
     }
 
     /// Takes a slot for a watch of `crew_id` from `device_id` (empty: a
@@ -125,6 +127,18 @@ impl Watchers {
             total,
             next_id,
         } = &mut *registry;
+        // Refuse before an entry is made for the crew: a refused watch must
+        // leave nothing behind. A phone replacing its own watch frees a slot
+        // first, so it is never refused by the service's limit.
+        let replaces_own = !device_id.is_empty()
+            && crews
+                .get(crew_id)
+                .is_some_and(|c| c.slots.iter().any(|s| s.device_id == device_id));
+        if *total >= MAX_WATCHES && !replaces_own {
+            return Err(Status::resource_exhausted(format!(
+                "dispatch holds {MAX_WATCHES} watches, its limit; try again later"
+            )));
+        }
         let crew = crews
             .entry(crew_id.to_string())
             .or_insert_with(|| CrewWatches {
@@ -139,16 +153,13 @@ impl Watchers {
             *total -= 1;
         }
         if crew.slots.len() >= MAX_WATCHES_PER_CREW {
+            // Only an existing crew can be full, so no empty entry is left.
             return Err(Status::resource_exhausted(format!(
                 "crew {crew_id} already has {MAX_WATCHES_PER_CREW} watches open; \
                  close one, or reconnect with the same device_id to replace it"
             )));
         }
-        if *total >= MAX_WATCHES {
-            return Err(Status::resource_exhausted(format!(
-                "dispatch holds {MAX_WATCHES} watches, its limit; try again later"
-            )));
-        }
+        debug_assert!(*total < MAX_WATCHES);
         *next_id += 1;
         let (replaced, replaced_rx) = watch::channel(false);
         crew.slots.push(Slot {

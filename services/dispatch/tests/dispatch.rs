@@ -941,6 +941,52 @@ async fn watches_are_bounded_and_a_device_replaces_its_own() {
     let _ = &mut client;
 }
 
+/// At the service's limit a new watch is refused and leaves nothing behind
+/// (no entry for its crew, so `crews_connected` stays the count of crews
+/// with a watch); a phone replacing its own watch is still let in; every
+/// slot comes back when the watches end.
+#[tokio::test]
+async fn a_watch_refused_at_the_limit_leaves_nothing() {
+    use lineguard_dispatch::watch::{MAX_WATCHES, MAX_WATCHES_PER_CREW};
+    let f = start().await;
+    let crews = MAX_WATCHES / MAX_WATCHES_PER_CREW;
+    let mut held = Vec::with_capacity(MAX_WATCHES);
+    for crew in 0..crews {
+        for phone in 0..MAX_WATCHES_PER_CREW {
+            let registration = f
+                .watchers
+                .register(&format!("crew-{crew}"), &format!("phone-{phone}"))
+                .expect("below the limit");
+            held.push(registration);
+        }
+    }
+    assert_eq!(f.watchers.count(), MAX_WATCHES);
+    assert_eq!(f.watchers.crews_connected(), crews);
+
+    for stranger in 0..100 {
+        let refused = f
+            .watchers
+            .register(&format!("crew-new-{stranger}"), "phone-0")
+            .map(|_| ())
+            .expect_err("over the limit");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+    }
+    assert_eq!(f.watchers.count(), MAX_WATCHES);
+    assert_eq!(f.watchers.crews_connected(), crews, "refusals left entries");
+
+    // The same phone reconnecting takes its own slot back, limit or not.
+    let replacing = f
+        .watchers
+        .register("crew-0", "phone-3")
+        .expect("a phone replaces its own watch at the limit");
+    assert_eq!(f.watchers.count(), MAX_WATCHES);
+
+    drop(replacing);
+    drop(held);
+    assert_eq!(f.watchers.count(), 0);
+    assert_eq!(f.watchers.crews_connected(), 0);
+}
+
 /// A phone's clock is believed only within the rule of
 /// `lineguard_dispatch::device_clock`: an arrival stamped far in the future
 /// counts at receipt plus the skew, one stamped before the order existed

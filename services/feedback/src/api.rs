@@ -5,6 +5,7 @@
 //! key with another request is `ALREADY_EXISTS`. Every refusal names the
 //! field and the reason.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -12,16 +13,19 @@ use lineguard_eventlog::{
     ActorKind, EventLog, ExpectedVersion, Idempotency, NewEvent, Transaction, actor,
 };
 use lineguard_protos::case_ids::{self, KnownAs};
+use lineguard_protos::feedback::v1::feedback_client::FeedbackClient;
 use lineguard_protos::feedback::v1::feedback_server::{Feedback as FeedbackApi, FeedbackServer};
 use lineguard_protos::feedback::v1::{
     ComplaintFiled, CsvRow, ExportScorecardsRequest, FileComplaintRequest, FileComplaintResponse,
-    FollowUpRecorded, FollowUpStatus, FollowUpView, GetScorecardRequest, Level,
-    ListDueFollowUpsRequest, ListDueFollowUpsResponse, Metric, PraiseRecorded, RankingEntry,
-    RankingsRequest, RankingsResponse, RecordFollowUpRequest, RecordFollowUpResponse,
-    RecordPraiseRequest, RecordPraiseResponse, Scorecard, Subject, TicketRecord, TicketReopened,
+    FollowUpRecorded, FollowUpStatus, FollowUpView, GetScorecardRequest, GetTalliesRequest,
+    GetTalliesResponse, Level, ListDueFollowUpsRequest, ListDueFollowUpsResponse, Metric, Period,
+    PraiseRecorded, RankingEntry, RankingsRequest, RankingsResponse, RecordFollowUpRequest,
+    RecordFollowUpResponse, RecordPraiseRequest, RecordPraiseResponse, Scorecard, Subject,
+    TicketRecord, TicketReopened,
 };
 use lineguard_protos::intake::v1::Channel;
 use lineguard_runtime::auth::{acting, caller};
+use lineguard_runtime::partitions::{Page, Partitions};
 use prost::Message;
 use prost_types::Timestamp;
 use tokio_stream::Stream;
@@ -31,7 +35,7 @@ use uuid::Uuid;
 use lineguard_eventlog::command::{commit_idempotent, earlier_answer};
 
 use crate::followups::{Feedback, now};
-use crate::projection::{FOLLOW_UP_OPEN, account_complaint_key, nanos};
+use crate::projection::{FOLLOW_UP_OPEN, account_complaint_key, nanos, timed_key};
 use crate::scorecard::{self, check_period, csv_header, csv_row};
 
 /// Longest free-text fields, in characters.
@@ -48,11 +52,113 @@ pub const MAX_PAGE: usize = 1_000;
 #[derive(Clone)]
 pub struct FeedbackService {
     feedback: Feedback,
+    partitions: Partitions,
 }
 
 impl FeedbackService {
     pub fn new(feedback: Feedback) -> Self {
-        FeedbackService { feedback }
+        FeedbackService {
+            feedback,
+            partitions: Partitions::sole(crate::SERVICE),
+        }
+    }
+
+    /// The same service as one of `partitions`: a customer's verdict or
+    /// complaint about a ticket is recorded by the partition that opened
+    /// the ticket.
+    pub fn in_partitions(mut self, partitions: Partitions) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// The follow-ups due in every partition, merged by due time.
+    async fn gather_due_follow_ups(
+        &self,
+        request: Request<ListDueFollowUpsRequest>,
+    ) -> Result<ListDueFollowUpsResponse, Status> {
+        let page_size = match request.get_ref().page_size as usize {
+            0 => DEFAULT_PAGE,
+            n if n <= MAX_PAGE => n,
+            n => return Err(invalid("page_size", format!("{n} is over {MAX_PAGE}"))),
+        };
+        let page = self
+            .partitions
+            .gather(
+                &request,
+                &request.get_ref().page_token,
+                page_size,
+                |cursor| cursor.starts_with(FOLLOW_UP_OPEN),
+                |f: &FollowUpView| {
+                    let due = f.due_at.unwrap_or_default();
+                    String::from_utf8_lossy(&timed_key(FOLLOW_UP_OPEN, &due, &f.ticket_id))
+                        .into_owned()
+                },
+                |channel, one| {
+                    let this = self.clone();
+                    async move {
+                        let answer = match channel {
+                            None => this.list_due_follow_ups(one).await?,
+                            Some(channel) => {
+                                FeedbackClient::new(channel)
+                                    .list_due_follow_ups(one)
+                                    .await?
+                            }
+                        }
+                        .into_inner();
+                        Ok(Page {
+                            items: answer.follow_ups,
+                            next_page_token: answer.next_page_token,
+                        })
+                    }
+                },
+            )
+            .await?;
+        Ok(ListDueFollowUpsResponse {
+            follow_ups: page.items,
+            next_page_token: page.next_page_token,
+        })
+    }
+
+    /// Every subject's scorecard for `period`: from this instance's records
+    /// when the service is unsplit, else from every partition's counts
+    /// summed (a station's records may lie in two partitions once it has
+    /// moved, a company's always do).
+    async fn cards(&self, period: Period) -> Result<BTreeMap<(i32, String), Scorecard>, Status> {
+        let feedback = self.feedback.clone();
+        let mut tallies =
+            tokio::task::spawn_blocking(move || scorecard::tallies(&feedback, &period))
+                .await
+                .map_err(|e| Status::internal(format!("scorecard task failed: {e}")))??;
+        if self.partitions.count() > 1 {
+            for (partition, channel) in self.partitions.all()? {
+                let Some(channel) = channel else { continue };
+                // Asked as this service: counts, not a caller's answer.
+                let theirs = FeedbackClient::new(channel)
+                    .max_decoding_message_size(MAX_TALLIES_BYTES)
+                    .get_tallies(GetTalliesRequest {
+                        period: Some(period),
+                    })
+                    .await
+                    .map_err(|status| Partitions::from_partition(partition, status))?
+                    .into_inner();
+                tallies.add(&theirs.tallies);
+            }
+        }
+        Ok(tallies.finish(&period, self.feedback.rules()))
+    }
+
+    /// Where a call about ticket `ticket_id` is answered: here (`None`) or
+    /// the channel to the partition that opened it.
+    fn ticket_owner<T>(
+        &self,
+        request: &Request<T>,
+        ticket_id: &str,
+    ) -> Result<Option<tonic::transport::Channel>, Status> {
+        if self.partitions.count() == 1 || ticket_id.is_empty() {
+            return Ok(None);
+        }
+        let owner = self.partitions.owner_of_case("ticket_id", ticket_id)?;
+        self.partitions.route(request, owner)
     }
 
     pub fn server(self) -> FeedbackServer<Self> {
@@ -63,6 +169,10 @@ impl FeedbackService {
         self.feedback.log()
     }
 }
+
+/// Largest `GetTallies` answer read from another partition: a province's
+/// subjects (some 7,000 managers, crews and stations) take about 2 MB.
+pub const MAX_TALLIES_BYTES: usize = 64 * 1024 * 1024;
 
 /// `INVALID_ARGUMENT` naming `field`.
 pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
@@ -213,9 +323,14 @@ impl FeedbackApi for FeedbackService {
         request: Request<RecordFollowUpRequest>,
     ) -> Result<Response<RecordFollowUpResponse>, Status> {
         let principal = caller(&request);
+        id("ticket_id", &request.get_ref().ticket_id)?;
+        if let Some(owner) = self.ticket_owner(&request, &request.get_ref().ticket_id)? {
+            return FeedbackClient::new(owner)
+                .record_follow_up(self.partitions.relay(request)?)
+                .await;
+        }
         let req = request.into_inner();
         idempotency_key(&req.idempotency_key)?;
-        id("ticket_id", &req.ticket_id)?;
         if !(1..=5).contains(&req.score) {
             return Err(invalid("score", format!("{} is not 1 to 5", req.score)));
         }
@@ -306,6 +421,9 @@ impl FeedbackApi for FeedbackService {
         &self,
         request: Request<ListDueFollowUpsRequest>,
     ) -> Result<Response<ListDueFollowUpsResponse>, Status> {
+        if self.partitions.count() > 1 && !Partitions::was_forwarded(&request) {
+            return self.gather_due_follow_ups(request).await.map(Response::new);
+        }
         let req = request.into_inner();
         if !req.station_id.is_empty() {
             id("station_id", &req.station_id)?;
@@ -367,6 +485,14 @@ impl FeedbackApi for FeedbackService {
         request: Request<FileComplaintRequest>,
     ) -> Result<Response<FileComplaintResponse>, Status> {
         let principal = caller(&request);
+        if !request.get_ref().ticket_id.is_empty() {
+            id("ticket_id", &request.get_ref().ticket_id)?;
+        }
+        if let Some(owner) = self.ticket_owner(&request, &request.get_ref().ticket_id)? {
+            return FeedbackClient::new(owner)
+                .file_complaint(self.partitions.relay(request)?)
+                .await;
+        }
         let req = request.into_inner();
         idempotency_key(&req.idempotency_key)?;
         if req.ticket_id.is_empty() && req.worker_id.is_empty() {
@@ -545,10 +671,7 @@ impl FeedbackApi for FeedbackService {
         id("subject.id", &s.id)?;
         let period = req.period.ok_or_else(|| invalid("period", "is required"))?;
         check_period(Some(&period))?;
-        let feedback = self.feedback.clone();
-        let cards = tokio::task::spawn_blocking(move || scorecard::compute(&feedback, &period))
-            .await
-            .map_err(|e| Status::internal(format!("scorecard task failed: {e}")))??;
+        let cards = self.cards(period).await?;
         cards
             .get(&(s.level, s.id.clone()))
             .cloned()
@@ -573,10 +696,7 @@ impl FeedbackApi for FeedbackService {
         }
         let period = req.period.ok_or_else(|| invalid("period", "is required"))?;
         check_period(Some(&period))?;
-        let feedback = self.feedback.clone();
-        let cards = tokio::task::spawn_blocking(move || scorecard::compute(&feedback, &period))
-            .await
-            .map_err(|e| Status::internal(format!("scorecard task failed: {e}")))??;
+        let cards = self.cards(period).await?;
         let of_level: Vec<Scorecard> = cards
             .into_values()
             .filter(|c| c.subject.as_ref().is_some_and(|s| s.level == level as i32))
@@ -605,10 +725,7 @@ impl FeedbackApi for FeedbackService {
         let level = Level::try_from(req.level).map_err(|_| invalid("level", "not a level"))?;
         let period = req.period.ok_or_else(|| invalid("period", "is required"))?;
         check_period(Some(&period))?;
-        let feedback = self.feedback.clone();
-        let cards = tokio::task::spawn_blocking(move || scorecard::compute(&feedback, &period))
-            .await
-            .map_err(|e| Status::internal(format!("scorecard task failed: {e}")))??;
+        let cards = self.cards(period).await?;
         let mut rows = vec![Ok(CsvRow { line: csv_header() })];
         // Company, station, manager, crew: as printed for the station wall.
         let order = [Level::Company, Level::Station, Level::Manager, Level::Crew];
@@ -624,5 +741,24 @@ impl FeedbackApi for FeedbackService {
             );
         }
         Ok(Response::new(Box::pin(tokio_stream::iter(rows))))
+    }
+
+    async fn get_tallies(
+        &self,
+        request: Request<GetTalliesRequest>,
+    ) -> Result<Response<GetTalliesResponse>, Status> {
+        let period = request
+            .into_inner()
+            .period
+            .ok_or_else(|| invalid("period", "is required"))?;
+        check_period(Some(&period))?;
+        let feedback = self.feedback.clone();
+        // This partition's own counts: never gathered (no loop).
+        let tallies = tokio::task::spawn_blocking(move || scorecard::tallies(&feedback, &period))
+            .await
+            .map_err(|e| Status::internal(format!("scorecard task failed: {e}")))??;
+        Ok(Response::new(GetTalliesResponse {
+            tallies: tallies.to_protos(),
+        }))
     }
 }

@@ -92,7 +92,11 @@ async fn serve(args: Args) -> ExitCode {
         let overdue = feedback.spawn_overdue_timer(tick);
         host.on_shutdown(overdue.stop());
         let mut routes = RoutesBuilder::default();
-        routes.add_service(FeedbackService::new(feedback).server());
+        routes.add_service(
+            FeedbackService::new(feedback)
+                .in_partitions(host.partitions())
+                .server(),
+        );
         Ok(routes)
     })
     .await

@@ -36,8 +36,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use lineguard_protos::feedback::v1::{
-    CaseRecord, ChannelWaiting, ComplaintRecord, Level, Metric, Period, PraiseRecord, Rate,
-    Scorecard, Subject, TicketRecord,
+    CaseRecord, ChannelTally, ChannelWaiting, ComplaintRecord, Count, HopsTally, Level, Metric,
+    Period, PraiseRecord, Rate, Scorecard, ScorecardTally, Subject, TicketRecord,
 };
 use lineguard_protos::intake::v1::Channel;
 use lineguard_protos::routing::v1::{Company, Crew, District, Manager, Station};
@@ -84,7 +84,10 @@ fn key(level: Level, id: &str) -> Key {
     (level as i32, id.to_string())
 }
 
-#[derive(Debug, Default)]
+/// One subject's counts, from which its scorecard is finished. Every count
+/// adds up across partitions (hops are kept as a histogram, so their p90
+/// does too); households come from the directory, the same everywhere.
+#[derive(Debug, Default, Clone, PartialEq)]
 struct Tally {
     tickets: u64,
     cases: u64,
@@ -93,13 +96,122 @@ struct Tally {
     restoration: (u64, u64),
     first_time_fix: (u64, u64),
     satisfaction: (u64, u64),
-    hops: Vec<u32>,
+    /// Cases by their last hop number.
+    hops: BTreeMap<u32, u64>,
     waiting: BTreeMap<i32, (u64, f64)>,
     complaints: u64,
     repeat_complaints: u64,
     escalated_complaints: u64,
     praise: u64,
     households: u64,
+}
+
+impl Tally {
+    fn to_proto(&self, (level, id): &Key) -> ScorecardTally {
+        let count = |(met, total): (u64, u64)| Some(Count { met, total });
+        ScorecardTally {
+            subject: Some(Subject {
+                level: *level,
+                id: id.clone(),
+            }),
+            tickets: self.tickets,
+            cases: self.cases,
+            acceptance: count(self.acceptance),
+            arrival: count(self.arrival),
+            restoration: count(self.restoration),
+            first_time_fix: count(self.first_time_fix),
+            satisfaction: count(self.satisfaction),
+            hops: self
+                .hops
+                .iter()
+                .map(|(hops, cases)| HopsTally {
+                    hops: *hops,
+                    cases: *cases,
+                })
+                .collect(),
+            waiting: self
+                .waiting
+                .iter()
+                .map(|(channel, (tickets, seconds))| ChannelTally {
+                    channel: *channel,
+                    tickets: *tickets,
+                    seconds: *seconds,
+                })
+                .collect(),
+            complaints: self.complaints,
+            repeat_complaints: self.repeat_complaints,
+            escalated_complaints: self.escalated_complaints,
+            praise: self.praise,
+            households: self.households,
+        }
+    }
+
+    /// Adds another partition's counts of the same subject.
+    fn add(&mut self, other: &ScorecardTally) {
+        let add = |mine: &mut (u64, u64), theirs: &Option<Count>| {
+            if let Some(c) = theirs {
+                mine.0 += c.met;
+                mine.1 += c.total;
+            }
+        };
+        self.tickets += other.tickets;
+        self.cases += other.cases;
+        add(&mut self.acceptance, &other.acceptance);
+        add(&mut self.arrival, &other.arrival);
+        add(&mut self.restoration, &other.restoration);
+        add(&mut self.first_time_fix, &other.first_time_fix);
+        add(&mut self.satisfaction, &other.satisfaction);
+        for h in &other.hops {
+            *self.hops.entry(h.hops).or_default() += h.cases;
+        }
+        for w in &other.waiting {
+            let slot = self.waiting.entry(w.channel).or_default();
+            slot.0 += w.tickets;
+            slot.1 += w.seconds;
+        }
+        self.complaints += other.complaints;
+        self.repeat_complaints += other.repeat_complaints;
+        self.escalated_complaints += other.escalated_complaints;
+        self.praise += other.praise;
+        // The directory's, not a count: every partition says the same.
+        self.households = self.households.max(other.households);
+    }
+}
+
+/// Every subject's counts for a period, in one partition or summed over
+/// all of them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Tallies(BTreeMap<Key, Tally>);
+
+impl Tallies {
+    /// As [`GetTallies`](lineguard_protos::feedback::v1::GetTalliesResponse) carries them.
+    pub fn to_protos(&self) -> Vec<ScorecardTally> {
+        self.0.iter().map(|(k, t)| t.to_proto(k)).collect()
+    }
+
+    /// Adds another partition's counts (subjects it alone knows included).
+    pub fn add(&mut self, other: &[ScorecardTally]) {
+        for theirs in other {
+            let Some(subject) = &theirs.subject else {
+                continue;
+            };
+            self.0
+                .entry((subject.level, subject.id.clone()))
+                .or_default()
+                .add(theirs);
+        }
+    }
+
+    /// Every subject's scorecard.
+    pub fn finish(self, period: &Period, rules: &Rules) -> BTreeMap<(i32, String), Scorecard> {
+        self.0
+            .into_iter()
+            .map(|(k, t)| {
+                let card = finish(&k, t, period, rules);
+                (k, card)
+            })
+            .collect()
+    }
 }
 
 fn judge(rate: &mut (u64, u64), decided: bool, met: bool) {
@@ -123,14 +235,19 @@ fn rate((met, total): (u64, u64)) -> Option<Rate> {
     })
 }
 
-/// The p90 of `values` by nearest rank (0 for none).
-pub fn p90(values: &mut [u32]) -> u32 {
-    if values.is_empty() {
-        return 0;
+/// The p90 by nearest rank of the values `histogram` counts (value ->
+/// how many times), 0 for none.
+pub fn p90(histogram: &BTreeMap<u32, u64>) -> u32 {
+    let count: u64 = histogram.values().sum();
+    let rank = (count * 9).div_ceil(10).max(1);
+    let mut seen = 0;
+    for (value, times) in histogram {
+        seen += times;
+        if seen >= rank {
+            return *value;
+        }
     }
-    values.sort_unstable();
-    let rank = (values.len() * 9).div_ceil(10);
-    values[rank.saturating_sub(1)]
+    0
 }
 
 /// The directory as feedback's copy has it.
@@ -220,11 +337,17 @@ fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, Status> {
     M::decode(bytes).map_err(|e| Status::data_loss(format!("undecodable {what}: {e}")))
 }
 
-/// Every subject's scorecard for the period, by (level, id).
+/// Every subject's scorecard for the period, by (level, id), from this
+/// partition's records alone.
 pub fn compute(
     fb: &Feedback,
     period: &Period,
 ) -> Result<BTreeMap<(i32, String), Scorecard>, Status> {
+    Ok(tallies(fb, period)?.finish(period, fb.rules()))
+}
+
+/// Every subject's counts for the period, from this partition's records.
+pub fn tallies(fb: &Feedback, period: &Period) -> Result<Tallies, Status> {
     let (from, to) = check_period(Some(period))?;
     let rules = fb.rules();
     let dir = Directory {
@@ -360,7 +483,7 @@ pub fn compute(
                 case.resolved,
                 case.returns == 0 && case.reopens == 0,
             );
-            t.hops.push(case.hops);
+            *t.hops.entry(case.hops).or_default() += 1;
         }
         Ok(())
     })?;
@@ -401,17 +524,12 @@ pub fn compute(
         Ok(())
     })?;
 
-    Ok(tallies
-        .into_iter()
-        .map(|(k, t)| {
-            let card = finish(&k, t, period, rules);
-            (k, card)
-        })
-        .collect())
+    Ok(Tallies(tallies))
 }
 
-fn finish(k: &Key, mut t: Tally, period: &Period, rules: &Rules) -> Scorecard {
-    let hop_sum: u64 = t.hops.iter().map(|h| u64::from(*h)).sum();
+fn finish(k: &Key, t: Tally, period: &Period, rules: &Rules) -> Scorecard {
+    let hop_sum: u64 = t.hops.iter().map(|(h, n)| u64::from(*h) * n).sum();
+    let hop_cases: u64 = t.hops.values().sum();
     let (waited, waited_sum) = t
         .waiting
         .values()
@@ -427,12 +545,12 @@ fn finish(k: &Key, mut t: Tally, period: &Period, rules: &Rules) -> Scorecard {
         on_time_acceptance: rate(t.acceptance),
         on_time_arrival: rate(t.arrival),
         on_time_restoration: rate(t.restoration),
-        average_hops: if t.hops.is_empty() {
+        average_hops: if hop_cases == 0 {
             0.0
         } else {
-            hop_sum as f64 / t.hops.len() as f64
+            hop_sum as f64 / hop_cases as f64
         },
-        p90_hops: p90(&mut t.hops),
+        p90_hops: p90(&t.hops),
         average_waiting_seconds: if waited == 0 {
             0.0
         } else {
@@ -668,14 +786,65 @@ pub fn csv_row(card: &Scorecard) -> String {
 mod tests {
     use super::*;
 
+    fn histogram(values: impl IntoIterator<Item = u32>) -> BTreeMap<u32, u64> {
+        let mut h = BTreeMap::new();
+        for v in values {
+            *h.entry(v).or_default() += 1;
+        }
+        h
+    }
+
     #[test]
     fn p90_is_the_nearest_rank() {
-        assert_eq!(p90(&mut []), 0);
-        assert_eq!(p90(&mut [3]), 3);
-        let mut ten: Vec<u32> = (1..=10).collect();
-        assert_eq!(p90(&mut ten), 9);
-        let mut eleven: Vec<u32> = (1..=11).rev().collect();
-        assert_eq!(p90(&mut eleven), 10);
+        assert_eq!(p90(&BTreeMap::new()), 0);
+        assert_eq!(p90(&histogram([3])), 3);
+        assert_eq!(p90(&histogram(1..=10)), 9);
+        assert_eq!(p90(&histogram((1..=11).rev())), 10);
+        assert_eq!(p90(&histogram([1, 1, 1, 1, 1, 1, 1, 1, 1, 4])), 1);
+    }
+
+    /// Two partitions' counts summed finish into the scorecard one
+    /// partition holding all the records would give: rates, averages and
+    /// the p90 of hops included; households are not summed.
+    #[test]
+    fn tallies_of_parts_add_up_to_the_whole() {
+        let subject = key(Level::Company, "co-1");
+        let part = |hops: &[u32], accepted: (u64, u64), waited: (u64, f64)| {
+            let mut t = Tally {
+                tickets: hops.len() as u64,
+                cases: hops.len() as u64,
+                acceptance: accepted,
+                households: 1_000,
+                complaints: 1,
+                ..Tally::default()
+            };
+            for h in hops {
+                *t.hops.entry(*h).or_default() += 1;
+            }
+            t.waiting.insert(Channel::App as i32, waited);
+            t
+        };
+        let first = part(&[1, 1, 2], (2, 3), (3, 30.0));
+        let second = part(&[1, 3, 3, 1], (4, 4), (1, 90.0));
+        let whole = Tally {
+            complaints: 2,
+            ..part(&[1, 1, 2, 1, 3, 3, 1], (6, 7), (4, 120.0))
+        };
+        let mut summed = Tallies::default();
+        for part in [&first, &second] {
+            summed.add(&[part.to_proto(&subject)]);
+        }
+        let rules = Rules::default();
+        let period = Period::default();
+        let from_parts = summed.finish(&period, &rules);
+        let mut one = BTreeMap::new();
+        one.insert(subject.clone(), whole);
+        let from_whole = Tallies(one).finish(&period, &rules);
+        let (parts, whole) = (&from_parts[&subject], &from_whole[&subject]);
+        assert_eq!(parts.p90_hops, 3);
+        assert_eq!(parts.households, 1_000, "the directory's, not a sum");
+        assert_eq!(parts.complaints, 2);
+        assert_eq!(parts, whole);
     }
 
     #[test]

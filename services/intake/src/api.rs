@@ -11,6 +11,8 @@ use lineguard_protos::case_ids::{self, KnownAs};
 
 use crate::customer::CustomerDigest;
 use crate::sealing::{self, KeyStore, SealError};
+use lineguard_bus::partition::case_id;
+use lineguard_protos::intake::v1::intake_client::IntakeClient;
 use lineguard_protos::intake::v1::{
     Caller, CancelTicketRequest, CancelTicketResponse, Channel, Contact, CustomerDataErased,
     Disposition, EraseCustomerRequest, EraseCustomerResponse, GetTicketRequest, GetTicketResponse,
@@ -21,6 +23,9 @@ use lineguard_protos::intake::v1::{
     intake_server::{Intake, IntakeServer},
 };
 use lineguard_runtime::auth::{acting, caller};
+use lineguard_runtime::partitions::{Page, Partitions};
+
+use crate::partitioned::{StationOfDistrict, listing_key};
 use prost::Message;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
@@ -79,6 +84,8 @@ pub struct IntakeService {
     locks: Arc<StripedLocks>,
     customers: CustomerDigest,
     keys: Arc<dyn KeyStore>,
+    partitions: Partitions,
+    stations: Arc<StationOfDistrict>,
 }
 
 fn seal_error(e: SealError) -> Status {
@@ -104,7 +111,90 @@ impl IntakeService {
             locks: Arc::new(StripedLocks::new(1024)),
             customers,
             keys,
+            partitions: Partitions::sole(crate::SERVICE),
+            stations: Arc::new(StationOfDistrict::new(None)),
         }
+    }
+
+    /// The same service as one of `partitions`: a report is taken by the
+    /// partition owning its district's station (asked of routing over
+    /// `routing`), a ticket is answered by the partition that opened it,
+    /// and a listing or an erasure covers every partition.
+    pub fn in_partitions(
+        mut self,
+        partitions: Partitions,
+        routing: Option<tonic::transport::Channel>,
+    ) -> Self {
+        self.partitions = partitions;
+        self.stations = Arc::new(StationOfDistrict::new(routing));
+        self
+    }
+
+    /// Where a report of `district_id` is taken: this partition (`None`)
+    /// or the channel to the one owning the district's station.
+    async fn report_owner<T>(
+        &self,
+        request: &Request<T>,
+        district_id: &str,
+    ) -> Result<Option<tonic::transport::Channel>, Status> {
+        if self.partitions.count() == 1 || Partitions::was_forwarded(request) {
+            return Ok(None);
+        }
+        let station = if district_id.is_empty() {
+            String::new()
+        } else {
+            self.stations.station(district_id).await?
+        };
+        self.partitions
+            .route(request, self.partitions.owner_of_station(&station))
+    }
+
+    /// Where a call about case `id` is answered: here (`None`) or the
+    /// channel to the partition that opened it.
+    fn case_owner<T>(
+        &self,
+        request: &Request<T>,
+        field: &str,
+        id: &str,
+    ) -> Result<Option<tonic::transport::Channel>, Status> {
+        let owner = self.partitions.owner_of_case(field, id)?;
+        self.partitions.route(request, owner)
+    }
+
+    /// One page of tickets from every partition, merged by report time.
+    async fn gather_list(
+        &self,
+        request: Request<ListTicketsRequest>,
+        page_size: usize,
+    ) -> Result<ListTicketsResponse, Status> {
+        let page = self
+            .partitions
+            .gather(
+                &request,
+                &request.get_ref().page_token,
+                page_size,
+                |cursor| cursor.as_bytes().starts_with(BY_TIME_PREFIX),
+                listing_key,
+                |channel, one| {
+                    let this = self.clone();
+                    async move {
+                        let answer = match channel {
+                            None => this.list_tickets(one).await?,
+                            Some(channel) => IntakeClient::new(channel).list_tickets(one).await?,
+                        }
+                        .into_inner();
+                        Ok(Page {
+                            items: answer.tickets,
+                            next_page_token: answer.next_page_token,
+                        })
+                    }
+                },
+            )
+            .await?;
+        Ok(ListTicketsResponse {
+            tickets: page.items,
+            next_page_token: page.next_page_token,
+        })
     }
 
     /// Opens a view's sealed contact into its caller, address and
@@ -395,7 +485,7 @@ impl IntakeService {
             }
         }
 
-        let ticket_id = format!("ticket-{}", Uuid::now_v7());
+        let ticket_id = case_id("ticket", self.partitions.own(), &Uuid::now_v7().to_string());
         let mut reported = TicketReported {
             ticket_id: ticket_id.clone(),
             channel: channel as i32,
@@ -485,7 +575,11 @@ impl IntakeService {
                     response.incident_id = incident.incident_id;
                 }
                 None => {
-                    let incident_id = format!("incident-{}", Uuid::now_v7());
+                    let incident_id = case_id(
+                        "incident",
+                        self.partitions.own(),
+                        &Uuid::now_v7().to_string(),
+                    );
                     let opened = IncidentOpened {
                         incident_id: incident_id.clone(),
                         district_id: district_id.to_string(),
@@ -572,8 +666,10 @@ impl Intake for IntakeService {
         request: Request<ReportTicketRequest>,
     ) -> Result<Response<ReportTicketResponse>, Status> {
         let principal = caller(&request);
-        let req = Arc::new(request.into_inner());
-        let (channel, kind) = validate::report(&req)?;
+        let (channel, kind) = validate::report(request.get_ref())?;
+        let req = Arc::new(request.get_ref().clone());
+        // Kept for forwarding: the message, its deadline and its caller.
+        let forwarding = request;
         // The door is the channel (in the event); who came through it is
         // the caller.
         let who = acting(
@@ -591,6 +687,10 @@ impl Intake for IntakeService {
         .await?;
         if let Some(answer) = earlier {
             return Ok(Response::new(answer));
+        }
+        if let Some(owner) = self.report_owner(&forwarding, &district_id).await? {
+            let relayed = self.partitions.relay(forwarding)?;
+            return IntakeClient::new(owner).report_ticket(relayed).await;
         }
         let phone = req.caller.as_ref().map_or("", |c| c.phone.as_str());
         let customer = self.customers.key(&req.account_number, phone);
@@ -638,8 +738,13 @@ impl Intake for IntakeService {
         &self,
         request: Request<GetTicketRequest>,
     ) -> Result<Response<GetTicketResponse>, Status> {
+        validate::id("ticket_id", &request.get_ref().ticket_id)?;
+        if let Some(owner) = self.case_owner(&request, "ticket_id", &request.get_ref().ticket_id)? {
+            return IntakeClient::new(owner)
+                .get_ticket(self.partitions.relay(request)?)
+                .await;
+        }
         let ticket_id = request.into_inner().ticket_id;
-        validate::id("ticket_id", &ticket_id)?;
         let this = self.clone();
         let answer = blocking(move || {
             let mut answer = this.ticket_or_incident(&ticket_id)?;
@@ -654,8 +759,7 @@ impl Intake for IntakeService {
         &self,
         request: Request<ListTicketsRequest>,
     ) -> Result<Response<ListTicketsResponse>, Status> {
-        let req = request.into_inner();
-        let page_size = match req.page_size as usize {
+        let page_size = match request.get_ref().page_size as usize {
             0 => DEFAULT_PAGE,
             n if n > MAX_PAGE => {
                 return Err(validate::invalid(
@@ -665,6 +769,10 @@ impl Intake for IntakeService {
             }
             n => n,
         };
+        if self.partitions.count() > 1 && !Partitions::was_forwarded(&request) {
+            return Ok(Response::new(self.gather_list(request, page_size).await?));
+        }
+        let req = request.into_inner();
         let cursor = if req.page_token.is_empty() {
             None
         } else if req.page_token.as_bytes().starts_with(BY_TIME_PREFIX)
@@ -694,10 +802,15 @@ impl Intake for IntakeService {
         request: Request<CancelTicketRequest>,
     ) -> Result<Response<CancelTicketResponse>, Status> {
         let principal = caller(&request);
+        validate::id("ticket_id", &request.get_ref().ticket_id)?;
+        validate::reason(&request.get_ref().reason)?;
+        validate::idempotency_key(&request.get_ref().idempotency_key)?;
+        if let Some(owner) = self.case_owner(&request, "ticket_id", &request.get_ref().ticket_id)? {
+            return IntakeClient::new(owner)
+                .cancel_ticket(self.partitions.relay(request)?)
+                .await;
+        }
         let req = request.into_inner();
-        validate::id("ticket_id", &req.ticket_id)?;
-        validate::reason(&req.reason)?;
-        validate::idempotency_key(&req.idempotency_key)?;
         let fingerprint = req.encode_to_vec();
         let key = format!("cancel:{}", req.idempotency_key);
         let probe = Idempotency::new(key.clone(), &fingerprint, Bytes::new());
@@ -782,8 +895,33 @@ impl Intake for IntakeService {
         request: Request<EraseCustomerRequest>,
     ) -> Result<Response<EraseCustomerResponse>, Status> {
         let principal = caller(&request);
+        validate::erasure(request.get_ref())?;
+        // Every partition keeps its own customers' keys: each erases its own.
+        let mut elsewhere = EraseCustomerResponse::default();
+        if self.partitions.count() > 1 && !Partitions::was_forwarded(&request) {
+            for (partition, channel) in self.partitions.all()? {
+                let Some(channel) = channel else { continue };
+                let answer = IntakeClient::new(channel)
+                    .erase_customer(self.partitions.relay_copy(&request)?)
+                    .await
+                    .map_err(|status| {
+                        Status::new(
+                            status.code(),
+                            format!(
+                                "partition {}: {} (erasure is safe to call again)",
+                                partition.index(),
+                                status.message()
+                            ),
+                        )
+                    })?
+                    .into_inner();
+                elsewhere
+                    .erased_customer_keys
+                    .extend(answer.erased_customer_keys);
+                elsewhere.tickets += answer.tickets;
+            }
+        }
         let req = request.into_inner();
-        validate::erasure(&req)?;
         // Without credentials (development on loopback) there is no
         // principal to name.
         let erased_by = acting(
@@ -815,6 +953,10 @@ impl Intake for IntakeService {
             }
             response.tickets += tickets.len() as u32;
         }
+        response
+            .erased_customer_keys
+            .extend(elsewhere.erased_customer_keys);
+        response.tickets += elsewhere.tickets;
         Ok(Response::new(response))
     }
 

@@ -17,11 +17,14 @@
 //!   destroying the customer's key.
 //! - [`projection`]: [`IntakeProjector`](projection::IntakeProjector), the views.
 //! - [`observe`]: the consumer recording other services' events for the views.
+//! - [`partitioned`]: which partition takes a report, and listings gathered
+//!   from every partition.
 
 pub mod api;
 pub mod customer;
 pub mod key_copy;
 pub mod observe;
+pub mod partitioned;
 pub mod projection;
 pub mod sealing;
 pub mod validate;

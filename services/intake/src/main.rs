@@ -122,7 +122,9 @@ async fn serve(args: Args) -> ExitCode {
         };
         let mut routes = RoutesBuilder::default();
         routes.add_service(
-            IntakeService::new(host.log.clone(), config, customers, Arc::new(keys)).server(),
+            IntakeService::new(host.log.clone(), config, customers, Arc::new(keys))
+                .in_partitions(host.partitions(), host.peer_channel("routing"))
+                .server(),
         );
         Ok(routes)
     })

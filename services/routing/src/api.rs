@@ -9,6 +9,7 @@ use lineguard_eventlog::{
     Transaction, actor,
 };
 use lineguard_protos::case_ids::{self, KnownAs};
+use lineguard_protos::routing::v1::routing_client::RoutingClient;
 use lineguard_protos::routing::v1::{
     AcceptTicketRequest, AccountsAssigned, AnswerTicketRequest, AssigneeRole, Availability,
     AvailabilityChanged, AvailabilityView, Company, CompanyDefined, Crew, CrewDefined,
@@ -24,6 +25,7 @@ use lineguard_protos::routing::v1::{
     WhoServesResponse,
 };
 use lineguard_runtime::auth::{Principal, acting, caller};
+use lineguard_runtime::partitions::Partitions;
 use prost::{Message, Name};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -49,11 +51,60 @@ const CONFLICT_ATTEMPTS: usize = 5;
 /// Serves routing over its [`Router`].
 pub struct RoutingService {
     router: Router,
+    partitions: Partitions,
 }
 
 impl RoutingService {
     pub fn new(router: Router) -> Self {
-        RoutingService { router }
+        RoutingService {
+            router,
+            partitions: Partitions::sole(crate::SERVICE),
+        }
+    }
+
+    /// The same service as one of `partitions`: a call about a case is
+    /// answered by the partition that opened it, a call about a manager's
+    /// or desk's availability by the partition owning its station.
+    pub fn in_partitions(mut self, partitions: Partitions) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Where a call about case `id` is answered: here (`None`) or the
+    /// channel to the partition that opened it.
+    fn case_owner<T>(
+        &self,
+        request: &Request<T>,
+        id: &str,
+    ) -> Result<Option<tonic::transport::Channel>, Status> {
+        if self.partitions.count() == 1 {
+            return Ok(None);
+        }
+        let owner = self.partitions.owner_of_case("ticket_id", id)?;
+        self.partitions.route(request, owner)
+    }
+
+    /// Where a call about `assignee_id` (a manager or a station's desk) is
+    /// answered: the partition owning its station; here when it has none.
+    fn assignee_owner<T>(
+        &self,
+        request: &Request<T>,
+        assignee_id: &str,
+    ) -> Result<Option<tonic::transport::Channel>, Status> {
+        if self.partitions.count() == 1 {
+            return Ok(None);
+        }
+        let station = self
+            .router
+            .directory()
+            .station_of(assignee_id)
+            .map_err(RouterError::from)?;
+        match station {
+            Some(station) => self
+                .partitions
+                .route(request, self.partitions.owner_of_station(&station)),
+            None => Ok(None),
+        }
     }
 
     pub fn server(self) -> RoutingServer<RoutingService> {
@@ -283,6 +334,27 @@ impl RoutingService {
     }
 }
 
+/// Makes a directory change in every other partition: `call` sends one
+/// partition its copy of the request (`Partitions::copies_for_the_others`).
+async fn copy_to_the_others<T, Fut>(
+    others: Vec<(
+        lineguard_bus::Partition,
+        tonic::transport::Channel,
+        Request<T>,
+    )>,
+    call: impl Fn(RoutingClient<tonic::transport::Channel>, Request<T>) -> Fut,
+) -> Result<(), Status>
+where
+    Fut: std::future::Future<Output = Result<Response<DirectoryChangeResponse>, Status>>,
+{
+    for (partition, channel, copy) in others {
+        call(RoutingClient::new(channel), copy)
+            .await
+            .map_err(|status| Partitions::from_partition(partition, status))?;
+    }
+    Ok(())
+}
+
 fn person(id: &str) -> lineguard_eventlog::Actor {
     actor(ActorKind::Person, id)
 }
@@ -293,19 +365,28 @@ impl Routing for RoutingService {
         &self,
         request: Request<Company>,
     ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        // Every partition holds the whole directory.
+        let others = self.partitions.copies_for_the_others(&request)?;
         let c = request.into_inner();
         check_company(&c).map_err(directory_error)?;
         let stored = self.router.directory().company(&c.company_id);
         let event = CompanyDefined {
             company: Some(c.clone()),
         };
-        self.define(stored, &c, event).await
+        let local = self.define(stored, &c, event).await?;
+        copy_to_the_others(others, |mut client, copy| async move {
+            client.define_company(copy).await
+        })
+        .await?;
+        Ok(local)
     }
 
     async fn define_station(
         &self,
         request: Request<Station>,
     ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        // Every partition holds the whole directory.
+        let others = self.partitions.copies_for_the_others(&request)?;
         let s = request.into_inner();
         check_station(&s).map_err(directory_error)?;
         let dir = self.router.directory();
@@ -318,13 +399,20 @@ impl Routing for RoutingService {
         let event = StationDefined {
             station: Some(s.clone()),
         };
-        self.define(dir.station(&s.station_id), &s, event).await
+        let local = self.define(dir.station(&s.station_id), &s, event).await?;
+        copy_to_the_others(others, |mut client, copy| async move {
+            client.define_station(copy).await
+        })
+        .await?;
+        Ok(local)
     }
 
     async fn define_district(
         &self,
         request: Request<District>,
     ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        // Every partition holds the whole directory.
+        let others = self.partitions.copies_for_the_others(&request)?;
         let d = request.into_inner();
         check_district(&d).map_err(directory_error)?;
         let dir = self.router.directory();
@@ -343,13 +431,20 @@ impl Routing for RoutingService {
         let event = DistrictDefined {
             district: Some(d.clone()),
         };
-        self.define(dir.district(&d.district_id), &d, event).await
+        let local = self.define(dir.district(&d.district_id), &d, event).await?;
+        copy_to_the_others(others, |mut client, copy| async move {
+            client.define_district(copy).await
+        })
+        .await?;
+        Ok(local)
     }
 
     async fn define_manager(
         &self,
         request: Request<Manager>,
     ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        // Every partition holds the whole directory.
+        let others = self.partitions.copies_for_the_others(&request)?;
         let m = request.into_inner();
         check_manager(&m).map_err(directory_error)?;
         let dir = self.router.directory();
@@ -362,13 +457,20 @@ impl Routing for RoutingService {
         let event = ManagerDefined {
             manager: Some(m.clone()),
         };
-        self.define(dir.manager(&m.manager_id), &m, event).await
+        let local = self.define(dir.manager(&m.manager_id), &m, event).await?;
+        copy_to_the_others(others, |mut client, copy| async move {
+            client.define_manager(copy).await
+        })
+        .await?;
+        Ok(local)
     }
 
     async fn define_crew(
         &self,
         request: Request<Crew>,
     ) -> Result<Response<DirectoryChangeResponse>, Status> {
+        // Every partition holds the whole directory.
+        let others = self.partitions.copies_for_the_others(&request)?;
         let c = request.into_inner();
         check_crew(&c).map_err(directory_error)?;
         let dir = self.router.directory();
@@ -389,13 +491,40 @@ impl Routing for RoutingService {
         let event = CrewDefined {
             crew: Some(c.clone()),
         };
-        self.define(dir.crew(&c.crew_id), &c, event).await
+        let local = self.define(dir.crew(&c.crew_id), &c, event).await?;
+        copy_to_the_others(others, |mut client, copy| async move {
+            client.define_crew(copy).await
+        })
+        .await?;
+        Ok(local)
     }
 
     async fn import_accounts(
         &self,
         request: Request<Streaming<ImportAccountsRequest>>,
     ) -> Result<Response<ImportAccountsResponse>, Status> {
+        // Every partition holds the whole directory: each message, once
+        // checked and applied here, is passed on to every other partition
+        // over a stream of its own (bounded: a slow partition slows the
+        // import, never grows a queue).
+        let mut copies = Vec::new();
+        for (partition, channel, copy) in self
+            .partitions
+            .copies_for_the_others(&Partitions::without_message(&request))?
+        {
+            let (sender, receiver) = tokio::sync::mpsc::channel(4);
+            let (metadata, extensions, ()) = copy.into_parts();
+            let relayed = Request::from_parts(
+                metadata,
+                extensions,
+                tokio_stream::wrappers::ReceiverStream::new(receiver),
+            );
+            let call =
+                tokio::spawn(
+                    async move { RoutingClient::new(channel).import_accounts(relayed).await },
+                );
+            copies.push((partition, sender, call));
+        }
         let mut stream = request.into_inner();
         let dir = self.router.directory();
         let mut known_districts: HashSet<String> = HashSet::new();
@@ -413,6 +542,11 @@ impl Routing for RoutingService {
                 ));
             }
             let mut changed = Vec::with_capacity(message.accounts.len());
+            let checked = if copies.is_empty() {
+                Vec::new()
+            } else {
+                message.accounts.clone()
+            };
             for (i, a) in message.accounts.into_iter().enumerate() {
                 let at = |field: &str| format!("message {message_no} accounts[{i}].{field}");
                 check_id(&at("account_number"), &a.account_number).map_err(directory_error)?;
@@ -442,6 +576,14 @@ impl Routing for RoutingService {
                     changed.push(a);
                 }
             }
+            for (_, sender, _) in &copies {
+                // A partition that stopped listening says why below.
+                let _ = sender
+                    .send(ImportAccountsRequest {
+                        accounts: checked.clone(),
+                    })
+                    .await;
+            }
             if !changed.is_empty() {
                 let who = actor(ActorKind::System, "directory-import");
                 let events = changed
@@ -469,6 +611,12 @@ impl Routing for RoutingService {
                 totals.changed += changed.len() as u64;
             }
             message_no += 1;
+        }
+        for (partition, sender, call) in copies {
+            drop(sender);
+            call.await
+                .map_err(|e| Status::internal(format!("partition {}: {e}", partition.index())))?
+                .map_err(|status| Partitions::from_partition(partition, status))?;
         }
         tracing::info!(
             received = totals.received,
@@ -503,8 +651,22 @@ impl Routing for RoutingService {
         &self,
         request: Request<WhoServesRequest>,
     ) -> Result<Response<WhoServesResponse>, Status> {
-        let req = request.into_inner();
-        let district = self.district_of(&req.account_number, &req.district_id)?;
+        let district = self.district_of(
+            &request.get_ref().account_number,
+            &request.get_ref().district_id,
+        )?;
+        // Who serves depends on loads and availability, which the partition
+        // owning the district's station keeps.
+        if self.partitions.count() > 1
+            && let Some(owner) = self.partitions.route(
+                &request,
+                self.partitions.owner_of_station(&district.station_id),
+            )?
+        {
+            return RoutingClient::new(owner)
+                .who_serves(self.partitions.relay(request)?)
+                .await;
+        }
         let at = now();
         let place = self.router.place(Some(district.clone()))?;
         // The same rule as a new ticket's first hop: who would take it now.
@@ -605,6 +767,12 @@ impl Routing for RoutingService {
         &self,
         request: Request<SetAvailabilityRequest>,
     ) -> Result<Response<AvailabilityView>, Status> {
+        id("assignee_id", &request.get_ref().assignee_id)?;
+        if let Some(owner) = self.assignee_owner(&request, &request.get_ref().assignee_id)? {
+            return RoutingClient::new(owner)
+                .set_availability(self.partitions.relay(request)?)
+                .await;
+        }
         let principal = caller(&request);
         let req = request.into_inner();
         id("assignee_id", &req.assignee_id)?;
@@ -673,6 +841,12 @@ impl Routing for RoutingService {
         &self,
         request: Request<GetAvailabilityRequest>,
     ) -> Result<Response<AvailabilityView>, Status> {
+        id("assignee_id", &request.get_ref().assignee_id)?;
+        if let Some(owner) = self.assignee_owner(&request, &request.get_ref().assignee_id)? {
+            return RoutingClient::new(owner)
+                .get_availability(self.partitions.relay(request)?)
+                .await;
+        }
         let principal = caller(&request);
         let req = request.into_inner();
         id("assignee_id", &req.assignee_id)?;
@@ -687,6 +861,12 @@ impl Routing for RoutingService {
         &self,
         request: Request<AcceptTicketRequest>,
     ) -> Result<Response<RouteView>, Status> {
+        id("ticket_id", &request.get_ref().ticket_id)?;
+        if let Some(owner) = self.case_owner(&request, &request.get_ref().ticket_id)? {
+            return RoutingClient::new(owner)
+                .accept_ticket(self.partitions.relay(request)?)
+                .await;
+        }
         let principal = caller(&request);
         let req = request.into_inner();
         id("ticket_id", &req.ticket_id)?;
@@ -743,6 +923,12 @@ impl Routing for RoutingService {
         &self,
         request: Request<ReturnTicketRequest>,
     ) -> Result<Response<RouteView>, Status> {
+        id("ticket_id", &request.get_ref().ticket_id)?;
+        if let Some(owner) = self.case_owner(&request, &request.get_ref().ticket_id)? {
+            return RoutingClient::new(owner)
+                .return_ticket(self.partitions.relay(request)?)
+                .await;
+        }
         let principal = caller(&request);
         let req = request.into_inner();
         id("ticket_id", &req.ticket_id)?;
@@ -814,6 +1000,12 @@ impl Routing for RoutingService {
         &self,
         request: Request<AnswerTicketRequest>,
     ) -> Result<Response<RouteView>, Status> {
+        id("ticket_id", &request.get_ref().ticket_id)?;
+        if let Some(owner) = self.case_owner(&request, &request.get_ref().ticket_id)? {
+            return RoutingClient::new(owner)
+                .answer_ticket(self.partitions.relay(request)?)
+                .await;
+        }
         let principal = caller(&request);
         let req = request.into_inner();
         id("ticket_id", &req.ticket_id)?;
@@ -884,6 +1076,12 @@ impl Routing for RoutingService {
         &self,
         request: Request<GetRouteRequest>,
     ) -> Result<Response<RouteView>, Status> {
+        id("ticket_id", &request.get_ref().ticket_id)?;
+        if let Some(owner) = self.case_owner(&request, &request.get_ref().ticket_id)? {
+            return RoutingClient::new(owner)
+                .get_route(self.partitions.relay(request)?)
+                .await;
+        }
         let req = request.into_inner();
         id("ticket_id", &req.ticket_id)?;
         let route = self.route_of(&req.ticket_id)?;
@@ -910,11 +1108,32 @@ impl Routing for RoutingService {
 
     async fn verify_loads(
         &self,
-        _request: Request<VerifyLoadsRequest>,
+        request: Request<VerifyLoadsRequest>,
     ) -> Result<Response<VerifyLoadsResponse>, Status> {
+        // Each partition recounts its own loads; the company's answer is
+        // their sum (the company desk holds a load in each partition).
+        let mut elsewhere = VerifyLoadsResponse::default();
+        if self.partitions.count() > 1 && !Partitions::was_forwarded(&request) {
+            for (partition, channel) in self.partitions.all()? {
+                let Some(channel) = channel else { continue };
+                let answer = RoutingClient::new(channel)
+                    .verify_loads(self.partitions.relay_copy(&request)?)
+                    .await
+                    .map_err(|status| Partitions::from_partition(partition, status))?
+                    .into_inner();
+                elsewhere.events_read += answer.events_read;
+                elsewhere.assignees += answer.assignees;
+                elsewhere.open_tickets += answer.open_tickets;
+                elsewhere.mismatches.extend(answer.mismatches);
+            }
+        }
         let log = self.router.log().clone();
-        let checked =
+        let mut checked =
             lineguard_eventlog::blocking(move || crate::loads::verify_loads(&log)).await?;
+        checked.events_read += elsewhere.events_read;
+        checked.assignees += elsewhere.assignees;
+        checked.open_tickets += elsewhere.open_tickets;
+        checked.mismatches.extend(elsewhere.mismatches);
         if !checked.mismatches.is_empty() {
             tracing::error!(
                 mismatches = checked.mismatches.len(),

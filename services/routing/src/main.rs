@@ -92,7 +92,11 @@ async fn serve(args: Args) -> ExitCode {
         let timers = lineguard_routing::timers::spawn(router.clone(), args.timer_tick);
         host.on_shutdown(timers.stop());
         let mut routes = RoutesBuilder::default();
-        routes.add_service(RoutingService::new(router).server());
+        routes.add_service(
+            RoutingService::new(router)
+                .in_partitions(host.partitions())
+                .server(),
+        );
         Ok(routes)
     })
     .await

@@ -290,6 +290,10 @@ mod tests {
                     // Dispatch opening contacts for crews (intake narrows
                     // it to dispatch).
                     | "lineguard.intake.v1.Intake/UnsealContacts"
+                    // A split intake asking which station owns a district.
+                    | "lineguard.routing.v1.Routing/LookupOwner"
+                    // A split feedback summing scorecard counts.
+                    | "lineguard.feedback.v1.Feedback/GetTallies"
             ),
             _ => false,
         }

@@ -40,6 +40,49 @@ pub const TOKEN_LEEWAY_SECONDS: u64 = 30;
 pub const MAX_AUTHORIZATION_BYTES: usize = 4 * 1024;
 /// Longest principal id (certificate or token subject).
 pub const MAX_PRINCIPAL_ID_BYTES: usize = 128;
+/// Binary metadata carrying the caller one instance of a service relays
+/// to another partition of the same service ([`crate::partitions`]).
+pub const RELAYED_CALLER_METADATA: &str = "x-lineguard-relayed-caller-bin";
+/// Metadata naming the instance that forwarded a call and the partitions
+/// it counts: `<bus name>/<partitions>`, e.g. `intake-p1/2`.
+pub const FORWARDED_BY_METADATA: &str = "x-lineguard-forwarded-by";
+/// Longest relayed caller or forwarded-by value read.
+const MAX_RELAY_METADATA_BYTES: usize = 1_024;
+
+/// A call another partition of this service forwarded here: it is answered
+/// here and never forwarded again (no loops), by the caller it relays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The forwarding instance's bus name (`intake-p1`).
+    pub by: String,
+    /// How many partitions the forwarding instance counts: two instances
+    /// that count differently disagree on every owner.
+    pub partitions: u16,
+}
+
+impl Forwarded {
+    /// The metadata value saying `by` (counting `partitions`) forwarded it.
+    pub fn header_value(by: &str, partitions: u16) -> String {
+        format!("{by}/{partitions}")
+    }
+
+    fn parse(value: &[u8]) -> Result<Forwarded, Status> {
+        let bad = || {
+            Status::invalid_argument(format!(
+                "{FORWARDED_BY_METADATA}: expected <instance>/<partitions>"
+            ))
+        };
+        if value.len() > MAX_RELAY_METADATA_BYTES {
+            return Err(bad());
+        }
+        let text = std::str::from_utf8(value).map_err(|_| bad())?;
+        let (by, partitions) = text.rsplit_once('/').ok_or_else(bad)?;
+        Ok(Forwarded {
+            by: by.to_string(),
+            partitions: partitions.parse().map_err(|_| bad())?,
+        })
+    }
+}
 
 /// How a caller proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +106,27 @@ pub struct Principal {
     pub device_id: String,
     /// How it proved it.
     pub credential: Credential,
+}
+
+impl Principal {
+    /// This caller as [`RELAYED_CALLER_METADATA`] carries it: its fields
+    /// joined by NUL, which no field can hold (ids come from certificates
+    /// and signed tokens and are checked again on arrival).
+    pub fn relayed(&self) -> Vec<u8> {
+        let credential = match self.credential {
+            Credential::Certificate => "certificate",
+            Credential::Token => "token",
+        };
+        [
+            self.role.as_str(),
+            &self.id,
+            &self.crew_id,
+            &self.device_id,
+            credential,
+        ]
+        .join("\0")
+        .into_bytes()
+    }
 }
 
 /// What a Lineguard token says.
@@ -304,6 +368,53 @@ impl Authenticator {
         })
     }
 
+    /// The caller `relayed` names ([`Principal::relayed`]), held to the same
+    /// checks as one that presented its own credentials.
+    fn principal_relayed(&self, relayed: &[u8]) -> Result<Principal, Status> {
+        let bad = |why: &str| Status::unauthenticated(format!("{RELAYED_CALLER_METADATA}: {why}"));
+        if relayed.len() > MAX_RELAY_METADATA_BYTES {
+            return Err(bad("too long"));
+        }
+        let text = std::str::from_utf8(relayed).map_err(|_| bad("not UTF-8"))?;
+        let fields: Vec<&str> = text.split('\0').collect();
+        let [role, id, crew_id, device_id, credential] = fields[..] else {
+            return Err(bad("expected five fields"));
+        };
+        let credential = match credential {
+            "certificate" => Credential::Certificate,
+            "token" => Credential::Token,
+            _ => return Err(bad("unknown credential")),
+        };
+        self.principal(id, role, crew_id, device_id, credential)
+    }
+
+    /// The caller of a call that carries relay metadata: the relayed one,
+    /// but only when the connection's own caller is `service:<service>`
+    /// by certificate (another instance of this very service). Anyone else
+    /// asking to be taken for somebody else is refused.
+    fn relayed_caller(
+        &self,
+        service: &str,
+        connection: &Principal,
+        relayed: Option<&[u8]>,
+    ) -> Result<Principal, Status> {
+        let own_instance = connection.role == "service"
+            && connection.id == service
+            && connection.credential == Credential::Certificate;
+        if !own_instance {
+            return Err(Status::permission_denied(format!(
+                "{} ({}) may not forward calls: only {service}'s own instances relay a caller",
+                connection.id, connection.role
+            )));
+        }
+        match relayed {
+            Some(relayed) => self.principal_relayed(relayed),
+            None => Err(Status::unauthenticated(format!(
+                "a forwarded call carries its caller in {RELAYED_CALLER_METADATA}"
+            ))),
+        }
+    }
+
     /// Whether `principal` may call `path` (`/package.Service/Method`).
     pub fn authorize(&self, principal: &Principal, path: &str) -> Result<(), Status> {
         self.policy
@@ -402,20 +513,26 @@ pub struct AuthLayer {
     /// None: a server without credentials (loopback only; see
     /// [`crate::CommonArgs::credentials`]) lets calls through unchecked.
     authenticator: Option<Arc<Authenticator>>,
+    /// The service served: its own instances (`service:<it>`) may forward
+    /// a call with its caller relayed.
+    service: &'static str,
 }
 
 impl AuthLayer {
-    /// A layer checking calls with `authenticator`.
-    pub fn new(authenticator: Arc<Authenticator>) -> AuthLayer {
+    /// A layer checking calls to `service` with `authenticator`.
+    pub fn new(authenticator: Arc<Authenticator>, service: &'static str) -> AuthLayer {
         AuthLayer {
             authenticator: Some(authenticator),
+            service,
         }
     }
 
-    /// A layer that checks nothing, for a server without credentials.
-    pub fn disabled() -> AuthLayer {
+    /// A layer that checks nothing, for a server without credentials (a
+    /// forwarded call is still marked as such, so it is not forwarded on).
+    pub fn disabled(service: &'static str) -> AuthLayer {
         AuthLayer {
             authenticator: None,
+            service,
         }
     }
 }
@@ -427,6 +544,7 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
         AuthService {
             inner,
             authenticator: self.authenticator.clone(),
+            service: self.service,
         }
     }
 }
@@ -436,6 +554,7 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     authenticator: Option<Arc<Authenticator>>,
+    service: &'static str,
 }
 
 /// The client certificate TLS verified for this connection, if any.
@@ -466,13 +585,24 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().to_string();
+        let forwarded = match request.headers().get(FORWARDED_BY_METADATA) {
+            Some(value) => match Forwarded::parse(value.as_bytes()) {
+                Ok(forwarded) => Some(forwarded),
+                Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
+            },
+            None => None,
+        };
         let Some(authenticator) = self.authenticator.clone() else {
+            if let Some(forwarded) = forwarded {
+                request.extensions_mut().insert(forwarded);
+            }
             return Box::pin(self.inner.call(request));
         };
         if Authenticator::is_open(&path) {
             return Box::pin(self.inner.call(request));
         }
         let certificate = client_certificate(&request);
+        let relayed = relayed_caller_bytes(request.headers());
         let decided = authenticator
             .authenticate(
                 certificate.as_deref(),
@@ -481,6 +611,13 @@ where
                     .get(http::header::AUTHORIZATION)
                     .map(|v| v.as_bytes()),
             )
+            .and_then(|connection| {
+                if forwarded.is_some() || relayed.is_some() {
+                    authenticator.relayed_caller(self.service, &connection, relayed.as_deref())
+                } else {
+                    Ok(connection)
+                }
+            })
             .and_then(|principal| {
                 authenticator
                     .authorize(&principal, &path)
@@ -488,8 +625,12 @@ where
             });
         match decided {
             Ok(principal) => {
-                tracing::debug!(principal = %principal.id, role = %principal.role, rpc = %path, "call authorized");
+                tracing::debug!(principal = %principal.id, role = %principal.role, rpc = %path,
+                    forwarded_by = forwarded.as_ref().map(|f| f.by.as_str()), "call authorized");
                 request.extensions_mut().insert(principal);
+                if let Some(forwarded) = forwarded {
+                    request.extensions_mut().insert(forwarded);
+                }
                 Box::pin(self.inner.call(request))
             }
             Err(status) => {
@@ -498,4 +639,21 @@ where
             }
         }
     }
+}
+
+/// The relayed caller's bytes, decoded from its binary metadata (None when
+/// absent; an undecodable value counts as present and empty, which the
+/// check then refuses).
+fn relayed_caller_bytes(headers: &http::HeaderMap) -> Option<Vec<u8>> {
+    let value = headers.get(RELAYED_CALLER_METADATA)?;
+    let mut only = http::HeaderMap::new();
+    only.insert(RELAYED_CALLER_METADATA, value.clone());
+    let metadata = tonic::metadata::MetadataMap::from_headers(only);
+    Some(
+        metadata
+            .get_bin(RELAYED_CALLER_METADATA)
+            .and_then(|v| v.to_bytes().ok())
+            .map(|b| b.to_vec())
+            .unwrap_or_default(),
+    )
 }

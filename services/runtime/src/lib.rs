@@ -58,6 +58,7 @@ pub mod calendar;
 pub mod credentials;
 pub mod locks;
 pub mod memory;
+pub mod partitions;
 pub mod periodic;
 
 use std::net::SocketAddr;
@@ -688,6 +689,16 @@ impl Host {
             .cloned()
     }
 
+    /// This service's partitions as this instance reaches them: the other
+    /// partitions' instances over the channels `--peer <service>-p<k>=URL`
+    /// names (calling as `service:<name>`), for forwarding a call to its
+    /// owner ([`partitions::Partitions`]).
+    pub fn partitions(&self) -> partitions::Partitions {
+        partitions::Partitions::new(self.name, self.partition, |p| {
+            self.peer_channels.get(&p.bus_name(self.name)).cloned()
+        })
+    }
+
     /// Which partition of its service this instance is.
     pub fn partition(&self) -> Partition {
         self.partition
@@ -784,9 +795,9 @@ impl Host {
                 builder = builder
                     .tls_config(security.tls.clone())
                     .map_err(|e| HostError::Grpc(e.to_string()))?;
-                auth::AuthLayer::new(security.authenticator.clone())
+                auth::AuthLayer::new(security.authenticator.clone(), self.name)
             }
-            None => auth::AuthLayer::disabled(),
+            None => auth::AuthLayer::disabled(self.name),
         };
         // Admission outside authentication: an overloaded service refuses
         // before it spends a signature check on a call it cannot take.

@@ -9,7 +9,10 @@ use lineguard_eventlog::{EventLog, EventLogService, LogConfig};
 use lineguard_protos::eventlog::v1::event_log_client::EventLogClient;
 use lineguard_protos::eventlog::v1::{GetLogInfoRequest, RebuildProjectionsRequest};
 use lineguard_runtime::access::{AccessPolicy, rpcs_of};
-use lineguard_runtime::auth::{AuthLayer, Authenticator, TOKEN_ISSUER, TokenClaims};
+use lineguard_runtime::auth::{
+    AuthLayer, Authenticator, Credential, FORWARDED_BY_METADATA, Principal,
+    RELAYED_CALLER_METADATA, TOKEN_ISSUER, TokenClaims,
+};
 use lineguard_runtime::credentials::{
     ClientCredentials, CredentialsDir, ServerCredentials, ensure_development_set,
 };
@@ -47,7 +50,7 @@ async fn serve() -> Served {
     let router = tonic::transport::Server::builder()
         .tls_config(server.tls())
         .expect("tls")
-        .layer(AuthLayer::new(Arc::new(authenticator)))
+        .layer(AuthLayer::new(Arc::new(authenticator), "intake"))
         .add_service(health)
         .add_service(EventLogService::server(log.clone()));
     tokio::spawn(
@@ -247,4 +250,89 @@ async fn a_certificate_from_another_ca_gets_no_connection() {
         .await
         .expect_err("the TLS handshake refuses it");
     assert_ne!(refused.code(), Code::Ok);
+}
+
+/// A request carrying `relayed` as the caller a partition forwards.
+fn forwarded<T>(message: T, relayed: Option<&Principal>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        FORWARDED_BY_METADATA,
+        "intake-p1/2".parse().expect("header"),
+    );
+    if let Some(relayed) = relayed {
+        request.metadata_mut().insert_bin(
+            RELAYED_CALLER_METADATA,
+            tonic::metadata::MetadataValue::from_bytes(&relayed.relayed()),
+        );
+    }
+    request
+}
+
+fn principal(role: &str, id: &str) -> Principal {
+    Principal {
+        id: id.into(),
+        role: role.into(),
+        crew_id: String::new(),
+        device_id: String::new(),
+        credential: Credential::Certificate,
+    }
+}
+
+/// Another instance of the same service may forward a call with its caller
+/// relayed; the call is then held to the relayed caller's role. Nobody
+/// else may ask to be taken for somebody else, and a forwarded call must
+/// say whose it is.
+#[tokio::test]
+async fn only_the_same_service_relays_a_caller_and_the_caller_is_held_to_its_role() {
+    let served = serve().await;
+    let admin = principal("admin", "dev");
+    let system = principal("intake_system", "callcentre");
+
+    let mut own_instance = as_certificate(&served, "service", "intake");
+    own_instance
+        .rebuild_projections(forwarded(RebuildProjectionsRequest {}, Some(&admin)))
+        .await
+        .expect("another intake instance relays an administrator");
+    let denied = own_instance
+        .rebuild_projections(forwarded(RebuildProjectionsRequest {}, Some(&system)))
+        .await
+        .expect_err("the relayed caller's role decides");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(denied.message().contains("intake_system"), "{denied:?}");
+    let anonymous = own_instance
+        .get_log_info(forwarded(GetLogInfoRequest {}, None))
+        .await
+        .expect_err("a forwarded call says whose it is");
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+
+    // Another service's certificate may not relay anybody.
+    let mut routing = as_certificate(&served, "service", "routing");
+    let refused = routing
+        .get_log_info(forwarded(GetLogInfoRequest {}, Some(&admin)))
+        .await
+        .expect_err("routing may not forward intake's calls");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(refused.message().contains("forward"), "{refused:?}");
+
+    // Nor may a token holder, with or without a relayed caller.
+    let token = served
+        .credentials
+        .token_issuer()
+        .expect("issuer")
+        .issue("ops-wang", "operator", "", "", Duration::from_secs(3_600))
+        .expect("token");
+    let mut as_operator = EventLogClient::new(channel(
+        &served,
+        ClientCredentials::ca_only(&served.credentials).expect("ca"),
+    ));
+    let mut request = forwarded(GetLogInfoRequest {}, Some(&admin));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let refused = as_operator
+        .get_log_info(request)
+        .await
+        .expect_err("an operator may not pass itself off as an administrator");
+    assert_eq!(refused.code(), Code::PermissionDenied);
 }

@@ -126,7 +126,24 @@ pub async fn check_ticket(
 
 /// Checks every ticket; `progress` advances one per ticket.
 pub async fn verify(clients: &Clients, progress: &ProgressBar) -> Result<Report, Error> {
-    let tickets = all_tickets(clients).await?;
+    verify_partition(clients, None, progress).await
+}
+
+/// Checks the tickets `clients`' partition opened (every ticket when
+/// `partition` is `None`: an unsplit backend). A ticket replays from the
+/// logs of the partition that opened it, so a split backend is verified
+/// one partition at a time, each against its own instances' logs.
+pub async fn verify_partition(
+    clients: &Clients,
+    partition: Option<lineguard_bus::Partition>,
+    progress: &ProgressBar,
+) -> Result<Report, Error> {
+    let mut tickets = all_tickets(clients).await?;
+    if let Some(partition) = partition {
+        tickets.retain(|t| {
+            lineguard_bus::Partition::of_case(&t.ticket_id, partition.count()) == Some(partition)
+        });
+    }
     progress.set_length(tickets.len() as u64);
     let results: Vec<Result<(Vec<Mismatch>, usize), Error>> = stream::iter(tickets.iter())
         .map(|t| async move {

@@ -723,6 +723,32 @@ impl Drop for ServiceProcess {
     }
 }
 
+/// A free loopback address for each of the four services.
+fn free_addrs() -> Result<[SocketAddr; 4]> {
+    let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); 4];
+    for addr in &mut addrs {
+        *addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    }
+    Ok(addrs)
+}
+
+/// `--peer`'s value naming each partition's four instances: `intake=…`,
+/// `routing-p1=…`, comma-separated.
+fn peer_list(table: &[(u16, [SocketAddr; 4])]) -> String {
+    table
+        .iter()
+        .flat_map(|(partition, addrs)| {
+            SERVICE_NAMES.iter().zip(addrs).map(move |(name, addr)| {
+                format!(
+                    "{}=https://{addr}",
+                    lineguard_bus::partition::bus_name(name, *partition)
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The four services' names, in the order of [`FourServices`]' fields.
 pub const SERVICE_NAMES: [&str; 4] = ["intake", "routing", "dispatch", "feedback"];
 
@@ -749,36 +775,58 @@ impl FourServices {
         common: &[String],
         own: impl Fn(&str) -> Vec<String>,
     ) -> Result<FourServices> {
-        Self::start_partition(dir, nats_url, common, own, 0, 1)
+        let addrs = free_addrs()?;
+        let peers = peer_list(&[(0, addrs)]);
+        Self::launch(dir, nats_url, common, &own, (0, 1), addrs, &peers)
     }
 
-    /// Starts partition `partition` of `partitions` of the four (see
-    /// `lineguard_bus::partition`): each instance with `--partition` and
-    /// `--partitions`, its data under `dir/<its bus name>` (`intake-p1`),
-    /// and told where this partition's other three are.
-    pub fn start_partition(
+    /// Starts every partition of the four (see `lineguard_bus::partition`):
+    /// each instance with `--partition` and `--partitions`, its data under
+    /// `dir/<its bus name>` (`intake-p1`), and told where every instance of
+    /// every partition is (`--peer routing-p1=…` and so on), so that any
+    /// instance answers any call by forwarding it to its owner.
+    pub fn start_partitions(
         dir: &Path,
         nats_url: &str,
         common: &[String],
         own: impl Fn(&str) -> Vec<String>,
-        partition: u16,
         partitions: u16,
-    ) -> Result<FourServices> {
-        let mut addrs = Vec::with_capacity(SERVICE_NAMES.len());
-        for _ in SERVICE_NAMES {
-            addrs.push(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
+    ) -> Result<Vec<FourServices>> {
+        let mut table = Vec::with_capacity(usize::from(partitions));
+        for partition in 0..partitions {
+            table.push((partition, free_addrs()?));
         }
-        let bus_name = |name: &str| lineguard_bus::partition::bus_name(name, partition);
-        let peers = SERVICE_NAMES
+        let peers = peer_list(&table);
+        table
             .iter()
-            .zip(&addrs)
-            .map(|(name, addr)| format!("{}=https://{addr}", bus_name(name)))
-            .collect::<Vec<_>>()
-            .join(",");
+            .map(|(partition, addrs)| {
+                Self::launch(
+                    dir,
+                    nats_url,
+                    common,
+                    &own,
+                    (*partition, partitions),
+                    *addrs,
+                    &peers,
+                )
+            })
+            .collect()
+    }
+
+    fn launch(
+        dir: &Path,
+        nats_url: &str,
+        common: &[String],
+        own: &impl Fn(&str) -> Vec<String>,
+        (partition, partitions): (u16, u16),
+        addrs: [SocketAddr; 4],
+        peers: &str,
+    ) -> Result<FourServices> {
+        let bus_name = |name: &str| lineguard_bus::partition::bus_name(name, partition);
         let start = |i: usize| {
             let name = SERVICE_NAMES[i];
             let mut args = common.to_vec();
-            args.extend(["--peer".to_string(), peers.clone()]);
+            args.extend(["--peer".to_string(), peers.to_string()]);
             if partitions > 1 {
                 args.extend([
                     "--partition".to_string(),

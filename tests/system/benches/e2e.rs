@@ -35,7 +35,9 @@
 //! life); the long one stops a minute after its last call.
 //!
 //! Sizes from the environment: `LINEGUARD_E2E_SIZE=county` (a 5,000-account
-//! county, for a quick look), `LINEGUARD_E2E_MINUTES` (10),
+//! county, for a quick look), `LINEGUARD_E2E_PARTITIONS` (1: every service
+//! in P partitions, the storm driven through partition 0's instances, which
+//! forward what another partition owns), `LINEGUARD_E2E_MINUTES` (10),
 //! `LINEGUARD_E2E_LOW_SECONDS` (60), `LINEGUARD_E2E_BURST_CALLS` (20,000),
 //! `LINEGUARD_E2E_HIGH_RATE` (1,000). The service binaries are the release
 //! ones beside this benchmark (`cargo build --release --workspace --bins`
@@ -75,6 +77,7 @@ async fn run() {
     let burst_calls: usize = env_or("LINEGUARD_E2E_BURST_CALLS", 20_000);
     let high_rate: f64 = env_or("LINEGUARD_E2E_HIGH_RATE", 1_000.0);
     let size: String = env_or("LINEGUARD_E2E_SIZE", "province".to_string());
+    let partitions: u16 = env_or("LINEGUARD_E2E_PARTITIONS", 1);
     let county = match size.as_str() {
         "county" => CountyConfig {
             companies: 1,
@@ -102,7 +105,7 @@ async fn run() {
         .expect("tempdir");
     let generated = generate(&county, dir.path()).expect("generate");
     println!(
-        "e2e: {} companies, {} stations, {} districts, {} managers, {} crews, {} accounts",
+        "e2e: {partitions} partition(s); {} companies, {} stations, {} districts, {} managers, {} crews, {} accounts",
         county.companies,
         county.stations,
         county.districts,
@@ -122,26 +125,47 @@ async fn run() {
     );
     let common = vec!["--calendar".to_string(), calendar];
     let started = Instant::now();
-    let services = FourServices::start(dir.path(), &nats.url(), &common, |name| match name {
-        "routing" => vec![
-            "--policy".into(),
-            policy.clone(),
-            "--directory".into(),
-            directory_file.clone(),
-        ],
-        "feedback" => vec!["--rules".into(), rules.clone()],
-        _ => vec![],
-    })
+    let all = FourServices::start_partitions(
+        dir.path(),
+        &nats.url(),
+        &common,
+        |name| match name {
+            "routing" => vec![
+                "--policy".into(),
+                policy.clone(),
+                "--directory".into(),
+                directory_file.clone(),
+            ],
+            "feedback" => vec!["--rules".into(), rules.clone()],
+            _ => vec![],
+        },
+        partitions,
+    )
     .expect("start services");
-    services
-        .wait_healthy(Duration::from_secs(30 * 60))
-        .await
-        .expect("healthy");
+    for services in &all {
+        services
+            .wait_healthy(Duration::from_secs(30 * 60))
+            .await
+            .expect("healthy");
+    }
+    // Every process, by its bus name (`intake`, `intake-p1`).
+    let processes: Vec<(String, &lineguard_harness::ServiceProcess)> = all
+        .iter()
+        .enumerate()
+        .flat_map(|(k, services)| {
+            let k = u16::try_from(k).expect("partition index");
+            SERVICE_NAMES
+                .iter()
+                .zip(services.all())
+                .map(move |(name, p)| (lineguard_bus::partition::bus_name(name, k), p))
+        })
+        .collect();
+    let services = &all[0];
     println!(
         "e2e: backend up, directory loaded, in {:.0} s",
         started.elapsed().as_secs_f64()
     );
-    let clients = common::admin_clients(&services);
+    let clients = common::admin_clients(services);
     let jetstream = nats.jetstream().await.expect("jetstream");
     // Until done: every ticket closed and followed up (so every order has
     // reached its crew), at most `settle`.
@@ -225,10 +249,9 @@ async fn run() {
     );
 
     // 4. 1,000 calls/s for ten minutes, every process's memory sampled.
-    let mut pids: Vec<(String, u32)> = SERVICE_NAMES
+    let mut pids: Vec<(String, u32)> = processes
         .iter()
-        .zip(services.all())
-        .filter_map(|(name, p)| p.pid().map(|pid| (name.to_string(), pid)))
+        .filter_map(|(name, p)| p.pid().map(|pid| (name.clone(), pid)))
         .collect();
     if let Some(pid) = nats.pid() {
         pids.push(("nats-server".into(), pid));
@@ -258,7 +281,7 @@ async fn run() {
     // Where each service's memory was, as it reports it every minute
     // (`runtime::memory`): the kernel's count, the heap's, the store's.
     println!("memory as the services report it (MiB; the last three reports):");
-    for (name, process) in SERVICE_NAMES.iter().zip(services.all()) {
+    for (name, process) in &processes {
         let log = process.log();
         let reports: Vec<&str> = log
             .lines()

@@ -48,11 +48,21 @@ fn long_flags(text: &str) -> Vec<String> {
     flags
 }
 
-/// A manifest's `- {name: X, value: Y}` environment entries.
+/// A manifest's environment entries: `- {name: X, value: Y}`, and
+/// `- name: X` followed by a `valueFrom:` (the value then is the source's
+/// field path, e.g. the pod's ordinal).
 fn env_entries(manifest: &str) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    for line in manifest.lines() {
-        let line = line.trim();
+    let lines: Vec<&str> = manifest.lines().map(str::trim).collect();
+    for (at, line) in lines.iter().enumerate() {
+        if let Some(name) = line.strip_prefix("- name: ")
+            && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            && lines.get(at + 1) == Some(&"valueFrom:")
+        {
+            let source = lines.get(at + 2).copied().unwrap_or_default();
+            env.insert(name.to_string(), source.to_string());
+            continue;
+        }
         let Some(body) = line
             .strip_prefix("- {name: ")
             .and_then(|l| l.strip_suffix('}'))
@@ -138,7 +148,8 @@ fn every_flag_and_variable_the_manifests_use_is_one_the_binary_has() {
         }
         // Every `name: LINEGUARD_…` line was read as an entry.
         let named = manifest.text.matches("{name: LINEGUARD_").count()
-            + manifest.text.matches("{name: NATS_URL").count();
+            + manifest.text.matches("{name: NATS_URL").count()
+            + manifest.text.matches("- name: LINEGUARD_").count();
         assert_eq!(
             named,
             manifest.env.len(),
@@ -187,20 +198,48 @@ fn every_port_is_the_one_its_service_serves_and_is_called_on() {
             .env
             .get("LINEGUARD_PEERS")
             .expect("LINEGUARD_PEERS");
+        // Partition k of a service is pod k of its StatefulSet, known to
+        // every pod by its bus name (`intake`, `intake-p1`).
+        let partitions: u16 = manifest
+            .env
+            .get("LINEGUARD_PARTITIONS")
+            .map_or(1, |p| p.parse().expect("LINEGUARD_PARTITIONS is a number"));
+        assert_eq!(
+            numbers_after(&manifest.text, "replicas:"),
+            vec![partitions],
+            "{name}.yaml: one pod per partition"
+        );
+        if partitions > 1 {
+            assert!(
+                manifest.env.get("LINEGUARD_PARTITION").is_some_and(
+                    |source| source.contains("metadata.labels['apps.kubernetes.io/pod-index']")
+                ),
+                "{name}.yaml: each pod's partition is its ordinal"
+            );
+        }
         let mut called = Vec::new();
         for peer in peers.split(',') {
-            let (service, url) = peer.split_once('=').expect("SERVICE=URL");
-            let expected = format!("https://{service}-0.{service}:{}", ports[service]);
+            let (bus_name, url) = peer.split_once('=').expect("SERVICE=URL");
+            let (service, partition) = match bus_name.rsplit_once("-p") {
+                Some((service, k)) => (service, k.parse::<u16>().expect("partition index")),
+                None => (bus_name, 0),
+            };
+            let expected = format!("https://{service}-{partition}.{service}:{}", ports[service]);
             assert_eq!(
                 url, expected,
-                "{name}.yaml calls {service} elsewhere than it serves"
+                "{name}.yaml calls {bus_name} elsewhere than it serves"
             );
-            called.push(service);
+            called.push(bus_name.to_string());
         }
         called.sort_unstable();
-        let mut others: Vec<&str> = SERVICES.iter().copied().filter(|s| *s != name).collect();
-        others.sort_unstable();
-        assert_eq!(called, others, "{name}.yaml must know every other service");
+        // Every instance of every partition, its own service's other
+        // partitions too (any pod forwards a call to its owner).
+        let mut every: Vec<String> = SERVICES
+            .iter()
+            .flat_map(|s| (0..partitions).map(move |k| lineguard_bus::partition::bus_name(s, k)))
+            .collect();
+        every.sort_unstable();
+        assert_eq!(called, every, "{name}.yaml must know every instance");
     }
 }
 
@@ -264,15 +303,35 @@ fn the_nats_values_keep_durability_replicas_and_the_route_user() {
     assert!(values.contains("configMap.merge.data.lineguard-authorization\\.conf="));
     let help = help_of("ticketctl", &["credentials", "nats-config"]);
     assert!(help.contains("--authorization-only"));
+    // Made for as many partitions as the manifests run.
+    let partitions = manifests()[0]
+        .env
+        .get("LINEGUARD_PARTITIONS")
+        .cloned()
+        .unwrap_or_else(|| "1".into());
+    assert!(
+        values.contains(&format!("--authorization-only --partitions {partitions}"))
+            || partitions == "1",
+        "nats-values.yaml says how to make the block for {partitions} partitions"
+    );
     let output = Command::new(workspace_binary("ticketctl"))
-        .args(["credentials", "nats-config", "--authorization-only"])
+        .args([
+            "credentials",
+            "nats-config",
+            "--authorization-only",
+            "--partitions",
+            &partitions,
+        ])
         .output()
         .expect("ticketctl credentials nats-config");
     assert!(output.status.success());
     let block = String::from_utf8(output.stdout).expect("UTF-8");
     assert_eq!(
         block,
-        lineguard_runtime::bus_access::nats_authorization_block(&[("admin", "dev")], 1)
+        lineguard_runtime::bus_access::nats_authorization_block(
+            &[("admin", "dev")],
+            partitions.parse().expect("a number")
+        )
     );
     for service in SERVICES {
         assert!(

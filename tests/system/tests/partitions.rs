@@ -1,44 +1,136 @@
-//! Every service split in two (`--partitions 2`): each partition's four
-//! instances have their own logs and data directories, their own streams,
-//! subjects and durable consumers on the bus, and consume only their own
-//! partition of each source. A storm through each partition's instances
-//! is worked to its end there, nothing of it reaches the other partition,
-//! and each partition adds up on its own.
+//! Every service split in two (`--partitions 2`), every instance told
+//! where every other is: each partition's four instances have their own
+//! logs and data directories, their own streams, subjects and durable
+//! consumers on the bus, and consume only their own partition of each
+//! source. A storm driven through partition 0's instances alone reaches
+//! the partition owning each call's station (calls, desks' answers,
+//! crews' watches and actions, follow-ups are forwarded there), each
+//! partition adds up on its own, any instance answers for any ticket, and
+//! a listing at either instance gathers both partitions.
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::StreamExt;
 
+use lineguard_bus::Partition;
 use lineguard_harness::{FourServices, MAX_TEST_PARTITIONS, NatsServer, SERVICE_NAMES};
 use lineguard_protos::eventlog::v1::ReadAllRequest;
-use lineguard_protos::intake::v1::GetTicketRequest;
+use lineguard_protos::feedback::v1::{GetScorecardRequest, Level, Period, Scorecard, Subject};
+use lineguard_protos::intake::v1::{GetTicketRequest, ListTicketsRequest};
+use lineguard_ticketctl::endpoints::Clients;
 use lineguard_ticketctl::simulate::{StormConfig, storm};
 
-/// Calls in each partition's storm, and their rate (per second).
-const CALLS: usize = 120;
+/// The demo county's company and stations.
+const COMPANY: &str = "co-lixian";
+const STATIONS: [&str; 4] = ["st-chengguan", "st-dongpo", "st-xihe", "st-shanyang"];
+
+/// A day either side of now: the whole storm.
+fn around_now() -> Period {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let at = |seconds: u64| prost_types::Timestamp {
+        seconds: i64::try_from(seconds).expect("seconds"),
+        nanos: 0,
+    };
+    Period {
+        from: Some(at(now - 86_400)),
+        to: Some(at(now + 86_400)),
+    }
+}
+
+/// The company's and each station's scorecard, as `clients`' feedback gives them.
+async fn scorecards(clients: &Clients, period: Period) -> Vec<Scorecard> {
+    let mut subjects = vec![(Level::Company, COMPANY)];
+    subjects.extend(STATIONS.iter().map(|s| (Level::Station, *s)));
+    let mut cards = Vec::new();
+    for (level, id) in subjects {
+        let card = clients
+            .feedback()
+            .get_scorecard(GetScorecardRequest {
+                subject: Some(Subject {
+                    level: level as i32,
+                    id: id.into(),
+                }),
+                period: Some(period),
+            })
+            .await
+            .expect("a scorecard")
+            .into_inner();
+        cards.push(card);
+    }
+    cards
+}
+
+/// What a seeded storm decides whatever the timing of the run: the
+/// complaints and praise it files, per subject. (Its tickets, cases and
+/// follow-ups are not: whether a call urges an open ticket or opens a new
+/// one, joins an incident or starts one, depends on how far the work of
+/// earlier calls has got, so two runs on one partition differ there too.
+/// Those are checked against the run's own tickets instead.)
+fn seeded_counts(card: &Scorecard) -> (String, u64, u64) {
+    (
+        card.subject
+            .as_ref()
+            .map(|s| s.id.clone())
+            .unwrap_or_default(),
+        card.complaints,
+        card.praise,
+    )
+}
+
+/// Calls in the storm, and their rate (per second).
+const CALLS: usize = 160;
 const RATE: f64 = 30.0;
 
+/// Every ticket `intake` lists, gathering a page of `page_size` at a time.
+async fn listed(clients: &Clients, page_size: u32) -> Vec<String> {
+    let mut intake = clients.intake();
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = intake
+            .list_tickets(ListTicketsRequest {
+                page_size,
+                page_token: token,
+                ..ListTicketsRequest::default()
+            })
+            .await
+            .expect("list tickets")
+            .into_inner();
+        ids.extend(page.tickets.into_iter().map(|t| t.ticket_id));
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        token = page.next_page_token;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_partitions_of_every_service_each_consume_only_their_own_share() {
+async fn two_partitions_answer_any_call_at_any_instance_and_each_adds_up() {
     const PARTITIONS: u16 = 2;
     const { assert!(PARTITIONS <= MAX_TEST_PARTITIONS) };
+    // The demo county's stations fall in both partitions, so both work.
+    let owners: BTreeSet<u16> = STATIONS
+        .iter()
+        .map(|s| Partition::owning(s, PARTITIONS).index())
+        .collect();
+    assert_eq!(owners.len(), 2, "the demo's stations split over both");
+
     let nats = NatsServer::start().expect("nats");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut partitions = Vec::new();
-    for partition in 0..PARTITIONS {
-        let services = FourServices::start_partition(
-            dir.path(),
-            &nats.url(),
-            &[],
-            |name| common::storm_backend_flags(name, &[]),
-            partition,
-            PARTITIONS,
-        )
-        .expect("start a partition");
-        partitions.push(services);
-    }
+    let partitions = FourServices::start_partitions(
+        dir.path(),
+        &nats.url(),
+        &[],
+        |name| common::storm_backend_flags(name, &[]),
+        PARTITIONS,
+    )
+    .expect("start the partitions");
     for services in &partitions {
         services
             .wait_healthy(Duration::from_secs(90))
@@ -47,59 +139,120 @@ async fn two_partitions_of_every_service_each_consume_only_their_own_share() {
     }
     let clients: Vec<_> = partitions.iter().map(common::admin_clients).collect();
 
-    // A storm through each partition's instances, at once.
-    let storms: Vec<_> = clients
-        .iter()
-        .enumerate()
-        .map(|(index, clients)| {
-            let clients = clients.clone();
-            let config = StormConfig {
-                tickets: CALLS,
-                seed: 20 + index as u64,
-                late_share: 0.1,
-                dissatisfied_share: 0.05,
-                ..common::storm_at_rate(RATE)
-            };
-            tokio::spawn(async move {
-                storm(&clients, &config, &indicatif::ProgressBar::hidden()).await
-            })
-        })
-        .collect();
-    let mut reports = Vec::new();
-    for driver in storms {
-        let report = driver.await.expect("driver").expect("storm");
-        common::assert_storm_clean(&report, CALLS);
-        reports.push(report);
+    // The whole storm through partition 0's four instances.
+    let config = StormConfig {
+        tickets: CALLS,
+        seed: 20,
+        late_share: 0.1,
+        dissatisfied_share: 0.05,
+        ..common::storm_at_rate(RATE)
+    };
+    let report = storm(&clients[0], &config, &indicatif::ProgressBar::hidden())
+        .await
+        .expect("storm");
+    common::assert_storm_clean(&report, CALLS);
+    let tickets = report.new_tickets + report.joined_incidents;
+
+    // A listing at either instance gathers both partitions, whatever the
+    // page size, each ticket once.
+    let everything = listed(&clients[0], 1_000).await;
+    assert_eq!(everything.len(), tickets, "every ticket listed once");
+    assert_eq!(
+        everything.iter().collect::<BTreeSet<_>>().len(),
+        tickets,
+        "no ticket listed twice"
+    );
+    let by_seven = listed(&clients[1], 7).await;
+    assert_eq!(
+        by_seven.iter().collect::<BTreeSet<_>>(),
+        everything.iter().collect::<BTreeSet<_>>(),
+        "pages of 7 at partition 1 list the same tickets"
+    );
+    assert_eq!(by_seven.len(), tickets);
+
+    // Each ticket was opened by the partition owning its station, and any
+    // instance answers for it.
+    let mut per_partition = vec![0usize; usize::from(PARTITIONS)];
+    for ticket_id in &everything {
+        let opened_by = Partition::of_case(ticket_id, PARTITIONS).expect("a partition");
+        per_partition[usize::from(opened_by.index())] += 1;
+        let mut views = Vec::new();
+        for clients in &clients {
+            let view = clients
+                .intake()
+                .get_ticket(GetTicketRequest {
+                    ticket_id: ticket_id.clone(),
+                })
+                .await
+                .expect("any instance answers")
+                .into_inner()
+                .ticket
+                .expect("a view");
+            views.push(view);
+        }
+        assert_eq!(views[0], views[1], "{ticket_id}: one view, whoever asks");
+        let station = &views[0].station_id;
+        if !station.is_empty() {
+            assert_eq!(
+                Partition::owning(station, PARTITIONS),
+                opened_by,
+                "{ticket_id} of {station} opened by the partition owning it"
+            );
+        }
     }
+    assert!(
+        per_partition.iter().all(|n| *n > 0),
+        "both partitions took calls: {per_partition:?}"
+    );
 
     // Each partition adds up on its own: its tickets, and only those,
     // worked to their end through its four logs.
-    for ((services, clients), report) in partitions.iter().zip(&clients).zip(&reports) {
-        common::assert_everything_adds_up(
-            services,
-            clients,
-            report.new_tickets + report.joined_incidents,
-        )
-        .await;
+    for (index, (services, clients)) in partitions.iter().zip(&clients).enumerate() {
+        let partition = Partition::new(u32::try_from(index).expect("index"), PARTITIONS.into())
+            .expect("partition");
+        common::assert_partition_adds_up(services, clients, Some(partition), per_partition[index])
+            .await;
     }
 
-    // Nothing of one partition's storm is in the other's intake.
-    for (mine, report) in reports.iter().enumerate() {
-        let other = &clients[1 - mine];
-        for ticket in report.ticket_ids.iter().take(20) {
-            let found = other
-                .intake()
-                .get_ticket(GetTicketRequest {
-                    ticket_id: ticket.clone(),
+    // Scorecards sum every partition's counts: the same at either
+    // instance; the company's tickets are every ticket; the stations'
+    // add up to the company's, each station's being the tickets routed to it.
+    let period = around_now();
+    let cards = scorecards(&clients[0], period).await;
+    assert_eq!(
+        cards,
+        scorecards(&clients[1], period).await,
+        "one answer at either instance"
+    );
+    assert_eq!(
+        cards[0].tickets_handled as usize, tickets,
+        "the company's: every ticket"
+    );
+    let stations_sum: u64 = cards[1..].iter().map(|c| c.tickets_handled).sum();
+    assert_eq!(stations_sum, cards[0].tickets_handled);
+    for card in &cards[1..] {
+        let station = &card.subject.as_ref().expect("subject").id;
+        let mut routed_there = 0;
+        let mut intake = clients[0].intake();
+        let mut token = String::new();
+        loop {
+            let page = intake
+                .list_tickets(ListTicketsRequest {
+                    station_id: station.clone(),
+                    page_size: 1_000,
+                    page_token: token,
+                    ..ListTicketsRequest::default()
                 })
-                .await;
-            assert_eq!(
-                found.map(|_| ()).map_err(|s| s.code()),
-                Err(tonic::Code::NotFound),
-                "{ticket} of partition {mine} in partition {}",
-                1 - mine
-            );
+                .await
+                .expect("list a station's tickets")
+                .into_inner();
+            routed_there += page.tickets.len();
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
         }
+        assert_eq!(card.tickets_handled as usize, routed_there, "{station}");
     }
 
     // Each instance's events carry its partition's name as their source,
@@ -154,4 +307,49 @@ async fn two_partitions_of_every_service_each_consume_only_their_own_share() {
             assert!(readers > 0, "{name}'s stream is read");
         }
     }
+
+    drop(partitions);
+
+    // The same seeded storm on one partition: every station's and the
+    // company's counts are the same.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nats = NatsServer::start().expect("nats");
+    let whole = FourServices::start(dir.path(), &nats.url(), &[], |name| {
+        common::storm_backend_flags(name, &[])
+    })
+    .expect("start one partition");
+    whole
+        .wait_healthy(Duration::from_secs(90))
+        .await
+        .expect("healthy");
+    let whole_clients = common::admin_clients(&whole);
+    let whole_report = storm(&whole_clients, &config, &indicatif::ProgressBar::hidden())
+        .await
+        .expect("storm on one partition");
+    common::assert_storm_clean(&whole_report, CALLS);
+    common::assert_everything_adds_up(
+        &whole,
+        &whole_clients,
+        whole_report.new_tickets + whole_report.joined_incidents,
+    )
+    .await;
+    let whole_cards = scorecards(&whole_clients, around_now()).await;
+    assert_eq!(
+        whole_cards.iter().map(seeded_counts).collect::<Vec<_>>(),
+        cards.iter().map(seeded_counts).collect::<Vec<_>>(),
+        "one partition and two count the same storm's complaints and praise the same"
+    );
+    // And on one partition the same checks against the run's own tickets
+    // hold as on two.
+    assert_eq!(
+        whole_cards[0].tickets_handled as usize,
+        whole_report.new_tickets + whole_report.joined_incidents
+    );
+    assert_eq!(
+        whole_cards[1..]
+            .iter()
+            .map(|c| c.tickets_handled)
+            .sum::<u64>(),
+        whole_cards[0].tickets_handled
+    );
 }

@@ -530,6 +530,18 @@ pub async fn assert_everything_adds_up(
     clients: &lineguard_ticketctl::endpoints::Clients,
     tickets: usize,
 ) {
+    assert_partition_adds_up(services, clients, None, tickets).await;
+}
+
+/// [`assert_everything_adds_up`] for one partition of a split backend:
+/// its instances quiet, its loads equal to its routing's recount, and the
+/// `tickets` it opened replayed from its own four logs (`None`: unsplit).
+pub async fn assert_partition_adds_up(
+    services: &lineguard_harness::FourServices,
+    clients: &lineguard_ticketctl::endpoints::Clients,
+    partition: Option<lineguard_bus::Partition>,
+    tickets: usize,
+) {
     let processes = services.all();
     quiet(&processes, Duration::from_secs(3), Duration::from_secs(120)).await;
     // A parked event may still wait for the sweep that wakes it.
@@ -543,9 +555,13 @@ pub async fn assert_everything_adds_up(
         .into_inner();
     assert!(loads.mismatches.is_empty(), "{:?}", loads.mismatches);
     assert_eq!(loads.open_tickets, 0, "every ticket worked to its end");
-    let checked = lineguard_ticketctl::verify::verify(clients, &indicatif::ProgressBar::hidden())
-        .await
-        .expect("verify");
+    let checked = lineguard_ticketctl::verify::verify_partition(
+        clients,
+        partition,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .await
+    .expect("verify");
     assert_eq!(
         checked.tickets, tickets,
         "intake holds exactly the tickets the calls made"
