@@ -147,6 +147,47 @@ impl FeedbackService {
         Ok(tallies.finish(&period, self.feedback.rules()))
     }
 
+    /// The station of a manager, crew or station (`None`: a company, or
+    /// nobody the directory knows).
+    fn station_of(&self, level: Level, id: &str) -> Result<Option<String>, Status> {
+        Ok(match level {
+            Level::Manager => self.feedback.manager(id)?.map(|m| m.station_id),
+            Level::Crew => self.feedback.crew(id)?.map(|c| c.station_id),
+            Level::Station => Some(id.to_string()),
+            Level::Company | Level::Unspecified => None,
+        })
+    }
+
+    /// Where a record about a ticket, else about a worker or station, is
+    /// made: the ticket's partition, else the one owning the worker's
+    /// station, else partition 0. Always the same one for the same request,
+    /// so a retry meets its idempotency record wherever it is sent.
+    fn record_owner<T>(
+        &self,
+        request: &Request<T>,
+        ticket_id: &str,
+        (level, worker): (Level, &str),
+    ) -> Result<Option<tonic::transport::Channel>, Status> {
+        if self.partitions.count() == 1 {
+            return Ok(None);
+        }
+        if !ticket_id.is_empty() {
+            return self.ticket_owner(request, ticket_id);
+        }
+        let station = match level {
+            // A worker named without a level: a manager, else a crew.
+            Level::Unspecified => match self.station_of(Level::Manager, worker)? {
+                Some(station) => Some(station),
+                None => self.station_of(Level::Crew, worker)?,
+            },
+            level => self.station_of(level, worker)?,
+        };
+        let owner = self
+            .partitions
+            .owner_of_station(station.as_deref().unwrap_or_default());
+        self.partitions.route(request, owner)
+    }
+
     /// Where a call about ticket `ticket_id` is answered: here (`None`) or
     /// the channel to the partition that opened it.
     fn ticket_owner<T>(
@@ -488,7 +529,10 @@ impl FeedbackApi for FeedbackService {
         if !request.get_ref().ticket_id.is_empty() {
             id("ticket_id", &request.get_ref().ticket_id)?;
         }
-        if let Some(owner) = self.ticket_owner(&request, &request.get_ref().ticket_id)? {
+        let (ticket_id, worker_id) = (&request.get_ref().ticket_id, &request.get_ref().worker_id);
+        if let Some(owner) =
+            self.record_owner(&request, ticket_id, (Level::Unspecified, worker_id))?
+        {
             return FeedbackClient::new(owner)
                 .file_complaint(self.partitions.relay(request)?)
                 .await;
@@ -590,6 +634,16 @@ impl FeedbackApi for FeedbackService {
         request: Request<RecordPraiseRequest>,
     ) -> Result<Response<RecordPraiseResponse>, Status> {
         let principal = caller(&request);
+        let credited = request.get_ref().credited_to.clone().unwrap_or_default();
+        if let Some(owner) = self.record_owner(
+            &request,
+            &request.get_ref().ticket_id,
+            (credited.level(), &credited.id),
+        )? {
+            return FeedbackClient::new(owner)
+                .record_praise(self.partitions.relay(request)?)
+                .await;
+        }
         let req = request.into_inner();
         idempotency_key(&req.idempotency_key)?;
         let credited_to = req

@@ -84,8 +84,27 @@ impl RoutingService {
         self.partitions.route(request, owner)
     }
 
-    /// Where a call about `assignee_id` (a manager or a station's desk) is
-    /// answered: the partition owning its station; here when it has none.
+    /// The station of a manager, a station's desk or a crew; `None` for
+    /// the company's desk (or nobody the directory knows).
+    fn station_of_assignee(&self, assignee_id: &str) -> Result<Option<String>, Status> {
+        let directory = self.router.directory();
+        Ok(
+            match directory
+                .station_of(assignee_id)
+                .map_err(RouterError::from)?
+            {
+                Some(station) => Some(station),
+                None => directory
+                    .crew(assignee_id)
+                    .map_err(RouterError::from)?
+                    .map(|crew| crew.station_id),
+            },
+        )
+    }
+
+    /// Where a call about `assignee_id` is answered: the partition owning
+    /// its station; here when it has none (the company's desk, which every
+    /// partition keeps: see `set_availability`).
     fn assignee_owner<T>(
         &self,
         request: &Request<T>,
@@ -94,12 +113,7 @@ impl RoutingService {
         if self.partitions.count() == 1 {
             return Ok(None);
         }
-        let station = self
-            .router
-            .directory()
-            .station_of(assignee_id)
-            .map_err(RouterError::from)?;
-        match station {
+        match self.station_of_assignee(assignee_id)? {
             Some(station) => self
                 .partitions
                 .route(request, self.partitions.owner_of_station(&station)),
@@ -773,6 +787,17 @@ impl Routing for RoutingService {
                 .set_availability(self.partitions.relay(request)?)
                 .await;
         }
+        // Of no station (the company's desk, which holds a load in every
+        // partition): set in every partition.
+        let others = if self.partitions.count() > 1
+            && self
+                .station_of_assignee(&request.get_ref().assignee_id)?
+                .is_none()
+        {
+            self.partitions.copies_for_the_others(&request)?
+        } else {
+            Vec::new()
+        };
         let principal = caller(&request);
         let req = request.into_inner();
         id("assignee_id", &req.assignee_id)?;
@@ -830,6 +855,12 @@ impl Routing for RoutingService {
             .await
             .map_err(Status::from)?;
         tracing::info!(assignee_id = %req.assignee_id, availability = ?availability, "availability changed");
+        for (partition, channel, copy) in others {
+            RoutingClient::new(channel)
+                .set_availability(copy)
+                .await
+                .map_err(|status| Partitions::from_partition(partition, status))?;
+        }
         let view = self
             .router
             .availability(&req.assignee_id)?

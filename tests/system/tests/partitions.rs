@@ -18,8 +18,11 @@ use futures::StreamExt;
 use lineguard_bus::Partition;
 use lineguard_harness::{FourServices, MAX_TEST_PARTITIONS, NatsServer, SERVICE_NAMES};
 use lineguard_protos::eventlog::v1::ReadAllRequest;
-use lineguard_protos::feedback::v1::{GetScorecardRequest, Level, Period, Scorecard, Subject};
+use lineguard_protos::feedback::v1::{
+    GetScorecardRequest, Level, Period, RecordPraiseRequest, Scorecard, Subject,
+};
 use lineguard_protos::intake::v1::{GetTicketRequest, ListTicketsRequest};
+use lineguard_protos::routing::v1::{Availability, GetAvailabilityRequest, SetAvailabilityRequest};
 use lineguard_ticketctl::endpoints::Clients;
 use lineguard_ticketctl::simulate::{StormConfig, storm};
 
@@ -254,6 +257,56 @@ async fn two_partitions_answer_any_call_at_any_instance_and_each_adds_up() {
         }
         assert_eq!(card.tickets_handled as usize, routed_there, "{station}");
     }
+
+    // The company's desk, kept in every partition, is set in every one
+    // whichever instance is asked; a crew's availability goes to its
+    // station's partition.
+    let desk = "desk-co-lixian";
+    clients[1]
+        .routing()
+        .set_availability(SetAvailabilityRequest {
+            assignee_id: desk.into(),
+            availability: Availability::OffDuty as i32,
+            note: "night shift handed over".into(),
+            ..SetAvailabilityRequest::default()
+        })
+        .await
+        .expect("set the company desk off duty");
+    for clients in &clients {
+        let view = clients
+            .routing()
+            .get_availability(GetAvailabilityRequest {
+                assignee_id: desk.into(),
+            })
+            .await
+            .expect("the desk's availability")
+            .into_inner();
+        assert_eq!(view.availability(), Availability::OffDuty, "{view:?}");
+    }
+
+    // A retried praise meets its first answer whichever instance it is
+    // sent to: one record, one id.
+    let praise = RecordPraiseRequest {
+        idempotency_key: "praise-retried-1".into(),
+        credited_to: Some(Subject {
+            level: Level::Station as i32,
+            id: "st-xihe".into(),
+        }),
+        channel: lineguard_protos::intake::v1::Channel::Wechat as i32,
+        text: "thank you".into(),
+        ..RecordPraiseRequest::default()
+    };
+    let mut ids = BTreeSet::new();
+    for clients in clients.iter().chain(clients.iter()) {
+        let answer = clients
+            .feedback()
+            .record_praise(praise.clone())
+            .await
+            .expect("praise")
+            .into_inner();
+        ids.insert(answer.praise_id);
+    }
+    assert_eq!(ids.len(), 1, "one praise, whoever was asked: {ids:?}");
 
     // Each instance's events carry its partition's name as their source,
     // and each partition has its own streams and consumers on the bus.
