@@ -1,16 +1,19 @@
 //! The backend on a three-node JetStream cluster: every stream kept on
 //! three nodes (`--stream-replicas 3`), every log copied to it
-//! (`--log-copy`), every service told all three nodes. A storm runs while
-//! one node is killed -9 and later restarted: no call fails for it, no
-//! ticket is lost or made twice, every order reaches its crew once, and
-//! replay equals the live view. A service whose disk is lost, mid-storm
-//! or at rest, comes back from its copy.
+//! (`--log-copy`), every service told all three nodes. A storm runs
+//! through two partitions of every service while one node is killed -9
+//! and later restarted, and one service instance is killed -9 and
+//! restarted: no call fails for it, no ticket is lost or made twice,
+//! every order reaches its crew once, each partition adds up and replay
+//! equals the live view. A service whose disk is lost, mid-storm or at
+//! rest, comes back from its copy.
 
 mod common;
 
 use std::time::Duration;
 
 use common::deploy;
+use lineguard_bus::Partition;
 use lineguard_harness::{FourServices, NatsCluster};
 use lineguard_protos::eventlog::v1::GetProjectionDigestRequest;
 use lineguard_protos::intake::v1::GetTicketRequest;
@@ -22,26 +25,33 @@ const CALLS: usize = 400;
 const RATE: f64 = 40.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn losing_one_node_of_three_loses_nothing_and_stops_nothing() {
+async fn losing_one_node_of_three_and_an_instance_loses_nothing_and_stops_nothing() {
+    const PARTITIONS: u16 = 2;
     let mut cluster = NatsCluster::start(3).await.expect("three-node cluster");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (services, clients) = start_backend(&cluster, dir.path(), &[]).await;
+    let (mut partitions, clients) = start_backend(&cluster, dir.path(), &[], PARTITIONS).await;
 
-    // Every service's stream is kept on all three nodes.
+    // Every service's stream, in each partition, is kept on all three nodes.
     let jetstream = cluster.jetstream().await.expect("jetstream");
-    for service in lineguard_harness::SERVICE_NAMES {
-        let name = lineguard_bus::subjects::stream_name(service);
-        let mut stream = jetstream.get_stream(&name).await.expect("stream");
-        let info = stream.info().await.expect("stream info");
-        assert_eq!(info.config.num_replicas, 3, "{name}");
-        let cluster_info = info.cluster.as_ref().expect("cluster info");
-        assert_eq!(
-            cluster_info.replicas.len(),
-            2,
-            "{name}: a leader and two replicas"
-        );
+    for partition in 0..PARTITIONS {
+        for service in lineguard_harness::SERVICE_NAMES {
+            let name = lineguard_bus::subjects::stream_name(&lineguard_bus::partition::bus_name(
+                service, partition,
+            ));
+            let mut stream = jetstream.get_stream(&name).await.expect("stream");
+            let info = stream.info().await.expect("stream info");
+            assert_eq!(info.config.num_replicas, 3, "{name}");
+            let cluster_info = info.cluster.as_ref().expect("cluster info");
+            assert_eq!(
+                cluster_info.replicas.len(),
+                2,
+                "{name}: a leader and two replicas"
+            );
+        }
     }
 
+    // Driven through partition 0's instances: the other partition's work
+    // is forwarded to it.
     let config = StormConfig {
         tickets: CALLS,
         seed: 16,
@@ -51,17 +61,21 @@ async fn losing_one_node_of_three_loses_nothing_and_stops_nothing() {
         ..common::storm_at_rate(RATE)
     };
     let driver = tokio::spawn({
-        let clients = clients.clone();
+        let clients = clients[0].clone();
         async move { storm(&clients, &config, &indicatif::ProgressBar::hidden()).await }
     });
 
     // A third of the way in, the node holding the meta leadership or not,
     // node 2 dies without warning; it is away for a while, then back on
-    // its store, and catches up from its peers.
+    // its store, and catches up from its peers. Meanwhile partition 1's
+    // routing dies without warning and comes back on its own disk.
     let call_seconds = CALLS as f64 / RATE;
     tokio::time::sleep(Duration::from_secs_f64(call_seconds / 3.0)).await;
     cluster.node(1).kill().expect("kill node 2");
-    tokio::time::sleep(Duration::from_secs_f64(call_seconds / 3.0)).await;
+    partitions[1].routing.kill9().expect("kill routing-p1");
+    tokio::time::sleep(Duration::from_secs_f64(call_seconds / 6.0)).await;
+    partitions[1].routing.restart().expect("restart routing-p1");
+    tokio::time::sleep(Duration::from_secs_f64(call_seconds / 6.0)).await;
     cluster.node(1).restart().expect("restart node 2");
 
     let report = driver.await.expect("driver").expect("storm");
@@ -71,12 +85,29 @@ async fn losing_one_node_of_three_loses_nothing_and_stops_nothing() {
         .wait_ready(Duration::from_secs(60))
         .await
         .expect("node 2 back in the cluster");
-    common::assert_everything_adds_up(
-        &services,
-        &clients,
-        report.new_tickets + report.joined_incidents,
-    )
-    .await;
+    partitions[1]
+        .routing
+        .wait_healthy(Duration::from_secs(90))
+        .await
+        .expect("routing-p1 back");
+
+    // Every ticket in one partition, none twice; each partition adds up.
+    let tickets = lineguard_ticketctl::verify::all_tickets(&clients[0])
+        .await
+        .expect("list every ticket");
+    assert_eq!(tickets.len(), report.new_tickets + report.joined_incidents);
+    let ids: std::collections::BTreeSet<_> = tickets.iter().map(|t| &t.ticket_id).collect();
+    assert_eq!(ids.len(), tickets.len(), "no ticket twice");
+    for (index, (services, clients)) in partitions.iter().zip(&clients).enumerate() {
+        let partition = Partition::new(u32::try_from(index).expect("index"), PARTITIONS.into())
+            .expect("partition");
+        let own = tickets
+            .iter()
+            .filter(|t| Partition::of_case(&t.ticket_id, PARTITIONS) == Some(partition))
+            .count();
+        assert!(own > 0, "partition {index} took calls");
+        common::assert_partition_adds_up(services, clients, Some(partition), own).await;
+    }
 }
 
 /// deploy/nats-cluster/nats.conf, with the security.conf its comment says
@@ -150,7 +181,8 @@ async fn a_service_that_loses_its_disk_comes_back_from_its_copy() {
         "--customer-digest-key-file".to_string(),
         secrets.join("customer-digest.key").display().to_string(),
     ];
-    let (mut services, clients) = start_backend(&cluster, dir.path(), &intake_flags).await;
+    let (mut all, mut clients) = start_backend(&cluster, dir.path(), &intake_flags, 1).await;
+    let (mut services, clients) = (all.remove(0), clients.remove(0));
     let config = StormConfig {
         tickets: COPY_CALLS,
         seed: 17,
@@ -248,28 +280,36 @@ async fn a_service_that_loses_its_disk_comes_back_from_its_copy() {
     .await;
 }
 
-/// The four services on `cluster`, every stream R3, every log copied
-/// (`--log-copy`), intake with `intake_flags` too; once all are healthy,
-/// and clients for them as an administrator.
+/// `partitions` partitions of the four services on `cluster`, every stream
+/// R3, every log copied (`--log-copy`), intake with `intake_flags` too;
+/// once all are healthy, and clients for each partition as an
+/// administrator.
 async fn start_backend(
     cluster: &NatsCluster,
     dir: &std::path::Path,
     intake_flags: &[String],
-) -> (FourServices, Clients) {
+    partitions: u16,
+) -> (Vec<FourServices>, Vec<Clients>) {
     let common: Vec<String> = ["--stream-replicas", "3", "--log-copy"]
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let services = FourServices::start(dir, &cluster.urls(), &common, |name| {
-        common::storm_backend_flags(name, intake_flags)
-    })
+    let all = FourServices::start_partitions(
+        dir,
+        &cluster.urls(),
+        &common,
+        |name| common::storm_backend_flags(name, intake_flags),
+        partitions,
+    )
     .expect("start services");
-    services
-        .wait_healthy(Duration::from_secs(90))
-        .await
-        .expect("healthy");
-    let clients = common::admin_clients(&services);
-    (services, clients)
+    for services in &all {
+        services
+            .wait_healthy(Duration::from_secs(90))
+            .await
+            .expect("healthy");
+    }
+    let clients = all.iter().map(common::admin_clients).collect();
+    (all, clients)
 }
 
 /// Calls in the lost-disk storm.
