@@ -254,7 +254,10 @@ impl Partitions {
         request: &tonic::Request<T>,
     ) -> Result<tonic::Request<T>, Status> {
         let mut copy = tonic::Request::new(request.get_ref().clone());
-        *copy.metadata_mut() = request.metadata().clone();
+        // What `relay` carries over: the deadline and the caller.
+        if let Some(timeout) = request.metadata().get("grpc-timeout") {
+            copy.metadata_mut().insert("grpc-timeout", timeout.clone());
+        }
         if let Some(caller) = request.extensions().get::<Principal>() {
             copy.extensions_mut().insert(caller.clone());
         }
