@@ -382,13 +382,31 @@ impl Dispatch for DispatchService {
 
     async fn get_connections(
         &self,
-        _request: Request<GetConnectionsRequest>,
+        request: Request<GetConnectionsRequest>,
     ) -> Result<Response<Connections>, Status> {
-        // Both bounded by MAX_WATCHES (4,096).
+        // Both bounded by MAX_WATCHES (4,096) an instance.
         let narrow = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        Ok(Response::new(Connections {
+        let mut connections = Connections {
             crews_connected: narrow(self.watchers.crews_connected()),
             watches: narrow(self.watchers.count()),
-        }))
+        };
+        // The company's figure: every partition's phones. A watch is held
+        // (and counted) in its crew's station's partition only; an instance
+        // relaying it holds no slot for it.
+        if self.partitions.count() > 1 && !Partitions::was_forwarded(&request) {
+            for (partition, channel) in self.partitions.all()? {
+                let Some(channel) = channel else { continue };
+                let theirs = DispatchClient::new(channel)
+                    .get_connections(self.partitions.relay_copy(&request)?)
+                    .await
+                    .map_err(|status| Partitions::from_partition(partition, status))?
+                    .into_inner();
+                connections.crews_connected = connections
+                    .crews_connected
+                    .saturating_add(theirs.crews_connected);
+                connections.watches = connections.watches.saturating_add(theirs.watches);
+            }
+        }
+        Ok(Response::new(connections))
     }
 }

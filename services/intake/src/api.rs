@@ -976,19 +976,24 @@ impl Intake for IntakeService {
                 principal.role, principal.id
             )));
         }
-        let req = request.into_inner();
-        if req.contacts.len() > MAX_UNSEAL {
+        if request.get_ref().contacts.len() > MAX_UNSEAL {
             return Err(validate::invalid(
                 "contacts",
                 format!(
                     "{} contacts, over the limit of {MAX_UNSEAL}",
-                    req.contacts.len()
+                    request.get_ref().contacts.len()
                 ),
             ));
         }
-        let this = self.clone();
+        // A contact is sealed with a key only the partition that took its
+        // report holds: what this one cannot open, the others are asked.
+        let others = self
+            .partitions
+            .copies_for_the_others(&Partitions::without_message(&request))?;
+        let sealed = request.into_inner().contacts;
+        let (this, to_open) = (self.clone(), sealed.clone());
         let contacts = blocking(move || {
-            req.contacts
+            to_open
                 .iter()
                 .map(|sealed| match sealing::open(this.keys.as_ref(), sealed) {
                     Ok(contact) => Ok(UnsealedContact {
@@ -1004,8 +1009,47 @@ impl Intake for IntakeService {
                 .collect::<Result<Vec<_>, Status>>()
         })
         .await?;
+        let mut contacts = contacts;
+        unseal_elsewhere(others, &sealed, &mut contacts).await?;
         Ok(Response::new(UnsealContactsResponse { contacts }))
     }
+}
+
+/// Asks every other partition (`others`: `Partitions::copies_for_the_others`)
+/// to open the contacts of `sealed` this one found no key for
+/// (`opened[i].erased`): a contact is sealed with a key only the partition
+/// that took its report holds. One that opens a contact answers it; a
+/// contact no partition opens is erased.
+async fn unseal_elsewhere(
+    others: Vec<(
+        lineguard_bus::Partition,
+        tonic::transport::Channel,
+        Request<()>,
+    )>,
+    sealed: &[SealedContact],
+    opened: &mut [UnsealedContact],
+) -> Result<(), Status> {
+    for (partition, channel, copy) in others {
+        let missing: Vec<usize> = (0..opened.len()).filter(|i| opened[*i].erased).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let (metadata, extensions, ()) = copy.into_parts();
+        let ask = UnsealContactsRequest {
+            contacts: missing.iter().map(|i| sealed[*i].clone()).collect(),
+        };
+        let answer = IntakeClient::new(channel)
+            .unseal_contacts(Request::from_parts(metadata, extensions, ask))
+            .await
+            .map_err(|status| Partitions::from_partition(partition, status))?
+            .into_inner();
+        for (at, theirs) in missing.iter().zip(answer.contacts) {
+            if !theirs.erased {
+                opened[*at] = theirs;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn matches(req: &ListTicketsRequest, t: &TicketView, from: Option<i128>, to: Option<i128>) -> bool {

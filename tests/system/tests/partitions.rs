@@ -21,7 +21,9 @@ use lineguard_protos::eventlog::v1::ReadAllRequest;
 use lineguard_protos::feedback::v1::{
     GetScorecardRequest, Level, Period, RecordPraiseRequest, Scorecard, Subject,
 };
-use lineguard_protos::intake::v1::{GetTicketRequest, ListTicketsRequest};
+use lineguard_protos::intake::v1::{
+    GetTicketRequest, ListTicketsRequest, TicketReported, UnsealContactsRequest,
+};
 use lineguard_protos::routing::v1::{Availability, GetAvailabilityRequest, SetAvailabilityRequest};
 use lineguard_ticketctl::endpoints::Clients;
 use lineguard_ticketctl::simulate::{StormConfig, storm};
@@ -307,6 +309,39 @@ async fn two_partitions_answer_any_call_at_any_instance_and_each_adds_up() {
         ids.insert(answer.praise_id);
     }
     assert_eq!(ids.len(), 1, "one praise, whoever was asked: {ids:?}");
+
+    // A contact is sealed with a key only the partition that took the
+    // report holds; any instance opens it (asking the others).
+    let reported = clients[1]
+        .log("intake")
+        .expect("log client")
+        .read_all(ReadAllRequest {
+            from_position: 1,
+            max_count: 200,
+        })
+        .await
+        .expect("partition 1's intake log")
+        .into_inner()
+        .events
+        .into_iter()
+        .find(|e| e.event_type == "lineguard.intake.v1.TicketReported")
+        .expect("a report in partition 1");
+    let sealed = <TicketReported as prost::Message>::decode(reported.payload.as_ref())
+        .expect("a report")
+        .contact
+        .expect("its sealed contact");
+    let opened = clients[0]
+        .intake()
+        .unseal_contacts(UnsealContactsRequest {
+            contacts: vec![sealed],
+        })
+        .await
+        .expect("open at partition 0")
+        .into_inner()
+        .contacts;
+    assert_eq!(opened.len(), 1);
+    assert!(!opened[0].erased, "partition 1's key opened it");
+    assert!(opened[0].contact.is_some());
 
     // Each instance's events carry its partition's name as their source,
     // and each partition has its own streams and consumers on the bus.
