@@ -780,7 +780,13 @@ async fn crew_phone(
     tally: Shared,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Where to resume: the crew's last sequence as the log asked knows it.
+    // A crew of a station another partition owns has its stream there, so
+    // that log may know none of it and the watch starts from the crew's
+    // first event: orders assigned before this storm began are passed over
+    // (never worked again), whichever partition holds them.
     let mut after = last_sequence(&clients, &crew).await;
+    let storm_began = lineguard_eventlog::timers::nanos(&now());
     while !*stop.borrow() {
         let stream = clients
             .dispatch()
@@ -807,7 +813,13 @@ async fn crew_phone(
             let Some(envelope) = event.event else {
                 continue;
             };
-            if envelope.event_type != OrderAssigned::full_name() {
+            if envelope.event_type != OrderAssigned::full_name()
+                || envelope
+                    .recorded_at
+                    .as_ref()
+                    .map_or(0, lineguard_eventlog::timers::nanos)
+                    < storm_began
+            {
                 continue;
             }
             let Ok(order) = OrderAssigned::decode(envelope.payload.as_ref()) else {
