@@ -402,6 +402,9 @@ pub async fn storm(
     let tally: Shared = Arc::new(Mutex::new(Tally::default()));
     let (stop_tx, stop) = watch::channel(false);
     let started = Instant::now();
+    // Orders assigned before this instant are an earlier storm's: taken
+    // before any phone or call starts, so none of this storm's is older.
+    let storm_began = lineguard_eventlog::timers::nanos(&now());
     let mut workers = Vec::new();
     for (i, crew) in crews.iter().enumerate() {
         let mut dice = Dice::new(config.seed ^ (0xC0FFEE + i as u64));
@@ -421,7 +424,7 @@ pub async fn storm(
             phone,
             dice,
             tally.clone(),
-            stop.clone(),
+            (stop.clone(), storm_began),
         )));
     }
     workers.push(tokio::spawn(follow_up_desk(
@@ -512,23 +515,38 @@ pub async fn storm(
     while calls.join_next().await.is_some() {}
     // Let the crews and desks finish.
     let deadline = Instant::now() + config.settle;
+    // Done only when it stays done for DONE_CONFIRM with no new order: a
+    // follow-up that reopens a ticket is recorded by feedback before
+    // routing hears of it, and for that moment nothing looks held.
+    let mut done_since: Option<(Instant, usize)> = None;
     let not_done = loop {
-        // A bool, not the lock's result: no guard is held across the await.
-        let crews_done = tally
+        // Plain values, not the lock's result: no guard is held across the await.
+        let (crews_done, orders) = tally
             .lock()
             .map(|t| {
                 let r = &t.report;
-                r.orders_received > 0 && r.completed + r.returned >= r.orders_received
+                (
+                    r.orders_received > 0 && r.completed + r.returned >= r.orders_received,
+                    r.orders_received,
+                )
             })
-            .unwrap_or(true);
+            .unwrap_or((true, 0));
         let remaining = if config.until_done {
             remaining_work(clients).await
         } else {
             None
         };
-        let done = crews_done && remaining.is_none();
-        if done {
-            break None;
+        if crews_done && remaining.is_none() {
+            match done_since {
+                Some((since, seen)) if seen == orders => {
+                    if since.elapsed() >= DONE_CONFIRM {
+                        break None;
+                    }
+                }
+                _ => done_since = Some((Instant::now(), orders)),
+            }
+        } else {
+            done_since = None;
         }
         if Instant::now() > deadline {
             break remaining;
@@ -554,6 +572,10 @@ pub async fn storm(
     report.not_done = not_done;
     Ok(report)
 }
+
+/// How long a storm must look done (nothing held, no follow-up open, every
+/// order worked, no new order) before it is taken as done.
+pub const DONE_CONFIRM: Duration = Duration::from_secs(2);
 
 /// The open work the backend holds (`None` when it holds none): tickets
 /// held by anyone (routing's recount of loads from its log) and follow-ups
@@ -778,15 +800,15 @@ async fn crew_phone(
     phone: Phone,
     mut dice: Dice,
     tally: Shared,
-    mut stop: watch::Receiver<bool>,
+    (mut stop, storm_began): (watch::Receiver<bool>, i128),
 ) {
     // Where to resume: the crew's last sequence as the log asked knows it.
     // A crew of a station another partition owns has its stream there, so
     // that log may know none of it and the watch starts from the crew's
-    // first event: orders assigned before this storm began are passed over
-    // (never worked again), whichever partition holds them.
+    // first event: orders assigned before this storm began (`storm_began`,
+    // nanoseconds) are passed over (never worked again), whichever
+    // partition holds them.
     let mut after = last_sequence(&clients, &crew).await;
-    let storm_began = lineguard_eventlog::timers::nanos(&now());
     while !*stop.borrow() {
         let stream = clients
             .dispatch()
