@@ -58,21 +58,6 @@ impl DispatchService {
         self
     }
 
-    /// Where a call about order `order_id` is answered: here (`None`) or
-    /// the channel to the partition that opened it.
-    fn order_owner<T>(
-        &self,
-        request: &Request<T>,
-        field: &str,
-        order_id: &str,
-    ) -> Result<Option<tonic::transport::Channel>, Status> {
-        if self.partitions.count() == 1 {
-            return Ok(None);
-        }
-        let owner = self.partitions.owner_of_case(field, order_id)?;
-        self.partitions.route(request, owner)
-    }
-
     /// Where a batch of a crew's actions is answered: the partition holding
     /// their orders (a crew's orders are its station's, so all in one); a
     /// batch naming orders of two partitions is refused.
@@ -122,7 +107,10 @@ impl DispatchService {
     {
         let action = wrap(request.get_ref().clone());
         let header = validate::action(&action)?;
-        if let Some(owner) = self.order_owner(&request, "header.order_id", &header.order_id)? {
+        if let Some(owner) =
+            self.partitions
+                .route_case(&request, "header.order_id", &header.order_id)?
+        {
             let relayed = self.partitions.relay(request)?.map(|_| ());
             let (metadata, extensions, ()) = relayed.into_parts();
             let relayed = Request::from_parts(metadata, extensions, action);
@@ -368,7 +356,10 @@ impl Dispatch for DispatchService {
     ) -> Result<Response<WorkOrderView>, Status> {
         let caller = caller(&request);
         validate::id("order_id", &request.get_ref().order_id)?;
-        if let Some(owner) = self.order_owner(&request, "order_id", &request.get_ref().order_id)? {
+        if let Some(owner) =
+            self.partitions
+                .route_case(&request, "order_id", &request.get_ref().order_id)?
+        {
             return DispatchClient::new(owner)
                 .get_work_order(self.partitions.relay(request)?)
                 .await;

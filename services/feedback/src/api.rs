@@ -172,7 +172,7 @@ impl FeedbackService {
             return Ok(None);
         }
         if !ticket_id.is_empty() {
-            return self.ticket_owner(request, ticket_id);
+            return self.partitions.route_case(request, "ticket_id", ticket_id);
         }
         let station = match level {
             // A worker named without a level: a manager, else a crew.
@@ -185,20 +185,6 @@ impl FeedbackService {
         let owner = self
             .partitions
             .owner_of_station(station.as_deref().unwrap_or_default());
-        self.partitions.route(request, owner)
-    }
-
-    /// Where a call about ticket `ticket_id` is answered: here (`None`) or
-    /// the channel to the partition that opened it.
-    fn ticket_owner<T>(
-        &self,
-        request: &Request<T>,
-        ticket_id: &str,
-    ) -> Result<Option<tonic::transport::Channel>, Status> {
-        if self.partitions.count() == 1 || ticket_id.is_empty() {
-            return Ok(None);
-        }
-        let owner = self.partitions.owner_of_case("ticket_id", ticket_id)?;
         self.partitions.route(request, owner)
     }
 
@@ -365,7 +351,10 @@ impl FeedbackApi for FeedbackService {
     ) -> Result<Response<RecordFollowUpResponse>, Status> {
         let principal = caller(&request);
         id("ticket_id", &request.get_ref().ticket_id)?;
-        if let Some(owner) = self.ticket_owner(&request, &request.get_ref().ticket_id)? {
+        if let Some(owner) =
+            self.partitions
+                .route_case(&request, "ticket_id", &request.get_ref().ticket_id)?
+        {
             return FeedbackClient::new(owner)
                 .record_follow_up(self.partitions.relay(request)?)
                 .await;

@@ -149,18 +149,6 @@ impl IntakeService {
             .route(request, self.partitions.owner_of_station(&station))
     }
 
-    /// Where a call about case `id` is answered: here (`None`) or the
-    /// channel to the partition that opened it.
-    fn case_owner<T>(
-        &self,
-        request: &Request<T>,
-        field: &str,
-        id: &str,
-    ) -> Result<Option<tonic::transport::Channel>, Status> {
-        let owner = self.partitions.owner_of_case(field, id)?;
-        self.partitions.route(request, owner)
-    }
-
     /// One page of tickets from every partition, merged by report time.
     async fn gather_list(
         &self,
@@ -739,7 +727,10 @@ impl Intake for IntakeService {
         request: Request<GetTicketRequest>,
     ) -> Result<Response<GetTicketResponse>, Status> {
         validate::id("ticket_id", &request.get_ref().ticket_id)?;
-        if let Some(owner) = self.case_owner(&request, "ticket_id", &request.get_ref().ticket_id)? {
+        if let Some(owner) =
+            self.partitions
+                .route_case(&request, "ticket_id", &request.get_ref().ticket_id)?
+        {
             return IntakeClient::new(owner)
                 .get_ticket(self.partitions.relay(request)?)
                 .await;
@@ -805,7 +796,10 @@ impl Intake for IntakeService {
         validate::id("ticket_id", &request.get_ref().ticket_id)?;
         validate::reason(&request.get_ref().reason)?;
         validate::idempotency_key(&request.get_ref().idempotency_key)?;
-        if let Some(owner) = self.case_owner(&request, "ticket_id", &request.get_ref().ticket_id)? {
+        if let Some(owner) =
+            self.partitions
+                .route_case(&request, "ticket_id", &request.get_ref().ticket_id)?
+        {
             return IntakeClient::new(owner)
                 .cancel_ticket(self.partitions.relay(request)?)
                 .await;

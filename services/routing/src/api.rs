@@ -70,20 +70,6 @@ impl RoutingService {
         self
     }
 
-    /// Where a call about case `id` is answered: here (`None`) or the
-    /// channel to the partition that opened it.
-    fn case_owner<T>(
-        &self,
-        request: &Request<T>,
-        id: &str,
-    ) -> Result<Option<tonic::transport::Channel>, Status> {
-        if self.partitions.count() == 1 {
-            return Ok(None);
-        }
-        let owner = self.partitions.owner_of_case("ticket_id", id)?;
-        self.partitions.route(request, owner)
-    }
-
     /// The station of a manager, a station's desk or a crew; `None` for
     /// the company's desk (or nobody the directory knows).
     fn station_of_assignee(&self, assignee_id: &str) -> Result<Option<String>, Status> {
@@ -893,7 +879,10 @@ impl Routing for RoutingService {
         request: Request<AcceptTicketRequest>,
     ) -> Result<Response<RouteView>, Status> {
         id("ticket_id", &request.get_ref().ticket_id)?;
-        if let Some(owner) = self.case_owner(&request, &request.get_ref().ticket_id)? {
+        if let Some(owner) =
+            self.partitions
+                .route_case(&request, "ticket_id", &request.get_ref().ticket_id)?
+        {
             return RoutingClient::new(owner)
                 .accept_ticket(self.partitions.relay(request)?)
                 .await;
@@ -955,7 +944,10 @@ impl Routing for RoutingService {
         request: Request<ReturnTicketRequest>,
     ) -> Result<Response<RouteView>, Status> {
         id("ticket_id", &request.get_ref().ticket_id)?;
-        if let Some(owner) = self.case_owner(&request, &request.get_ref().ticket_id)? {
+        if let Some(owner) =
+            self.partitions
+                .route_case(&request, "ticket_id", &request.get_ref().ticket_id)?
+        {
             return RoutingClient::new(owner)
                 .return_ticket(self.partitions.relay(request)?)
                 .await;
@@ -1032,7 +1024,10 @@ impl Routing for RoutingService {
         request: Request<AnswerTicketRequest>,
     ) -> Result<Response<RouteView>, Status> {
         id("ticket_id", &request.get_ref().ticket_id)?;
-        if let Some(owner) = self.case_owner(&request, &request.get_ref().ticket_id)? {
+        if let Some(owner) =
+            self.partitions
+                .route_case(&request, "ticket_id", &request.get_ref().ticket_id)?
+        {
             return RoutingClient::new(owner)
                 .answer_ticket(self.partitions.relay(request)?)
                 .await;
@@ -1108,7 +1103,10 @@ impl Routing for RoutingService {
         request: Request<GetRouteRequest>,
     ) -> Result<Response<RouteView>, Status> {
         id("ticket_id", &request.get_ref().ticket_id)?;
-        if let Some(owner) = self.case_owner(&request, &request.get_ref().ticket_id)? {
+        if let Some(owner) =
+            self.partitions
+                .route_case(&request, "ticket_id", &request.get_ref().ticket_id)?
+        {
             return RoutingClient::new(owner)
                 .get_route(self.partitions.relay(request)?)
                 .await;

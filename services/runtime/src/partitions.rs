@@ -106,6 +106,22 @@ impl Partitions {
         })
     }
 
+    /// Where a call about case `id` is answered: `None` here (an unsplit
+    /// service, no case named, or this partition opened it), else the
+    /// channel to the partition that opened it.
+    pub fn route_case<T>(
+        &self,
+        request: &tonic::Request<T>,
+        field: &str,
+        id: &str,
+    ) -> Result<Option<Channel>, Status> {
+        if self.count() == 1 || id.is_empty() {
+            return Ok(None);
+        }
+        let owner = self.owner_of_case(field, id)?;
+        self.route(request, owner)
+    }
+
     /// Where a call about `owner`'s work is answered: `None` here (this
     /// instance owns it, or another partition already forwarded it here),
     /// else the channel to send it on with [`Partitions::relay`].
