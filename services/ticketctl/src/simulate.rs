@@ -111,6 +111,18 @@ pub struct StormConfig {
     /// measure what it sustains).
     #[arg(long)]
     pub queue_calls: bool,
+    /// Calls go in waves of this many (0: as they come, at --rate): one
+    /// call after another, each answered before the next, no crew, desk
+    /// or follow-up acting while a wave's calls are made, and a wave begins
+    /// only when the one before has been worked to its end (every ticket of
+    /// it finished as intake shows it, nothing held, no follow-up due).
+    /// Every call then meets the same backend whatever the machine's speed
+    /// or the deployment's shape, and every crew's and desk's choices are
+    /// drawn per ticket, so the same seed gives the same tickets, cases and
+    /// scorecard counts: for comparing deployments (one partition with
+    /// many), not for measuring speed (--rate is not used).
+    #[arg(long, default_value_t = 0)]
+    pub waves_of: usize,
 }
 
 impl StormConfig {
@@ -268,6 +280,8 @@ pub struct Remaining {
     pub held_tickets: u64,
     /// Follow-ups not yet made (feedback), at most one page counted.
     pub open_follow_ups: usize,
+    /// In waves: tickets of the wave intake does not show finished.
+    pub unfinished_tickets: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -309,6 +323,12 @@ struct Tally {
     received: std::collections::HashSet<(String, u32)>,
     /// When the last new order reached a phone.
     last_order: Option<Instant>,
+    /// Per ticket the storm made, the number of the call that made it:
+    /// what a crew's or a desk's choices for that ticket are drawn from.
+    call_of: HashMap<String, usize>,
+    /// Per (call, what was drawn), how many draws so far: the second order
+    /// for a ticket (after a return or a reopen) draws anew.
+    draws: HashMap<(usize, u64), u64>,
 }
 
 /// A call that sends a ticket's work to a crew, and whether an order it
@@ -327,6 +347,26 @@ impl Tally {
     fn caused(&mut self, ticket: &str, sent: Instant) {
         self.causes
             .insert(ticket.to_string(), Cause { sent, timed: false });
+    }
+
+    /// The dice for one choice about `tickets` (an order's plan, a
+    /// follow-up's verdict): drawn from the storm's seed, what is chosen,
+    /// the first call among the tickets and how many times it was drawn
+    /// for before, so the same ticket gets the same choices whichever crew
+    /// or partition it meets and in whatever order. `None` when no ticket
+    /// is known yet (its call not answered).
+    fn dice_for(&mut self, seed: u64, what: u64, tickets: &[&str]) -> Option<Dice> {
+        let call = tickets
+            .iter()
+            .filter_map(|t| self.call_of.get(*t))
+            .min()
+            .copied()?;
+        let drawn = self.draws.entry((call, what)).or_default();
+        let mut mix = Dice::new(seed ^ what.rotate_left(32));
+        let mut mix = Dice::new(mix.roll() ^ call as u64);
+        let dice = Dice::new(mix.roll() ^ *drawn);
+        *drawn += 1;
+        Some(dice)
     }
 
     /// An order for `tickets` reached its crew at `received`: how long after
@@ -401,6 +441,10 @@ pub async fn storm(
     let crews = directory.crews();
     let tally: Shared = Arc::new(Mutex::new(Tally::default()));
     let (stop_tx, stop) = watch::channel(false);
+    // True while a wave's calls are made (`--waves-of`): crews, desks and
+    // the follow-up desk wait for it to turn false.
+    let lockstep = config.waves_of > 0;
+    let (making_calls, gate) = watch::channel(false);
     let started = Instant::now();
     // Orders assigned before this instant are an earlier storm's: taken
     // before any phone or call starts, so none of this storm's is older.
@@ -424,7 +468,7 @@ pub async fn storm(
             phone,
             dice,
             tally.clone(),
-            (stop.clone(), storm_began),
+            (stop.clone(), gate.clone(), storm_began),
         )));
     }
     workers.push(tokio::spawn(follow_up_desk(
@@ -432,10 +476,10 @@ pub async fn storm(
         config.clone(),
         Dice::new(config.seed ^ 0xF011),
         tally.clone(),
-        stop.clone(),
+        (stop.clone(), gate.clone()),
     )));
 
-    // The calls, at the rate asked for.
+    // The calls, at the rate asked for (or in waves).
     progress.set_length(config.tickets as u64);
     let mut dice = Dice::new(config.seed);
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / config.rate));
@@ -446,10 +490,29 @@ pub async fn storm(
     // omission). Delaying instead held 1,000/s to a little under.
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut planner = CallPlanner::new(&accounts, config.seed ^ 0xCA11);
-    let agents = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
+    // In waves one agent takes every call, one answered before the next.
+    let agents = Arc::new(tokio::sync::Semaphore::new(if lockstep {
+        1
+    } else {
+        config.max_in_flight
+    }));
     let mut calls = tokio::task::JoinSet::new();
+    let mut wave_began_at_ticket = 0;
+    let mut not_done = None;
     for n in 0..config.tickets {
-        interval.tick().await;
+        if !lockstep {
+            interval.tick().await;
+        } else if n % config.waves_of == 0 {
+            if n > 0 {
+                let wave = end_wave(&agents, &making_calls, &tally, wave_began_at_ticket).await;
+                not_done = settle(clients, config, &tally, Some(&wave)).await;
+                if not_done.is_some() {
+                    break; // shown in the report: the storm stops here
+                }
+            }
+            wave_began_at_ticket = tally.lock().map_or(0, |t| t.report.ticket_ids.len());
+            making_calls.send_replace(true);
+        }
         // Answered calls are reaped as the storm goes: its memory stays
         // that of the calls in flight.
         while calls.try_join_next().is_some() {}
@@ -457,10 +520,12 @@ pub async fn storm(
         progress.inc(1);
         let agent = match agents.clone().try_acquire_owned() {
             Ok(agent) => agent,
-            Err(_) if config.queue_calls => match agents.clone().acquire_owned().await {
-                Ok(agent) => agent,
-                Err(_) => break,
-            },
+            Err(_) if config.queue_calls || lockstep => {
+                match agents.clone().acquire_owned().await {
+                    Ok(agent) => agent,
+                    Err(_) => break,
+                }
+            }
             Err(_) => {
                 count(&tally, |r| r.calls_shed += 1);
                 continue;
@@ -506,53 +571,23 @@ pub async fn storm(
         };
         calls.spawn(call(
             clients.clone(),
-            request,
-            kind,
+            (n, request, kind),
             (agent, desk_delay),
+            gate.clone(),
             tally.clone(),
         ));
     }
+    let last_wave = if lockstep && not_done.is_none() {
+        Some(end_wave(&agents, &making_calls, &tally, wave_began_at_ticket).await)
+    } else {
+        making_calls.send_replace(false);
+        None
+    };
     while calls.join_next().await.is_some() {}
     // Let the crews and desks finish.
-    let deadline = Instant::now() + config.settle;
-    // Done only when it stays done for DONE_CONFIRM with no new order: a
-    // follow-up that reopens a ticket is recorded by feedback before
-    // routing hears of it, and for that moment nothing looks held.
-    let mut done_since: Option<(Instant, usize)> = None;
-    let not_done = loop {
-        // Plain values, not the lock's result: no guard is held across the await.
-        let (crews_done, orders) = tally
-            .lock()
-            .map(|t| {
-                let r = &t.report;
-                (
-                    r.orders_received > 0 && r.completed + r.returned >= r.orders_received,
-                    r.orders_received,
-                )
-            })
-            .unwrap_or((true, 0));
-        let remaining = if config.until_done {
-            remaining_work(clients).await
-        } else {
-            None
-        };
-        if crews_done && remaining.is_none() {
-            match done_since {
-                Some((since, seen)) if seen == orders => {
-                    if since.elapsed() >= DONE_CONFIRM {
-                        break None;
-                    }
-                }
-                _ => done_since = Some((Instant::now(), orders)),
-            }
-        } else {
-            done_since = None;
-        }
-        if Instant::now() > deadline {
-            break remaining;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    if not_done.is_none() {
+        not_done = settle(clients, config, &tally, last_wave.as_deref()).await;
+    }
     let _ = stop_tx.send(true);
     for w in workers {
         let _ = w.await;
@@ -577,6 +612,125 @@ pub async fn storm(
 /// order worked, no new order) before it is taken as done.
 pub const DONE_CONFIRM: Duration = Duration::from_secs(2);
 
+/// Whether a wave's calls are being made (`--waves-of`): crews, desks and
+/// the follow-up desk act only once it is false.
+type Gate = watch::Receiver<bool>;
+
+/// Waits until no wave's calls are being made (at once without waves).
+async fn calls_made(gate: &mut Gate) {
+    // An error is the storm ending: nothing to wait for then.
+    let _ = gate.wait_for(|making| !*making).await;
+}
+
+/// Ends a wave: waits for its last call's answer (the one agent back),
+/// lets crews and desks work, and returns the tickets the wave made.
+async fn end_wave(
+    agents: &tokio::sync::Semaphore,
+    making_calls: &watch::Sender<bool>,
+    tally: &Shared,
+    began_at_ticket: usize,
+) -> Vec<String> {
+    // Closed never: the permit only proves the last answer is in.
+    drop(agents.acquire().await);
+    making_calls.send_replace(false);
+    tally.lock().map_or_else(
+        |_| Vec::new(),
+        |t| t.report.ticket_ids[began_at_ticket.min(t.report.ticket_ids.len())..].to_vec(),
+    )
+}
+
+/// Waits (up to `--settle`) until the storm's work is done: every order a
+/// phone received worked, and with `--until-done` or in waves nothing held
+/// and no follow-up due, and for a wave every one of its `wave` tickets
+/// finished as intake shows it; done only when it stays so for
+/// [`DONE_CONFIRM`] with no new order. Returns what was left when it
+/// stopped waiting (`None`: done).
+async fn settle(
+    clients: &Clients,
+    config: &StormConfig,
+    tally: &Shared,
+    wave: Option<&[String]>,
+) -> Option<Remaining> {
+    let deadline = Instant::now() + config.settle;
+    // Done only when it stays done for DONE_CONFIRM with no new order: a
+    // follow-up that reopens a ticket is recorded by feedback before
+    // routing hears of it, and for that moment nothing looks held.
+    let mut done_since: Option<(Instant, usize)> = None;
+    loop {
+        // Plain values, not the lock's result: no guard is held across the await.
+        let (crews_done, orders) = tally
+            .lock()
+            .map(|t| {
+                let r = &t.report;
+                (
+                    (r.orders_received > 0 || wave.is_some())
+                        && r.completed + r.returned >= r.orders_received,
+                    r.orders_received,
+                )
+            })
+            .unwrap_or((true, 0));
+        let mut remaining = if config.until_done || wave.is_some() {
+            remaining_work(clients).await
+        } else {
+            None
+        };
+        if let Some(wave) = wave {
+            let unfinished = unfinished_tickets(clients, wave).await;
+            if unfinished > 0 {
+                remaining
+                    .get_or_insert_with(Remaining::default)
+                    .unfinished_tickets = unfinished;
+            }
+        }
+        if crews_done && remaining.is_none() {
+            match done_since {
+                Some((since, seen)) if seen == orders => {
+                    if since.elapsed() >= DONE_CONFIRM {
+                        return None;
+                    }
+                }
+                _ => done_since = Some((Instant::now(), orders)),
+            }
+        } else {
+            done_since = None;
+        }
+        if Instant::now() > deadline {
+            return remaining.or(Some(Remaining::default()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How many of `tickets` intake does not show finished (completed,
+/// answered, closed or cancelled); one it cannot show counts.
+async fn unfinished_tickets(clients: &Clients, tickets: &[String]) -> usize {
+    use lineguard_protos::intake::v1::{GetTicketRequest, TicketStatus};
+    let mut intake = clients.intake();
+    let mut unfinished = 0;
+    for ticket_id in tickets {
+        let status = intake
+            .get_ticket(GetTicketRequest {
+                ticket_id: ticket_id.clone(),
+            })
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().ticket)
+            .map(|t| t.status());
+        if !matches!(
+            status,
+            Some(
+                TicketStatus::Completed
+                    | TicketStatus::Answered
+                    | TicketStatus::Closed
+                    | TicketStatus::Cancelled
+            )
+        ) {
+            unfinished += 1;
+        }
+    }
+    unfinished
+}
+
 /// The open work the backend holds (`None` when it holds none): tickets
 /// held by anyone (routing's recount of loads from its log) and follow-ups
 /// waiting to be made. A service that does not answer counts as work left.
@@ -599,6 +753,7 @@ async fn remaining_work(clients: &Clients) -> Option<Remaining> {
         (held, open) => Some(Remaining {
             held_tickets: held.unwrap_or(u64::MAX),
             open_follow_ups: open.unwrap_or(usize::MAX),
+            unfinished_tickets: 0,
         }),
     }
 }
@@ -607,9 +762,9 @@ async fn remaining_work(clients: &Clients) -> Option<Remaining> {
 /// is then accepted and answered by its owner.
 async fn call(
     clients: Clients,
-    request: ReportTicketRequest,
-    kind: TicketKind,
+    (n, request, kind): (usize, ReportTicketRequest, TicketKind),
     (agent, desk_delay): (tokio::sync::OwnedSemaphorePermit, Duration),
+    mut gate: Gate,
     tally: Shared,
 ) {
     let sent = Instant::now();
@@ -641,11 +796,12 @@ async fn call(
             Err(status) => return error(&tally, "report", &status),
         }
     };
-    drop(agent);
     let ms = sent.elapsed().as_secs_f64() * 1e3;
     if let Ok(mut t) = tally.lock() {
         t.report_ms.push(ms);
         t.report.calls += 1;
+        // An urge's ticket keeps the call that made it.
+        t.call_of.entry(answer.ticket_id.clone()).or_insert(n);
         match answer.disposition() {
             Disposition::UrgedOpenTicket => t.report.urges += 1,
             Disposition::JoinedIncident => {
@@ -670,10 +826,14 @@ async fn call(
             }
         }
     }
+    // The agent is free once the answer is noted (in waves, the next call
+    // then finds this one's ticket known).
+    drop(agent);
     if kind == TicketKind::FaultRepair || answer.disposition() != Disposition::NewTicket {
         return;
     }
     tokio::time::sleep(desk_delay).await;
+    calls_made(&mut gate).await;
     answer_desk_work(&clients, &answer.ticket_id, &tally).await;
 }
 
@@ -800,7 +960,7 @@ async fn crew_phone(
     phone: Phone,
     mut dice: Dice,
     tally: Shared,
-    (mut stop, storm_began): (watch::Receiver<bool>, i128),
+    (mut stop, gate, storm_began): (watch::Receiver<bool>, Gate, i128),
 ) {
     // Where to resume: the crew's last sequence as the log asked knows it.
     // A crew of a station another partition owns has its stream there, so
@@ -864,23 +1024,15 @@ async fn crew_phone(
                     None => t.report.orders_not_caused_by_a_call += 1,
                 }
             }
-            let plan = OrderPlan {
-                slow: dice.chance(config.slow_share),
-                late: dice.chance(config.late_share),
-                give_back: dice.chance(config.return_share),
-                ack_after: if config.paced() {
-                    Duration::from_secs(30 + dice.below(150) as u64) / config.clock_speed.max(1)
-                } else {
-                    Duration::from_millis(50 + dice.below(400) as u64)
-                },
-                travel_minutes: 10 + dice.below(25) as i64,
-                repair_minutes: 20 + dice.below(90) as i64,
-            };
+            // Drawn per ticket once the wave's calls are made (every
+            // ticket's call then known); the crew's own dice for an order
+            // of tickets the storm did not make.
+            let fallback = Dice::new(dice.roll());
             tokio::spawn(work_order(
                 clients.clone(),
                 crew.clone(),
                 order,
-                plan,
+                (fallback, gate.clone()),
                 config.clone(),
                 phone,
                 tally.clone(),
@@ -889,6 +1041,7 @@ async fn crew_phone(
     }
 }
 
+/// How a crew works one order, drawn from its dice.
 struct OrderPlan {
     slow: bool,
     late: bool,
@@ -898,15 +1051,45 @@ struct OrderPlan {
     repair_minutes: i64,
 }
 
+/// What is drawn for ([`Tally::dice_for`]): an order's plan.
+const DRAW_ORDER: u64 = 1;
+/// What is drawn for ([`Tally::dice_for`]): a follow-up's verdict.
+const DRAW_FOLLOW_UP: u64 = 2;
+
+impl OrderPlan {
+    fn draw(dice: &mut Dice, config: &StormConfig) -> OrderPlan {
+        OrderPlan {
+            slow: dice.chance(config.slow_share),
+            late: dice.chance(config.late_share),
+            give_back: dice.chance(config.return_share),
+            ack_after: if config.paced() {
+                Duration::from_secs(30 + dice.below(150) as u64) / config.clock_speed.max(1)
+            } else {
+                Duration::from_millis(50 + dice.below(400) as u64)
+            },
+            travel_minutes: 10 + dice.below(25) as i64,
+            repair_minutes: 20 + dice.below(90) as i64,
+        }
+    }
+}
+
 async fn work_order(
     clients: Clients,
     crew: String,
     order: OrderAssigned,
-    plan: OrderPlan,
+    (fallback, mut gate): (Dice, Gate),
     config: StormConfig,
     phone: Phone,
     tally: Shared,
 ) {
+    calls_made(&mut gate).await;
+    let tickets: Vec<&str> = order.tickets.iter().map(|c| c.ticket_id.as_str()).collect();
+    let mut dice = tally
+        .lock()
+        .ok()
+        .and_then(|mut t| t.dice_for(config.seed, DRAW_ORDER, &tickets))
+        .unwrap_or(fallback);
+    let plan = OrderPlan::draw(&mut dice, &config);
     let dispatch = clients.dispatch();
     let id = order.order_id.as_str();
     let round = format!("{}-h{}", crew, order.hop);
@@ -1124,12 +1307,13 @@ fn backoff(attempt: u32) -> Duration {
 async fn follow_up_desk(
     clients: Clients,
     config: StormConfig,
-    mut dice: Dice,
+    mut desk_dice: Dice,
     tally: Shared,
-    mut stop: watch::Receiver<bool>,
+    (mut stop, mut gate): (watch::Receiver<bool>, Gate),
 ) {
     let mut feedback = clients.feedback();
     loop {
+        calls_made(&mut gate).await;
         let due = feedback
             .list_due_follow_ups(ListDueFollowUpsRequest {
                 page_size: 1_000,
@@ -1139,6 +1323,12 @@ async fn follow_up_desk(
             .map(|r| r.into_inner().follow_ups)
             .unwrap_or_default();
         for f in due {
+            // Drawn per ticket: the same verdict whichever round finds it due.
+            let mut dice = tally
+                .lock()
+                .ok()
+                .and_then(|mut t| t.dice_for(config.seed, DRAW_FOLLOW_UP, &[&f.ticket_id]))
+                .unwrap_or_else(|| Dice::new(desk_dice.roll()));
             let satisfied = !dice.chance(config.dissatisfied_share);
             let reopen = !satisfied && dice.chance(0.5);
             // One follow-up per resolution: a reopened ticket resolved
@@ -1206,6 +1396,36 @@ async fn follow_up_desk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tickets_choices_are_drawn_from_its_call_whatever_the_order() {
+        let roll = |dice: Option<Dice>| dice.map(|mut d| d.roll());
+        let mut one = Tally::default();
+        one.call_of.insert("t-a".into(), 3);
+        one.call_of.insert("t-b".into(), 7);
+        let mut other = Tally::default();
+        other.call_of.insert("p1-b".into(), 7);
+        other.call_of.insert("p1-a".into(), 3);
+        // Another run names the tickets otherwise and meets them in
+        // another order: each ticket's draws are the same.
+        let b_first = roll(other.dice_for(9, DRAW_ORDER, &["p1-b"]));
+        let a_first = roll(other.dice_for(9, DRAW_ORDER, &["p1-a"]));
+        assert_eq!(roll(one.dice_for(9, DRAW_ORDER, &["t-a"])), a_first);
+        assert_eq!(roll(one.dice_for(9, DRAW_ORDER, &["t-b"])), b_first);
+        assert_ne!(a_first, b_first);
+        // A second order for a ticket draws anew; a follow-up draws apart.
+        let a_second = roll(one.dice_for(9, DRAW_ORDER, &["t-a"]));
+        assert_ne!(a_second, a_first);
+        assert_eq!(roll(other.dice_for(9, DRAW_ORDER, &["p1-a"])), a_second);
+        assert_ne!(roll(one.dice_for(9, DRAW_FOLLOW_UP, &["t-a"])), a_first);
+        // An incident's order is drawn from its first call's ticket.
+        assert_eq!(
+            roll(one.dice_for(9, DRAW_ORDER, &["t-b", "t-a"])),
+            roll(other.dice_for(9, DRAW_ORDER, &["p1-a", "p1-b"]))
+        );
+        // A ticket no call of the storm made has no draw of its own.
+        assert!(one.dice_for(9, DRAW_ORDER, &["t-unknown"]).is_none());
+    }
 
     #[test]
     fn each_order_is_timed_from_the_call_that_caused_it() {

@@ -192,6 +192,7 @@ async fn run() {
         offline_share: 0.0,
         max_in_flight: 1_000,
         queue_calls: false,
+        waves_of: 0,
     };
 
     // 1. 100 calls/s, and what a call costs the bus.

@@ -184,6 +184,7 @@ async fn a_long_run_keeps_every_promise() {
         offline_share: 0.3,
         max_in_flight: 2_000,
         queue_calls: false,
+        waves_of: 0,
         until_done: true,
     };
     let call_seconds = tickets as f64 / rate;

@@ -56,6 +56,7 @@ async fn after_a_storm_replay_equals_the_live_view_and_everything_rebuilds() {
         offline_share: 0.0,
         max_in_flight: 2_000,
         queue_calls: false,
+        waves_of: 0,
         until_done: false,
     };
     let report = storm(&clients, &config, &indicatif::ProgressBar::hidden())

@@ -517,6 +517,7 @@ pub fn storm_at_rate(rate: f64) -> lineguard_ticketctl::simulate::StormConfig {
         offline_share: 0.0,
         max_in_flight: 2_000,
         queue_calls: false,
+        waves_of: 0,
         until_done: true,
     }
 }
