@@ -27,6 +27,7 @@ pub const MAX_PAGE: u32 = 1_000;
 pub const DEFAULT_PAGE: u32 = 100;
 
 /// Serves the consumers' parked events and dead letters of one log.
+#[derive(Clone)]
 pub struct ConsumersService {
     log: EventLog,
     lot: ParkingLot,
@@ -82,6 +83,46 @@ impl ConsumersService {
     /// The tonic server over `log`, waking its consumers through `lot`.
     pub fn server(log: EventLog, lot: ParkingLot) -> ConsumersServer<ConsumersService> {
         ConsumersServer::new(ConsumersService::new(log, lot))
+    }
+
+    /// Each consumer as `ListConsumers` reports it (and the metrics
+    /// endpoint at each scrape): its lag on JetStream, whether it has
+    /// caught up, and its parked and dead-lettered events recounted from
+    /// the log.
+    pub async fn statuses(&self) -> Result<Vec<ConsumerStatus>, Status> {
+        let log = self.log.clone();
+        let names: Vec<String> = self.consumers.iter().map(|c| c.name.clone()).collect();
+        let counts = blocking(move || {
+            names
+                .iter()
+                .map(|name| Ok((total(&log, "parked", name)?, total(&log, "dead", name)?)))
+                .collect::<Result<Vec<(u64, u64)>, lineguard_eventlog::Error>>()
+        })
+        .await?;
+        let lags = futures::future::join_all(self.consumers.iter().map(|c| self.lag(c))).await;
+        let consumers = self
+            .consumers
+            .iter()
+            .zip(counts)
+            .zip(lags)
+            .map(|((consumer, (parked, dead_letters)), lag)| {
+                let (pending, ack_pending, bus_error) = match lag {
+                    Ok((pending, ack_pending)) => (pending, ack_pending, String::new()),
+                    Err(why) => (0, 0, why),
+                };
+                ConsumerStatus {
+                    consumer: consumer.name.clone(),
+                    stream: consumer.stream.clone(),
+                    pending,
+                    ack_pending,
+                    caught_up: *consumer.caught_up.borrow(),
+                    parked,
+                    dead_letters,
+                    bus_error,
+                }
+            })
+            .collect();
+        Ok(consumers)
     }
 
     /// JetStream's pending and unacknowledged counts of `consumer`, or why
@@ -288,38 +329,7 @@ impl Consumers for ConsumersService {
         &self,
         _request: Request<ListConsumersRequest>,
     ) -> Result<Response<ListConsumersResponse>, Status> {
-        let log = self.log.clone();
-        let names: Vec<String> = self.consumers.iter().map(|c| c.name.clone()).collect();
-        let counts = blocking(move || {
-            names
-                .iter()
-                .map(|name| Ok((total(&log, "parked", name)?, total(&log, "dead", name)?)))
-                .collect::<Result<Vec<(u64, u64)>, lineguard_eventlog::Error>>()
-        })
-        .await?;
-        let lags = futures::future::join_all(self.consumers.iter().map(|c| self.lag(c))).await;
-        let consumers = self
-            .consumers
-            .iter()
-            .zip(counts)
-            .zip(lags)
-            .map(|((consumer, (parked, dead_letters)), lag)| {
-                let (pending, ack_pending, bus_error) = match lag {
-                    Ok((pending, ack_pending)) => (pending, ack_pending, String::new()),
-                    Err(why) => (0, 0, why),
-                };
-                ConsumerStatus {
-                    consumer: consumer.name.clone(),
-                    stream: consumer.stream.clone(),
-                    pending,
-                    ack_pending,
-                    caught_up: *consumer.caught_up.borrow(),
-                    parked,
-                    dead_letters,
-                    bus_error,
-                }
-            })
-            .collect();
+        let consumers = self.statuses().await?;
         Ok(Response::new(ListConsumersResponse { consumers }))
     }
 }

@@ -511,6 +511,7 @@ impl<H: Handler> Context<'_, H> {
             .await?;
         tracing::info!(consumer = %self.name(), event_id = %event.event_id,
             correlation_id = %event.correlation_id, waiting_for = %key, "event parked");
+        crate::metrics::BUS_METRICS.message(self.name(), crate::metrics::Outcome::parked);
         Ok(())
     }
 
@@ -544,6 +545,7 @@ impl<H: Handler> Context<'_, H> {
             .await?;
         tracing::error!(consumer = %self.name(), event_id, correlation_id = correlation,
             %error, deliveries, "event dead-lettered");
+        crate::metrics::BUS_METRICS.message(self.name(), crate::metrics::Outcome::dead_lettered);
         Ok(())
     }
 
@@ -643,6 +645,7 @@ impl<H: Handler> Context<'_, H> {
         match applied {
             Ok(applied) => {
                 tracing::debug!(?applied, "event applied");
+                crate::metrics::BUS_METRICS.message(self.name(), crate::metrics::Outcome::applied);
                 self.lot.wake(self.handler.satisfies(event));
                 Settled::Recorded
             }
@@ -659,6 +662,8 @@ impl<H: Handler> Context<'_, H> {
                 }
             }
             Err(HandlerError::Retry(reason)) if deliveries < self.config.dead_letter_after => {
+                crate::metrics::BUS_METRICS
+                    .message(self.name(), crate::metrics::Outcome::redelivered);
                 Settled::RetryLater(reason)
             }
             Err(HandlerError::Retry(reason) | HandlerError::Reject(reason)) => {

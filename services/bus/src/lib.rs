@@ -26,6 +26,7 @@ pub mod admin;
 pub mod catchup;
 pub mod consumer;
 pub mod copy;
+pub mod metrics;
 pub mod parking;
 pub mod partition;
 pub mod relay;

@@ -304,6 +304,9 @@ async fn publish_batch(
         acked.push(position);
     }
     if !acked.is_empty() {
+        crate::metrics::BUS_METRICS
+            .relay_published
+            .inc_by(acked.len() as u64);
         let clearer = log.clone();
         tokio::task::spawn_blocking(move || clearer.outbox_clear(&acked))
             .await

@@ -103,6 +103,14 @@ async fn fire(
         .map_err(Status::from)?;
     tracing::info!(order_id = %order.order_id, correlation_id = %order.order_id, crew_id = %order.crew_id,
         clock = %timer.clock, percent = alerted.percent, breached = alerted.breached, "clock alert");
+    lineguard_runtime::metrics::clock_alert(
+        &timer.clock,
+        if alerted.breached {
+            lineguard_runtime::metrics::AlertKind::breach
+        } else {
+            lineguard_runtime::metrics::AlertKind::warning
+        },
+    );
     Ok(true)
 }
 

@@ -63,6 +63,10 @@ async fn serve(args: Args) -> ExitCode {
                 .filtered(consumers::intake_subjects()),
             IntakeEvents(dispatcher.clone()),
         )?;
+        lineguard_runtime::metrics::clock_alerts_known(&[
+            lineguard_dispatch::clocks::ARRIVAL,
+            lineguard_dispatch::clocks::RESTORATION,
+        ]);
         let clocks = lineguard_dispatch::clocks::spawn(dispatcher.clone(), tick);
         host.on_shutdown(clocks.stop());
         let mut routes = RoutesBuilder::default();
@@ -70,12 +74,26 @@ async fn serve(args: Args) -> ExitCode {
         if intake.is_none() {
             tracing::warn!("no --peer intake: crews get their orders without customer contacts");
         }
-        routes.add_service(
-            DispatchService::new(dispatcher)
-                .with_contacts(ContactOpener::new(intake))
-                .in_partitions(host.partitions())
-                .server(),
-        );
+        let service = DispatchService::new(dispatcher)
+            .with_contacts(ContactOpener::new(intake))
+            .in_partitions(host.partitions());
+        if let Some(registry) = host.metrics_registry() {
+            let watchers = service.watchers();
+            lineguard_runtime::metrics::register_gauge_fn(
+                registry,
+                "dispatch_crews_connected",
+                "Crews with at least one WatchDispatches stream open",
+                move || watchers.crews_connected() as u64,
+            );
+            let watchers = service.watchers();
+            lineguard_runtime::metrics::register_gauge_fn(
+                registry,
+                "dispatch_watches",
+                "WatchDispatches streams open",
+                move || watchers.count() as u64,
+            );
+        }
+        routes.add_service(service.server());
         Ok(routes)
     })
     .await

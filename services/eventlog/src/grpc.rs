@@ -4,10 +4,11 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use lineguard_protos::eventlog::v1::{
-    self as pb, GetLogInfoRequest, GetLogInfoResponse, GetProjectionDigestRequest,
-    ProjectionDigest, ReadAllRequest, ReadAllResponse, ReadCorrelationRequest,
-    ReadCorrelationResponse, ReadStreamRequest, ReadStreamResponse, RebuildProjectionsRequest,
-    RebuildProjectionsResponse, SubscribeRequest, SubscribeResponse,
+    self as pb, BackupChunk, BackupFile, BackupManifest, BackupRequest, GetLogInfoRequest,
+    GetLogInfoResponse, GetProjectionDigestRequest, ProjectionDigest, ReadAllRequest,
+    ReadAllResponse, ReadCorrelationRequest, ReadCorrelationResponse, ReadStreamRequest,
+    ReadStreamResponse, RebuildProjectionsRequest, RebuildProjectionsResponse, SubscribeRequest,
+    SubscribeResponse,
     event_log_server::{EventLog as EventLogApi, EventLogServer},
 };
 use tonic::{Request, Response, Status};
@@ -18,13 +19,107 @@ use crate::log::{EventLog, ReadDirection};
 #[derive(Debug, Clone)]
 pub struct EventLogService {
     log: EventLog,
+    /// One backup at a time: each holds a checkpoint's worth of disk.
+    backups: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl EventLogService {
     /// The tonic server for `log`.
     pub fn server(log: EventLog) -> EventLogServer<EventLogService> {
-        EventLogServer::new(EventLogService { log })
+        EventLogServer::new(EventLogService {
+            log,
+            backups: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+        })
     }
+}
+
+/// Largest piece of a file one backup message carries.
+pub const BACKUP_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// The prefix of a checkpoint's directory beside the log while a backup
+/// streams it (removed after; one left by a process that died mid-backup
+/// is removed by the next backup).
+const BACKUP_DIR_PREFIX: &str = ".backup-";
+
+/// Removes checkpoints earlier backups left in `parent`.
+fn remove_stale_backups(parent: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(BACKUP_DIR_PREFIX)
+            && let Err(e) = std::fs::remove_dir_all(entry.path())
+        {
+            tracing::warn!(path = %entry.path().display(), error = %e, "a stale backup checkpoint could not be removed");
+        }
+    }
+}
+
+/// Streams the checkpoint in `dir` to `send`, file by file in chunks, each
+/// file's SHA-256 taken as it is read, then its manifest; removes `dir`.
+/// Stops early when the receiver is gone (the client went away).
+fn stream_checkpoint(
+    dir: &std::path::Path,
+    mut manifest: BackupManifest,
+    send: &tokio::sync::mpsc::Sender<Result<BackupChunk, Status>>,
+) -> Result<(), Status> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let io = |what: &str, e: std::io::Error| Status::internal(format!("backup: {what}: {e}"));
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io("listing the checkpoint", e))? {
+        let entry = entry.map_err(|e| io("listing the checkpoint", e))?;
+        if entry
+            .file_type()
+            .map_err(|e| io("a checkpoint entry", e))?
+            .is_file()
+        {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    for name in names {
+        let mut file =
+            std::fs::File::open(dir.join(&name)).map_err(|e| io(&format!("opening {name}"), e))?;
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        let mut buffer = vec![0u8; BACKUP_CHUNK_BYTES];
+        loop {
+            let read = file
+                .read(&mut buffer)
+                .map_err(|e| io(&format!("reading {name}"), e))?;
+            if read == 0 && offset > 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+            let chunk = BackupChunk {
+                file: name.clone(),
+                offset,
+                data: buffer[..read].to_vec().into(),
+                manifest: None,
+            };
+            if send.blocking_send(Ok(chunk)).is_err() {
+                return Ok(()); // the client went away
+            }
+            offset += read as u64;
+            if read == 0 {
+                break; // an empty file: sent as one empty chunk
+            }
+        }
+        manifest.files.push(BackupFile {
+            name,
+            size_bytes: offset,
+            sha256: format!("{:x}", hasher.finalize()),
+        });
+    }
+    let _ = send.blocking_send(Ok(BackupChunk {
+        manifest: Some(manifest),
+        ..BackupChunk::default()
+    }));
+    Ok(())
 }
 
 /// Runs `work` (RocksDB reads, a scan) on tokio's blocking pool, so a slow
@@ -156,6 +251,54 @@ impl EventLogApi for EventLogService {
             digest,
             head_position: head,
         }))
+    }
+
+    type BackupStream = Pin<Box<dyn Stream<Item = Result<BackupChunk, Status>> + Send>>;
+
+    async fn backup(
+        &self,
+        _: Request<BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let permit = self.backups.clone().try_acquire_owned().map_err(|_| {
+            Status::failed_precondition("a backup of this log is running: one at a time")
+        })?;
+        let log = self.log.clone();
+        let parent = log
+            .path()
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .ok_or_else(|| Status::internal("the log's store has no parent directory"))?;
+        let dir = parent.join(format!("{BACKUP_DIR_PREFIX}{}", uuid::Uuid::now_v7()));
+        let taken = {
+            let (parent, dir) = (parent.clone(), dir.clone());
+            blocking(move || {
+                remove_stale_backups(&parent);
+                log.checkpoint(&dir)
+            })
+            .await?
+        };
+        let manifest = BackupManifest {
+            service: self.log.service().to_owned(),
+            head_position: taken.head_position,
+            projection_digest: taken.projection_digest,
+            files: Vec::new(),
+            taken_at: Some(crate::clock::now()),
+        };
+        tracing::info!(service = %self.log.service(), head_position = manifest.head_position,
+            "backup checkpoint taken; streaming it");
+        let (send, receive) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            if let Err(status) = stream_checkpoint(&dir, manifest, &send) {
+                let _ = send.blocking_send(Err(status));
+            }
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(path = %dir.display(), error = %e, "the backup checkpoint could not be removed");
+            }
+            drop(permit);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receive),
+        )))
     }
 
     async fn rebuild_projections(

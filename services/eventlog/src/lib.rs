@@ -40,6 +40,7 @@ pub mod grpc;
 pub mod ids;
 pub mod limits;
 pub mod log;
+pub mod metrics;
 pub mod projection;
 pub mod stored;
 pub mod subscribe;
@@ -56,8 +57,8 @@ pub use lineguard_protos::eventlog::v1::{
     Actor, CommitReceipt, EventEnvelope, actor::Kind as ActorKind,
 };
 pub use log::{
-    Decided, EventLog, LogConfig, ProjectionPages, ReadDirection, StoreMemory, StreamSlice,
-    open_raw_store,
+    Checkpointed, Decided, EventLog, LogConfig, ProjectionPages, ReadDirection, StoreMemory,
+    StreamSlice, open_raw_store, stored_state,
 };
 pub use projection::{NoProjections, ProjectionRead, ProjectionView, Projector};
 pub use stored::StoredEvent;

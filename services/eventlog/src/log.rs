@@ -121,6 +121,15 @@ pub struct EventLog {
     inner: Arc<Inner>,
 }
 
+/// What a checkpoint ([`EventLog::checkpoint`]) holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpointed {
+    /// The last event's position in the copy.
+    pub head_position: u64,
+    /// The copy's projection digest.
+    pub projection_digest: String,
+}
+
 struct Inner {
     db: Arc<DB>,
     store: Arc<Store>,
@@ -227,6 +236,17 @@ fn db_options(memory_bytes: usize) -> Options {
 /// the default memory budget.
 pub fn open_raw_store(path: &Path) -> Result<DB> {
     open_store(path, crate::limits::DEFAULT_STORE_MEMORY_BYTES)
+}
+
+/// The head and projection digest of the store at `path` (a backup, a
+/// restored data directory), opened and closed again: for tools and
+/// tests. Never on a store a running log holds open.
+pub fn stored_state(path: &Path) -> Result<Checkpointed> {
+    let store = open_store(path, crate::limits::MIN_STORE_MEMORY_BYTES)?;
+    Ok(Checkpointed {
+        head_position: last_position(&store)?,
+        projection_digest: digest_projections(&store)?,
+    })
 }
 
 /// Opens the log's RocksDB within `memory_bytes`.
@@ -1082,6 +1102,24 @@ impl EventLog {
             after: None,
             done: false,
         }
+    }
+
+    /// Takes a consistent copy of the whole store into `dir` (which must
+    /// not exist, on the log's filesystem: the data directory is the place)
+    /// while the log serves: RocksDB's checkpoint, hard links to the
+    /// immutable table files and a copy of the rest, every commit before
+    /// it whole and none after it in part. Returns the copy's head and
+    /// projection digest, read from the copy itself. Blocking.
+    pub fn checkpoint(&self, dir: &Path) -> Result<Checkpointed> {
+        rocksdb::checkpoint::Checkpoint::new(&self.inner.db)?.create_checkpoint(dir)?;
+        // Opened once to read what it holds (its WAL replayed into tables),
+        // then closed: what is streamed is a store at rest.
+        stored_state(dir)
+    }
+
+    /// Where the log's store is (its data directory's `eventlog`).
+    pub fn path(&self) -> &Path {
+        &self.inner.path
     }
 
     /// SHA-256 over every projection entry in key order: equal digests mean

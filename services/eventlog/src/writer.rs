@@ -279,6 +279,8 @@ impl Writer {
             }
             return;
         }
+        let staged_at = std::time::Instant::now();
+        let group_commits = commits.len();
         let mut group = Group {
             next_position: self.head + 1,
             stream_heads: HashMap::new(),
@@ -315,7 +317,14 @@ impl Writer {
             // them the moment the write lands, and must never count below zero.
             self.outbox_backlog
                 .fetch_add(group.outbox_added, Ordering::AcqRel);
-            if let Err(err) = self.write_group(&mut group) {
+            let written = self.write_group(&mut group);
+            crate::metrics::LOG_METRICS.group(
+                staged_at.elapsed(),
+                group_commits,
+                group.next_position - (self.head + 1),
+                written.is_ok(),
+            );
+            if let Err(err) = written {
                 self.outbox_backlog
                     .fetch_sub(group.outbox_added, Ordering::AcqRel);
                 tracing::error!(service = %self.service, error = %err, "group commit failed; nothing written");

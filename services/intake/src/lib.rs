@@ -23,6 +23,7 @@
 pub mod api;
 pub mod customer;
 pub mod key_copy;
+pub mod metrics;
 pub mod observe;
 pub mod partitioned;
 pub mod projection;

@@ -120,6 +120,10 @@ async fn serve(args: Args) -> ExitCode {
         } else {
             LocalKeyStore::open(&keys_path, master).map_err(setup)?
         };
+        let log = host.log.clone();
+        if let Some(registry) = host.metrics_registry() {
+            lineguard_intake::metrics::register(registry, log);
+        }
         let mut routes = RoutesBuilder::default();
         routes.add_service(
             IntakeService::new(host.log.clone(), config, customers, Arc::new(keys))

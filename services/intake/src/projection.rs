@@ -154,6 +154,64 @@ fn store(view: &mut ProjectionView<'_>, key: Vec<u8>, message: &impl Message) {
     view.put(key, message.encode_to_vec());
 }
 
+/// Prefix of the counts of tickets by status and line.
+pub const STATUS_COUNT_PREFIX: &[u8] = b"count-status/";
+
+/// The key of the count of tickets in `status` at `line`.
+fn status_count_key(status: i32, line: u32) -> Vec<u8> {
+    format!("count-status/{status:02}/{line}").into_bytes()
+}
+
+/// `(status, line)` of a count's key.
+pub fn status_count_of_key(key: &[u8]) -> Option<(TicketStatus, u32)> {
+    let rest = std::str::from_utf8(key.strip_prefix(STATUS_COUNT_PREFIX)?).ok()?;
+    let (status, line) = rest.split_once('/')?;
+    Some((
+        TicketStatus::try_from(status.parse::<i32>().ok()?).ok()?,
+        line.parse().ok()?,
+    ))
+}
+
+/// A ticket counted by status and line: every ticket but an incident's
+/// attached child (which follows its lead and is the lead's case).
+fn counted(ticket: &TicketView) -> Option<(i32, u32)> {
+    match ticket.status() {
+        TicketStatus::Attached | TicketStatus::Unspecified => None,
+        _ => Some((ticket.status, ticket.current_line)),
+    }
+}
+
+/// Stores a ticket's view and moves it between the counts by status and
+/// line (so the counts are always those of the stored views: rebuilt
+/// with them, never kept anywhere else).
+fn store_ticket(view: &mut ProjectionView<'_>, ticket: &TicketView) -> Result<(), String> {
+    let key = ticket_key(&ticket.ticket_id);
+    let before = view
+        .get_message::<TicketView>(&key)?
+        .as_ref()
+        .and_then(counted);
+    let after = counted(ticket);
+    if before != after {
+        for (place, step) in [(before, -1i64), (after, 1)] {
+            let Some((status, line)) = place else {
+                continue;
+            };
+            let count_key = status_count_key(status, line);
+            let count = view
+                .get(&count_key)
+                .map_err(|e| e.to_string())?
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(0, u64::from_le_bytes);
+            let count = count.checked_add_signed(step).ok_or_else(|| {
+                format!("count of status {status} line {line} would go below zero")
+            })?;
+            view.put(count_key, count.to_le_bytes().to_vec());
+        }
+    }
+    store(view, key, ticket);
+    Ok(())
+}
+
 impl Projector for IntakeProjector {
     fn name(&self) -> &'static str {
         "intake"
@@ -164,7 +222,8 @@ impl Projector for IntakeProjector {
         // 4: the view keeps its report's repeat-caller key.
         // 5: the view keeps the sealed contact; erasure; customer index.
         // 6: a route of an older hop never moves the view back.
-        6
+        // 7: counts of tickets by status and line.
+        7
     }
 
     fn apply(&self, event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), String> {
@@ -207,7 +266,7 @@ impl Projector for IntakeProjector {
                 }
                 ticket.customer_key = customer.unwrap_or_default();
                 view.put(by_time_key(nanos(&reported_at), &e.ticket_id), Vec::new());
-                store(view, ticket_key(&e.ticket_id), &ticket);
+                store_ticket(view, &ticket)?;
             }
             t if t == CustomerDataErased::full_name() => {
                 let e: CustomerDataErased = decode_payload(event)?;
@@ -218,14 +277,14 @@ impl Projector for IntakeProjector {
                 ticket.caller = None;
                 ticket.description.clear();
                 ticket.updated_at = Some(at);
-                store(view, ticket_key(&e.ticket_id), &ticket);
+                store_ticket(view, &ticket)?;
             }
             t if t == TicketUrged::full_name() => {
                 let e: TicketUrged = decode_payload(event)?;
                 let mut ticket = load_ticket(view, &e.ticket_id)?;
                 ticket.urge_count = e.urge_count;
                 ticket.updated_at = Some(at);
-                store(view, ticket_key(&e.ticket_id), &ticket);
+                store_ticket(view, &ticket)?;
             }
             t if t == IncidentOpened::full_name() => {
                 let e: IncidentOpened = decode_payload(event)?;
@@ -245,7 +304,7 @@ impl Projector for IntakeProjector {
                 lead.incident_id = e.incident_id.clone();
                 lead.incident_lead = true;
                 lead.updated_at = Some(at);
-                store(view, ticket_key(&e.lead_ticket_id), &lead);
+                store_ticket(view, &lead)?;
                 view.put(
                     district_incident_key(&e.district_id, e.kind),
                     e.incident_id.as_bytes().to_vec(),
@@ -265,7 +324,7 @@ impl Projector for IntakeProjector {
                 ticket.incident_lead = false;
                 ticket.status = TicketStatus::Attached as i32;
                 ticket.updated_at = Some(at);
-                store(view, ticket_key(&e.ticket_id), &ticket);
+                store_ticket(view, &ticket)?;
             }
             t if t == IncidentMarkedProbableOutage::full_name() => {
                 let e: IncidentMarkedProbableOutage = decode_payload(event)?;
@@ -295,7 +354,7 @@ impl Projector for IntakeProjector {
                         view.delete(key);
                     }
                 }
-                store(view, ticket_key(&e.ticket_id), &ticket);
+                store_ticket(view, &ticket)?;
             }
             t if t == EventObserved::full_name() => {
                 let e: EventObserved = decode_payload(event)?;
@@ -551,7 +610,7 @@ fn observe(event: &EventEnvelope, view: &mut ProjectionView<'_>) -> Result<(), S
     };
     change(&mut ticket);
     ticket.updated_at = event.recorded_at;
-    store(view, ticket_key(&ticket_id), &ticket);
+    store_ticket(view, &ticket)?;
     Ok(())
 }
 

@@ -89,6 +89,16 @@ async fn serve(args: Args) -> ExitCode {
                 .filtered(feedback_events::subjects()),
             FeedbackEvents::new(router.clone()),
         )?;
+        {
+            use lineguard_routing::policy::{ACCEPTANCE, ANSWER, ARRIVAL, CONTACT, RESTORATION};
+            lineguard_runtime::metrics::clock_alerts_known(&[
+                ACCEPTANCE,
+                ARRIVAL,
+                RESTORATION,
+                CONTACT,
+                ANSWER,
+            ]);
+        }
         let timers = lineguard_routing::timers::spawn(router.clone(), args.timer_tick);
         host.on_shutdown(timers.stop());
         let mut routes = RoutesBuilder::default();

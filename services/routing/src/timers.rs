@@ -76,6 +76,14 @@ async fn fire(router: &Router, timer: &Timer, now: &Timestamp) -> Result<bool, R
         Ok(_) => {
             tracing::info!(case_id = %route.case_id, correlation_id = %route.case_id,
                 clock = %timer.clock, percent = timer.percent, hop = route.hop, "timer fired");
+            lineguard_runtime::metrics::clock_alert(
+                &timer.clock,
+                if timer.percent > 0 {
+                    lineguard_runtime::metrics::AlertKind::warning
+                } else {
+                    lineguard_runtime::metrics::AlertKind::breach
+                },
+            );
             Ok(true)
         }
         Err(LogError::WrongExpectedVersion { .. }) => Ok(false),

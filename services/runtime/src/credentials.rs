@@ -220,6 +220,8 @@ fn development_principals() -> Vec<(&'static str, &'static str, &'static [&'stat
     principals.push((role, id, &LOCAL_NAMES[..]));
     principals.push(("intake_system", "dev", &[]));
     principals.push(("admin", "dev", &[]));
+    // Prometheus, scraping the metrics endpoints (`crate::metrics`).
+    principals.push(("monitor", "prometheus", &[]));
     principals
 }
 

@@ -58,6 +58,7 @@ pub mod calendar;
 pub mod credentials;
 pub mod locks;
 pub mod memory;
+pub mod metrics;
 pub mod partitions;
 pub mod periodic;
 
@@ -84,6 +85,15 @@ pub struct CommonArgs {
     /// Address the gRPC server listens on [default: 127.0.0.1:<the service's port>].
     #[arg(long, env = "LINEGUARD_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
+    /// Address the Prometheus metrics endpoint (`GET /metrics`) listens on
+    /// [default: the gRPC address's host, its port + 100: 127.0.0.1:50151
+    /// for intake]. HTTPS for the CA's client certificates only with
+    /// `--credentials`; without them, loopback only.
+    #[arg(long, env = "LINEGUARD_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Serve no metrics endpoint.
+    #[arg(long, env = "LINEGUARD_NO_METRICS")]
+    pub no_metrics: bool,
     /// Directory of the service's event log and state [default: .lineguard/<service>].
     #[arg(long, env = "LINEGUARD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -412,6 +422,11 @@ pub struct Host {
     security: Option<Security>,
     /// `--max-requests-in-flight`.
     max_requests_in_flight: usize,
+    /// The process's metrics and where they are served (`None`:
+    /// `--no-metrics`).
+    metrics: Option<(metrics::Metrics, SocketAddr)>,
+    /// The metrics endpoint's TLS, with `--credentials`.
+    metrics_tls: Option<tokio_rustls::TlsAcceptor>,
     consumers: Vec<ConsumerHandle>,
     shutdown_steps: Vec<ShutdownStep>,
 }
@@ -570,6 +585,23 @@ impl Host {
             .grpc_addr
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], spec.default_grpc_port)));
         let security = load_security(spec.name, &args, grpc_addr)?;
+        let metrics = (!args.no_metrics).then(|| {
+            let addr = args.metrics_addr.unwrap_or_else(|| {
+                SocketAddr::new(grpc_addr.ip(), metrics_port_for(grpc_addr.port()))
+            });
+            (metrics::Metrics::new(bus_name), addr)
+        });
+        let metrics_tls = match (&args.credentials, &metrics) {
+            (Some(dir), Some(_)) => {
+                let server = credentials::ServerCredentials::load(
+                    &credentials::CredentialsDir::new(dir),
+                    spec.name,
+                )
+                .map_err(|e| HostError::Setup(e.to_string()))?;
+                Some(metrics::tls_acceptor(&server)?)
+            }
+            _ => None,
+        };
         // Peers are called as this service (`service:<name>`) when there are
         // credentials.
         let peer_credentials = match &args.credentials {
@@ -628,6 +660,8 @@ impl Host {
             bus_stall_limit: args.bus_stall_limit,
             security,
             max_requests_in_flight: args.max_requests_in_flight as usize,
+            metrics,
+            metrics_tls,
             consumers: Vec::new(),
             shutdown_steps: Vec::new(),
         };
@@ -699,6 +733,13 @@ impl Host {
         })
     }
 
+    /// Where the service registers metrics of its own (`None` with
+    /// `--no-metrics`): names are prefixed `lineguard_` and labelled with
+    /// the instance there.
+    pub fn metrics_registry(&mut self) -> Option<&mut prometheus_client::registry::Registry> {
+        self.metrics.as_mut().map(|(metrics, _)| metrics.registry())
+    }
+
     /// Which partition of its service this instance is.
     pub fn partition(&self) -> Partition {
         self.partition
@@ -717,8 +758,13 @@ impl Host {
     }
 
     /// Serves gRPC until SIGTERM or Ctrl-C, then shuts down in order.
-    pub async fn serve(self, mut routes: RoutesBuilder) -> Result<(), HostError> {
+    pub async fn serve(mut self, mut routes: RoutesBuilder) -> Result<(), HostError> {
         let (health, health_service) = tonic_health::server::health_reporter();
+        let consumers_service = ConsumersService::new(self.log.clone(), self.parking.clone())
+            .with_consumers(
+                self.jetstream.clone(),
+                self.consumers.iter().map(ConsumerHandle::watched).collect(),
+            );
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(lineguard_protos::FILE_DESCRIPTOR_SET)
@@ -735,14 +781,7 @@ impl Host {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(EventLogService::server(self.log.clone()))
-            .add_service(
-                ConsumersService::new(self.log.clone(), self.parking.clone())
-                    .with_consumers(
-                        self.jetstream.clone(),
-                        self.consumers.iter().map(ConsumerHandle::watched).collect(),
-                    )
-                    .into_server(),
-            );
+            .add_service(consumers_service.clone().into_server());
 
         let listener = tokio::net::TcpListener::bind(self.grpc_addr).await?;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -760,6 +799,20 @@ impl Host {
             consumers = self.consumers.len(), "answering; ready once the consumers have caught up");
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut grpc_metrics = None;
+        if let Some((metrics, addr)) = self.metrics.take() {
+            let listener = metrics::bind(addr, self.metrics_tls.is_some()).await?;
+            let bound = listener.local_addr()?;
+            tracing::info!(service = self.name, metrics_addr = %bound,
+                tls = self.metrics_tls.is_some(), "metrics at /metrics");
+            grpc_metrics = Some(metrics.grpc_layer());
+            metrics.serve(
+                listener,
+                self.metrics_tls.take(),
+                (self.log.clone(), consumers_service),
+                stop_rx.clone(),
+            );
+        }
         tokio::spawn(report_ready(
             self.name,
             health.clone(),
@@ -802,8 +855,12 @@ impl Host {
         // Admission outside authentication: an overloaded service refuses
         // before it spends a signature check on a call it cannot take.
         let admission = admission::AdmissionLayer::new(self.name, self.max_requests_in_flight);
+        // Outermost: calls refused by admission or authentication count.
         let server = builder
-            .layer(tower_layer::Stack::new(layer, admission))
+            .layer(tower_layer::Stack::new(
+                tower_layer::Stack::new(layer, admission),
+                grpc_metrics.unwrap_or_else(metrics::GrpcMetricsLayer::unserved),
+            ))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
         // Graceful shutdown waits for every connection to close, and a client
@@ -929,6 +986,17 @@ fn check_bus_rights(
 }
 
 /// Whether a NATS URL (or a comma-separated list) names loopback hosts only.
+/// The metrics port beside gRPC port `grpc_port` (+100: 50151 for intake's
+/// 50051, 50161 for partition 1's 50061); an ephemeral gRPC port (0)
+/// gets an ephemeral metrics port.
+fn metrics_port_for(grpc_port: u16) -> u16 {
+    if grpc_port == 0 {
+        0
+    } else {
+        grpc_port.saturating_add(100)
+    }
+}
+
 fn nats_url_is_loopback(urls: &str) -> bool {
     urls.split(',').all(|url| {
         let rest = url.trim().split("://").last().unwrap_or_default();

@@ -24,6 +24,7 @@
 //! - [`consumers`]: parked events and dead letters of every service.
 //! - [`sheet`]: a district's printable meter-box labels (numbers, QR code).
 
+pub mod backup;
 pub mod calls;
 pub mod consumers;
 pub mod county;

@@ -488,6 +488,8 @@ pub struct ServiceProcess {
     binary: PathBuf,
     args: Vec<String>,
     grpc_addr: SocketAddr,
+    /// Its metrics endpoint (`--metrics-addr`), kept across restarts.
+    metrics_addr: SocketAddr,
     data_dir: PathBuf,
     log_path: PathBuf,
 }
@@ -521,9 +523,12 @@ impl ServiceProcess {
         extra: &[String],
     ) -> Result<ServiceProcess> {
         std::fs::create_dir_all(data_dir)?;
+        let metrics_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let mut args = vec![
             "--grpc-addr".to_string(),
             grpc_addr.to_string(),
+            "--metrics-addr".to_string(),
+            metrics_addr.to_string(),
             "--data-dir".to_string(),
             data_dir.display().to_string(),
             "--nats-url".to_string(),
@@ -540,6 +545,7 @@ impl ServiceProcess {
             binary,
             args,
             grpc_addr,
+            metrics_addr,
             data_dir: data_dir.to_path_buf(),
         };
         process.launch()?;
@@ -565,6 +571,17 @@ impl ServiceProcess {
     /// The gRPC endpoint, `https://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         format!("https://{}", self.grpc_addr)
+    }
+
+    /// Its Prometheus metrics, scraped as Prometheus would (HTTPS, a
+    /// client certificate of the test CA).
+    pub async fn metrics(&self) -> std::result::Result<String, String> {
+        lineguard_runtime::metrics::scrape(self.metrics_addr, Some(&admin_credentials())).await
+    }
+
+    /// Where its metrics endpoint listens.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// A gRPC channel to the process, as `admin:dev`.

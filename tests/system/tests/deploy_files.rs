@@ -184,12 +184,31 @@ fn every_port_is_the_one_its_service_serves_and_is_called_on() {
             ),
         ] {
             assert!(!found.is_empty(), "{name}.yaml has no {key}");
+            // gRPC's port, and for the pod and the Service the metrics
+            // port beside it (+100, LINEGUARD_METRICS_ADDR's).
+            let metrics = manifest.port + 100;
             assert!(
-                found.iter().all(|port| *port == manifest.port),
-                "{name}.yaml: {key} {found:?}, but it serves on {}",
+                found.iter().all(|port| *port == manifest.port
+                    || (*port == metrics && key != "-addr=127.0.0.1:")),
+                "{name}.yaml: {key} {found:?}, but it serves on {} (metrics on {metrics})",
                 manifest.port
             );
+            if key != "-addr=127.0.0.1:" {
+                assert!(
+                    found.contains(&metrics),
+                    "{name}.yaml: no {key} {metrics} for metrics"
+                );
+            }
         }
+        let metrics_addr = manifest
+            .env
+            .get("LINEGUARD_METRICS_ADDR")
+            .expect("LINEGUARD_METRICS_ADDR");
+        assert_eq!(
+            metrics_addr,
+            &format!("0.0.0.0:{}", manifest.port + 100),
+            "{name}.yaml: metrics served where the pod's port says"
+        );
         assert!(
             manifest.text.contains(&format!("-tls-server-name={name}")),
             "{name}.yaml's readiness probe checks another name"
