@@ -1544,6 +1544,20 @@ impl<H: Handler> Context<'_, H> {
             Err(_) => tracing::info_span!("consume", consumer = %self.name(),
                 subject = %message.subject),
         };
+        // The work continues the trace of the work that wrote the event:
+        // its header, else its envelope.
+        let header = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(crate::relay::TRACE_PARENT_HEADER))
+            .map(|v| v.as_str().to_string());
+        let traceparent = header.unwrap_or_else(|| {
+            decoded
+                .as_ref()
+                .map(|e| e.trace_parent.clone())
+                .unwrap_or_default()
+        });
+        lineguard_eventlog::trace::adopt(&span, &traceparent);
         // The span goes with the future (`instrument`), never entered across
         // an await: a guard held over an await is dropped on another thread,
         // and tracing-subscriber's registry panicked on it, which killed the

@@ -243,6 +243,9 @@ async fn relay(
     }
 }
 
+/// The NATS header carrying an event's W3C trace context.
+pub const TRACE_PARENT_HEADER: &str = "traceparent";
+
 enum Published {
     Some,
     Nothing,
@@ -278,9 +281,14 @@ async fn publish_batch(
         let mut acks = Vec::with_capacity(2);
         let subject = event_subject(event.source(), event.event_type(), event.correlation_id());
         for (subject, payload) in std::iter::once((subject, payload.clone())).chain(second) {
-            let publish = PublishMessage::build()
+            let mut publish = PublishMessage::build()
                 .payload(payload)
                 .message_id(event.event_id());
+            // The trace travels in the header too (and in the envelope,
+            // for a consumer that reads the event from a log).
+            if !event.trace_parent().is_empty() {
+                publish = publish.header(TRACE_PARENT_HEADER, event.trace_parent());
+            }
             match jetstream.send_publish(subject, publish).await {
                 Ok(ack) => acks.push(ack),
                 Err(e) => {

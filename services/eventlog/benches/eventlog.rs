@@ -40,6 +40,7 @@ fn event(stream: &str) -> NewEvent {
         causation_id: String::new(),
         actor: actor(ActorKind::System, "bench"),
         publish: true,
+        trace_parent: String::new(),
     }
 }
 

@@ -48,6 +48,7 @@ async fn fill(log: &EventLog) {
                 causation_id: String::new(),
                 actor: actor(ActorKind::System, "bench"),
                 publish: false,
+                trace_parent: String::new(),
             })
             .collect();
         log.commit(Transaction::append(

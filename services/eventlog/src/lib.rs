@@ -45,6 +45,7 @@ pub mod projection;
 pub mod stored;
 pub mod subscribe;
 pub mod timers;
+pub mod trace;
 pub mod txn;
 mod writer;
 

@@ -407,8 +407,9 @@ impl EventLog {
     /// Commits a transaction. When this returns `Committed`, the events are
     /// fsynced, indexed, in the outbox, and projected: a crash after this
     /// loses none of it.
-    pub async fn commit(&self, txn: Transaction) -> Result<CommitOutcome> {
+    pub async fn commit(&self, mut txn: Transaction) -> Result<CommitOutcome> {
         txn.validate(&self.inner.limits, &self.inner.event_types)?;
+        txn.stamp_trace(&crate::trace::current_traceparent());
         let (reply, answer) = oneshot::channel();
         self.inner
             .commits
@@ -454,9 +455,13 @@ impl EventLog {
         let (decided_tx, decided) = oneshot::channel();
         let limits = self.inner.limits.clone();
         let types = self.inner.event_types.clone();
+        // Decided on the writer's thread, outside the caller's span: the
+        // events carry the caller's trace context, taken here.
+        let trace_parent = crate::trace::current_traceparent();
         let decider: Decider = Box::new(move |view| match decide(view) {
-            Ok((txn, answer)) => {
+            Ok((mut txn, answer)) => {
                 txn.validate(&limits, &types)?;
+                txn.stamp_trace(&trace_parent);
                 let _ = decided_tx.send(Ok(answer));
                 Ok(Some(txn))
             }

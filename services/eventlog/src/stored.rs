@@ -21,14 +21,15 @@ use crate::codec::{CF_EVENTS, CF_STREAM_EVENTS, position_key, unseal};
 use crate::error::{Error, Result};
 
 /// Where each of [`EventEnvelope`]'s text fields is in the body (tags 1, 2,
-/// 6, 7, 9, 12), in this order.
-const TEXT_TAGS: [u32; 6] = [1, 2, 6, 7, 9, 12];
+/// 6, 7, 9, 12, 13), in this order.
+const TEXT_TAGS: [u32; 7] = [1, 2, 6, 7, 9, 12, 13];
 const EVENT_ID: usize = 0;
 const STREAM_ID: usize = 1;
 const CAUSATION_ID: usize = 2;
 const CORRELATION_ID: usize = 3;
 const EVENT_TYPE: usize = 4;
 const SOURCE: usize = 5;
+const TRACE_PARENT: usize = 6;
 /// The payload's tag.
 const PAYLOAD_TAG: u32 = 11;
 
@@ -40,7 +41,7 @@ pub(crate) struct Fields {
     pub position: u64,
     pub stream_version: u64,
     pub schema_version: u32,
-    texts: [Range<u32>; 6],
+    texts: [Range<u32>; 7],
     payload: Range<u32>,
 }
 
@@ -59,6 +60,7 @@ impl Fields {
             "correlation_id",
             "event_type",
             "source",
+            "trace_parent",
         ]
         .into_iter()
         .enumerate()
@@ -238,6 +240,11 @@ impl StoredEvent {
         self.text(SOURCE)
     }
 
+    /// The W3C trace context of the work that wrote it (empty if none).
+    pub fn trace_parent(&self) -> &str {
+        self.text(TRACE_PARENT)
+    }
+
     /// The payload message, protobuf-encoded (a slice of the record).
     pub fn payload(&self) -> Bytes {
         let payload = &self.fields.payload;
@@ -347,6 +354,7 @@ mod tests {
             schema_version: 1,
             payload: Bytes::from_static(b"\x0a\x03abc"),
             source: "intake".into(),
+            trace_parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
         }
     }
 
@@ -367,6 +375,7 @@ mod tests {
         assert_eq!(stored.correlation_id(), e.correlation_id);
         assert_eq!(stored.event_type(), e.event_type);
         assert_eq!(stored.source(), e.source);
+        assert_eq!(stored.trace_parent(), e.trace_parent);
         assert_eq!(stored.payload(), e.payload);
         assert_eq!(stored.envelope_bytes().as_ref(), e.encode_to_vec());
         assert_eq!(stored.to_envelope().expect("decodes"), e);

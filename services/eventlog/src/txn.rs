@@ -71,6 +71,9 @@ pub struct NewEvent {
     /// service records only for itself, e.g. its copy of another service's
     /// event, which that service already published.
     pub publish: bool,
+    /// The W3C trace context of the work making it ([`crate::trace`]),
+    /// empty when tracing is off.
+    pub trace_parent: String,
 }
 
 impl NewEvent {
@@ -89,6 +92,7 @@ impl NewEvent {
             causation_id: String::new(),
             actor,
             publish: true,
+            trace_parent: crate::trace::current_traceparent(),
         }
     }
 
@@ -173,6 +177,19 @@ pub struct Transaction {
 }
 
 impl Transaction {
+    /// Gives `trace_parent` (the committing work's trace context) to every
+    /// event that has none of its own.
+    pub(crate) fn stamp_trace(&mut self, trace_parent: &str) {
+        if trace_parent.is_empty() {
+            return;
+        }
+        for event in self.appends.iter_mut().flat_map(|a| a.events.iter_mut()) {
+            if event.trace_parent.is_empty() {
+                event.trace_parent = trace_parent.to_string();
+            }
+        }
+    }
+
     /// A transaction appending `events` to one stream.
     pub fn append(
         stream_id: impl Into<String>,

@@ -504,6 +504,7 @@ impl Writer {
                     schema_version: event.schema_version,
                     payload: event.payload,
                     source: self.service.clone(),
+                    trace_parent: event.trace_parent,
                 };
                 // Encoded once, stored three ways: by position (the log),
                 // by stream (its copy) and, if its correlation is not its

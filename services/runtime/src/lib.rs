@@ -61,6 +61,7 @@ pub mod memory;
 pub mod metrics;
 pub mod partitions;
 pub mod periodic;
+pub mod traces;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -94,6 +95,10 @@ pub struct CommonArgs {
     /// Serve no metrics endpoint.
     #[arg(long, env = "LINEGUARD_NO_METRICS")]
     pub no_metrics: bool,
+    /// OpenTelemetry collector to send traces to over OTLP/gRPC (e.g.
+    /// http://otel-collector:4317); no traces are exported without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Directory of the service's event log and state [default: .lineguard/<service>].
     #[arg(long, env = "LINEGUARD_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -427,6 +432,8 @@ pub struct Host {
     metrics: Option<(metrics::Metrics, SocketAddr)>,
     /// The metrics endpoint's TLS, with `--credentials`.
     metrics_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The trace exporter, with `--otlp-endpoint`.
+    traces: Option<traces::Traces>,
     consumers: Vec<ConsumerHandle>,
     shutdown_steps: Vec<ShutdownStep>,
 }
@@ -474,25 +481,63 @@ fn load_security(
 /// Sets up `tracing` once for the process. Customer names and phone numbers
 /// are never logged: spans carry ticket, event and correlation ids only.
 pub fn init_tracing(format: LogFormat, level: &str) {
+    let _ = init_tracing_exported(format, level, None);
+}
+
+/// As [`init_tracing`], and with `otlp` (`(service, endpoint)`) the spans
+/// exported to that OpenTelemetry collector as well ([`traces`]); returns
+/// the exporter's handle (flush it at exit). Call within the tokio runtime.
+pub fn init_tracing_exported(
+    format: LogFormat,
+    level: &str,
+    otlp: Option<(&str, &str)>,
+) -> Result<Option<traces::Traces>, String> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     // Colour codes only for a person at a terminal: a file or a pipe (a
     // log collector) gets plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    let (exported, handle) = match otlp {
+        Some((service, endpoint)) => {
+            let (layer, handle) = traces::layer(service, endpoint)?;
+            (Some(layer), Some(handle))
+        }
+        None => (None, None),
     };
+    let logs = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_ansi(colour)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(colour)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(exported)
+        .with(logs)
+        .with(filter)
+        .try_init();
+    Ok(handle)
 }
 
 impl Host {
     /// Opens the log, connects to NATS in the background and starts the relay.
     pub async fn start(spec: ServiceSpec, args: CommonArgs) -> Result<Host, HostError> {
-        init_tracing(args.log_format, &args.log_level);
+        let exported_as = args.partition()?.bus_name(spec.name);
+        let traces = init_tracing_exported(
+            args.log_format,
+            &args.log_level,
+            args.otlp_endpoint
+                .as_deref()
+                .map(|endpoint| (exported_as.as_str(), endpoint)),
+        )
+        .map_err(HostError::Setup)?;
         configure_clock(&args).map_err(HostError::Setup)?;
         let calendar = match &args.calendar {
             Some(path) => {
@@ -662,6 +707,7 @@ impl Host {
             max_requests_in_flight: args.max_requests_in_flight as usize,
             metrics,
             metrics_tls,
+            traces,
             consumers: Vec::new(),
             shutdown_steps: Vec::new(),
         };
@@ -905,6 +951,9 @@ impl Host {
             tracing::warn!(service = self.name, "NATS unreachable at shutdown");
         }
         tracing::info!(service = self.name, "stopped");
+        if let Some(traces) = &self.traces {
+            traces.shutdown();
+        }
         Ok(())
     }
 }

@@ -793,24 +793,33 @@ where
         let method = self.metrics.method_of(request.uri().path());
         let metrics = self.metrics.clone();
         let started = Instant::now();
-        let answer = self.inner.call(request);
-        Box::pin(async move {
-            let answer = answer.await;
-            // A refusal or a unary error comes as headers alone with its
-            // status; an answer that goes on (a unary reply, a stream)
-            // started as OK, its final status in trailers not read here.
-            let code = match &answer {
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or(tonic::Code::Ok, tonic::Code::from),
-                Err(_) => tonic::Code::Unknown,
-            };
-            metrics.record(method, code, started.elapsed());
-            answer
-        })
+        // The call's span, in the caller's trace when it sent one: what the
+        // handler does (and the events it writes) belongs to it.
+        let span = tracing::info_span!("grpc", rpc = %method);
+        if let Some(traceparent) = crate::traces::traceparent_of(request.headers()) {
+            lineguard_eventlog::trace::adopt(&span, traceparent);
+        }
+        let answer = span.in_scope(|| self.inner.call(request));
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let answer = answer.await;
+                // A refusal or a unary error comes as headers alone with its
+                // status; an answer that goes on (a unary reply, a stream)
+                // started as OK, its final status in trailers not read here.
+                let code = match &answer {
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(tonic::Code::Ok, tonic::Code::from),
+                    Err(_) => tonic::Code::Unknown,
+                };
+                metrics.record(method, code, started.elapsed());
+                answer
+            },
+            span,
+        ))
     }
 }
 

@@ -188,6 +188,8 @@ impl Partitions {
                 tonic::metadata::MetadataValue::from_bytes(&caller.relayed()),
             );
         }
+        // The owner's work joins this call's trace.
+        crate::traces::inject(metadata);
         Ok(relayed)
     }
 

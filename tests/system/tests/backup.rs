@@ -10,26 +10,12 @@ mod common;
 use std::time::Duration;
 
 use lineguard_harness::{FourServices, NatsServer};
-use lineguard_protos::eventlog::v1::GetProjectionDigestRequest;
 use lineguard_ticketctl::backup::{STORE, backup, read_backup, restore};
-use lineguard_ticketctl::endpoints::Clients;
 use lineguard_ticketctl::simulate::{StormConfig, storm};
 
 /// Calls in the storm, and their rate (per second).
 const CALLS: usize = 120;
 const RATE: f64 = 30.0;
-
-/// The head and projection digest of `service`'s log, as it reports them.
-async fn log_state(clients: &Clients, service: &str) -> (u64, String) {
-    let digest = clients
-        .log(service)
-        .expect("log client")
-        .get_projection_digest(GetProjectionDigestRequest {})
-        .await
-        .expect("digest")
-        .into_inner();
-    (digest.head_position, digest.digest)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backup_taken_mid_storm_restores_and_catches_up() {
@@ -80,7 +66,7 @@ async fn a_backup_taken_mid_storm_restores_and_catches_up() {
         Duration::from_secs(120),
     )
     .await;
-    let before = log_state(&clients, "routing").await;
+    let before = common::log_state(&clients, "routing").await;
     assert!(
         before.0 > manifest.head_position,
         "the storm went on after the backup"
@@ -116,7 +102,7 @@ async fn a_backup_taken_mid_storm_restores_and_catches_up() {
         .await
         .expect("routing healthy");
     assert_eq!(
-        log_state(&clients, "routing").await,
+        common::log_state(&clients, "routing").await,
         before,
         "the same events and projections as before the loss"
     );

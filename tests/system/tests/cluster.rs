@@ -15,7 +15,6 @@ use std::time::Duration;
 use common::deploy;
 use lineguard_bus::Partition;
 use lineguard_harness::{FourServices, NatsCluster};
-use lineguard_protos::eventlog::v1::GetProjectionDigestRequest;
 use lineguard_protos::intake::v1::GetTicketRequest;
 use lineguard_ticketctl::endpoints::Clients;
 use lineguard_ticketctl::simulate::{StormConfig, storm};
@@ -152,19 +151,6 @@ fn deploy_text(name: &str) -> String {
     std::fs::read_to_string(deploy(name)).expect("deploy file")
 }
 
-/// The head and projection digest of `service`'s log, as its EventLog
-/// API reports them.
-async fn log_state(clients: &Clients, service: &str) -> (u64, String) {
-    let digest = clients
-        .log(service)
-        .expect("log client")
-        .get_projection_digest(GetProjectionDigestRequest {})
-        .await
-        .expect("digest")
-        .into_inner();
-    (digest.head_position, digest.digest)
-}
-
 /// With `--log-copy`, a service whose machine loses its disk comes back
 /// from the copy on the cluster: routing loses its disk mid-storm and
 /// intake after it, and each comes back with the same events, the same
@@ -218,7 +204,7 @@ async fn a_service_that_loses_its_disk_comes_back_from_its_copy() {
     .await;
 
     // Intake's disk next, at rest: it must come back as it was.
-    let before = log_state(&clients, "intake").await;
+    let before = common::log_state(&clients, "intake").await;
     let ticket = report.ticket_ids.first().expect("a ticket").clone();
     let view_before = clients
         .intake()
@@ -239,7 +225,7 @@ async fn a_service_that_loses_its_disk_comes_back_from_its_copy() {
         .await
         .expect("intake healthy");
     assert_eq!(
-        log_state(&clients, "intake").await,
+        common::log_state(&clients, "intake").await,
         before,
         "the same events and projections"
     );

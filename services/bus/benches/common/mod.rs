@@ -17,5 +17,6 @@ pub fn event(stream: &str) -> NewEvent {
         causation_id: String::new(),
         actor: actor(ActorKind::System, "bench"),
         publish: true,
+        trace_parent: String::new(),
     }
 }

@@ -17,6 +17,7 @@ pub fn event(event_type: &str, correlation: &str) -> NewEvent {
         causation_id: String::new(),
         actor: actor(ActorKind::System, "test"),
         publish: true,
+        trace_parent: String::new(),
     }
 }
 

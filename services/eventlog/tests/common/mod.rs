@@ -28,6 +28,7 @@ pub fn noted(correlation: &str, text: &str) -> NewEvent {
         causation_id: String::new(),
         actor: actor(ActorKind::System, "test"),
         publish: true,
+        trace_parent: String::new(),
     }
 }
 

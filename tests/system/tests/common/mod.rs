@@ -625,3 +625,19 @@ pub fn assert_storm_clean(report: &lineguard_ticketctl::simulate::StormReport, c
     assert_eq!(report.orders_received_twice, 0, "no order twice");
     assert!(report.completed > 0);
 }
+
+/// The head and projection digest of `service`'s log, as its EventLog API
+/// reports them.
+pub async fn log_state(
+    clients: &lineguard_ticketctl::endpoints::Clients,
+    service: &str,
+) -> (u64, String) {
+    let digest = clients
+        .log(service)
+        .expect("log client")
+        .get_projection_digest(lineguard_protos::eventlog::v1::GetProjectionDigestRequest {})
+        .await
+        .expect("digest")
+        .into_inner();
+    (digest.head_position, digest.digest)
+}
