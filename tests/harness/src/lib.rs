@@ -488,8 +488,6 @@ pub struct ServiceProcess {
     binary: PathBuf,
     args: Vec<String>,
     grpc_addr: SocketAddr,
-    /// Its metrics endpoint (`--metrics-addr`), kept across restarts.
-    metrics_addr: SocketAddr,
     data_dir: PathBuf,
     log_path: PathBuf,
 }
@@ -523,12 +521,13 @@ impl ServiceProcess {
         extra: &[String],
     ) -> Result<ServiceProcess> {
         std::fs::create_dir_all(data_dir)?;
-        let metrics_addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let mut args = vec![
             "--grpc-addr".to_string(),
             grpc_addr.to_string(),
+            // Bound by the service itself (a port chosen here could be
+            // taken meanwhile by another test's process); it logs where.
             "--metrics-addr".to_string(),
-            metrics_addr.to_string(),
+            "127.0.0.1:0".to_string(),
             "--data-dir".to_string(),
             data_dir.display().to_string(),
             "--nats-url".to_string(),
@@ -545,7 +544,6 @@ impl ServiceProcess {
             binary,
             args,
             grpc_addr,
-            metrics_addr,
             data_dir: data_dir.to_path_buf(),
         };
         process.launch()?;
@@ -576,12 +574,22 @@ impl ServiceProcess {
     /// Its Prometheus metrics, scraped as Prometheus would (HTTPS, a
     /// client certificate of the test CA).
     pub async fn metrics(&self) -> std::result::Result<String, String> {
-        lineguard_runtime::metrics::scrape(self.metrics_addr, Some(&admin_credentials())).await
+        let addr = self
+            .metrics_addr()
+            .ok_or_else(|| "the service has not said where its metrics are".to_string())?;
+        lineguard_runtime::metrics::scrape(addr, Some(&admin_credentials())).await
     }
 
-    /// Where its metrics endpoint listens.
-    pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics_addr
+    /// Where its metrics endpoint listens, as it last logged it (it binds
+    /// an ephemeral port; a restart binds another).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.log()
+            .lines()
+            .rev()
+            .find(|line| line.contains("metrics at /metrics"))
+            .and_then(|line| line.split("metrics_addr=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.trim_matches('"').parse().ok())
     }
 
     /// A gRPC channel to the process, as `admin:dev`.

@@ -340,7 +340,10 @@ async fn every_service_exports_what_operators_watch_and_the_dashboards_use_only_
     );
 
     // Only the CA's clients, only /metrics.
-    let addr = services.intake.metrics_addr();
+    let addr = services
+        .intake
+        .metrics_addr()
+        .expect("intake's metrics address");
     assert!(
         lineguard_runtime::metrics::scrape(addr, None)
             .await
