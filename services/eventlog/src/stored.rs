@@ -15,14 +15,13 @@ use std::ops::Range;
 use bytes::{Buf, Bytes};
 use lineguard_protos::eventlog::v1::EventEnvelope;
 use prost::Message;
-use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+use prost::encoding::{DecodeContext, WireType, skip_field};
 
 use crate::codec::{CF_EVENTS, CF_STREAM_EVENTS, position_key, unseal};
 use crate::error::{Error, Result};
 
-/// Where each of [`EventEnvelope`]'s text fields is in the body (tags 1, 2,
-/// 6, 7, 9, 12, 13), in this order.
-const TEXT_TAGS: [u32; 7] = [1, 2, 6, 7, 9, 12, 13];
+// Where each of [`EventEnvelope`]'s length-delimited fields is in
+// `Fields::spans`: the text fields first, then the payload.
 const EVENT_ID: usize = 0;
 const STREAM_ID: usize = 1;
 const CAUSATION_ID: usize = 2;
@@ -30,8 +29,28 @@ const CORRELATION_ID: usize = 3;
 const EVENT_TYPE: usize = 4;
 const SOURCE: usize = 5;
 const TRACE_PARENT: usize = 6;
-/// The payload's tag.
-const PAYLOAD_TAG: u32 = 11;
+/// The payload's place in `Fields::spans`.
+const PAYLOAD: usize = 7;
+/// Text fields, checked as UTF-8: the spans before the payload's.
+const TEXTS: usize = PAYLOAD;
+/// Where a field the walk does not keep (recorded_at, actor, a later
+/// version's) is noted and forgotten.
+const IGNORED: usize = 8;
+/// `Fields::spans`' place for each field tag below 16: the envelope's
+/// tags 1, 2, 6, 7, 9, 12, 13 (texts) and 11 (payload). A table rather
+/// than a `match`: the walk runs for every record of every read.
+const SPAN_OF_TAG: [u8; 16] = {
+    let mut table = [IGNORED as u8; 16];
+    table[1] = EVENT_ID as u8;
+    table[2] = STREAM_ID as u8;
+    table[6] = CAUSATION_ID as u8;
+    table[7] = CORRELATION_ID as u8;
+    table[9] = EVENT_TYPE as u8;
+    table[11] = PAYLOAD as u8;
+    table[12] = SOURCE as u8;
+    table[13] = TRACE_PARENT as u8;
+    table
+};
 
 /// Where an envelope's fields are in its encoded body, read by one walk
 /// and checked (the ids UTF-8): what a reader needs to hand an event on,
@@ -41,8 +60,9 @@ pub(crate) struct Fields {
     pub position: u64,
     pub stream_version: u64,
     pub schema_version: u32,
-    texts: [Range<u32>; 7],
-    payload: Range<u32>,
+    /// The texts' and the payload's bytes in the body, then a scratch
+    /// span for fields not kept.
+    spans: [Range<u32>; 9],
 }
 
 impl Fields {
@@ -53,7 +73,7 @@ impl Fields {
         fields
             .walk(body)
             .map_err(|e| format!("undecodable envelope: {e}"))?;
-        for (i, name) in [
+        const TEXT_NAMES: [&str; TEXTS] = [
             "event_id",
             "stream_id",
             "causation_id",
@@ -61,10 +81,8 @@ impl Fields {
             "event_type",
             "source",
             "trace_parent",
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        ];
+        for (i, name) in TEXT_NAMES.into_iter().enumerate() {
             // Ids are ASCII (UUIDs, service and stream names): the
             // word-at-a-time check settles them; the full one only if not.
             let text = fields.bytes(body, i);
@@ -76,39 +94,57 @@ impl Fields {
     }
 
     /// Notes where each field is; the last occurrence of a field wins, as
-    /// protobuf decoding has it.
+    /// protobuf decoding has it. Every read of the log walks every record
+    /// once, so this is the hot loop of a replay: keys and lengths are read
+    /// inline (one byte each in practice), and only what the envelope never
+    /// holds (groups) goes through prost's general skipping.
     fn walk(&mut self, body: &[u8]) -> std::result::Result<(), String> {
-        let total = body.len();
-        let mut buf = body;
-        while buf.has_remaining() {
-            let (tag, wire_type) = decode_key(&mut buf).map_err(|e| e.to_string())?;
-            match (tag, wire_type) {
-                (3 | 4 | 10, WireType::Varint) => {
-                    let value = decode_varint(&mut buf).map_err(|e| e.to_string())?;
-                    match tag {
-                        3 => self.stream_version = value,
-                        4 => self.position = value,
-                        _ => self.schema_version = value as u32,
-                    }
+        let mut at = 0usize;
+        while at < body.len() {
+            let key = varint(body, &mut at)?;
+            let wire_type = (key & 7) as u8;
+            let tag = key >> 3;
+            if tag == 0 || tag > u64::from(u32::MAX >> 3) {
+                return Err(format!("invalid field tag {tag}"));
+            }
+            // Length-delimited first, then varints: an envelope's fields
+            // in the order they are most often met (branches, not a jump
+            // table, so the usual path is predicted).
+            if wire_type == 2 {
+                let len = varint(body, &mut at)?;
+                let end = (at as u64)
+                    .checked_add(len)
+                    .filter(|end| *end <= body.len() as u64)
+                    .ok_or("a field runs past the record")? as usize;
+                // The body is a stored record (bounded far below 4 GiB by
+                // the log's limits): its offsets fit in u32.
+                let span = SPAN_OF_TAG.get(tag as usize).copied();
+                self.spans[usize::from(span.unwrap_or(IGNORED as u8))] = at as u32..end as u32;
+                at = end;
+            } else if wire_type == 0 {
+                let value = varint(body, &mut at)?;
+                match tag {
+                    3 => self.stream_version = value,
+                    4 => self.position = value,
+                    10 => self.schema_version = value as u32,
+                    _ => {}
                 }
-                (_, WireType::LengthDelimited)
-                    if tag == PAYLOAD_TAG || TEXT_TAGS.contains(&tag) =>
-                {
-                    let len = decode_varint(&mut buf).map_err(|e| e.to_string())?;
-                    if len > buf.remaining() as u64 {
-                        return Err("a field runs past the record".into());
-                    }
-                    let start = (total - buf.remaining()) as u32;
-                    let range = start..start + len as u32;
-                    buf.advance(len as usize);
-                    match TEXT_TAGS.iter().position(|t| *t == tag) {
-                        Some(i) => self.texts[i] = range,
-                        None => self.payload = range,
-                    }
+            } else if wire_type == 1 || wire_type == 5 {
+                let width = if wire_type == 1 { 8 } else { 4 };
+                if body.len() - at < width {
+                    return Err("a field runs past the record".into());
                 }
-                // recorded_at, actor, and whatever a later version adds.
-                _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default())
-                    .map_err(|e| e.to_string())?,
+                at += width;
+            } else if wire_type == 3 || wire_type == 4 {
+                // Groups: never written by this log, skipped as protobuf says.
+                let mut rest = &body[at..];
+                let wire_type =
+                    WireType::try_from(u64::from(wire_type)).map_err(|e| e.to_string())?;
+                skip_field(wire_type, tag as u32, &mut rest, DecodeContext::default())
+                    .map_err(|e| e.to_string())?;
+                at = body.len() - rest.remaining();
+            } else {
+                return Err(format!("invalid wire type {wire_type}"));
             }
         }
         Ok(())
@@ -154,7 +190,7 @@ impl Fields {
     }
 
     fn bytes<'b>(&self, body: &'b [u8], field: usize) -> &'b [u8] {
-        let range = &self.texts[field];
+        let range = &self.spans[field];
         &body[range.start as usize..range.end as usize]
     }
 
@@ -173,6 +209,34 @@ impl Fields {
     pub(crate) fn correlation_id<'b>(&self, body: &'b [u8]) -> &'b str {
         self.text(body, CORRELATION_ID)
     }
+}
+
+/// Reads the protobuf varint at `*at` in `body` and moves past it.
+#[inline(always)]
+fn varint(body: &[u8], at: &mut usize) -> std::result::Result<u64, String> {
+    // One byte is every key of the envelope and every length below 128.
+    if let Some(&byte) = body.get(*at)
+        && byte < 0x80
+    {
+        *at += 1;
+        return Ok(u64::from(byte));
+    }
+    let mut value = 0u64;
+    for i in 0..10 {
+        let Some(&byte) = body.get(*at + i) else {
+            return Err("a varint runs past the record".into());
+        };
+        // The tenth byte holds only the top bit of a u64.
+        if i == 9 && byte > 1 {
+            return Err("a varint overflows 64 bits".into());
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            *at += i + 1;
+            return Ok(value);
+        }
+    }
+    Err("a varint overflows 64 bits".into())
 }
 
 /// One event as the log stores it, checked, its fields read in place.
@@ -247,7 +311,7 @@ impl StoredEvent {
 
     /// The payload message, protobuf-encoded (a slice of the record).
     pub fn payload(&self) -> Bytes {
-        let payload = &self.fields.payload;
+        let payload = &self.fields.spans[PAYLOAD];
         self.body
             .slice(payload.start as usize..payload.end as usize)
     }
@@ -333,6 +397,7 @@ mod tests {
     use super::*;
     use crate::codec::seal;
     use lineguard_protos::eventlog::v1::Actor;
+    use proptest::prelude::*;
 
     fn envelope(position: u64) -> EventEnvelope {
         EventEnvelope {
@@ -379,6 +444,86 @@ mod tests {
         assert_eq!(stored.payload(), e.payload);
         assert_eq!(stored.envelope_bytes().as_ref(), e.encode_to_vec());
         assert_eq!(stored.to_envelope().expect("decodes"), e);
+    }
+
+    /// The fields read by the walk of `body`, beside what prost decodes.
+    fn walked_equals_decoded(
+        body: &[u8],
+        e: &EventEnvelope,
+    ) -> std::result::Result<(), TestCaseError> {
+        let fields = Fields::read(body).map_err(TestCaseError::fail)?;
+        prop_assert_eq!(fields.position, e.global_position);
+        prop_assert_eq!(fields.stream_version, e.stream_version);
+        prop_assert_eq!(fields.schema_version, e.schema_version);
+        for (field, text) in [
+            (EVENT_ID, &e.event_id),
+            (STREAM_ID, &e.stream_id),
+            (CAUSATION_ID, &e.causation_id),
+            (CORRELATION_ID, &e.correlation_id),
+            (EVENT_TYPE, &e.event_type),
+            (SOURCE, &e.source),
+            (TRACE_PARENT, &e.trace_parent),
+        ] {
+            prop_assert_eq!(fields.text(body, field), text.as_str());
+        }
+        let span = &fields.spans[PAYLOAD];
+        let payload = &body[span.start as usize..span.end as usize];
+        prop_assert_eq!(payload, e.payload.as_ref());
+        Ok(())
+    }
+
+    proptest! {
+        /// Any envelope, walked in place, has the fields prost decodes:
+        /// ids of any length (lengths of one and two varint bytes), every
+        /// number from 0 to u64::MAX (one to ten varint bytes).
+        #[test]
+        fn the_walk_reads_what_prost_decodes(
+            ids in proptest::collection::vec("\\PC{0,200}", 7),
+            numbers in proptest::collection::vec(any::<u64>(), 3),
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            seconds in any::<i64>(),
+        ) {
+            let e = EventEnvelope {
+                event_id: ids[0].clone(),
+                stream_id: ids[1].clone(),
+                causation_id: ids[2].clone(),
+                correlation_id: ids[3].clone(),
+                event_type: ids[4].clone(),
+                source: ids[5].clone(),
+                trace_parent: ids[6].clone(),
+                stream_version: numbers[0],
+                global_position: numbers[1],
+                schema_version: numbers[2] as u32,
+                payload: Bytes::from(payload),
+                recorded_at: Some(prost_types::Timestamp { seconds, nanos: 1 }),
+                actor: Some(Actor { kind: 1, id: ids[0].clone() }),
+            };
+            walked_equals_decoded(&e.encode_to_vec(), &e)?;
+        }
+
+        /// Bytes near an envelope (one with up to four bytes overwritten)
+        /// and bytes of no envelope at all: the walk never panics, and
+        /// whatever prost decodes as an envelope the walk reads the same (a
+        /// damaged record that still decodes is caught by its checksum,
+        /// not here).
+        #[test]
+        fn the_walk_of_damaged_bytes_agrees_with_prost(
+            damage in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            noise in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut body = envelope(7).encode_to_vec();
+            for (at, byte) in damage {
+                let at = at.index(body.len());
+                body[at] = byte;
+            }
+            for body in [body, noise] {
+                let walked = Fields::read(&body);
+                if let Ok(e) = EventEnvelope::decode(body.as_slice()) {
+                    prop_assert!(walked.is_ok(), "prost decodes it, the walk says {:?}", walked);
+                    walked_equals_decoded(&body, &e)?;
+                }
+            }
+        }
     }
 
     #[test]
