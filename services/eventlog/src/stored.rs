@@ -15,7 +15,7 @@ use std::ops::Range;
 use bytes::{Buf, Bytes};
 use lineguard_protos::eventlog::v1::EventEnvelope;
 use prost::Message;
-use prost::encoding::{DecodeContext, WireType, skip_field};
+use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
 
 use crate::codec::{CF_EVENTS, CF_STREAM_EVENTS, position_key, unseal};
 use crate::error::{Error, Result};
@@ -95,56 +95,36 @@ impl Fields {
 
     /// Notes where each field is; the last occurrence of a field wins, as
     /// protobuf decoding has it. Every read of the log walks every record
-    /// once, so this is the hot loop of a replay: keys and lengths are read
-    /// inline (one byte each in practice), and only what the envelope never
-    /// holds (groups) goes through prost's general skipping.
+    /// once, so this is the hot loop of a replay: a tag finds its span in a
+    /// table, and the usual wire types are tested first (branches, not a
+    /// jump table, so the usual path is predicted); everything else is
+    /// skipped as prost skips it.
     fn walk(&mut self, body: &[u8]) -> std::result::Result<(), String> {
-        let mut at = 0usize;
-        while at < body.len() {
-            let key = varint(body, &mut at)?;
-            let wire_type = (key & 7) as u8;
-            let tag = key >> 3;
-            if tag == 0 || tag > u64::from(u32::MAX >> 3) {
-                return Err(format!("invalid field tag {tag}"));
-            }
-            // Length-delimited first, then varints: an envelope's fields
-            // in the order they are most often met (branches, not a jump
-            // table, so the usual path is predicted).
-            if wire_type == 2 {
-                let len = varint(body, &mut at)?;
-                let end = (at as u64)
-                    .checked_add(len)
-                    .filter(|end| *end <= body.len() as u64)
-                    .ok_or("a field runs past the record")? as usize;
+        let mut buf = body;
+        while buf.has_remaining() {
+            let (tag, wire_type) = decode_key(&mut buf).map_err(|e| e.to_string())?;
+            if wire_type == WireType::LengthDelimited {
+                let len = decode_varint(&mut buf).map_err(|e| e.to_string())?;
+                if len > buf.remaining() as u64 {
+                    return Err("a field runs past the record".into());
+                }
                 // The body is a stored record (bounded far below 4 GiB by
                 // the log's limits): its offsets fit in u32.
+                let start = (body.len() - buf.remaining()) as u32;
                 let span = SPAN_OF_TAG.get(tag as usize).copied();
-                self.spans[usize::from(span.unwrap_or(IGNORED as u8))] = at as u32..end as u32;
-                at = end;
-            } else if wire_type == 0 {
-                let value = varint(body, &mut at)?;
+                self.spans[usize::from(span.unwrap_or(IGNORED as u8))] = start..start + len as u32;
+                buf.advance(len as usize);
+            } else if wire_type == WireType::Varint {
+                let value = decode_varint(&mut buf).map_err(|e| e.to_string())?;
                 match tag {
                     3 => self.stream_version = value,
                     4 => self.position = value,
                     10 => self.schema_version = value as u32,
                     _ => {}
                 }
-            } else if wire_type == 1 || wire_type == 5 {
-                let width = if wire_type == 1 { 8 } else { 4 };
-                if body.len() - at < width {
-                    return Err("a field runs past the record".into());
-                }
-                at += width;
-            } else if wire_type == 3 || wire_type == 4 {
-                // Groups: never written by this log, skipped as protobuf says.
-                let mut rest = &body[at..];
-                let wire_type =
-                    WireType::try_from(u64::from(wire_type)).map_err(|e| e.to_string())?;
-                skip_field(wire_type, tag as u32, &mut rest, DecodeContext::default())
-                    .map_err(|e| e.to_string())?;
-                at = body.len() - rest.remaining();
             } else {
-                return Err(format!("invalid wire type {wire_type}"));
+                skip_field(wire_type, tag, &mut buf, DecodeContext::default())
+                    .map_err(|e| e.to_string())?;
             }
         }
         Ok(())
@@ -209,34 +189,6 @@ impl Fields {
     pub(crate) fn correlation_id<'b>(&self, body: &'b [u8]) -> &'b str {
         self.text(body, CORRELATION_ID)
     }
-}
-
-/// Reads the protobuf varint at `*at` in `body` and moves past it.
-#[inline(always)]
-fn varint(body: &[u8], at: &mut usize) -> std::result::Result<u64, String> {
-    // One byte is every key of the envelope and every length below 128.
-    if let Some(&byte) = body.get(*at)
-        && byte < 0x80
-    {
-        *at += 1;
-        return Ok(u64::from(byte));
-    }
-    let mut value = 0u64;
-    for i in 0..10 {
-        let Some(&byte) = body.get(*at + i) else {
-            return Err("a varint runs past the record".into());
-        };
-        // The tenth byte holds only the top bit of a u64.
-        if i == 9 && byte > 1 {
-            return Err("a varint overflows 64 bits".into());
-        }
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte < 0x80 {
-            *at += i + 1;
-            return Ok(value);
-        }
-    }
-    Err("a varint overflows 64 bits".into())
 }
 
 /// One event as the log stores it, checked, its fields read in place.
