@@ -52,7 +52,7 @@ use crate::catchup::{CATCH_UP_PAGE, SourceLogHandle, wanted};
 use crate::parking::{
     ParkingLot, consumer_stream, dead_key, parked_key, parked_prefix, waiting_prefix,
 };
-use crate::subjects::{event_subject, stream_name};
+use crate::subjects::{event_subject, is_event_subject, stream_name};
 
 /// What a handler decided to do with an event.
 pub enum Handled {
@@ -370,17 +370,24 @@ fn now() -> prost_types::Timestamp {
 
 /// Why `event` cannot have come on `subject`, if it cannot: the relay
 /// publishes an event only on the subject its envelope names (its source
-/// service, type and correlation), and a stream holds only its own
-/// service's subjects, so anything else was forged or smuggled onto the bus.
+/// service, type and correlation's bucket; before the buckets, the
+/// correlation itself), and a stream holds only its own service's
+/// subjects, so anything else was forged or smuggled onto the bus.
 fn forged(subject: &str, event: &EventEnvelope) -> Option<String> {
+    if is_event_subject(
+        subject,
+        &event.source,
+        &event.event_type,
+        &event.correlation_id,
+    ) {
+        return None;
+    }
     let expected = event_subject(&event.source, &event.event_type, &event.correlation_id);
-    (subject != expected).then(|| {
-        format!(
-            "the envelope does not match its subject: it came on {subject}, but its source \
-             {} and type {} belong on {expected}",
-            event.source, event.event_type
-        )
-    })
+    Some(format!(
+        "the envelope does not match its subject: it came on {subject}, but its source \
+         {} and type {} belong on {expected}",
+        event.source, event.event_type
+    ))
 }
 
 /// A correlation id for the consumer's own record of `event`.

@@ -163,7 +163,7 @@ fn case_partition_mark(id: &str) -> Option<u16> {
 
 /// FNV-1a over `bytes`: small, fixed by its published constants, and
 /// spread well enough over short ids.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     bytes.iter().fold(OFFSET_BASIS, |hash, byte| {

@@ -256,3 +256,45 @@ async fn a_redelivered_message_is_not_applied_twice() {
     assert_eq!(causes.len(), 20);
     relay.stop().await;
 }
+
+/// nats-server keeps an index entry in memory for every distinct subject a
+/// stream holds and every message id of its duplicate window: a stream of
+/// a thousand tickets' events holds at most one subject per case bucket
+/// and type, whatever the number of tickets, and remembers ids for two
+/// minutes, not fifteen.
+#[tokio::test]
+async fn a_stream_holds_a_bounded_set_of_subjects_whatever_the_number_of_cases() {
+    let nats = NatsServer::start().expect("nats");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let js = connect(&nats).await;
+    let log = open_log(dir.path(), "intake");
+    let relay = OutboxRelay::spawn(log.clone(), js.clone(), RelayConfig::default());
+    let tickets = 1_000;
+    report(&log, tickets, 0).await;
+    assert!(
+        relay.flush(Duration::from_secs(30)).await,
+        "every event published"
+    );
+    let mut stream = js
+        .get_stream(subjects::stream_name("intake"))
+        .await
+        .expect("stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(info.state.messages, tickets as u64);
+    assert!(
+        info.state.subjects_count <= subjects::CASE_BUCKETS,
+        "one event type, so at most one subject a bucket: {} subjects for {tickets} tickets",
+        info.state.subjects_count
+    );
+    assert!(
+        info.state.subjects_count > subjects::CASE_BUCKETS / 2,
+        "a thousand tickets spread over the buckets: {}",
+        info.state.subjects_count
+    );
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(120));
+    // A consumer of the type still receives every ticket's event.
+    let published = stream_contents(&js, "intake").await;
+    let correlations: HashSet<_> = published.iter().map(|e| e.correlation_id.clone()).collect();
+    assert_eq!(correlations.len(), tickets);
+    relay.stop().await;
+}

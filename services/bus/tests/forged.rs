@@ -13,7 +13,9 @@ use bytes::Bytes;
 use common::wait_until;
 use lineguard_bus::{
     ConsumerConfig, Handled, Handler, HandlerError, ParkingLot, ParkingProjector, StreamSettings,
-    ensure_stream, spawn_consumer, subjects::event_subject, with_parking_events,
+    ensure_stream, spawn_consumer,
+    subjects::{case_bucket, event_subject, legacy_event_subject},
+    with_parking_events,
 };
 use lineguard_eventlog::{
     EventEnvelope, EventLog, EventTypes, ExpectedVersion, LogConfig, NoProjections, ReadDirection,
@@ -105,7 +107,20 @@ async fn an_envelope_on_a_subject_it_does_not_belong_to_is_dead_lettered() {
     publish(event_subject("intake", REPORTED, "c-1"), smuggled).await;
     // Intake's own envelope, but for another case than its subject names.
     let misfiled = envelope("evt-2", "intake", REPORTED, "c-2");
+    assert_ne!(
+        case_bucket("c-2"),
+        case_bucket("c-9"),
+        "the misfiled subject is another case's bucket"
+    );
     publish(event_subject("intake", REPORTED, "c-9"), misfiled).await;
+    // An event published before the case buckets, on its case's own
+    // subject: still genuine (a stream written by the older relay drains).
+    let before_buckets = envelope("evt-3", "intake", REPORTED, "c-3");
+    publish(
+        legacy_event_subject("intake", REPORTED, "c-3"),
+        before_buckets,
+    )
+    .await;
     // The genuine event, on its own subject.
     let genuine = envelope("evt-1", "intake", REPORTED, "c-1");
     publish(event_subject("intake", REPORTED, "c-1"), genuine).await;
@@ -117,8 +132,8 @@ async fn an_envelope_on_a_subject_it_does_not_belong_to_is_dead_lettered() {
         Notes,
         ParkingLot::new(),
     );
-    wait_until("the genuine event noted", Duration::from_secs(20), || {
-        noted(&log, "c-1")
+    wait_until("the genuine events noted", Duration::from_secs(20), || {
+        noted(&log, "c-1") && noted(&log, "c-3")
     })
     .await;
     wait_until("two dead letters", Duration::from_secs(20), || {
