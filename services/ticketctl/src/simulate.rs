@@ -93,7 +93,8 @@ pub struct StormConfig {
     #[arg(long, default_value_t = 0)]
     pub phone_skew_minutes: u32,
     /// After the last call, wait (up to --settle) until no ticket is held by
-    /// anyone and no follow-up is due, not only until the crews are done.
+    /// anyone, no follow-up is due and intake shows every ticket of the
+    /// storm finished, not only until the crews are done.
     #[arg(long)]
     pub until_done: bool,
     /// Share of crews whose phones are offline in the field: they queue
@@ -280,7 +281,8 @@ pub struct Remaining {
     pub held_tickets: u64,
     /// Follow-ups not yet made (feedback), at most one page counted.
     pub open_follow_ups: usize,
-    /// In waves: tickets of the wave intake does not show finished.
+    /// Tickets of the storm (in waves, of the wave) intake does not show
+    /// finished.
     pub unfinished_tickets: usize,
 }
 
@@ -641,8 +643,8 @@ async fn end_wave(
 
 /// Waits (up to `--settle`) until the storm's work is done: every order a
 /// phone received worked, and with `--until-done` or in waves nothing held
-/// and no follow-up due, and for a wave every one of its `wave` tickets
-/// finished as intake shows it; done only when it stays so for
+/// and no follow-up due, and every ticket of the storm (in waves, of the
+/// `wave`) finished as intake shows it; done only when it stays so for
 /// [`DONE_CONFIRM`] with no new order. Returns what was left when it
 /// stopped waiting (`None`: done).
 async fn settle(
@@ -656,6 +658,9 @@ async fn settle(
     // follow-up that reopens a ticket is recorded by feedback before
     // routing hears of it, and for that moment nothing looks held.
     let mut done_since: Option<(Instant, usize)> = None;
+    // With --until-done: the storm's tickets intake has not yet shown
+    // finished (`None` until first asked).
+    let mut unconfirmed: Option<Vec<String>> = None;
     loop {
         // Plain values, not the lock's result: no guard is held across the await.
         let (crews_done, orders) = tally
@@ -675,11 +680,29 @@ async fn settle(
             None
         };
         if let Some(wave) = wave {
-            let unfinished = unfinished_tickets(clients, wave).await;
+            let unfinished = still_unfinished(clients, wave).await.len();
             if unfinished > 0 {
                 remaining
                     .get_or_insert_with(Remaining::default)
                     .unfinished_tickets = unfinished;
+            }
+        } else if config.until_done && crews_done && remaining.is_none() {
+            // Nothing held is not yet done: a report whose event has not
+            // reached routing (its relay held up by a lost NATS node, say)
+            // is held by nobody. Done once intake shows every ticket of
+            // the storm finished; asked only when all else looks done, and
+            // each ticket only until it has been seen finished (a reopen
+            // after that is held by routing, which the check above sees).
+            let tickets = unconfirmed.get_or_insert_with(|| {
+                tally
+                    .lock()
+                    .map_or_else(|_| Vec::new(), |t| t.report.ticket_ids.clone())
+            });
+            *tickets = still_unfinished(clients, tickets).await;
+            if !tickets.is_empty() {
+                remaining
+                    .get_or_insert_with(Remaining::default)
+                    .unfinished_tickets = tickets.len();
             }
         }
         if crews_done && remaining.is_none() {
@@ -701,12 +724,12 @@ async fn settle(
     }
 }
 
-/// How many of `tickets` intake does not show finished (completed,
+/// Those of `tickets` intake does not show finished (completed,
 /// answered, closed or cancelled); one it cannot show counts.
-async fn unfinished_tickets(clients: &Clients, tickets: &[String]) -> usize {
+async fn still_unfinished(clients: &Clients, tickets: &[String]) -> Vec<String> {
     use lineguard_protos::intake::v1::{GetTicketRequest, TicketStatus};
     let mut intake = clients.intake();
-    let mut unfinished = 0;
+    let mut unfinished = Vec::new();
     for ticket_id in tickets {
         let status = intake
             .get_ticket(GetTicketRequest {
@@ -725,7 +748,7 @@ async fn unfinished_tickets(clients: &Clients, tickets: &[String]) -> usize {
                     | TicketStatus::Cancelled
             )
         ) {
-            unfinished += 1;
+            unfinished.push(ticket_id.clone());
         }
     }
     unfinished
