@@ -20,7 +20,7 @@ pub struct StreamSettings {
     pub max_messages: i64,
     /// How long JetStream remembers a `Nats-Msg-Id` to drop a re-publish.
     /// Every id of the window is held in the server's memory (about 180
-    /// bytes each on nats-server 2.12, measured), so it is a memory bound
+    /// bytes each on nats-server 2.15, measured), so it is a memory bound
     /// as much as a time: a re-publish past it reaches the consumers, whose
     /// inbox recognises the event id and applies nothing twice.
     pub duplicate_window: Duration,

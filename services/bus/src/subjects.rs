@@ -14,7 +14,7 @@
 //! from a stable hash of the correlation id), not the id itself, so a
 //! stream has at most [`CASE_BUCKETS`] subjects per event type. JetStream
 //! keeps an index entry in memory for every distinct subject a stream
-//! holds, for as long as it holds it: measured on nats-server 2.12, about
+//! holds, for as long as it holds it: measured on nats-server 2.15, about
 //! 225 bytes a subject, so one subject per ticket made the server grow with
 //! every ticket for the stream's whole retention (14 days: gigabytes in a
 //! province's typhoon). A case's events still share one subject, so a
