@@ -658,9 +658,10 @@ async fn settle(
     // follow-up that reopens a ticket is recorded by feedback before
     // routing hears of it, and for that moment nothing looks held.
     let mut done_since: Option<(Instant, usize)> = None;
-    // With --until-done: the storm's tickets intake has not yet shown
-    // finished (`None` until first asked).
+    // With --until-done or in waves: the storm's (the wave's) tickets
+    // intake has not yet shown finished (`None` until first asked).
     let mut unconfirmed: Option<Vec<String>> = None;
+    let confirming = config.until_done || wave.is_some();
     loop {
         // Plain values, not the lock's result: no guard is held across the await.
         let (crews_done, orders) = tally
@@ -674,29 +675,24 @@ async fn settle(
                 )
             })
             .unwrap_or((true, 0));
-        let mut remaining = if config.until_done || wave.is_some() {
+        let mut remaining = if confirming {
             remaining_work(clients).await
         } else {
             None
         };
-        if let Some(wave) = wave {
-            let unfinished = still_unfinished(clients, wave).await.len();
-            if unfinished > 0 {
-                remaining
-                    .get_or_insert_with(Remaining::default)
-                    .unfinished_tickets = unfinished;
-            }
-        } else if config.until_done && crews_done && remaining.is_none() {
+        if confirming && crews_done && remaining.is_none() {
             // Nothing held is not yet done: a report whose event has not
             // reached routing (its relay held up by a lost NATS node, say)
-            // is held by nobody. Done once intake shows every ticket of
-            // the storm finished; asked only when all else looks done, and
-            // each ticket only until it has been seen finished (a reopen
-            // after that is held by routing, which the check above sees).
-            let tickets = unconfirmed.get_or_insert_with(|| {
-                tally
+            // is held by nobody. Done once intake shows every ticket of the
+            // storm (in waves, of the wave) finished; asked only when all
+            // else looks done, and each ticket only until it has been seen
+            // finished (a reopen after that is held by routing, which
+            // `remaining_work` sees).
+            let tickets = unconfirmed.get_or_insert_with(|| match wave {
+                Some(wave) => wave.to_vec(),
+                None => tally
                     .lock()
-                    .map_or_else(|_| Vec::new(), |t| t.report.ticket_ids.clone())
+                    .map_or_else(|_| Vec::new(), |t| t.report.ticket_ids.clone()),
             });
             *tickets = still_unfinished(clients, tickets).await;
             if !tickets.is_empty() {
