@@ -11,9 +11,18 @@
 //!   inbox mark; parked; dead-lettered), kept in the consumer's log
 //!   ([`EventLog::reconciled_through`]) and only moved forward;
 //! - **how far**: up to the head the source had at the previous sweep, so
-//!   that what is still on its way through the bus is left to it; at once to
-//!   the head when the bus shows a gap (its first message is past the
-//!   consumer's ack floor, or a message handed back has left the stream);
+//!   that what is still on its way through the bus is left to it, and no
+//!   further than the bus has delivered while it still holds messages for
+//!   the consumer and keeps delivering them (a consumer behind by more than
+//!   a sweep would otherwise read again from the source, and apply, what the
+//!   bus is about to hand it); at once to the head when the bus shows a gap
+//!   (its first message is past the consumer's ack floor, or a message
+//!   handed back has left the stream);
+//! - **what to read**: only the consumer's event types, and, without a gap,
+//!   without their payloads — enough to see which events have their
+//!   outcome here; a page with payloads is read from the first one that has
+//!   not. The source serves bounded pages (`ReadAll`: events, bytes and
+//!   records looked at) a few at a time;
 //! - **what to apply**: every event of the source in that range whose
 //!   subject the consumer's filters match and which has no outcome here,
 //!   each exactly as a bus delivery (inbox, parking, dead letters): what the
@@ -29,7 +38,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use lineguard_eventlog::{EventEnvelope, EventLog};
+use lineguard_eventlog::{AllFilter, AllPage, EventEnvelope, EventLog};
 
 use crate::subjects::event_subject;
 
@@ -37,8 +46,7 @@ use crate::subjects::event_subject;
 pub const CATCH_UP_PAGE: usize = 1_000;
 
 /// A page of a source's log, or why it could not be read.
-pub type SourcePage<'a> =
-    Pin<Box<dyn Future<Output = Result<Vec<EventEnvelope>, String>> + Send + 'a>>;
+pub type SourcePage<'a> = Pin<Box<dyn Future<Output = Result<AllPage, String>> + Send + 'a>>;
 
 /// Where a source's log stands, or why it could not tell.
 pub type SourceStateFuture<'a> =
@@ -55,8 +63,9 @@ pub struct SourceState {
 
 /// A source service's own event log, read from a position on.
 pub trait SourceLog: Send + Sync + 'static {
-    /// Up to `max` events from `from_position` (empty past the head).
-    fn read_from(&self, from_position: u64, max: usize) -> SourcePage<'_>;
+    /// A page of up to `max` events from `from_position` that `filter`
+    /// keeps (see [`EventLog::read_all_page`]; empty past the head).
+    fn read_from(&self, from_position: u64, max: usize, filter: &AllFilter) -> SourcePage<'_>;
 
     /// Its head and outbox now. A consumer's readiness waits once for an
     /// empty outbox (everything the source had committed is in its stream;
@@ -75,13 +84,16 @@ impl SourceLog for EventLog {
         Box::pin(async move { Ok(state) })
     }
 
-    fn read_from(&self, from_position: u64, max: usize) -> SourcePage<'_> {
-        let log = self.clone();
+    fn read_from(&self, from_position: u64, max: usize, filter: &AllFilter) -> SourcePage<'_> {
+        let (log, filter) = (self.clone(), filter.clone());
         Box::pin(async move {
             if from_position > log.head() {
-                return Ok(Vec::new());
+                return Ok(AllPage {
+                    events: Vec::new(),
+                    next_position: from_position,
+                });
             }
-            tokio::task::spawn_blocking(move || log.read_all(from_position, max))
+            tokio::task::spawn_blocking(move || log.read_all_page(from_position, max, &filter))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())
@@ -113,6 +125,24 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
     subject_tokens.next().is_none()
 }
 
+/// The event types (their last segment, as subjects name them) a consumer
+/// with `filters` receives, for a source to read only those; empty (every
+/// type) unless each filter names one type of its source
+/// (`lineguard.<source>.<Type>.*`).
+pub fn type_names_of(filters: &[String]) -> Vec<String> {
+    let mut names = Vec::with_capacity(filters.len());
+    for filter in filters {
+        let tokens: Vec<&str> = filter.split('.').collect();
+        match tokens[..] {
+            ["lineguard", _, name, "*"] if name != "*" && name != ">" => {
+                names.push(name.to_string());
+            }
+            _ => return Vec::new(),
+        }
+    }
+    names
+}
+
 /// Whether a consumer with `filters` (none: everything) receives `event`.
 pub fn wanted(filters: &[String], event: &EventEnvelope) -> bool {
     let subject = event_subject(&event.source, &event.event_type, &event.correlation_id);
@@ -122,6 +152,36 @@ pub fn wanted(filters: &[String], event: &EventEnvelope) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_is_asked_only_for_the_types_a_consumer_filters_on() {
+        let filters = vec![
+            "lineguard.intake.TicketReported.*".to_string(),
+            "lineguard.intake-p1.TicketUrged.*".to_string(),
+        ];
+        assert_eq!(type_names_of(&filters), ["TicketReported", "TicketUrged"]);
+        assert!(type_names_of(&[]).is_empty(), "no filter: every type");
+        for wide in [
+            "lineguard.intake.>",
+            "lineguard.intake.*.*",
+            "lineguard.intake.X.ab",
+        ] {
+            let mut some = filters.clone();
+            some.push(wide.to_string());
+            assert!(
+                type_names_of(&some).is_empty(),
+                "{wide} takes more than one type"
+            );
+        }
+        // Filtering by these names keeps what the subjects match.
+        let filter = AllFilter {
+            type_names: type_names_of(&filters),
+            without_payloads: true,
+        };
+        assert!(filter.keeps("lineguard.intake.v1.TicketReported"));
+        assert!(!filter.keeps("lineguard.intake.v1.TicketReportedLate"));
+        assert!(!filter.keeps("lineguard.intake.v1.CallTaken"));
+    }
 
     #[test]
     fn subjects_match_filters_token_by_token() {

@@ -38,8 +38,8 @@ use async_nats::jetstream::{self, AckKind, consumer::pull};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use lineguard_eventlog::{
-    ActorKind, CommitOutcome, Error as LogError, EventEnvelope, EventLog, ExpectedVersion,
-    NewEvent, Transaction, actor,
+    ActorKind, AllFilter, CommitOutcome, Error as LogError, EventEnvelope, EventLog,
+    ExpectedVersion, NewEvent, Transaction, actor,
 };
 use lineguard_protos::bus::v1::{EventDeadLettered, EventParked, ParkedEventApplied};
 use prost::Message;
@@ -48,7 +48,7 @@ use tokio::task::JoinHandle;
 
 use tracing::Instrument;
 
-use crate::catchup::{CATCH_UP_PAGE, SourceLogHandle, wanted};
+use crate::catchup::{CATCH_UP_PAGE, SourceLogHandle, type_names_of, wanted};
 use crate::parking::{
     ParkingLot, consumer_stream, dead_key, parked_key, parked_prefix, waiting_prefix,
 };
@@ -333,9 +333,33 @@ struct Context<'a, H> {
     retrying: &'a std::sync::Mutex<std::collections::BTreeMap<u64, Retrying>>,
     /// Whether the consumer has caught up with its start-up backlog.
     readiness: &'a Readiness,
-    /// The source's head at the last reconciling (0: none yet in this
-    /// process): the next reconciles up to it.
-    seen_head: &'a std::sync::atomic::AtomicU64,
+    /// How far the source and the bus had got at the last reconciling.
+    marks: &'a ReconcileMarks,
+}
+
+/// What one reconciling leaves for the next, kept across sessions of one
+/// process (a restart begins from nothing: its first reconciling reads
+/// only what the bus shows it dropped).
+#[derive(Debug, Default)]
+struct ReconcileMarks {
+    /// The source's head at the last reconciling: the next reconciles up
+    /// to it.
+    seen_head: std::sync::atomic::AtomicU64,
+    /// The highest source position the bus has delivered to this consumer.
+    delivered_through: std::sync::atomic::AtomicU64,
+    /// [`ReconcileMarks::delivered_through`] at the last reconciling: whether
+    /// the bus has moved since.
+    delivered_at_last: std::sync::atomic::AtomicU64,
+}
+
+/// What JetStream shows of a consumer when it reconciles.
+#[derive(Debug, Clone, Copy)]
+struct BusView {
+    /// It dropped messages the consumer never acknowledged.
+    gap: bool,
+    /// It still holds messages for the consumer: not yet delivered, or
+    /// delivered and not yet acknowledged.
+    pending: bool,
 }
 
 /// Where one consumer session is in its source's stream.
@@ -579,6 +603,9 @@ impl<H: Handler> Context<'_, H> {
             return self.refuse(message, "forged", deliveries, &reason).await;
         }
         let position = event.global_position;
+        self.marks
+            .delivered_through
+            .fetch_max(position, std::sync::atomic::Ordering::Relaxed);
         let settled = self
             .settle(&event, message.payload.clone(), &subject, deliveries)
             .await;
@@ -776,29 +803,36 @@ impl<H: Handler> Context<'_, H> {
         }
     }
 
-    /// Whether the bus has dropped messages this consumer never
-    /// acknowledged: JetStream's first message is past the consumer's ack
-    /// floor plus one, or a message handed back has left the stream
-    /// (JetStream may also move the ack floor past a dropped message it had
-    /// handed back: those are tracked here, not trusted to it).
-    async fn gap_in_bus(
+    /// What the bus shows of this consumer. A gap: JetStream's first
+    /// message is past the consumer's ack floor plus one, or a message
+    /// handed back has left the stream (JetStream may also move the ack
+    /// floor past a dropped message it had handed back: those are tracked
+    /// here, not trusted to it).
+    async fn look_at_bus(
         &self,
         stream: &mut jetstream::stream::Stream,
         consumer: &mut jetstream::consumer::PullConsumer,
-    ) -> Result<bool, String> {
+    ) -> Result<BusView, String> {
         let first = stream
             .info()
             .await
             .map_err(|e| e.to_string())?
             .state
             .first_sequence;
-        let ack_floor = consumer
-            .info()
-            .await
-            .map_err(|e| e.to_string())?
-            .ack_floor
-            .stream_sequence;
-        Ok(first > ack_floor + 1 || self.handed_back_and_gone(first))
+        let info = consumer.info().await.map_err(|e| e.to_string())?;
+        Ok(BusView {
+            gap: first > info.ack_floor.stream_sequence + 1 || self.handed_back_and_gone(first),
+            pending: info.num_pending > 0 || info.num_ack_pending > 0,
+        })
+    }
+
+    /// The source position a reconciling without a gap reads through
+    /// (see [`reconcile_through`]), noting how far the bus had delivered.
+    fn reconcile_through(&self, one_sweep_ago: u64, bus: BusView) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let delivered = self.marks.delivered_through.load(Relaxed);
+        let before = self.marks.delivered_at_last.swap(delivered, Relaxed);
+        reconcile_through(one_sweep_ago, bus.pending, delivered, before)
     }
 
     /// Reconciles (see [`Context::reconcile`]); a failure (the source's
@@ -900,18 +934,20 @@ impl<H: Handler> Context<'_, H> {
     /// Checks the source's own log against this one (see
     /// [`crate::catchup`]): every event this consumer takes, from its
     /// reconciled mark ([`EventLog::reconciled_through`]) up to the head
-    /// the source had one sweep ago (its head now if
-    /// the bus shows a gap, or `bus_skipped` says the next message
-    /// follows a drop), that has no outcome here is applied from the
-    /// source's log exactly as a delivery would be. The mark then moves to
-    /// the last position below which everything has its outcome.
+    /// the source had one sweep ago or what the bus has delivered
+    /// ([`Context::reconcile_through`]; the source's head now if the bus
+    /// shows a gap, or `bus_skipped` says the next message follows a
+    /// drop), that has no outcome here is applied from the source's log
+    /// exactly as a delivery would be. The mark then moves to the last
+    /// position below which everything has its outcome.
     async fn reconcile(
         &self,
         stream: &mut jetstream::stream::Stream,
         consumer: &mut jetstream::consumer::PullConsumer,
         bus_skipped: bool,
     ) -> Result<(), String> {
-        let gap = bus_skipped || self.gap_in_bus(stream, consumer).await?;
+        let bus = self.look_at_bus(stream, consumer).await?;
+        let gap = bus_skipped || bus.gap;
         let Some(source) = &self.config.source_log else {
             if gap {
                 tracing::error!(consumer = %self.name(),
@@ -922,11 +958,17 @@ impl<H: Handler> Context<'_, H> {
         };
         let head = source.0.state().await?.head_position;
         let one_sweep_ago = self
+            .marks
             .seen_head
             .swap(head, std::sync::atomic::Ordering::Relaxed);
-        // An event younger than a sweep may still be on its way through the
-        // bus; with a gap, what the bus dropped is read at once.
-        let through = if gap { head } else { one_sweep_ago };
+        // An event younger than a sweep, or not yet delivered by a bus that
+        // is delivering, may still be on its way through the bus; with a
+        // gap, what the bus dropped is read at once.
+        let through = if gap {
+            head
+        } else {
+            self.reconcile_through(one_sweep_ago, bus)
+        };
         let mark = self
             .log
             .reconciled_through(self.name())
@@ -940,14 +982,29 @@ impl<H: Handler> Context<'_, H> {
         let mut read = 0usize;
         let mut from = mark + 1;
         let mut stopped_by: Option<String> = None;
+        // Without a gap nearly everything read is already here: pages of
+        // the consumer's types without their payloads tell which; a page
+        // with payloads is read only from an event that is missing.
+        let type_names = type_names_of(&self.config.filter_subjects);
+        let mut slim = !gap;
         'pages: while from <= through && read < RECONCILE_MAX {
-            let page = source.0.read_from(from, CATCH_UP_PAGE).await?;
-            let Some(last) = page.last().map(|e| e.global_position) else {
-                break;
+            let filter = AllFilter {
+                type_names: type_names.clone(),
+                without_payloads: slim,
             };
-            for event in &page {
+            let page = source.0.read_from(from, CATCH_UP_PAGE, &filter).await?;
+            if page.next_position <= from {
+                break;
+            }
+            let mut next = page.next_position.min(through + 1);
+            let mut missing_payload = false;
+            for event in &page.events {
                 let position = event.global_position;
-                if position > through || self.stopping() {
+                if position > through {
+                    next = through + 1;
+                    break;
+                }
+                if self.stopping() {
                     break 'pages;
                 }
                 if event.source != self.config.source_service {
@@ -958,6 +1015,12 @@ impl<H: Handler> Context<'_, H> {
                     break 'pages;
                 }
                 if wanted(&self.config.filter_subjects, event) && !self.recorded(event)? {
+                    if slim {
+                        // Missing here: read again from it, whole.
+                        next = position;
+                        missing_payload = true;
+                        break;
+                    }
                     let subject =
                         event_subject(&event.source, &event.event_type, &event.correlation_id);
                     let tries = self.attempts_from_log(position) + 1;
@@ -992,8 +1055,15 @@ impl<H: Handler> Context<'_, H> {
                     reconciled = position;
                 }
             }
-            read += page.len();
-            from = last + 1;
+            // Every record before `next` was looked at (those of other
+            // types are not the consumer's): the mark may pass them.
+            debug_assert!(next > reconciled || !all_recorded);
+            if all_recorded {
+                reconciled = reconciled.max(next - 1);
+            }
+            read += usize::try_from(next.saturating_sub(from)).unwrap_or(usize::MAX);
+            from = next;
+            slim = !gap && !missing_payload;
         }
         // A write of the log (fsynced, and copied first with --log-copy):
         // off the runtime's workers, which the copy's append needs free.
@@ -1213,6 +1283,29 @@ impl<H: Handler> Context<'_, H> {
     }
 }
 
+/// The source position a reconciling without a gap reads through: the
+/// head the source had one sweep ago, but no further than the bus has
+/// delivered (`delivered`) while it still holds messages for the consumer
+/// (`pending`) and keeps delivering them (`delivered` moved from
+/// `delivered_before`, at the last reconciling). A consumer behind by more
+/// than a sweep would otherwise read from the source's log, and apply a
+/// second time, what the bus is about to hand it, costing the source that
+/// serves the pages exactly when the whole pipeline is behind. A bus that
+/// holds messages but delivered none since the last reconciling is not
+/// waited for: the source's log is read as if the bus had stopped.
+fn reconcile_through(
+    one_sweep_ago: u64,
+    pending: bool,
+    delivered: u64,
+    delivered_before: u64,
+) -> u64 {
+    if pending && delivered > delivered_before {
+        one_sweep_ago.min(delivered)
+    } else {
+        one_sweep_ago
+    }
+}
+
 /// Source events read per reconciling, at most: the rest waits for the
 /// next sweep, so that the bus is not kept waiting.
 pub const RECONCILE_MAX: usize = 50_000;
@@ -1294,7 +1387,7 @@ async fn run<H: Handler>(
 ) {
     let mut backoff = Duration::from_millis(100);
     let retrying = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
-    let seen_head = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let marks = Arc::new(ReconcileMarks::default());
     while !*stopped.borrow() {
         // Each session is a task of its own: if it panics, the consumer
         // says so and starts again instead of stopping without a word.
@@ -1307,8 +1400,7 @@ async fn run<H: Handler>(
                 lot.clone(),
                 stopped.clone(),
             );
-            let (retrying, readiness, seen_head) =
-                (retrying.clone(), readiness.clone(), seen_head.clone());
+            let (retrying, readiness, marks) = (retrying.clone(), readiness.clone(), marks.clone());
             async move {
                 let context = Context {
                     log: &log,
@@ -1318,7 +1410,7 @@ async fn run<H: Handler>(
                     stopping: stopped.clone(),
                     retrying: &retrying,
                     readiness: &readiness,
-                    seen_head: &seen_head,
+                    marks: &marks,
                 };
                 consume(&jetstream, &context, &mut stopped).await
             }
@@ -1570,5 +1662,25 @@ impl<H: Handler> Context<'_, H> {
         // and tracing-subscriber's registry panicked on it, which killed the
         // consumer task silently under load.
         self.deliver(message, decoded).instrument(span).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reconcile_through;
+
+    #[test]
+    fn a_reconciling_leaves_to_the_bus_what_it_is_still_delivering() {
+        // The bus holds messages and delivered up to 40 since the last
+        // look (at 10): the source is read only to 40.
+        assert_eq!(reconcile_through(100, true, 40, 10), 40);
+        // Delivered past the head of one sweep ago: that head.
+        assert_eq!(reconcile_through(100, true, 140, 10), 100);
+        // Nothing held for the consumer: up to the head of one sweep ago.
+        assert_eq!(reconcile_through(100, false, 40, 10), 100);
+        // Held, but nothing delivered since the last look (a stalled bus,
+        // or a restart before anything came): the source's log is read.
+        assert_eq!(reconcile_through(100, true, 40, 40), 100);
+        assert_eq!(reconcile_through(100, true, 0, 0), 100);
     }
 }

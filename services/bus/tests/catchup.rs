@@ -112,7 +112,16 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// The fixture with a stream that keeps only 6 messages.
     async fn start() -> Fixture {
+        Fixture::with_stream(StreamSettings {
+            max_messages: 6,
+            ..StreamSettings::default()
+        })
+        .await
+    }
+
+    async fn with_stream(stream: StreamSettings) -> Fixture {
         let nats = NatsServer::start().expect("nats");
         let dir = tempfile::tempdir().expect("tempdir");
         let js = nats.jetstream().await.expect("jetstream");
@@ -130,15 +139,11 @@ impl Fixture {
                 .with_projector(ParkingProjector::wrap(Arc::new(NoProjections))),
         )
         .expect("routing log");
-        let tiny = StreamSettings {
-            max_messages: 6,
-            ..StreamSettings::default()
-        };
         let relay = OutboxRelay::spawn(
             intake.clone(),
             js.clone(),
             RelayConfig {
-                stream: tiny,
+                stream,
                 ..RelayConfig::default()
             },
         );
@@ -419,7 +424,12 @@ async fn a_message_the_bus_never_delivers_without_a_visible_gap_is_applied_from_
 struct Unreachable;
 
 impl lineguard_bus::SourceLog for Unreachable {
-    fn read_from(&self, _from: u64, _max: usize) -> lineguard_bus::catchup::SourcePage<'_> {
+    fn read_from(
+        &self,
+        _from: u64,
+        _max: usize,
+        _filter: &lineguard_eventlog::AllFilter,
+    ) -> lineguard_bus::catchup::SourcePage<'_> {
         Box::pin(async { Err("intake's log: tcp connect error".to_string()) })
     }
 
@@ -548,11 +558,16 @@ struct Restarting {
 }
 
 impl lineguard_bus::SourceLog for Restarting {
-    fn read_from(&self, from: u64, max: usize) -> lineguard_bus::catchup::SourcePage<'_> {
+    fn read_from(
+        &self,
+        from: u64,
+        max: usize,
+        filter: &lineguard_eventlog::AllFilter,
+    ) -> lineguard_bus::catchup::SourcePage<'_> {
         if self.up.load(std::sync::atomic::Ordering::SeqCst) {
-            lineguard_bus::SourceLog::read_from(&self.log, from, max)
+            lineguard_bus::SourceLog::read_from(&self.log, from, max, filter)
         } else {
-            Unreachable.read_from(from, max)
+            Unreachable.read_from(from, max, filter)
         }
     }
 
@@ -606,4 +621,125 @@ async fn messages_after_a_gap_wait_while_the_source_log_cannot_be_read() {
     consumer.stop().await;
     relay.stop().await;
     assert_routed_in_source_order(&routing, 41);
+}
+
+/// Routes each report after a while: a consumer that falls behind its bus.
+struct SlowRoute;
+
+impl Handler for SlowRoute {
+    async fn handle(&self, reported: &EventEnvelope) -> Result<Handled, HandlerError> {
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        RouteEverything.handle(reported).await
+    }
+}
+
+/// Intake's log, noting what its pages hand a reconciling consumer.
+struct Counting {
+    log: EventLog,
+    /// Events handed out with their payloads.
+    whole_events: std::sync::atomic::AtomicUsize,
+    /// Pages read without payloads.
+    slim_pages: std::sync::atomic::AtomicUsize,
+    filters: std::sync::Mutex<Vec<lineguard_eventlog::AllFilter>>,
+}
+
+impl lineguard_bus::SourceLog for Counting {
+    fn read_from(
+        &self,
+        from: u64,
+        max: usize,
+        filter: &lineguard_eventlog::AllFilter,
+    ) -> lineguard_bus::catchup::SourcePage<'_> {
+        let filter = filter.clone();
+        Box::pin(async move {
+            let page = lineguard_bus::SourceLog::read_from(&self.log, from, max, &filter).await?;
+            let counter = if filter.without_payloads {
+                &self.slim_pages
+            } else {
+                &self.whole_events
+            };
+            let n = if filter.without_payloads {
+                1
+            } else {
+                page.events.len()
+            };
+            counter.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            self.filters.lock().expect("filters").push(filter);
+            Ok(page)
+        })
+    }
+
+    fn state(&self) -> lineguard_bus::catchup::SourceStateFuture<'_> {
+        lineguard_bus::SourceLog::state(&self.log)
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_behind_its_bus_reads_from_the_source_only_enough_to_see_nothing_is_missing() {
+    let Fixture {
+        _nats,
+        _dir,
+        js,
+        intake,
+        routing,
+        relay,
+        mut config,
+    } = Fixture::with_stream(StreamSettings::default()).await;
+    // 150 reports wait in the stream; the consumer takes 15 ms each (over
+    // 2 s), reconciling every 200 ms meanwhile and after.
+    report(&intake, 0..150).await;
+    assert!(relay.flush(Duration::from_secs(20)).await);
+    config.parked_sweep = Duration::from_millis(200);
+    let source = Arc::new(Counting {
+        log: intake.clone(),
+        whole_events: Default::default(),
+        slim_pages: Default::default(),
+        filters: Default::default(),
+    });
+    config.source_log = Some(SourceLogHandle(source.clone()));
+    let name = config.name.clone();
+    let consumer = spawn_consumer(
+        js.clone(),
+        routing.clone(),
+        config,
+        SlowRoute,
+        ParkingLot::new(),
+    );
+    until_routed(
+        &routing,
+        150,
+        Duration::from_secs(30),
+        "the slow consumer did not get through the stream",
+    )
+    .await;
+    // Reconciled to the source's head once the bus has nothing more.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while routing.reconciled_through(&name).expect("mark") < intake.head() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reconciled through the source's head"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    consumer.stop().await;
+    relay.stop().await;
+    assert_each_routed_once(&routing, 150);
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(
+        source.whole_events.load(SeqCst),
+        0,
+        "nothing was missing, yet events were read whole from the source's log"
+    );
+    assert!(
+        source.slim_pages.load(SeqCst) > 0,
+        "the reconciling never read the source"
+    );
+    let short = REPORTED.rsplit('.').next().expect("short type");
+    for filter in source.filters.lock().expect("filters").iter() {
+        assert_eq!(
+            filter.type_names,
+            [short],
+            "only the consumer's type is asked for"
+        );
+    }
 }

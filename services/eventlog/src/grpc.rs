@@ -13,7 +13,7 @@ use lineguard_protos::eventlog::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::log::{EventLog, ReadDirection};
+use crate::log::{AllFilter, EventLog, ReadDirection};
 
 /// Serves reads of one log.
 #[derive(Debug, Clone)]
@@ -21,7 +21,20 @@ pub struct EventLogService {
     log: EventLog,
     /// One backup at a time: each holds a checkpoint's worth of disk.
     backups: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Whole-log pages read at once ([`CONCURRENT_PAGE_READS`]).
+    page_reads: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// Whole-log pages (`ReadAll`) a log reads at once; the rest wait their
+/// turn. Each holds up to [`crate::Limits::max_read_page_bytes`] while it
+/// is read and answered.
+pub const CONCURRENT_PAGE_READS: usize = 4;
+
+/// Most type names one `ReadAll` may filter on.
+pub const MAX_TYPE_NAMES: usize = 64;
+
+/// Longest type name one `ReadAll` may filter on.
+const MAX_TYPE_NAME_LEN: usize = 128;
 
 impl EventLogService {
     /// The tonic server for `log`.
@@ -29,6 +42,7 @@ impl EventLogService {
         EventLogServer::new(EventLogService {
             log,
             backups: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+            page_reads: std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENT_PAGE_READS)),
         })
     }
 }
@@ -180,16 +194,42 @@ impl EventLogApi for EventLogService {
         request: Request<ReadAllRequest>,
     ) -> Result<Response<ReadAllResponse>, Status> {
         let req = request.into_inner();
+        let filter = AllFilter {
+            type_names: req.type_names,
+            without_payloads: req.without_payloads,
+        };
+        if let Some(name) = filter
+            .type_names
+            .iter()
+            .find(|name| name.is_empty() || name.len() > MAX_TYPE_NAME_LEN)
+        {
+            return Err(Status::invalid_argument(format!(
+                "type_names: {:?} must be 1 to {MAX_TYPE_NAME_LEN} bytes",
+                name
+            )));
+        }
+        if filter.type_names.len() > MAX_TYPE_NAMES {
+            return Err(Status::invalid_argument(format!(
+                "type_names: {} names, at most {MAX_TYPE_NAMES}",
+                filter.type_names.len()
+            )));
+        }
         let log = self.log.clone();
         let head = log.head();
-        let events =
-            blocking(move || log.read_all(req.from_position, req.max_count as usize)).await?;
-        let next_position = events
-            .last()
-            .map_or(req.from_position.max(1), |e| e.global_position + 1);
+        // Pages are read a few at a time: peers catching up all at once
+        // (after a restart, or lagging at a sweep) queue here instead of
+        // each holding a page in memory at once.
+        let _permit = self
+            .page_reads
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the log is closing"))?;
+        let page =
+            blocking(move || log.read_all_page(req.from_position, req.max_count as usize, &filter))
+                .await?;
         Ok(Response::new(ReadAllResponse {
-            events,
-            next_position,
+            events: page.events,
+            next_position: page.next_position,
             head_position: head,
         }))
     }

@@ -58,8 +58,8 @@ pub use lineguard_protos::eventlog::v1::{
     Actor, CommitReceipt, EventEnvelope, actor::Kind as ActorKind,
 };
 pub use log::{
-    Checkpointed, Decided, EventLog, LogConfig, ProjectionPages, ReadDirection, StoreMemory,
-    StreamSlice, open_raw_store, stored_state,
+    AllFilter, AllPage, Checkpointed, Decided, EventLog, LogConfig, ProjectionPages, ReadDirection,
+    StoreMemory, StreamSlice, open_raw_store, stored_state,
 };
 pub use projection::{NoProjections, ProjectionRead, ProjectionView, Projector};
 pub use stored::StoredEvent;

@@ -22,6 +22,15 @@ pub struct Limits {
     pub max_idempotent_response_bytes: usize,
     /// Most events one read returns.
     pub max_read_page: usize,
+    /// Most bytes of stored events one read of the whole log returns (it
+    /// returns at least one event): a page of large events stays within
+    /// what one gRPC message may carry (4 MiB by default) and what a
+    /// service serving its peers' catch-up holds per read.
+    pub max_read_page_bytes: usize,
+    /// Most records one filtered read of the whole log looks at before it
+    /// returns what it kept, with where to go on: a filter that matches
+    /// little must not make one read walk the whole log.
+    pub max_read_scan: usize,
     /// Events buffered per subscriber before the reader waits for it (and
     /// the most it reads ahead): what an idle subscription holds at most.
     pub subscriber_buffer: usize,
@@ -65,6 +74,8 @@ impl Default for Limits {
             max_idempotency_key_len: 256,
             max_idempotent_response_bytes: 64 * 1024,
             max_read_page: 1_000,
+            max_read_page_bytes: 1024 * 1024,
+            max_read_scan: 20_000,
             subscriber_buffer: 64,
             max_subscribers: 1_024,
             max_pending_commits: 4_096,

@@ -762,11 +762,75 @@ impl EventLog {
         Ok(last_kept.map(|p| p + 1).filter(|_| more))
     }
 
-    /// Reads up to `max_count` events of the whole log from `from_position`.
-    /// Reading at `head + 1` returns nothing; further is an error.
+    /// Reads up to `max_count` events of the whole log from `from_position`
+    /// (fewer when they pass [`Limits::max_read_page_bytes`]; at least one
+    /// while there is one). Reading at `head + 1` returns nothing; further
+    /// is an error.
     pub fn read_all(&self, from_position: u64, max_count: usize) -> Result<Vec<EventEnvelope>> {
+        Ok(self
+            .read_all_page(from_position, max_count, &AllFilter::default())?
+            .events)
+    }
+
+    /// A page of the whole log from `from_position`, keeping what `filter`
+    /// asks for: up to `max_count` events and
+    /// [`Limits::max_read_page_bytes`] of them (at least one while there is
+    /// one), looking at no more than [`Limits::max_read_scan`] records.
+    /// Every record looked at is checked (checksum, envelope, position)
+    /// whether it is kept or not. Reading at `head + 1` returns nothing;
+    /// further is an error.
+    pub fn read_all_page(
+        &self,
+        from_position: u64,
+        max_count: usize,
+        filter: &AllFilter,
+    ) -> Result<AllPage> {
         let (from, max_count) = self.whole_log_page(from_position, max_count)?;
-        read_events_from(&self.inner.db, from, max_count)
+        let limits = &self.inner.limits;
+        let db = &self.inner.db;
+        let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
+        iter.seek(position_key(from));
+        let mut events = Vec::with_capacity(max_count.min(1024));
+        let (mut kept_bytes, mut scanned) = (0usize, 0usize);
+        let mut next_position = from;
+        while events.len() < max_count
+            && scanned < limits.max_read_scan
+            && let (Some(key), Some(value)) = (iter.key(), iter.value())
+        {
+            let position = decode_position_key(CF_EVENTS, key)?;
+            let body = unseal(CF_EVENTS, key, value, || format!("position {position}"))?;
+            let fields = Fields::at_position(CF_EVENTS, position, body)?;
+            if filter.keeps(fields.event_type(body)) {
+                let bytes = if filter.without_payloads {
+                    body.len() - fields.payload_len()
+                } else {
+                    body.len()
+                };
+                if !events.is_empty() && kept_bytes + bytes > limits.max_read_page_bytes {
+                    break;
+                }
+                // The payload becomes a slice of one copy of the record;
+                // without it, the copy goes with the decoding.
+                let mut event = checked_envelope(
+                    position,
+                    EventEnvelope::decode(Bytes::copy_from_slice(body)),
+                )?;
+                if filter.without_payloads {
+                    event.payload = Bytes::new();
+                }
+                events.push(event);
+                kept_bytes += bytes;
+            }
+            scanned += 1;
+            next_position = position + 1;
+            iter.next();
+        }
+        iter.status()?;
+        debug_assert!(events.len() <= max_count && scanned <= limits.max_read_scan);
+        Ok(AllPage {
+            events,
+            next_position,
+        })
     }
 
     /// [`read_all`](Self::read_all) for bulk readers: each event checked
@@ -1437,6 +1501,37 @@ fn checked_envelope(
         });
     }
     Ok(event)
+}
+
+/// What a read of the whole log ([`EventLog::read_all_page`]) keeps of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllFilter {
+    /// Only events whose type's last segment is one of these
+    /// (`TicketReported` for `lineguard.intake.v1.TicketReported`, the
+    /// name the bus's subjects carry); empty: every event.
+    pub type_names: Vec<String>,
+    /// Each event without its payload: what a reader needs to tell which
+    /// events it already holds, at a fraction of the bytes.
+    pub without_payloads: bool,
+}
+
+impl AllFilter {
+    /// Whether an event of `event_type` is kept.
+    pub fn keeps(&self, event_type: &str) -> bool {
+        let name = event_type.rsplit('.').next().unwrap_or(event_type);
+        self.type_names.is_empty() || self.type_names.iter().any(|t| t == name)
+    }
+}
+
+/// A page of the whole log, and where the next one starts.
+#[derive(Debug, Clone, Default)]
+pub struct AllPage {
+    /// The events kept, in log order.
+    pub events: Vec<EventEnvelope>,
+    /// The position after the last record looked at (kept or not): pass it
+    /// as the next read's `from_position`. Equal to the position asked
+    /// when nothing was there.
+    pub next_position: u64,
 }
 
 /// Up to `max` events from `from` on.

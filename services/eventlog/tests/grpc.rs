@@ -84,12 +84,59 @@ async fn reads_page_through_streams_and_the_log() {
         .read_all(ReadAllRequest {
             from_position: 20,
             max_count: 100,
+            ..Default::default()
         })
         .await
         .expect("read all")
         .into_inner();
     assert_eq!(all.events.len(), 6);
     assert_eq!((all.next_position, all.head_position), (26, 25));
+
+    // A peer asks for its types only, without payloads.
+    let slim = client
+        .read_all(ReadAllRequest {
+            from_position: 20,
+            max_count: 100,
+            type_names: vec!["Noted".into()],
+            without_payloads: true,
+        })
+        .await
+        .expect("slim")
+        .into_inner();
+    assert_eq!(slim.events.len(), 6);
+    assert!(slim.events.iter().all(|e| e.payload.is_empty()));
+    assert_eq!(
+        slim.events.iter().map(|e| &e.event_id).collect::<Vec<_>>(),
+        all.events.iter().map(|e| &e.event_id).collect::<Vec<_>>()
+    );
+    let none = client
+        .read_all(ReadAllRequest {
+            from_position: 20,
+            max_count: 100,
+            type_names: vec!["Rejected".into()],
+            without_payloads: false,
+        })
+        .await
+        .expect("other type")
+        .into_inner();
+    assert!(none.events.is_empty());
+    assert_eq!(none.next_position, 26, "looked at to the head");
+    for bad in [
+        vec![String::new()],
+        vec!["x".repeat(129)],
+        vec!["T".into(); 65],
+    ] {
+        let err = client
+            .read_all(ReadAllRequest {
+                from_position: 1,
+                type_names: bad,
+                ..Default::default()
+            })
+            .await
+            .expect_err("bad type names");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("type_names"), "{}", err.message());
+    }
 
     let err = client
         .read_stream(ReadStreamRequest {

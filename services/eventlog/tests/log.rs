@@ -14,8 +14,8 @@ use lineguard_eventlog::codec::{
     stream_key,
 };
 use lineguard_eventlog::{
-    CommitOutcome, Decided, Error, EventLog, ExpectedVersion, Idempotency, Limits, ProjectionRead,
-    ReadDirection, Transaction, open_raw_store,
+    AllFilter, CommitOutcome, Decided, Error, EventLog, EventTypes, ExpectedVersion, Idempotency,
+    Limits, LogConfig, ProjectionRead, ReadDirection, Transaction, open_raw_store,
 };
 
 fn tmp() -> tempfile::TempDir {
@@ -1590,4 +1590,142 @@ async fn a_log_from_before_the_stream_copies_gets_them_at_open_and_reads_the_sam
     assert_eq!(page.len(), 10);
     assert_eq!(page[0].position(), correlation[31].global_position);
     assert_eq!(next, Some(correlation[40].global_position + 1));
+}
+
+#[tokio::test]
+async fn a_page_of_the_whole_log_keeps_the_types_asked_for_within_its_bounds() {
+    const OTHER: &str = "lineguard.test.v1.Other";
+    let dir = tmp();
+    let limits = Limits {
+        max_read_page_bytes: 4 * 1024,
+        max_read_scan: 50,
+        ..Limits::default()
+    };
+    let log = EventLog::open(
+        LogConfig::new(dir.path().join("log"), "test")
+            .with_event_types(EventTypes::new().with_name(NOTED, 2).with_name(OTHER, 1))
+            .with_limits(limits),
+    )
+    .expect("open");
+    // 1..=40: Noted and Other in turn, 100-byte payloads; 41..=140: Other;
+    // 141: a Noted of 10 KiB, larger than a page's bytes.
+    for i in 0..40 {
+        let mut event = noted("c", &"n".repeat(100));
+        if i % 2 == 1 {
+            event.event_type = OTHER.into();
+        }
+        log.commit(Transaction::append("s", ExpectedVersion::Any, vec![event]))
+            .await
+            .expect("commit");
+    }
+    for _ in 0..100 {
+        let mut event = noted("c", "o");
+        event.event_type = OTHER.into();
+        log.commit(Transaction::append("s", ExpectedVersion::Any, vec![event]))
+            .await
+            .expect("commit");
+    }
+    log.commit(Transaction::append(
+        "s",
+        ExpectedVersion::Any,
+        vec![noted("c", &"b".repeat(10 * 1024))],
+    ))
+    .await
+    .expect("commit");
+    let mut whole = Vec::new();
+    while let Ok(page) = log.read_all(whole.len() as u64 + 1, 1_000)
+        && !page.is_empty()
+    {
+        whole.extend(page);
+    }
+    assert_eq!(whole.len(), 141);
+
+    let noted_only = AllFilter {
+        type_names: vec!["Noted".into()],
+        without_payloads: false,
+    };
+    let page = log.read_all_page(1, 10, &noted_only).expect("noted");
+    assert_eq!(
+        page.events
+            .iter()
+            .map(|e| e.global_position)
+            .collect::<Vec<_>>(),
+        (0..10).map(|i| 1 + 2 * i).collect::<Vec<u64>>(),
+        "only Noted, in log order"
+    );
+    assert_eq!(page.next_position, 20, "after the last record looked at");
+    for event in &page.events {
+        assert_eq!(event, &whole[event.global_position as usize - 1]);
+    }
+
+    // Without payloads: the same events, their payloads left out.
+    let slim = AllFilter {
+        without_payloads: true,
+        ..noted_only.clone()
+    };
+    let page = log.read_all_page(1, 10, &slim).expect("slim");
+    for event in &page.events {
+        assert!(event.payload.is_empty());
+        let mut stored = whole[event.global_position as usize - 1].clone();
+        stored.payload = Bytes::new();
+        assert_eq!(event, &stored);
+    }
+
+    // A page stops at its bytes (each event's envelope as stored; without
+    // its payload when left out), and at the records it looks at.
+    let fitting = |sizes: &mut dyn Iterator<Item = usize>| {
+        let mut total = 0;
+        sizes
+            .take_while(|size| {
+                total += size;
+                total <= 4 * 1024
+            })
+            .count()
+    };
+    let expected = fitting(&mut whole.iter().map(prost::Message::encoded_len));
+    let page = log.read_all(1, 1_000).expect("bytes");
+    assert_eq!(page.len(), expected);
+    assert!((10..30).contains(&expected), "{expected} events in 4 KiB");
+    let every_type_slim = AllFilter {
+        type_names: Vec::new(),
+        without_payloads: true,
+    };
+    let expected_slim = fitting(
+        &mut whole
+            .iter()
+            .map(|e| prost::Message::encoded_len(e) - e.payload.len()),
+    )
+    .min(50);
+    let page = log
+        .read_all_page(1, 1_000, &every_type_slim)
+        .expect("slim bytes");
+    assert_eq!(page.events.len(), expected_slim);
+    assert!(expected_slim > expected, "more fit without payloads");
+    // An event larger than a page's bytes still comes, alone.
+    let page = log.read_all_page(141, 10, &noted_only).expect("big");
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(page.events[0].payload.len(), 10 * 1024);
+
+    // A filter that matches little looks at `max_read_scan` records, then
+    // says where to go on, before the head.
+    let page = log.read_all_page(41, 10, &noted_only).expect("scan");
+    assert!(page.events.is_empty());
+    assert_eq!(page.next_position, 91);
+    let page = log.read_all_page(91, 10, &noted_only).expect("scan on");
+    assert!(page.events.is_empty());
+    assert_eq!(page.next_position, 141);
+    let page = log.read_all_page(141, 10, &noted_only).expect("scan on");
+    assert_eq!(
+        page.events
+            .iter()
+            .map(|e| e.global_position)
+            .collect::<Vec<_>>(),
+        [141]
+    );
+    assert_eq!(page.next_position, 142);
+    // At the end: nothing, and the same position.
+    let page = log.read_all_page(142, 10, &noted_only).expect("end");
+    assert!(page.events.is_empty());
+    assert_eq!(page.next_position, 142);
+    assert!(log.read_all_page(143, 10, &noted_only).is_err());
 }

@@ -328,19 +328,35 @@ impl lineguard_bus::SourceLog for PeerLog {
         })
     }
 
-    fn read_from(&self, from_position: u64, max: usize) -> lineguard_bus::catchup::SourcePage<'_> {
+    fn read_from(
+        &self,
+        from_position: u64,
+        max: usize,
+        filter: &lineguard_eventlog::AllFilter,
+    ) -> lineguard_bus::catchup::SourcePage<'_> {
         let mut client = self.client.clone();
+        let request = lineguard_protos::eventlog::v1::ReadAllRequest {
+            from_position,
+            max_count: u32::try_from(max).unwrap_or(u32::MAX),
+            type_names: filter.type_names.clone(),
+            without_payloads: filter.without_payloads,
+        };
         Box::pin(async move {
-            let page = client
-                .read_all(lineguard_protos::eventlog::v1::ReadAllRequest {
-                    from_position,
-                    max_count: u32::try_from(max).unwrap_or(u32::MAX),
-                })
-                .await;
-            match page {
-                Ok(page) => Ok(page.into_inner().events),
+            match client.read_all(request).await {
+                Ok(page) => {
+                    let page = page.into_inner();
+                    Ok(lineguard_eventlog::AllPage {
+                        events: page.events,
+                        next_position: page.next_position,
+                    })
+                }
                 // Past the head: nothing (yet) to read.
-                Err(status) if status.code() == tonic::Code::OutOfRange => Ok(Vec::new()),
+                Err(status) if status.code() == tonic::Code::OutOfRange => {
+                    Ok(lineguard_eventlog::AllPage {
+                        events: Vec::new(),
+                        next_position: from_position,
+                    })
+                }
                 Err(status) => Err(format!("{}'s log: {status}", self.service)),
             }
         })

@@ -296,6 +296,23 @@ async fn run() {
             println!("  {name:<12} {}", fields.join(" "));
         }
     }
+    // What the consumers' reconciling applied from a source's log rather
+    // than from the bus (`bus::catchup`): the bus had dropped it, or had
+    // not delivered it within a sweep. Each is work done twice.
+    println!("events applied from a source's log instead of the bus:");
+    for (name, process) in &processes {
+        let applied: u64 = process
+            .log()
+            .lines()
+            .filter(|line| line.contains("from the source's log") && line.contains(" applied="))
+            .filter_map(|line| {
+                line.split_whitespace()
+                    .find_map(|word| word.strip_prefix("applied="))
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .sum();
+        println!("  {name:<12} {applied}");
+    }
     println!(
         "e2e done in {:.0} s; data in {} (removed)",
         started.elapsed().as_secs_f64(),

@@ -56,6 +56,7 @@ async fn read_all(process: &ServiceProcess) -> Vec<EventEnvelope> {
             .read_all(ReadAllRequest {
                 from_position: from,
                 max_count: 1_000,
+                ..Default::default()
             })
             .await
             .expect("read all")

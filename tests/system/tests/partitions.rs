@@ -319,6 +319,7 @@ async fn two_partitions_answer_any_call_at_any_instance_and_each_adds_up() {
         .read_all(ReadAllRequest {
             from_position: 1,
             max_count: 200,
+            ..Default::default()
         })
         .await
         .expect("partition 1's intake log")
@@ -356,6 +357,7 @@ async fn two_partitions_answer_any_call_at_any_instance_and_each_adds_up() {
                 .read_all(ReadAllRequest {
                     from_position: 1,
                     max_count: 50,
+                    ..Default::default()
                 })
                 .await
                 .expect("read the log")

@@ -155,6 +155,7 @@ async fn every_service_serves_health_reflection_and_its_event_log() {
             .read_all(ReadAllRequest {
                 from_position: 9,
                 max_count: 0,
+                ..Default::default()
             })
             .await
             .expect_err("past the end");
@@ -163,6 +164,7 @@ async fn every_service_serves_health_reflection_and_its_event_log() {
             .read_all(ReadAllRequest {
                 from_position: 0,
                 max_count: 1_000_000,
+                ..Default::default()
             })
             .await
             .expect_err("page too large");
@@ -172,6 +174,7 @@ async fn every_service_serves_health_reflection_and_its_event_log() {
             .read_all(ReadAllRequest {
                 from_position: 0,
                 max_count: 10,
+                ..Default::default()
             })
             .await
             .expect("first page")
