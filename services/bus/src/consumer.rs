@@ -340,16 +340,47 @@ struct Context<'a, H> {
 /// What one reconciling leaves for the next, kept across sessions of one
 /// process (a restart begins from nothing: its first reconciling reads
 /// only what the bus shows it dropped).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ReconcileMarks {
     /// The source's head at the last reconciling: the next reconciles up
     /// to it.
     seen_head: std::sync::atomic::AtomicU64,
     /// The highest source position the bus has delivered to this consumer.
     delivered_through: std::sync::atomic::AtomicU64,
-    /// [`ReconcileMarks::delivered_through`] at the last reconciling: whether
-    /// the bus has moved since.
-    delivered_at_last: std::sync::atomic::AtomicU64,
+    /// When the bus last delivered anything to this consumer (a
+    /// redelivery too: the bus is alive), in milliseconds from `since`.
+    last_delivery_ms: std::sync::atomic::AtomicU64,
+    since: tokio::time::Instant,
+}
+
+impl ReconcileMarks {
+    fn new() -> Self {
+        ReconcileMarks {
+            seen_head: Default::default(),
+            delivered_through: Default::default(),
+            last_delivery_ms: Default::default(),
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Notes a delivery of the event at source `position`.
+    fn delivered(&self, position: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.delivered_through.fetch_max(position, Relaxed);
+        self.last_delivery_ms.store(self.elapsed_ms(), Relaxed);
+    }
+
+    /// How long the bus has delivered nothing.
+    fn quiet_for(&self) -> Duration {
+        let last = self
+            .last_delivery_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_millis(self.elapsed_ms().saturating_sub(last))
+    }
 }
 
 /// What JetStream shows of a consumer when it reconciles.
@@ -603,9 +634,7 @@ impl<H: Handler> Context<'_, H> {
             return self.refuse(message, "forged", deliveries, &reason).await;
         }
         let position = event.global_position;
-        self.marks
-            .delivered_through
-            .fetch_max(position, std::sync::atomic::Ordering::Relaxed);
+        self.marks.delivered(position);
         let settled = self
             .settle(&event, message.payload.clone(), &subject, deliveries)
             .await;
@@ -827,12 +856,15 @@ impl<H: Handler> Context<'_, H> {
     }
 
     /// The source position a reconciling without a gap reads through
-    /// (see [`reconcile_through`]), noting how far the bus had delivered.
+    /// (see [`reconcile_through`]): the bus is waited for while it has
+    /// delivered something within a sweep.
     fn reconcile_through(&self, one_sweep_ago: u64, bus: BusView) -> u64 {
-        use std::sync::atomic::Ordering::Relaxed;
-        let delivered = self.marks.delivered_through.load(Relaxed);
-        let before = self.marks.delivered_at_last.swap(delivered, Relaxed);
-        reconcile_through(one_sweep_ago, bus.pending, delivered, before)
+        let delivering = self.marks.quiet_for() < self.config.parked_sweep;
+        let delivered = self
+            .marks
+            .delivered_through
+            .load(std::sync::atomic::Ordering::Relaxed);
+        reconcile_through(one_sweep_ago, bus.pending && delivering, delivered)
     }
 
     /// Reconciles (see [`Context::reconcile`]); a failure (the source's
@@ -1285,21 +1317,17 @@ impl<H: Handler> Context<'_, H> {
 
 /// The source position a reconciling without a gap reads through: the
 /// head the source had one sweep ago, but no further than the bus has
-/// delivered (`delivered`) while it still holds messages for the consumer
-/// (`pending`) and keeps delivering them (`delivered` moved from
-/// `delivered_before`, at the last reconciling). A consumer behind by more
-/// than a sweep would otherwise read from the source's log, and apply a
-/// second time, what the bus is about to hand it, costing the source that
-/// serves the pages exactly when the whole pipeline is behind. A bus that
-/// holds messages but delivered none since the last reconciling is not
-/// waited for: the source's log is read as if the bus had stopped.
-fn reconcile_through(
-    one_sweep_ago: u64,
-    pending: bool,
-    delivered: u64,
-    delivered_before: u64,
-) -> u64 {
-    if pending && delivered > delivered_before {
+/// delivered (`delivered`, the highest source position it handed over)
+/// while it still holds messages for the consumer and keeps delivering
+/// them (`bus_delivering`: it delivered something, a redelivery too,
+/// within a sweep). A consumer behind by more than a sweep would
+/// otherwise read from the source's log, and apply a second time, what
+/// the bus is about to hand it, costing the source that serves the pages
+/// exactly when the whole pipeline is behind. A bus that holds messages
+/// but has delivered nothing for a sweep is not waited for: the source's
+/// log is read as if the bus had stopped.
+fn reconcile_through(one_sweep_ago: u64, bus_delivering: bool, delivered: u64) -> u64 {
+    if bus_delivering {
         one_sweep_ago.min(delivered)
     } else {
         one_sweep_ago
@@ -1387,7 +1415,7 @@ async fn run<H: Handler>(
 ) {
     let mut backoff = Duration::from_millis(100);
     let retrying = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
-    let marks = Arc::new(ReconcileMarks::default());
+    let marks = Arc::new(ReconcileMarks::new());
     while !*stopped.borrow() {
         // Each session is a task of its own: if it panics, the consumer
         // says so and starts again instead of stopping without a word.
@@ -1667,20 +1695,35 @@ impl<H: Handler> Context<'_, H> {
 
 #[cfg(test)]
 mod tests {
-    use super::reconcile_through;
+    use super::{ReconcileMarks, reconcile_through};
+    use std::time::Duration;
 
     #[test]
     fn a_reconciling_leaves_to_the_bus_what_it_is_still_delivering() {
-        // The bus holds messages and delivered up to 40 since the last
-        // look (at 10): the source is read only to 40.
-        assert_eq!(reconcile_through(100, true, 40, 10), 40);
-        // Delivered past the head of one sweep ago: that head.
-        assert_eq!(reconcile_through(100, true, 140, 10), 100);
-        // Nothing held for the consumer: up to the head of one sweep ago.
-        assert_eq!(reconcile_through(100, false, 40, 10), 100);
-        // Held, but nothing delivered since the last look (a stalled bus,
-        // or a restart before anything came): the source's log is read.
-        assert_eq!(reconcile_through(100, true, 40, 40), 100);
-        assert_eq!(reconcile_through(100, true, 0, 0), 100);
+        // The bus holds messages and delivers: the source is read only to
+        // what it delivered, or to the head of one sweep ago if less.
+        assert_eq!(reconcile_through(100, true, 40), 40);
+        assert_eq!(reconcile_through(100, true, 140), 100);
+        // Nothing held for the consumer, or nothing delivered for a sweep
+        // (a stalled bus): up to the head of one sweep ago.
+        assert_eq!(reconcile_through(100, false, 40), 100);
+        assert_eq!(reconcile_through(100, false, 0), 100);
+    }
+
+    #[tokio::test]
+    async fn the_bus_counts_as_delivering_from_its_last_delivery_of_any_event() {
+        let marks = ReconcileMarks::new();
+        marks.delivered(40);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(marks.quiet_for() >= Duration::from_millis(50));
+        // A redelivery of an older event: the bus is alive; the mark stays.
+        marks.delivered(12);
+        assert_eq!(
+            marks
+                .delivered_through
+                .load(std::sync::atomic::Ordering::Relaxed),
+            40
+        );
+        assert!(marks.quiet_for() < Duration::from_millis(50));
     }
 }
