@@ -786,51 +786,7 @@ impl EventLog {
         filter: &AllFilter,
     ) -> Result<AllPage> {
         let (from, max_count) = self.whole_log_page(from_position, max_count)?;
-        let limits = &self.inner.limits;
-        let db = &self.inner.db;
-        let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
-        iter.seek(position_key(from));
-        let mut events = Vec::with_capacity(max_count.min(1024));
-        let (mut kept_bytes, mut scanned) = (0usize, 0usize);
-        let mut next_position = from;
-        while events.len() < max_count
-            && scanned < limits.max_read_scan
-            && let (Some(key), Some(value)) = (iter.key(), iter.value())
-        {
-            let position = decode_position_key(CF_EVENTS, key)?;
-            let body = unseal(CF_EVENTS, key, value, || format!("position {position}"))?;
-            let fields = Fields::at_position(CF_EVENTS, position, body)?;
-            if filter.keeps(fields.event_type(body)) {
-                let bytes = if filter.without_payloads {
-                    body.len() - fields.payload_len()
-                } else {
-                    body.len()
-                };
-                if !events.is_empty() && kept_bytes + bytes > limits.max_read_page_bytes {
-                    break;
-                }
-                // The payload becomes a slice of one copy of the record;
-                // without it, the copy goes with the decoding.
-                let mut event = checked_envelope(
-                    position,
-                    EventEnvelope::decode(Bytes::copy_from_slice(body)),
-                )?;
-                if filter.without_payloads {
-                    event.payload = Bytes::new();
-                }
-                events.push(event);
-                kept_bytes += bytes;
-            }
-            scanned += 1;
-            next_position = position + 1;
-            iter.next();
-        }
-        iter.status()?;
-        debug_assert!(events.len() <= max_count && scanned <= limits.max_read_scan);
-        Ok(AllPage {
-            events,
-            next_position,
-        })
+        read_events_from(&self.inner.db, from, max_count, filter, &self.inner.limits)
     }
 
     /// [`read_all`](Self::read_all) for bulk readers: each event checked
@@ -1534,23 +1490,62 @@ pub struct AllPage {
     pub next_position: u64,
 }
 
-/// Up to `max` events from `from` on.
-pub(crate) fn read_events_from(db: &DB, from: u64, max: usize) -> Result<Vec<EventEnvelope>> {
+/// A page of the whole log from `from` (see [`EventLog::read_all_page`]):
+/// up to `max_count` events `filter` keeps, within `limits`'
+/// `max_read_page_bytes` (at least one) and `max_read_scan` records.
+pub(crate) fn read_events_from(
+    db: &DB,
+    from: u64,
+    max_count: usize,
+    filter: &AllFilter,
+    limits: &Limits,
+) -> Result<AllPage> {
     let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
     iter.seek(position_key(from));
-    let mut events = Vec::with_capacity(max.min(1024));
-    while events.len() < max
+    let mut events = Vec::with_capacity(max_count.min(1024));
+    let (mut kept_bytes, mut scanned) = (0usize, 0usize);
+    let mut next_position = from;
+    while events.len() < max_count
+        && scanned < limits.max_read_scan
         && let (Some(key), Some(value)) = (iter.key(), iter.value())
     {
         let position = decode_position_key(CF_EVENTS, key)?;
         let body = unseal(CF_EVENTS, key, value, || format!("position {position}"))?;
-        // The payload becomes a slice of one copy of the record.
-        let body = Bytes::copy_from_slice(body);
-        events.push(checked_envelope(position, EventEnvelope::decode(body))?);
+        // Only a filter by type needs the type before the decoding: the
+        // walk checks the record as the decoding would.
+        let kept = filter.type_names.is_empty()
+            || filter.keeps(Fields::at_position(CF_EVENTS, position, body)?.event_type(body));
+        if kept {
+            // The payload becomes a slice of one copy of the record;
+            // without it, the copy goes with the decoding.
+            let mut event = checked_envelope(
+                position,
+                EventEnvelope::decode(Bytes::copy_from_slice(body)),
+            )?;
+            let bytes = if filter.without_payloads {
+                body.len() - event.payload.len()
+            } else {
+                body.len()
+            };
+            if !events.is_empty() && kept_bytes + bytes > limits.max_read_page_bytes {
+                break;
+            }
+            if filter.without_payloads {
+                event.payload = Bytes::new();
+            }
+            events.push(event);
+            kept_bytes += bytes;
+        }
+        scanned += 1;
+        next_position = position + 1;
         iter.next();
     }
     iter.status()?;
-    Ok(events)
+    debug_assert!(events.len() <= max_count && scanned <= limits.max_read_scan);
+    Ok(AllPage {
+        events,
+        next_position,
+    })
 }
 
 /// The index entry of `stream_id` with the highest first version at or

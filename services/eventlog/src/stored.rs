@@ -194,11 +194,6 @@ impl Fields {
     pub(crate) fn event_type<'b>(&self, body: &'b [u8]) -> &'b str {
         self.text(body, EVENT_TYPE)
     }
-
-    /// The payload's length in `body`, in bytes.
-    pub(crate) fn payload_len(&self) -> usize {
-        self.spans[PAYLOAD].len()
-    }
 }
 
 /// One event as the log stores it, checked, its fields read in place.

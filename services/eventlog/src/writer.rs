@@ -29,7 +29,7 @@ use crate::copy::Store;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::log::{
-    cf, digest_projections, load_consumer_position, load_idempotency, load_stream_head,
+    AllFilter, cf, digest_projections, load_consumer_position, load_idempotency, load_stream_head,
     read_events_from,
 };
 use crate::projection::{self, Overlay, ProjectionView, Projector, write_overlay};
@@ -661,7 +661,14 @@ impl Writer {
         let mut next = from;
         let mut replayed = 0;
         while next <= self.head {
-            let page = read_events_from(&self.db, next, self.limits.max_read_page)?;
+            let page = read_events_from(
+                &self.db,
+                next,
+                self.limits.max_read_page,
+                &AllFilter::default(),
+                &self.limits,
+            )?
+            .events;
             let Some(last) = page.last().map(|e| e.global_position) else {
                 break;
             };
