@@ -22,8 +22,9 @@ pub struct Limits {
     pub max_idempotent_response_bytes: usize,
     /// Most events one read returns.
     pub max_read_page: usize,
-    /// Most bytes of stored events one read of the whole log returns (it
-    /// returns at least one event): a page of large events stays within
+    /// Most bytes of stored events one read returns, of the whole log, a
+    /// stream or a correlation (it returns at least one event): a page of
+    /// large events stays within
     /// what one gRPC message may carry (4 MiB by default) and what a
     /// service serving its peers' catch-up holds per read.
     pub max_read_page_bytes: usize,

@@ -487,7 +487,8 @@ impl EventLog {
         }
     }
 
-    /// Reads up to `max_count` events of one stream.
+    /// Reads up to `max_count` events of one stream (fewer when they pass
+    /// [`Limits::max_read_page_bytes`]; at least one while there is one).
     pub fn read_stream(
         &self,
         stream_id: &str,
@@ -592,7 +593,8 @@ impl EventLog {
             within_versions(stream_id, 1, last),
         );
         copies.seek(stream_key(stream_id, start));
-        let mut read = 0usize;
+        let max_page_bytes = self.inner.limits.max_read_page_bytes;
+        let (mut read, mut read_bytes) = (0usize, 0usize);
         let mut last_read: Option<u64> = None;
         // Versions are read one after another, none skipped: a missing
         // copy is corruption, never a short page.
@@ -610,8 +612,14 @@ impl EventLog {
                 });
             }
             let body = unseal(CF_STREAM_EVENTS, key, value, location)?;
+            // Bounded in bytes as a page of the whole log is: the next
+            // page starts at this version.
+            if read > 0 && read_bytes + body.len() > max_page_bytes {
+                break;
+            }
             each(version, body)?;
             read += 1;
+            read_bytes += body.len();
             last_read = Some(version);
             expected = match direction {
                 ReadDirection::Forward => {
@@ -633,8 +641,10 @@ impl EventLog {
     }
 
     /// Up to `max_count` events whose correlation id is `correlation_id`
-    /// (a ticket's, a case's), in log order from `from_position`, and the
-    /// position to read on from if there may be more.
+    /// (a ticket's, a case's), in log order from `from_position` (fewer
+    /// when they pass [`Limits::max_read_page_bytes`]; at least one while
+    /// there is one), and the position to read on from if there may be
+    /// more.
     pub fn read_correlation(
         &self,
         correlation_id: &str,
@@ -707,7 +717,8 @@ impl EventLog {
         // source has no more.
         let mut a: Option<Option<Fields>> = start_version.is_none().then_some(None);
         let mut b: Option<Option<Fields>> = None;
-        let mut kept = 0usize;
+        let max_page_bytes = self.inner.limits.max_read_page_bytes;
+        let (mut kept, mut kept_bytes) = (0usize, 0usize);
         let mut last_kept = None;
         while kept < max_count {
             let a_head = match a.take() {
@@ -740,8 +751,14 @@ impl EventLog {
                 .and_then(|v| v.get(CRC_LEN..))
                 .unwrap_or_default();
             if fields.correlation_id(body) == correlation_id {
+                // Bounded in bytes as a page of the whole log is: the next
+                // page starts at this event, which is not consumed.
+                if kept > 0 && kept_bytes + body.len() > max_page_bytes {
+                    return Ok(last_kept.map(|p: u64| p + 1));
+                }
                 each(&fields, body)?;
                 kept += 1;
+                kept_bytes += body.len();
                 last_kept = Some(fields.position);
             }
             iter.next();

@@ -1729,3 +1729,110 @@ async fn a_page_of_the_whole_log_keeps_the_types_asked_for_within_its_bounds() {
     assert_eq!(page.next_position, 142);
     assert!(log.read_all_page(143, 10, &noted_only).is_err());
 }
+
+#[tokio::test]
+async fn pages_of_a_stream_and_of_a_correlation_stay_within_their_bytes() {
+    const PAGE_BYTES: usize = 4 * 1024;
+    let dir = tmp();
+    let log = open_with_limits(
+        dir.path(),
+        Limits {
+            max_read_page_bytes: PAGE_BYTES,
+            ..Limits::default()
+        },
+    );
+    // Case "c": 60 events on its own stream (read from the stream's
+    // copies) and, between them, 20 on another stream that carry it (read
+    // from the correlation column); then one of 10 KiB, larger than a page.
+    for i in 0..60 {
+        log.commit(Transaction::append(
+            "c",
+            ExpectedVersion::Any,
+            vec![noted("c", &"n".repeat(100 + i))],
+        ))
+        .await
+        .expect("commit");
+        if i % 3 == 0 {
+            log.commit(Transaction::append(
+                "elsewhere",
+                ExpectedVersion::Any,
+                vec![noted("c", &"e".repeat(200))],
+            ))
+            .await
+            .expect("commit");
+        }
+    }
+    log.commit(Transaction::append(
+        "c",
+        ExpectedVersion::Any,
+        vec![noted("c", &"b".repeat(10 * 1024))],
+    ))
+    .await
+    .expect("commit");
+    let stored_len = |e: &lineguard_eventlog::EventEnvelope| prost::Message::encoded_len(e);
+
+    // The stream, forward and backward: pages in bytes, at least one event,
+    // and all of them read once, in order.
+    for direction in [ReadDirection::Forward, ReadDirection::Backward] {
+        let mut from = 0;
+        let mut read = Vec::new();
+        loop {
+            let slice = log.read_stream("c", from, direction, 0).expect("read");
+            let bytes: usize = slice.events.iter().map(stored_len).sum();
+            assert!(!slice.events.is_empty());
+            assert!(
+                slice.events.len() == 1 || bytes <= PAGE_BYTES,
+                "{direction:?}: {} events, {bytes} bytes",
+                slice.events.len()
+            );
+            assert!(slice.events.len() < 61, "{direction:?}: paged");
+            read.extend(slice.events.iter().map(|e| e.stream_version));
+            match slice.next_version {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        let mut expected: Vec<u64> = (1..=61).collect();
+        if direction == ReadDirection::Backward {
+            expected.reverse();
+        }
+        assert_eq!(read, expected, "{direction:?}");
+    }
+    let (stored, _, _) = log
+        .read_stream_stored("c", 1, ReadDirection::Forward, 0)
+        .expect("stored");
+    let first = log
+        .read_stream("c", 1, ReadDirection::Forward, 0)
+        .expect("read");
+    assert_eq!(stored.len(), first.events.len(), "stored pages alike");
+
+    // The correlation, across both of its sources.
+    let mut from = 0;
+    let mut read = Vec::new();
+    let mut pages = 0;
+    loop {
+        let (events, next) = log.read_correlation("c", from, 0).expect("read");
+        let bytes: usize = events.iter().map(stored_len).sum();
+        assert!(!events.is_empty());
+        assert!(events.len() == 1 || bytes <= PAGE_BYTES, "{bytes} bytes");
+        let (stored, stored_next) = log.read_correlation_stored("c", from, 0).expect("stored");
+        assert_eq!(
+            (stored.len(), stored_next),
+            (events.len(), next),
+            "stored pages alike"
+        );
+        read.extend(events.iter().map(|e| e.global_position));
+        pages += 1;
+        match next {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    assert!(pages > 3, "{pages} pages");
+    let whole: Vec<u64> = (1..=log.head()).collect();
+    assert_eq!(read, whole, "every event of the case once, in log order");
+    // The last event, larger than a page, comes alone.
+    let (events, next) = log.read_correlation("c", log.head(), 0).expect("big");
+    assert_eq!((events.len(), next), (1, None));
+    assert_eq!(events[0].payload.len(), 10 * 1024);
+}
