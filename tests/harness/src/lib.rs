@@ -81,9 +81,55 @@ fn nats_version_at_least(bin: &Path, wanted: (u32, u32)) -> bool {
     (major, minor) >= wanted
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; bind it soon).
+/// A free TCP port on 127.0.0.1 (free when asked; bind it soon), never
+/// one this process handed out before.
+///
+/// It is chosen at random *below* the kernel's ephemeral range: a port
+/// the kernel picks for `bind(0)` comes from that range, which is also
+/// where every outgoing connection's source port comes from. Tests open
+/// connections all the time (NATS clients, gRPC peers), and one of them
+/// took such a port between the probe and the service's bind
+/// (`Address already in use`, seen in CI). Below the range only another
+/// test choosing the same port at random can take it.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    /// The lowest port chosen: above the well-known and the usual
+    /// development ports.
+    const LOWEST_PORT: u16 = 10_000;
+    const ATTEMPTS: usize = 200;
+    static HANDED_OUT: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let mut handed_out = HANDED_OUT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if ephemeral_start > LOWEST_PORT + 1_000 {
+        let random = RandomState::new();
+        let span = u64::from(ephemeral_start - LOWEST_PORT);
+        for attempt in 0..ATTEMPTS {
+            let port = LOWEST_PORT + (random.hash_one(attempt) % span) as u16;
+            if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed_out.insert(port);
+                return Ok(port);
+            }
+        }
+    }
+    // No room below the ephemeral range (or all of it busy): the kernel's
+    // choice, still never one handed out before.
+    for _ in 0..ATTEMPTS {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    Err(HarnessError::Failed(
+        "no free loopback port found".to_string(),
+    ))
 }
 
 /// A nats-server with JetStream, private to one test, secured as a real
@@ -902,5 +948,26 @@ mod tests {
         let text = r#"{"nats":["nats://127.0.0.1:40123"],"monitoring":[]}"#;
         assert_eq!(parse_client_port(text), Some(40123));
         assert_eq!(parse_client_port("{}"), None);
+    }
+
+    #[test]
+    fn free_ports_are_bindable_distinct_and_outside_the_ephemeral_range() {
+        let ephemeral_start: u16 =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .expect("port range")
+                .split_whitespace()
+                .next()
+                .and_then(|start| start.parse().ok())
+                .expect("start");
+        let ports: Vec<u16> = (0..50).map(|_| free_port().expect("port")).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "never the same port twice");
+        for port in ports {
+            assert!(
+                (10_000..ephemeral_start).contains(&port),
+                "{port} below the ephemeral range from {ephemeral_start}"
+            );
+            TcpListener::bind(("127.0.0.1", port)).expect("still free");
+        }
     }
 }
