@@ -44,10 +44,18 @@ trap cleanup INT TERM EXIT
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# nats-server's environment (deploy/nats-server.env): each KEY=VALUE unless
+# KEY is already set here.
+NATS_ENV=()
+while IFS='=' read -r key value; do
+  case "$key" in ''|'#'*) continue ;; esac
+  NATS_ENV+=("$key=${!key:-$value}")
+done < deploy/nats-server.env
+
 # Starts nats-server NAME on client PORT with store STORE and config CONF,
 # and waits until it listens.
 start_nats_node() {
-  "$NATS_BIN" -c "$4" -n "$1" -a 127.0.0.1 -p "$2" -sd "$3" &
+  env "${NATS_ENV[@]}" "$NATS_BIN" -c "$4" -n "$1" -a 127.0.0.1 -p "$2" -sd "$3" &
   local pid=$!
   pids+=("$pid")
   for _ in $(seq 100); do

@@ -81,6 +81,26 @@ fn nats_version_at_least(bin: &Path, wanted: (u32, u32)) -> bool {
     (major, minor) >= wanted
 }
 
+/// nats-server's environment as deployed (`deploy/nats-server.env`): each
+/// `KEY=VALUE` line, unless `KEY` is set in this process's environment
+/// (then the process passes its own on).
+pub fn nats_server_env() -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(deploy_file("nats-server.env"))?;
+    Ok(parse_env_file(&text)
+        .filter(|(key, _)| std::env::var_os(key).is_none())
+        .collect())
+}
+
+/// The `KEY=VALUE` lines of an environment file, comments and blank lines
+/// left out.
+fn parse_env_file(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.trim().to_string(), value.trim().to_string()))
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; bind it soon), never
 /// one this process handed out before.
 ///
@@ -205,6 +225,7 @@ impl NatsServer {
             .open(self.dir.path().join("nats-server.log"))?;
         let port_arg = port.map_or("-1".to_string(), |p| p.to_string());
         let mut command = Command::new(bin);
+        command.envs(nats_server_env()?);
         if let Some(config) = &self.config {
             command.arg("-c").arg(config);
         }
@@ -969,5 +990,22 @@ mod tests {
             );
             TcpListener::bind(("127.0.0.1", port)).expect("still free");
         }
+    }
+
+    #[test]
+    fn nats_server_runs_with_the_deployed_environment() {
+        let parsed: Vec<_> = parse_env_file("# comment\n\nGOMEMLIMIT=160MiB\n A = b \n").collect();
+        assert_eq!(
+            parsed,
+            [
+                ("GOMEMLIMIT".to_string(), "160MiB".to_string()),
+                ("A".to_string(), "b".to_string())
+            ]
+        );
+        let deployed = std::fs::read_to_string(deploy_file("nats-server.env")).expect("file");
+        assert!(
+            parse_env_file(&deployed).any(|(key, value)| key == "GOMEMLIMIT" && !value.is_empty()),
+            "deploy/nats-server.env sets GOMEMLIMIT"
+        );
     }
 }
