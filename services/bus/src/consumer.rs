@@ -48,7 +48,7 @@ use tokio::task::JoinHandle;
 
 use tracing::Instrument;
 
-use crate::catchup::{CATCH_UP_PAGE, SourceLogHandle, type_names_of, wanted};
+use crate::catchup::{CATCH_UP_PAGE, SourceLogHandle, SourceState, type_names_of, wanted};
 use crate::parking::{
     ParkingLot, consumer_stream, dead_key, parked_key, parked_prefix, waiting_prefix,
 };
@@ -858,13 +858,19 @@ impl<H: Handler> Context<'_, H> {
     /// The source position a reconciling without a gap reads through
     /// (see [`reconcile_through`]): the bus is waited for while it has
     /// delivered something within a sweep.
-    fn reconcile_through(&self, one_sweep_ago: u64, bus: BusView) -> u64 {
-        let delivering = self.marks.quiet_for() < self.config.parked_sweep;
-        let delivered = self
-            .marks
-            .delivered_through
-            .load(std::sync::atomic::Ordering::Relaxed);
-        reconcile_through(one_sweep_ago, bus.pending && delivering, delivered)
+    fn reconcile_through(&self, one_sweep_ago: u64, bus: BusView, source: SourceState) -> u64 {
+        reconcile_through(
+            one_sweep_ago,
+            BusProgress {
+                delivering: self.marks.quiet_for() < self.config.parked_sweep,
+                pending: bus.pending,
+                delivered: self
+                    .marks
+                    .delivered_through
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                published_through: source.head_position.saturating_sub(source.outbox_backlog),
+            },
+        )
     }
 
     /// Reconciles (see [`Context::reconcile`]); a failure (the source's
@@ -988,7 +994,8 @@ impl<H: Handler> Context<'_, H> {
             }
             return Ok(());
         };
-        let head = source.0.state().await?.head_position;
+        let source_state = source.0.state().await?;
+        let head = source_state.head_position;
         let one_sweep_ago = self
             .marks
             .seen_head
@@ -999,7 +1006,7 @@ impl<H: Handler> Context<'_, H> {
         let through = if gap {
             head
         } else {
-            self.reconcile_through(one_sweep_ago, bus)
+            self.reconcile_through(one_sweep_ago, bus, source_state)
         };
         let mark = self
             .log
@@ -1315,22 +1322,42 @@ impl<H: Handler> Context<'_, H> {
     }
 }
 
+/// How far the bus has carried a source's events towards one consumer,
+/// as a reconciling sees it.
+#[derive(Debug, Clone, Copy)]
+struct BusProgress {
+    /// It delivered something to the consumer, a redelivery too, within a
+    /// sweep.
+    delivering: bool,
+    /// It still holds messages for the consumer (see [`BusView`]).
+    pending: bool,
+    /// The highest source position it has handed the consumer.
+    delivered: u64,
+    /// The source's head less its outbox backlog, both now: no position
+    /// past it can have been published yet. (The outbox holds the
+    /// newest unacknowledged events, and events that are never published
+    /// only make this larger than the first unpublished position, never
+    /// smaller: what it leaves out is surely still in the outbox.)
+    published_through: u64,
+}
+
 /// The source position a reconciling without a gap reads through: the
-/// head the source had one sweep ago, but no further than the bus has
-/// delivered (`delivered`, the highest source position it handed over)
-/// while it still holds messages for the consumer and keeps delivering
-/// them (`bus_delivering`: it delivered something, a redelivery too,
-/// within a sweep). A consumer behind by more than a sweep would
-/// otherwise read from the source's log, and apply a second time, what
-/// the bus is about to hand it, costing the source that serves the pages
-/// exactly when the whole pipeline is behind. A bus that holds messages
-/// but has delivered nothing for a sweep is not waited for: the source's
-/// log is read as if the bus had stopped.
-fn reconcile_through(one_sweep_ago: u64, bus_delivering: bool, delivered: u64) -> u64 {
-    if bus_delivering {
-        one_sweep_ago.min(delivered)
-    } else {
-        one_sweep_ago
+/// head the source had one sweep ago, but, while the bus keeps delivering
+/// to the consumer, no further than it has carried the source's events:
+/// what it has delivered while it still holds messages for the consumer,
+/// and what the source has published at all when it holds none (the
+/// source's relay is behind: its outbox holds events the bus has never
+/// seen, let alone dropped). A consumer behind by more than a sweep, or a
+/// source whose relay is, would otherwise read from the source's log, and
+/// apply a second time, what the bus is about to hand it, costing the
+/// source that serves the pages exactly when the whole pipeline is
+/// behind. A bus that has delivered nothing for a sweep is not waited
+/// for: the source's log is read as if the bus had stopped.
+fn reconcile_through(one_sweep_ago: u64, bus: BusProgress) -> u64 {
+    match (bus.delivering, bus.pending) {
+        (false, _) => one_sweep_ago,
+        (true, true) => one_sweep_ago.min(bus.delivered),
+        (true, false) => one_sweep_ago.min(bus.published_through),
     }
 }
 
@@ -1695,19 +1722,29 @@ impl<H: Handler> Context<'_, H> {
 
 #[cfg(test)]
 mod tests {
-    use super::{ReconcileMarks, reconcile_through};
+    use super::{BusProgress, ReconcileMarks, reconcile_through};
     use std::time::Duration;
 
     #[test]
     fn a_reconciling_leaves_to_the_bus_what_it_is_still_delivering() {
+        let bus = |delivering, pending, delivered, published_through| BusProgress {
+            delivering,
+            pending,
+            delivered,
+            published_through,
+        };
         // The bus holds messages and delivers: the source is read only to
         // what it delivered, or to the head of one sweep ago if less.
-        assert_eq!(reconcile_through(100, true, 40), 40);
-        assert_eq!(reconcile_through(100, true, 140), 100);
-        // Nothing held for the consumer, or nothing delivered for a sweep
-        // (a stalled bus): up to the head of one sweep ago.
-        assert_eq!(reconcile_through(100, false, 40), 100);
-        assert_eq!(reconcile_through(100, false, 0), 100);
+        assert_eq!(reconcile_through(100, bus(true, true, 40, 90)), 40);
+        assert_eq!(reconcile_through(100, bus(true, true, 140, 150)), 100);
+        // It holds nothing for the consumer but delivers: the source's
+        // relay is behind, and what is still in its outbox is left to it.
+        assert_eq!(reconcile_through(100, bus(true, false, 40, 70)), 70);
+        assert_eq!(reconcile_through(100, bus(true, false, 40, 170)), 100);
+        // Nothing delivered for a sweep (a stalled bus, or a stalled
+        // relay): up to the head of one sweep ago.
+        assert_eq!(reconcile_through(100, bus(false, true, 40, 70)), 100);
+        assert_eq!(reconcile_through(100, bus(false, false, 0, 0)), 100);
     }
 
     #[tokio::test]
