@@ -24,9 +24,9 @@ pub struct Limits {
     pub max_read_page: usize,
     /// Most bytes of stored events one read returns, of the whole log, a
     /// stream or a correlation (it returns at least one event): a page of
-    /// large events stays within
-    /// what one gRPC message may carry (4 MiB by default) and what a
-    /// service serving its peers' catch-up holds per read.
+    /// large events stays within what one gRPC message may carry (4 MiB by
+    /// default) and what a service serving its peers' catch-up holds per
+    /// read.
     pub max_read_page_bytes: usize,
     /// Most records one filtered read of the whole log looks at before it
     /// returns what it kept, with where to go on: a filter that matches

@@ -593,8 +593,8 @@ impl EventLog {
             within_versions(stream_id, 1, last),
         );
         copies.seek(stream_key(stream_id, start));
-        let max_page_bytes = self.inner.limits.max_read_page_bytes;
-        let (mut read, mut read_bytes) = (0usize, 0usize);
+        let mut page_bytes = PageBytes::new(&self.inner.limits);
+        let mut read = 0usize;
         let mut last_read: Option<u64> = None;
         // Versions are read one after another, none skipped: a missing
         // copy is corruption, never a short page.
@@ -612,14 +612,12 @@ impl EventLog {
                 });
             }
             let body = unseal(CF_STREAM_EVENTS, key, value, location)?;
-            // Bounded in bytes as a page of the whole log is: the next
-            // page starts at this version.
-            if read > 0 && read_bytes + body.len() > max_page_bytes {
+            // Full: the next page starts at this version.
+            if !page_bytes.take(body.len()) {
                 break;
             }
             each(version, body)?;
             read += 1;
-            read_bytes += body.len();
             last_read = Some(version);
             expected = match direction {
                 ReadDirection::Forward => {
@@ -717,8 +715,8 @@ impl EventLog {
         // source has no more.
         let mut a: Option<Option<Fields>> = start_version.is_none().then_some(None);
         let mut b: Option<Option<Fields>> = None;
-        let max_page_bytes = self.inner.limits.max_read_page_bytes;
-        let (mut kept, mut kept_bytes) = (0usize, 0usize);
+        let mut page_bytes = PageBytes::new(&self.inner.limits);
+        let mut kept = 0usize;
         let mut last_kept = None;
         while kept < max_count {
             let a_head = match a.take() {
@@ -751,14 +749,12 @@ impl EventLog {
                 .and_then(|v| v.get(CRC_LEN..))
                 .unwrap_or_default();
             if fields.correlation_id(body) == correlation_id {
-                // Bounded in bytes as a page of the whole log is: the next
-                // page starts at this event, which is not consumed.
-                if kept > 0 && kept_bytes + body.len() > max_page_bytes {
+                // Full: the next page starts at this event, not consumed.
+                if !page_bytes.take(body.len()) {
                     return Ok(last_kept.map(|p: u64| p + 1));
                 }
                 each(&fields, body)?;
                 kept += 1;
-                kept_bytes += body.len();
                 last_kept = Some(fields.position);
             }
             iter.next();
@@ -1507,6 +1503,36 @@ pub struct AllPage {
     pub next_position: u64,
 }
 
+/// The bytes a page of a read has taken of [`Limits::max_read_page_bytes`]:
+/// every read (the whole log, a stream, a correlation) stops before the
+/// event that would pass them, never before its first event.
+struct PageBytes {
+    limit: usize,
+    taken: usize,
+    events: usize,
+}
+
+impl PageBytes {
+    fn new(limits: &Limits) -> Self {
+        PageBytes {
+            limit: limits.max_read_page_bytes,
+            taken: 0,
+            events: 0,
+        }
+    }
+
+    /// Takes an event of `bytes` into the page; `false` (and nothing
+    /// taken) when the page is full.
+    fn take(&mut self, bytes: usize) -> bool {
+        if self.events > 0 && self.taken + bytes > self.limit {
+            return false;
+        }
+        self.taken += bytes;
+        self.events += 1;
+        true
+    }
+}
+
 /// A page of the whole log from `from` (see [`EventLog::read_all_page`]):
 /// up to `max_count` events `filter` keeps, within `limits`'
 /// `max_read_page_bytes` (at least one) and `max_read_scan` records.
@@ -1520,7 +1546,8 @@ pub(crate) fn read_events_from(
     let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
     iter.seek(position_key(from));
     let mut events = Vec::with_capacity(max_count.min(1024));
-    let (mut kept_bytes, mut scanned) = (0usize, 0usize);
+    let mut page_bytes = PageBytes::new(limits);
+    let mut scanned = 0usize;
     let mut next_position = from;
     while events.len() < max_count
         && scanned < limits.max_read_scan
@@ -1544,14 +1571,13 @@ pub(crate) fn read_events_from(
             } else {
                 body.len()
             };
-            if !events.is_empty() && kept_bytes + bytes > limits.max_read_page_bytes {
+            if !page_bytes.take(bytes) {
                 break;
             }
             if filter.without_payloads {
                 event.payload = Bytes::new();
             }
             events.push(event);
-            kept_bytes += bytes;
         }
         scanned += 1;
         next_position = position + 1;
