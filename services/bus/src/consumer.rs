@@ -347,10 +347,14 @@ struct ReconcileMarks {
     seen_head: std::sync::atomic::AtomicU64,
     /// The highest source position the bus has delivered to this consumer.
     delivered_through: std::sync::atomic::AtomicU64,
-    /// When the bus last delivered anything to this consumer (a
-    /// redelivery too: the bus is alive), in milliseconds from `since`.
-    last_delivery_ms: std::sync::atomic::AtomicU64,
-    since: tokio::time::Instant,
+    /// How long, in microseconds, the consumer has spent waiting on the
+    /// bus since it last heard from it (a delivery, a redelivery, a
+    /// message handed back: the bus is alive). Only waiting counts: time
+    /// the consumer spends applying, sweeping or reconciling is its own,
+    /// not the bus's, and counting it made a busy consumer take the bus
+    /// for stalled and read from the source's log what the bus was about
+    /// to deliver, which made it busier still.
+    waited_since_heard_us: std::sync::atomic::AtomicU64,
 }
 
 impl ReconcileMarks {
@@ -358,28 +362,42 @@ impl ReconcileMarks {
         ReconcileMarks {
             seen_head: Default::default(),
             delivered_through: Default::default(),
-            last_delivery_ms: Default::default(),
-            since: tokio::time::Instant::now(),
+            waited_since_heard_us: Default::default(),
         }
-    }
-
-    fn elapsed_ms(&self) -> u64 {
-        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Notes a delivery of the event at source `position`.
     fn delivered(&self, position: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.delivered_through.fetch_max(position, Relaxed);
-        self.last_delivery_ms.store(self.elapsed_ms(), Relaxed);
+        self.delivered_through
+            .fetch_max(position, std::sync::atomic::Ordering::Relaxed);
+        self.heard_from_bus();
     }
 
-    /// How long the bus has delivered nothing.
+    /// Notes that the bus handed the consumer a message.
+    fn heard_from_bus(&self) {
+        self.waited_since_heard_us
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Notes `waited` spent waiting on the bus (on a pull, or idle for
+    /// its next message).
+    fn waited(&self, waited: Duration) {
+        let waited_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        // fetch_add would wrap after 584,000 years of waiting; saturate
+        // anyway, the mark must never read as "just heard".
+        let _ = self.waited_since_heard_us.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |total| Some(total.saturating_add(waited_us)),
+        );
+    }
+
+    /// How long the consumer has waited on the bus and heard nothing.
     fn quiet_for(&self) -> Duration {
-        let last = self
-            .last_delivery_ms
-            .load(std::sync::atomic::Ordering::Relaxed);
-        Duration::from_millis(self.elapsed_ms().saturating_sub(last))
+        Duration::from_micros(
+            self.waited_since_heard_us
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 }
 
@@ -857,7 +875,9 @@ impl<H: Handler> Context<'_, H> {
 
     /// The source position a reconciling without a gap reads through
     /// (see [`reconcile_through`]): the bus is waited for while it has
-    /// delivered something within a sweep.
+    /// handed the consumer something within a sweep's worth of waiting on
+    /// it. (A bus that stalls is therefore read past after two or three
+    /// sweeps, depending on how long the consumer's own sweeps took.)
     fn reconcile_through(&self, one_sweep_ago: u64, bus: BusView, source: SourceState) -> u64 {
         reconcile_through(
             one_sweep_ago,
@@ -1326,8 +1346,9 @@ impl<H: Handler> Context<'_, H> {
 /// as a reconciling sees it.
 #[derive(Debug, Clone, Copy)]
 struct BusProgress {
-    /// It delivered something to the consumer, a redelivery too, within a
-    /// sweep.
+    /// It handed the consumer something (a redelivery too) within a
+    /// sweep's worth of the consumer waiting on it (see
+    /// [`ReconcileMarks::quiet_for`]).
     delivering: bool,
     /// It still holds messages for the consumer (see [`BusView`]).
     pending: bool,
@@ -1351,8 +1372,9 @@ struct BusProgress {
 /// source whose relay is, would otherwise read from the source's log, and
 /// apply a second time, what the bus is about to hand it, costing the
 /// source that serves the pages exactly when the whole pipeline is
-/// behind. A bus that has delivered nothing for a sweep is not waited
-/// for: the source's log is read as if the bus had stopped.
+/// behind. A bus that has handed the consumer nothing while it waited a
+/// sweep is not waited for: the source's log is read as if the bus had
+/// stopped.
 fn reconcile_through(one_sweep_ago: u64, bus: BusProgress) -> u64 {
     match (bus.delivering, bus.pending) {
         (false, _) => one_sweep_ago,
@@ -1567,9 +1589,17 @@ async fn consume<H: Handler>(
             .map_or(0, |info| info.ack_floor.stream_sequence),
     };
     loop {
+        // Time in this select is time waiting on the bus (the other arms
+        // are this consumer's own work): it is what a reconciling counts
+        // as the bus being quiet.
+        let waiting = tokio::time::Instant::now();
         let next = tokio::select! {
-            next = messages.next() => next,
+            next = messages.next() => {
+                context.marks.waited(waiting.elapsed());
+                next
+            }
             woken = wakes.recv() => {
+                context.marks.waited(waiting.elapsed());
                 match woken {
                     Ok(keys) => context.wake(&keys[..]).await?,
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -1581,11 +1611,13 @@ async fn consume<H: Handler>(
                 continue;
             }
             _ = sweep.tick() => {
+                context.marks.waited(waiting.elapsed());
                 context.reconcile_or_warn(&mut stream, &mut consumer).await;
                 context.sweep().await?;
                 continue;
             }
             _ = readiness_check.tick(), if !context.caught_up() => {
+                context.marks.waited(waiting.elapsed());
                 context.check_caught_up(&mut stream, &mut consumer).await;
                 continue;
             }
@@ -1595,10 +1627,14 @@ async fn consume<H: Handler>(
             Some(Ok(message)) => message,
             Some(Err(e)) => return Err(e.to_string()),
             None => {
+                // Asking for the next batch is waiting on the bus too.
+                let asking = tokio::time::Instant::now();
                 messages = next_batch(&consumer).await?;
+                context.marks.waited(asking.elapsed());
                 continue;
             }
         };
+        context.marks.heard_from_bus();
         // Whatever else has already arrived joins it, up to a pull batch:
         // applied together, their commits share one write of the log.
         let mut group = vec![message];
@@ -1747,13 +1783,18 @@ mod tests {
         assert_eq!(reconcile_through(100, bus(false, false, 0, 0)), 100);
     }
 
-    #[tokio::test]
-    async fn the_bus_counts_as_delivering_from_its_last_delivery_of_any_event() {
+    #[test]
+    fn the_bus_is_quiet_for_the_time_waited_on_it_since_it_was_last_heard() {
         let marks = ReconcileMarks::new();
         marks.delivered(40);
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(marks.quiet_for() >= Duration::from_millis(50));
-        // A redelivery of an older event: the bus is alive; the mark stays.
+        assert_eq!(marks.quiet_for(), Duration::ZERO);
+        // Waits add up; the time between them (the consumer applying,
+        // sweeping, reconciling) is not the bus's and is never noted.
+        marks.waited(Duration::from_secs(4));
+        marks.waited(Duration::from_secs(7));
+        assert_eq!(marks.quiet_for(), Duration::from_secs(11));
+        // A redelivery of an older event: the bus is alive, the delivered
+        // mark stays.
         marks.delivered(12);
         assert_eq!(
             marks
@@ -1761,6 +1802,14 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             40
         );
-        assert!(marks.quiet_for() < Duration::from_millis(50));
+        assert_eq!(marks.quiet_for(), Duration::ZERO);
+        // A message handed back unapplied is the bus alive too.
+        marks.waited(Duration::from_secs(30));
+        marks.heard_from_bus();
+        assert_eq!(marks.quiet_for(), Duration::ZERO);
+        // Waiting never wraps round to "just heard".
+        marks.waited(Duration::MAX);
+        marks.waited(Duration::from_secs(1));
+        assert_eq!(marks.quiet_for(), Duration::from_micros(u64::MAX));
     }
 }

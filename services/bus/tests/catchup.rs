@@ -641,6 +641,9 @@ struct Counting {
     /// Pages read without payloads.
     slim_pages: std::sync::atomic::AtomicUsize,
     filters: std::sync::Mutex<Vec<lineguard_eventlog::AllFilter>>,
+    /// How long each page takes to serve: a busy source, and a consumer
+    /// whose reconciling takes longer than a sweep.
+    page_delay: Duration,
 }
 
 impl lineguard_bus::SourceLog for Counting {
@@ -652,6 +655,7 @@ impl lineguard_bus::SourceLog for Counting {
     ) -> lineguard_bus::catchup::SourcePage<'_> {
         let filter = filter.clone();
         Box::pin(async move {
+            tokio::time::sleep(self.page_delay).await;
             let page = lineguard_bus::SourceLog::read_from(&self.log, from, max, &filter).await?;
             let counter = if filter.without_payloads {
                 &self.slim_pages
@@ -676,6 +680,23 @@ impl lineguard_bus::SourceLog for Counting {
 
 #[tokio::test]
 async fn a_consumer_behind_its_bus_reads_from_the_source_only_enough_to_see_nothing_is_missing() {
+    behind_its_bus(Duration::ZERO).await;
+}
+
+/// Each reconciling takes longer than a sweep (the source serves its pages
+/// slowly), so the consumer spends more than a sweep at a time not
+/// fetching: the bus is still delivering, and must not be taken for
+/// stalled (which read the source's log to its head and applied a second
+/// time what the bus was about to deliver).
+#[tokio::test]
+async fn a_consumer_busy_longer_than_a_sweep_still_waits_for_its_bus() {
+    behind_its_bus(Duration::from_millis(300)).await;
+}
+
+/// 150 reports wait in the stream for a consumer that takes 15 ms each
+/// and reconciles every 200 ms, from a source whose pages take
+/// `page_delay` to serve: only slim pages are ever read from the source.
+async fn behind_its_bus(page_delay: Duration) {
     let Fixture {
         _nats,
         _dir,
@@ -695,6 +716,7 @@ async fn a_consumer_behind_its_bus_reads_from_the_source_only_enough_to_see_noth
         whole_events: Default::default(),
         slim_pages: Default::default(),
         filters: Default::default(),
+        page_delay,
     });
     config.source_log = Some(SourceLogHandle(source.clone()));
     let name = config.name.clone();
