@@ -791,15 +791,23 @@ impl EventLog {
     /// one), looking at no more than [`Limits::max_read_scan`] records.
     /// Every record looked at is checked (checksum, envelope, position)
     /// whether it is kept or not. Reading at `head + 1` returns nothing;
-    /// further is an error.
+    /// further is an error. No page holds an event past the head it was
+    /// read at, so its next position is always one a reader may ask for.
     pub fn read_all_page(
         &self,
         from_position: u64,
         max_count: usize,
         filter: &AllFilter,
     ) -> Result<AllPage> {
-        let (from, max_count) = self.whole_log_page(from_position, max_count)?;
-        read_events_from(&self.inner.db, from, max_count, filter, &self.inner.limits)
+        let (from, max_count, head) = self.whole_log_page(from_position, max_count)?;
+        read_events_from(
+            &self.inner.db,
+            from,
+            head,
+            max_count,
+            filter,
+            &self.inner.limits,
+        )
     }
 
     /// [`read_all`](Self::read_all) for bulk readers: each event checked
@@ -810,7 +818,7 @@ impl EventLog {
         from_position: u64,
         max_count: usize,
     ) -> Result<Vec<StoredEvent>> {
-        let (from, max_count) = self.whole_log_page(from_position, max_count)?;
+        let (from, max_count, head) = self.whole_log_page(from_position, max_count)?;
         let db = &self.inner.db;
         let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
         iter.seek(position_key(from));
@@ -818,15 +826,22 @@ impl EventLog {
         while page.len() < max_count
             && let (Some(key), Some(value)) = (iter.key(), iter.value())
         {
-            page.push(decode_position_key(CF_EVENTS, key)?, value)?;
+            let position = decode_position_key(CF_EVENTS, key)?;
+            // Past the head this read was checked against (see
+            // [`read_events_from`]).
+            if position > head {
+                break;
+            }
+            page.push(position, value)?;
             iter.next();
         }
         iter.status()?;
         Ok(page.finish())
     }
 
-    /// The first position and page size of a read of the whole log.
-    fn whole_log_page(&self, from_position: u64, max_count: usize) -> Result<(u64, usize)> {
+    /// The first position, page size and head of a read of the whole
+    /// log: the read goes no further than that head.
+    fn whole_log_page(&self, from_position: u64, max_count: usize) -> Result<(u64, usize, u64)> {
         let max_count = self.page_size(max_count)?;
         let from = from_position.max(1);
         let head = self.head();
@@ -837,7 +852,7 @@ impl EventLog {
                 last: head,
             });
         }
-        Ok((from, max_count))
+        Ok((from, max_count, head))
     }
 
     /// The event at one position.
@@ -1535,10 +1550,15 @@ impl PageBytes {
 
 /// A page of the whole log from `from` (see [`EventLog::read_all_page`]):
 /// up to `max_count` events `filter` keeps, within `limits`'
-/// `max_read_page_bytes` (at least one) and `max_read_scan` records.
+/// `max_read_page_bytes` (at least one) and `max_read_scan` records, and
+/// none past `through`. `through` is the head the read was checked
+/// against: a group's events are in RocksDB a moment before the writer
+/// makes them the head, and a page that showed them would send its reader
+/// on to a position past the head, which the next read refuses.
 pub(crate) fn read_events_from(
     db: &DB,
     from: u64,
+    through: u64,
     max_count: usize,
     filter: &AllFilter,
     limits: &Limits,
@@ -1554,6 +1574,9 @@ pub(crate) fn read_events_from(
         && let (Some(key), Some(value)) = (iter.key(), iter.value())
     {
         let position = decode_position_key(CF_EVENTS, key)?;
+        if position > through {
+            break;
+        }
         let body = unseal(CF_EVENTS, key, value, || format!("position {position}"))?;
         // Only a filter by type needs the type before the decoding: the
         // walk checks the record as the decoding would.

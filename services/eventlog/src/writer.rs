@@ -335,6 +335,9 @@ impl Writer {
                     }
                 }
             } else {
+                // Written and not yet the head: readers must not see it
+                // (a test holds the writer here).
+                fail::fail_point!("eventlog::before_head");
                 self.head = group.next_position - 1;
                 self.head_tx.send_replace(self.head);
                 for (stream_id, version) in group.stream_heads {
@@ -664,6 +667,7 @@ impl Writer {
             let page = read_events_from(
                 &self.db,
                 next,
+                self.head,
                 self.limits.max_read_page,
                 &AllFilter::default(),
                 &self.limits,

@@ -273,3 +273,74 @@ fn a_killed_writer_leaves_only_whole_commits() {
         });
     }
 }
+
+/// A group's events are in RocksDB a moment before the writer makes them
+/// the head. A read of the whole log in that moment must not show them: a
+/// reader would go on from past the head, and its next read be refused.
+#[tokio::test]
+async fn a_page_of_the_whole_log_never_shows_events_past_the_head() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path());
+    log.commit(Transaction::append(
+        "ticket-0",
+        ExpectedVersion::Any,
+        vec![noted("ticket-0", "first")],
+    ))
+    .await
+    .expect("first commit");
+    assert_eq!(log.head(), 1);
+    // The next group is held between its write and its head.
+    fail::cfg("eventlog::before_head", "pause").expect("configure fail point");
+    let writing = tokio::spawn({
+        let log = log.clone();
+        async move {
+            log.commit(Transaction::append(
+                "ticket-0",
+                ExpectedVersion::Any,
+                vec![noted("ticket-0", "second"), noted("ticket-0", "third")],
+            ))
+            .await
+        }
+    });
+    // Written (RocksDB holds it), not yet the head.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while log.get_event(3).expect("get").is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the group was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(log.head(), 1);
+    let page = log.read_all(1, 100).expect("read");
+    assert_eq!(
+        page.iter().map(|e| e.global_position).collect::<Vec<_>>(),
+        [1],
+        "a page showed events past the head"
+    );
+    let stored = log.read_all_stored(1, 100).expect("read stored");
+    assert_eq!(stored.iter().map(|e| e.position()).collect::<Vec<_>>(), [1]);
+    let filtered = log
+        .read_all_page(1, 100, &lineguard_eventlog::AllFilter::default())
+        .expect("read page");
+    assert_eq!(
+        filtered.next_position, 2,
+        "the next page starts at head + 1"
+    );
+    // Where the page says to go on from is a read the log accepts.
+    assert!(
+        log.read_all(filtered.next_position, 100)
+            .expect("read on")
+            .is_empty()
+    );
+    fail::remove("eventlog::before_head");
+    writing.await.expect("join").expect("second commit");
+    assert_eq!(log.head(), 3);
+    let rest = log.read_all(2, 100).expect("read the rest");
+    assert_eq!(
+        rest.iter().map(|e| e.global_position).collect::<Vec<_>>(),
+        [2, 3]
+    );
+    scenario.teardown();
+}
