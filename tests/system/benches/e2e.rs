@@ -39,7 +39,9 @@
 //! in P partitions, the storm driven through partition 0's instances, which
 //! forward what another partition owns), `LINEGUARD_E2E_MINUTES` (10),
 //! `LINEGUARD_E2E_LOW_SECONDS` (60), `LINEGUARD_E2E_BURST_CALLS` (20,000),
-//! `LINEGUARD_E2E_HIGH_RATE` (1,000). The service binaries are the release
+//! `LINEGUARD_E2E_HIGH_RATE` (1,000); `LINEGUARD_E2E_KEEP=1` keeps the
+//! run's data directory (the services' stores and logs) instead of
+//! removing it. The service binaries are the release
 //! ones beside this benchmark (`cargo build --release --workspace --bins`
 //! builds them; `cargo bench` alone builds only the packages' benchmarks).
 
@@ -78,6 +80,7 @@ async fn run() {
     let high_rate: f64 = env_or("LINEGUARD_E2E_HIGH_RATE", 1_000.0);
     let size: String = env_or("LINEGUARD_E2E_SIZE", "province".to_string());
     let partitions: u16 = env_or("LINEGUARD_E2E_PARTITIONS", 1);
+    let keep_data = env_or("LINEGUARD_E2E_KEEP", 0u8) == 1;
     let county = match size.as_str() {
         "county" => CountyConfig {
             companies: 1,
@@ -321,11 +324,20 @@ async fn run() {
             applied("the bus had not delivered")
         );
     }
-    println!(
-        "e2e done in {:.0} s; data in {} (removed)",
-        started.elapsed().as_secs_f64(),
-        dir.path().display()
-    );
+    let elapsed_s = started.elapsed().as_secs_f64();
+    if keep_data {
+        // The services' data and logs, to explain a figure afterwards.
+        let kept = dir.keep();
+        println!(
+            "e2e done in {elapsed_s:.0} s; data in {} (kept)",
+            kept.display()
+        );
+    } else {
+        println!(
+            "e2e done in {elapsed_s:.0} s; data in {} (removed)",
+            dir.path().display()
+        );
+    }
 }
 
 async fn run_storm(clients: &Clients, config: StormConfig) -> StormReport {
