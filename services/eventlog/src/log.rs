@@ -820,19 +820,13 @@ impl EventLog {
     ) -> Result<Vec<StoredEvent>> {
         let (from, max_count, head) = self.whole_log_page(from_position, max_count)?;
         let db = &self.inner.db;
-        let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
+        let mut iter = db.raw_iterator_cf_opt(cf(db, CF_EVENTS)?, through_position(head));
         iter.seek(position_key(from));
         let mut page = StoredPage::with_capacity(max_count.min(1024));
         while page.len() < max_count
             && let (Some(key), Some(value)) = (iter.key(), iter.value())
         {
-            let position = decode_position_key(CF_EVENTS, key)?;
-            // Past the head this read was checked against (see
-            // [`read_events_from`]).
-            if position > head {
-                break;
-            }
-            page.push(position, value)?;
+            page.push(decode_position_key(CF_EVENTS, key)?, value)?;
             iter.next();
         }
         iter.status()?;
@@ -1374,6 +1368,18 @@ pub(crate) fn decode_body(position: u64, body: &[u8]) -> Result<EventEnvelope> {
     checked_envelope(position, EventEnvelope::decode(body))
 }
 
+/// Read options for an iterator over the log's events that ends at
+/// `through` (the head a read was checked against; see
+/// [`read_events_from`]): RocksDB stops there, events written and not yet
+/// the head stay unseen.
+fn through_position(through: u64) -> rocksdb::ReadOptions {
+    let mut options = rocksdb::ReadOptions::default();
+    if let Some(after) = through.checked_add(1) {
+        options.set_iterate_upper_bound(position_key(after));
+    }
+    options
+}
+
 /// Read options for an iterator over `stream_id`'s copies from version
 /// `first` to `last`: RocksDB then stops at the stream's end and skips
 /// the files and blocks outside it, instead of comparing every key past it.
@@ -1563,7 +1569,7 @@ pub(crate) fn read_events_from(
     filter: &AllFilter,
     limits: &Limits,
 ) -> Result<AllPage> {
-    let mut iter = db.raw_iterator_cf(cf(db, CF_EVENTS)?);
+    let mut iter = db.raw_iterator_cf_opt(cf(db, CF_EVENTS)?, through_position(through));
     iter.seek(position_key(from));
     let mut events = Vec::with_capacity(max_count.min(1024));
     let mut page_bytes = PageBytes::new(limits);
@@ -1574,9 +1580,6 @@ pub(crate) fn read_events_from(
         && let (Some(key), Some(value)) = (iter.key(), iter.value())
     {
         let position = decode_position_key(CF_EVENTS, key)?;
-        if position > through {
-            break;
-        }
         let body = unseal(CF_EVENTS, key, value, || format!("position {position}"))?;
         // Only a filter by type needs the type before the decoding: the
         // walk checks the record as the decoding would.
