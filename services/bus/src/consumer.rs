@@ -1739,7 +1739,7 @@ impl<H: Handler> Context<'_, H> {
         let header = message
             .headers
             .as_ref()
-            .and_then(|h| h.get(crate::relay::TRACE_PARENT_HEADER))
+            .and_then(|h| h.get(crate::publish::TRACE_PARENT_HEADER))
             .map(|v| v.as_str().to_string());
         let traceparent = header.unwrap_or_else(|| {
             decoded

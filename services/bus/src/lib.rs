@@ -12,6 +12,7 @@
 //! - [`subjects`]: the subject and stream naming scheme.
 //! - [`streams`]: stream creation and limits ([`StreamSettings`]).
 //! - [`relay`]: [`OutboxRelay`], log → JetStream.
+//! - [`publish`]: a run of messages published as one atomic batch.
 //! - [`consumer`]: durable pull consumers, [`Handler`], effectively once.
 //! - [`parking`]: parked events and dead letters, kept in the consumer's log.
 //! - [`catchup`]: reconciling a consumer with its source's own log, so that
@@ -29,6 +30,7 @@ pub mod copy;
 pub mod metrics;
 pub mod parking;
 pub mod partition;
+pub mod publish;
 pub mod relay;
 pub mod streams;
 pub mod subjects;
@@ -41,7 +43,7 @@ pub use consumer::{
 pub use parking::{ParkingLot, ParkingProjector, with_parking_events};
 pub use partition::Partition;
 pub use relay::{Mirror, OutboxRelay, RelayConfig, RelayHealth, RelayMonitor};
-pub use streams::{StreamSettings, ensure_stream};
+pub use streams::{EnsuredStream, StreamSettings, ensure_stream};
 
 /// A bus failure.
 #[derive(Debug, thiserror::Error)]

@@ -51,6 +51,10 @@ pub struct OutcomeLabels {
 pub struct BusMetrics {
     /// Events the outbox relay published and JetStream acknowledged.
     pub relay_published: Counter,
+    /// Runs of the outbox JetStream refused as one atomic batch (one held a
+    /// message it already had, or the stream takes no batches), published
+    /// again one message at a time.
+    pub relay_runs_one_by_one: Counter,
     /// Delivered messages by consumer and outcome.
     pub consumer_messages: Family<OutcomeLabels, Counter>,
 }
@@ -65,6 +69,11 @@ impl BusMetrics {
             "relay_published_events",
             "Events the outbox relay published and JetStream acknowledged",
             self.relay_published.clone(),
+        );
+        registry.register(
+            "relay_runs_one_by_one",
+            "Runs of the outbox refused as one atomic batch and published one message at a time",
+            self.relay_runs_one_by_one.clone(),
         );
         registry.register(
             "consumer_messages",

@@ -50,13 +50,21 @@ impl Default for StreamSettings {
     }
 }
 
+/// What the server made of a stream it was asked to ensure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnsuredStream {
+    /// The stream takes atomic batch publishes (`allow_atomic`; asked of
+    /// every stream, kept by nats-server 2.12 and later).
+    pub atomic_batches: bool,
+}
+
 /// Creates `service`'s stream, or brings its configuration up to `settings`.
 /// Safe to call from every process at every start.
 pub async fn ensure_stream(
     jetstream: &jetstream::Context,
     service: &str,
     settings: &StreamSettings,
-) -> Result<(), Error> {
+) -> Result<EnsuredStream, Error> {
     let config = stream::Config {
         name: stream_name(service),
         subjects: vec![service_subjects(service)],
@@ -68,13 +76,18 @@ pub async fn ensure_stream(
         max_messages: settings.max_messages,
         duplicate_window: settings.duplicate_window,
         num_replicas: settings.replicas,
+        // The relay publishes a run of its outbox as one batch: one store
+        // sync for the run (see `crate::publish`).
+        allow_atomic_publish: true,
         ..stream::Config::default()
     };
-    jetstream
+    let info = jetstream
         .create_or_update_stream(config)
         .await
         .map_err(|e| stream_error(service, settings, &e))?;
-    Ok(())
+    Ok(EnsuredStream {
+        atomic_batches: info.config.allow_atomic_publish,
+    })
 }
 
 /// JetStream's error codes that trying again does not heal.

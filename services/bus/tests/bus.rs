@@ -56,6 +56,19 @@ async fn report(log: &EventLog, n: usize, offset: usize) {
 
 /// Every message in the service's stream, decoded.
 async fn stream_contents(js: &jetstream::Context, service: &str) -> Vec<EventEnvelope> {
+    stream_messages(js, service)
+        .await
+        .into_iter()
+        .map(|(envelope, _)| envelope)
+        .collect()
+}
+
+/// Every message in the service's stream, decoded, with the id of the
+/// atomic batch it was stored in (`None`: published alone).
+async fn stream_messages(
+    js: &jetstream::Context,
+    service: &str,
+) -> Vec<(EventEnvelope, Option<String>)> {
     let stream = js
         .get_stream(subjects::stream_name(service))
         .await
@@ -69,7 +82,15 @@ async fn stream_contents(js: &jetstream::Context, service: &str) -> Vec<EventEnv
     let mut out = Vec::with_capacity(total);
     while let Some(message) = messages.next().await {
         let message = message.expect("message");
-        out.push(EventEnvelope::decode(message.payload.as_ref()).expect("envelope"));
+        let batch = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_BATCH_ID))
+            .map(|id| id.to_string());
+        out.push((
+            EventEnvelope::decode(message.payload.as_ref()).expect("envelope"),
+            batch,
+        ));
     }
     out
 }
@@ -297,4 +318,109 @@ async fn a_stream_holds_a_bounded_set_of_subjects_whatever_the_number_of_cases()
     let correlations: HashSet<_> = published.iter().map(|e| e.correlation_id.clone()).collect();
     assert_eq!(correlations.len(), tickets);
     relay.stop().await;
+}
+
+/// The relay publishes a long run of its outbox (a backlog) as one atomic
+/// batch (one store sync for the run), a short one a message at a time. A
+/// run holding a message the stream already has (a relay published it and
+/// crashed before clearing its outbox) is refused whole by JetStream: the
+/// relay publishes that run one message at a time, the duplicate is
+/// dropped, and the next long run goes as a batch again.
+#[tokio::test]
+async fn a_run_holding_a_message_already_published_goes_one_by_one() {
+    use lineguard_bus::relay::DEFAULT_BATCH_FROM_EVENTS as LONG;
+    let nats = NatsServer::start().expect("nats");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let js = connect(&nats).await;
+    let log = open_log(dir.path(), "intake");
+    report(&log, LONG + 10, 0).await;
+    // What the crashed relay got as far as: the 8th event published, its
+    // outbox entry not cleared.
+    let ensured = lineguard_bus::ensure_stream(&js, "intake", &Default::default())
+        .await
+        .expect("stream");
+    assert!(
+        ensured.atomic_batches,
+        "nats-server 2.12+ keeps allow_atomic"
+    );
+    let eighth = log.read_all_stored(8, 1).expect("read").remove(0);
+    let subject = subjects::event_subject(
+        eighth.source(),
+        eighth.event_type(),
+        eighth.correlation_id(),
+    );
+    js.send_publish(
+        subject,
+        PublishMessage::build()
+            .payload(eighth.envelope_bytes().clone())
+            .message_id(eighth.event_id()),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
+    let refused_before = lineguard_bus::metrics::BUS_METRICS
+        .relay_runs_one_by_one
+        .get();
+    // Each run is committed while no relay runs, so that it is one run.
+    let relay_once = || async {
+        let relay = OutboxRelay::spawn(log.clone(), js.clone(), RelayConfig::default());
+        assert!(relay.flush(Duration::from_secs(30)).await, "outbox drained");
+        relay.stop().await;
+    };
+    relay_once().await;
+    assert_eq!(
+        lineguard_bus::metrics::BUS_METRICS
+            .relay_runs_one_by_one
+            .get(),
+        refused_before + 1,
+        "the run holding the 8th was refused as a batch once"
+    );
+    // A later long run goes as one batch, a short one a message at a time.
+    report(&log, LONG, LONG + 10).await;
+    relay_once().await;
+    report(&log, 5, 2 * LONG + 10).await;
+    relay_once().await;
+
+    let published = stream_messages(&js, "intake").await;
+    let logged = log.read_all(0, 1000).expect("read");
+    let total = 2 * LONG + 15;
+    assert_eq!(logged.len(), total);
+    assert_eq!(
+        published.len(),
+        total,
+        "every event once: none lost, none twice"
+    );
+    let order = |events: &mut dyn Iterator<Item = &EventEnvelope>| {
+        events.map(|e| e.event_id.clone()).collect::<Vec<_>>()
+    };
+    // The 8th first (the crashed relay's), then the rest in log order.
+    let mut expected = vec![logged[7].event_id.clone()];
+    expected.extend(
+        order(&mut logged.iter())
+            .into_iter()
+            .filter(|id| *id != logged[7].event_id),
+    );
+    assert_eq!(order(&mut published.iter().map(|(e, _)| e)), expected);
+    // The refused run went one message at a time, the later long one as a
+    // batch, the short one a message at a time.
+    let first_run = LONG + 10;
+    assert!(
+        published[..first_run]
+            .iter()
+            .all(|(_, batch)| batch.is_none()),
+        "the refused run published one by one"
+    );
+    let long: HashSet<_> = published[first_run..first_run + LONG]
+        .iter()
+        .map(|(_, batch)| batch.clone())
+        .collect();
+    assert_eq!(long.len(), 1, "the later long run is one batch: {long:?}");
+    assert!(long.iter().all(Option::is_some));
+    assert!(
+        published[first_run + LONG..]
+            .iter()
+            .all(|(_, batch)| batch.is_none()),
+        "a short run goes one by one"
+    );
 }

@@ -1162,7 +1162,7 @@ async fn ensure_streams_at_start(
         )
         .await
         {
-            Ok(Ok(())) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(refused @ lineguard_bus::Error::StreamRefused { .. })) => {
                 return Err(HostError::Setup(refused.to_string()));
             }

@@ -14,8 +14,9 @@
 //!    percentiles; from the streams' counters, what a call costs the bus
 //!    (messages per stream, their size, the consumers that read each).
 //! 2. **The bus's own limit**: the same messages per call, of the same
-//!    sizes, published pipelined (acks awaited in windows, as the outbox
-//!    relay does) to streams of the same kind on the same server and pulled
+//!    sizes, published as the outbox relay publishes them (atomic batches
+//!    of its run, `lineguard_bus::publish`) to streams of the same kind on
+//!    the same server and pulled
 //!    and acked by as many durable consumers as read each stream, all at
 //!    once: calls/s the bus alone could carry.
 //! 3. **Sustained**: a burst of calls (20,000 at 2,000/s), timed from the
@@ -435,18 +436,18 @@ async fn per_call_costs(
     costs
 }
 
-/// Publishes `calls` calls' worth of each stream's messages, pipelined, to
-/// a stream of the same kind, while as many durable pull consumers as read
-/// it pull and ack them; the seconds until every consumer has acked all.
+/// Publishes `calls` calls' worth of each stream's messages, as the relay
+/// does (atomic batches of its run, one in flight a stream), to a stream of
+/// the same kind, while as many durable pull consumers as read it pull and
+/// ack them; the seconds until every consumer has acked all.
 async fn bus_limit(
     jetstream: &async_nats::jetstream::Context,
     costs: &[StreamCost],
     calls: usize,
 ) -> f64 {
     use async_nats::jetstream::{consumer::pull, stream};
-    /// Publishes in flight before the oldest ack is awaited (the relay's
-    /// batch).
-    const WINDOW: usize = 256;
+    // Messages a batch (the relay's run).
+    let run = lineguard_bus::RelayConfig::default().batch;
     let mut tasks = Vec::new();
     let mut plans = Vec::new();
     for (i, cost) in costs.iter().enumerate() {
@@ -458,6 +459,7 @@ async fn bus_limit(
                 name: name.clone(),
                 subjects: vec![format!("{subject}.>")],
                 storage: stream::StorageType::File,
+                allow_atomic_publish: true,
                 ..stream::Config::default()
             })
             .await
@@ -487,25 +489,21 @@ async fn bus_limit(
     for (subject, messages, bytes, consumers) in plans {
         let js = jetstream.clone();
         tasks.push(tokio::spawn(async move {
-            let payload = vec![b'x'; bytes.max(1)];
-            let mut window = std::collections::VecDeque::with_capacity(WINDOW);
-            for n in 0..messages {
-                let publish = async_nats::jetstream::message::PublishMessage::build()
-                    .payload(payload.clone().into())
-                    .message_id(format!("{subject}-{n}"));
-                let ack = js
-                    .send_publish(format!("{subject}.{n}"), publish)
+            let payload = bytes::Bytes::from(vec![b'x'; bytes.max(1)]);
+            let all: Vec<u64> = (0..messages).collect();
+            for chunk in all.chunks(run) {
+                let batch: Vec<_> = chunk
+                    .iter()
+                    .map(|n| lineguard_bus::publish::Outgoing {
+                        subject: format!("{subject}.{n}"),
+                        payload: payload.clone(),
+                        message_id: format!("{subject}-{n}"),
+                        trace_parent: String::new(),
+                    })
+                    .collect();
+                lineguard_bus::publish::publish_atomically(&js, &batch)
                     .await
-                    .expect("publish");
-                window.push_back(ack);
-                if window.len() == WINDOW {
-                    for ack in window.drain(..) {
-                        ack.await.expect("publish ack");
-                    }
-                }
-            }
-            for ack in window.drain(..) {
-                ack.await.expect("publish ack");
+                    .expect("batch");
             }
         }));
         for consumer in consumers {
